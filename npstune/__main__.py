@@ -1,0 +1,3 @@
+from npstune.cli import main
+
+main()

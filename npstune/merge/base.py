@@ -1,0 +1,176 @@
+"""The merge engine: one method = typed params + an optional global pass + a chunk kernel.
+
+A method's ``prepare(inputs, params)`` runs the streaming statistics passes a global method
+needs (thresholds, partitions) and returns a context; its ``kernel(ctx, chunk)`` maps one
+chunk of every task vector to the merged delta of that chunk (compute dtype). The engine
+walks keys in sorted order and chunks in row-major order — the position order every
+tie-break uses — adds the delta to the base, casts to the base's dtype and writes it, so
+memory stays near a chunk per checkpoint whatever the model size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from npstune.checkpoints import CheckpointWriter
+from npstune.errors import ConfigError
+from npstune.taskvector import Chunk, MergePlan
+
+Scope = Literal["global", "tensor"]
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameters: immutable, unknown fields are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+P = TypeVar("P", bound=MethodParams)
+
+
+@dataclass
+class MergeInputs:
+    """What a method's global pass may read: the plan, a device, optional data."""
+
+    plan: MergePlan
+    device: str | torch.device = "cpu"
+    data: Any = None  # data-driven methods (Fisher, RegMean): an evaluator / zoo
+
+    @property
+    def tasks(self) -> int:
+        return len(self.plan.models)
+
+    def scores(self, task: int, keys: list[str] | None = None) -> Callable[[], Iterator[torch.Tensor]]:
+        """A re-iterable source of |τ_task| chunks in position order (for select passes)."""
+        return lambda: self.plan.score_chunks(task, keys, self.device)
+
+
+@dataclass(frozen=True)
+class MergeSpec(Generic[P]):
+    """Ties a method's name, params, passes and paper together."""
+
+    name: str
+    params: type[P]
+    kernel: Callable[[Any, Chunk], torch.Tensor]
+    prepare: Callable[[MergeInputs, P], Any] = lambda inputs, p: p
+    paper: str = ""
+    summary: str = ""
+    #: methods that rank within a tensor get whole tensors instead of chunks
+    whole_tensor: Callable[[P], bool] = lambda p: False
+    needs_data: bool = False
+
+    def make_params(self, values: dict[str, Any] | MethodParams | None = None) -> P:
+        """Validate ``values`` against this method's params (ConfigError on bad input)."""
+        if isinstance(values, self.params):
+            return values
+        try:
+            return self.params.model_validate(dict(values or {}))
+        except ValidationError as exc:
+            problems = []
+            for e in exc.errors():
+                loc = ".".join(str(x) for x in e["loc"]) or "params"
+                msg = e["msg"]
+                if e["type"] == "extra_forbidden":
+                    valid = ", ".join(sorted(self.params.model_fields)) or "none"
+                    msg = f"not a parameter of {self.name} (valid: {valid})"
+                problems.append(f"{loc}: {msg}")
+            raise ConfigError(f"{self.name}: " + "; ".join(problems)) from None
+
+
+@dataclass
+class MergeResult:
+    """What a merge returns: the merged state (in memory) or the path written, plus meta."""
+
+    state: dict[str, torch.Tensor] | None
+    path: Path | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def run_merge(
+    plan: MergePlan,
+    spec: MergeSpec[Any],
+    params: dict[str, Any] | MethodParams | None = None,
+    out: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    data: Any = None,
+    progress: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> MergeResult:
+    """Merge ``plan``'s models with ``spec`` into ``out`` (or into memory when ``out`` is None)."""
+    p = spec.make_params(params)
+    if spec.needs_data and data is None:
+        raise ConfigError(f"{spec.name} needs calibration data: pass --zoo SIZE (or data=...)")
+    t0 = time.perf_counter()
+    inputs = MergeInputs(plan, device, data)
+    ctx = spec.prepare(inputs, p)
+    t_prepare = time.perf_counter() - t0
+    whole = spec.whole_tensor(p)
+    state: dict[str, torch.Tensor] | None = None if out is not None else {}
+    meta_out = {"npstune_method": spec.name, "npstune_params": p.model_dump_json()}
+    meta_out.update(metadata or {})
+
+    def produce(write: Callable[[str, torch.Tensor, int], None]) -> None:
+        keys = plan.keys
+        bar = _progress(keys, progress, f"merge {spec.name}")
+        delta_keys = set(plan.delta_keys)
+        for key in bar:
+            if key not in delta_keys:
+                write(key, plan.base[key], 0)
+                continue
+            ranges = [(0, plan.numel[key])] if whole else list(plan.chunks(key))
+            for start, stop in ranges:
+                chunk = plan.read_chunk(key, start, stop, device)
+                delta = spec.kernel(ctx, chunk)
+                merged = (chunk.base_cd + delta).to(chunk.base.dtype).cpu()
+                write(key, merged, start)
+
+    if out is None:
+        assert state is not None
+        shapes = plan.specs
+
+        def to_memory(key: str, t: torch.Tensor, start: int) -> None:
+            shape, dtype = shapes[key]
+            if start == 0 and t.numel() == _numel(shape):
+                state[key] = t.reshape(shape).clone()
+            else:
+                full = state.setdefault(key, torch.empty(shape, dtype=dtype))
+                full.view(-1)[start : start + t.numel()] = t.reshape(-1)
+
+        produce(to_memory)
+    else:
+        with CheckpointWriter(out, plan.base, plan.specs, meta_out) as writer:
+            produce(writer.write)
+    meta = {
+        "method": spec.name,
+        "params": p.model_dump(),
+        "tasks": [m.name for m in plan.models],
+        "n": plan.n,
+        "prepare_s": t_prepare,
+        "total_s": time.perf_counter() - t0,
+    }
+    if hasattr(ctx, "report"):
+        meta.update(ctx.report())
+    return MergeResult(state, Path(out) if out is not None else None, meta)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _progress(items: list[str], enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="tensor", leave=False)

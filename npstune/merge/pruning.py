@@ -1,0 +1,170 @@
+"""Per-task pruners shared by the methods that "prune each τ_t, then add λ·Σ_t" (§8).
+
+A pruner is prepared once (its global pass, if any) and then called chunk by chunk in
+position order; it returns the keep-mask and the (rescaled / reweighted) values of that
+chunk of τ_t. Each counts what it kept, so a merge reports its exact density.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from npstune.merge.base import MergeInputs
+from npstune.sparsify import (
+    Partition,
+    ThresholdCursor,
+    bernoulli_mask,
+    check_weights,
+    keep_count,
+    partition,
+    select,
+    topk_mask,
+)
+from npstune.taskvector import Chunk
+
+
+@dataclass
+class Pruner:
+    """Base pruner: keeps everything. Subclasses override :meth:`mask_values`."""
+
+    task: int
+    kept: int = 0
+    seen: int = 0
+
+    def __call__(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        mask, values = self.mask_values(chunk)
+        self.kept += int(mask.sum())
+        self.seen += mask.numel()
+        return mask, values
+
+    def mask_values(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        tau = chunk.taus[self.task]
+        return torch.ones_like(tau, dtype=torch.bool), tau
+
+
+@dataclass
+class MagnitudePruner(Pruner):
+    """Top-k of |τ_t|, globally (one streaming threshold) or per tensor."""
+
+    k: float = 0.05
+    cursor: ThresholdCursor | None = None  # global scope
+
+    @classmethod
+    def prepare(cls, inputs: MergeInputs, task: int, k: float, scope: str) -> MagnitudePruner:
+        p = cls(task=task, k=k)
+        if scope == "global":
+            n = inputs.plan.n
+            p.cursor = select(inputs.scores(task), keep_count(k, n), n).cursor()
+        return p
+
+    def mask_values(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = chunk.taus32[self.task].abs()
+        mask = self.cursor.mask(scores) if self.cursor else topk_mask(scores, self.k)
+        return mask, chunk.taus[self.task]
+
+
+@dataclass
+class RandomPruner(Pruner):
+    """DARE: keep with probability k (seeded), rescale kept values by 1/rescale."""
+
+    k: float = 0.1
+    rescale: float = 0.1
+    seed: int = 0
+
+    def mask_values(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        tau = chunk.taus[self.task]
+        mask = bernoulli_mask(
+            tau.numel(), self.k, seed=self.seed, task=self.task, key=chunk.key, start=chunk.start
+        ).to(tau.device)
+        return mask, tau / self.rescale
+
+
+@dataclass
+class NpsPruner(Pruner):
+    """NPS: rank partition into M subspaces, reweight by w, top-k of the reweighted |τ|."""
+
+    k: float = 0.05
+    weights: torch.Tensor = field(default_factory=lambda: torch.ones(8))
+    subspaces: int = 8
+    partition: Partition | None = None  # global scope
+    cursors: tuple | None = None
+
+    @classmethod
+    def prepare(
+        cls, inputs: MergeInputs, task: int, k: float, scope: str, weights: Sequence[float],
+        subspaces: int,
+    ) -> NpsPruner:
+        w = check_weights(weights, subspaces)
+        p = cls(task=task, k=k, weights=w, subspaces=subspaces)
+        if scope == "global":
+            n = inputs.plan.n
+            part = partition(inputs.scores(task), n, subspaces)
+            p.partition = part
+
+            def reweighted():
+                pc = part.cursor()
+                for s in inputs.scores(task)():
+                    yield w.to(s.device)[pc.ids(s).long()] * s
+
+            thr = select(reweighted, keep_count(k, n), n)
+            p.cursors = (part.cursor(), thr.cursor())
+        return p
+
+    def mask_values(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = chunk.taus32[self.task].abs()
+        if self.cursors is None:  # per-tensor scope: this chunk is the whole tensor
+            n = scores.numel()
+            part = partition(lambda: [scores], n, self.subspaces)
+            ids = part.cursor().ids(scores)
+            rew = self.weights.to(scores.device)[ids.long()] * scores
+            mask = topk_mask(rew, self.k)
+        else:
+            pcur, tcur = self.cursors
+            ids = pcur.ids(scores)
+            rew = self.weights.to(scores.device)[ids.long()] * scores
+            mask = tcur.mask(rew)
+        tau = chunk.taus[self.task]
+        return mask, self.weights.to(device=tau.device, dtype=tau.dtype)[ids.long()] * tau
+
+
+@dataclass
+class PruneAdd:
+    """Context of prune-then-add methods: θ_pre + λ·Σ_t mask_t ⊙ values_t."""
+
+    pruners: list[Pruner]
+    lam: float
+
+    def report(self) -> dict[str, list[float] | list[int]]:
+        return {
+            "kept": [p.kept for p in self.pruners],
+            "density": [p.kept / p.seen if p.seen else 0.0 for p in self.pruners],
+        }
+
+
+def prune_add_kernel(ctx: PruneAdd, chunk: Chunk) -> torch.Tensor:
+    """Σ_t λ·mask_t ⊙ values_t for one chunk."""
+    total = torch.zeros_like(chunk.base_cd)
+    for pr in ctx.pruners:
+        mask, values = pr(chunk)
+        total += torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return ctx.lam * total
+
+
+def per_task_weights(weights: Sequence[float] | None, tasks: int, subspaces: int) -> list[list[float]]:
+    """Expand NPS weights: none (all 1), M values (shared) or T·M values (task-major)."""
+    from npstune.errors import ConfigError
+
+    if weights is None:
+        return [[1.0] * subspaces for _ in range(tasks)]
+    w = [float(x) for x in weights]
+    if len(w) == subspaces:
+        return [list(w) for _ in range(tasks)]
+    if len(w) == tasks * subspaces:
+        return [w[t * subspaces : (t + 1) * subspaces] for t in range(tasks)]
+    raise ConfigError(
+        f"--weights: expected {subspaces} values (shared) or {tasks}·{subspaces} = "
+        f"{tasks * subspaces} (one row per task, task-major), got {len(w)}"
+    )

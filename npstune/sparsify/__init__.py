@@ -1,0 +1,44 @@
+"""Sparsifiers: pure mask functions over task-vector chunks (no I/O, no logging).
+
+- :mod:`~npstune.sparsify.topk`: exact top-k (global via streaming radix select, or per tensor)
+- :mod:`~npstune.sparsify.random`: seeded Bernoulli masks (DARE, DAREx)
+- :mod:`~npstune.sparsify.nps`: NPS rank partition, reweighting
+"""
+
+from npstune.sparsify.nps import (
+    DEFAULT_SUBSPACES,
+    Partition,
+    PartitionCursor,
+    check_weights,
+    partition,
+    reweight,
+    subspace_bounds,
+)
+from npstune.sparsify.random import bernoulli_mask
+from npstune.sparsify.topk import (
+    Threshold,
+    ThresholdCursor,
+    check_ratio,
+    keep_count,
+    select,
+    select_many,
+    topk_mask,
+)
+
+__all__ = [
+    "DEFAULT_SUBSPACES",
+    "Partition",
+    "PartitionCursor",
+    "Threshold",
+    "ThresholdCursor",
+    "bernoulli_mask",
+    "check_ratio",
+    "check_weights",
+    "keep_count",
+    "partition",
+    "reweight",
+    "select",
+    "select_many",
+    "subspace_bounds",
+    "topk_mask",
+]

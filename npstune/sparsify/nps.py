@@ -1,0 +1,81 @@
+"""NPS subspaces: rank τ by |τ|, split the ranks into M equal parts, reweight, top-k.
+
+Subspace m (1-based) holds ranks ⌊(m−1)·n/M⌋ … ⌊m·n/M⌋−1 (rank 0 = largest |τ|, ties
+to the earlier position). The partition depends only on τ, so it is computed once per task
+vector: it is M−1 exact top-K thresholds (:func:`npstune.sparsify.topk.select_many`), and an
+entry's subspace is the number of those thresholds it falls below. Reweighting multiplies
+the entries of subspace m by w_m; the mask keeps the top-k of the reweighted magnitudes
+under the same exact rule; the pruned vector is mask ⊙ τ' (DESIGN §2, NPS steps 1–3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from npstune.errors import ConfigError
+from npstune.sparsify.topk import Threshold, ThresholdCursor, select_many
+
+DEFAULT_SUBSPACES = 8
+
+
+def subspace_bounds(n: int, m_count: int) -> list[tuple[int, int]]:
+    """Rank ranges ``[lo, hi)`` of the M subspaces of ``n`` entries (DESIGN §2)."""
+    return [((m - 1) * n // m_count, m * n // m_count) for m in range(1, m_count + 1)]
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The rank partition of one task vector: ``bounds[j-1]`` keeps ranks < ⌊j·n/M⌋."""
+
+    n: int
+    subspaces: int
+    bounds: tuple[Threshold, ...]
+
+    def cursor(self) -> PartitionCursor:
+        """A fresh cursor that labels consecutive chunks (position order) with subspaces."""
+        return PartitionCursor(self)
+
+
+class PartitionCursor:
+    """Labels chunks of |τ| (in position order) with 0-based subspace indices (uint8)."""
+
+    def __init__(self, partition: Partition) -> None:
+        self.partition = partition
+        self._cursors = [ThresholdCursor(t) for t in partition.bounds]
+
+    def ids(self, scores: torch.Tensor) -> torch.Tensor:
+        """Subspace index of every entry of ``scores`` (same shape, uint8)."""
+        last = self.partition.subspaces - 1
+        s = torch.full(scores.shape, last, dtype=torch.uint8, device=scores.device)
+        for c in self._cursors:
+            s -= c.mask(scores).to(torch.uint8)
+        return s
+
+
+def partition(
+    chunks: Callable[[], Iterable[torch.Tensor]], n: int, subspaces: int = DEFAULT_SUBSPACES
+) -> Partition:
+    """Compute the rank partition of the scores ``chunks()`` yields (two passes)."""
+    if not isinstance(subspaces, int) or subspaces < 1 or subspaces > 255:
+        raise ConfigError(f"subspaces must be an integer in [1, 255], got {subspaces!r}")
+    ks = [j * n // subspaces for j in range(1, subspaces)]
+    bounds = select_many(chunks, ks, n) if ks else []
+    return Partition(n, subspaces, tuple(bounds))
+
+
+def check_weights(weights: Sequence[float], subspaces: int) -> torch.Tensor:
+    """Validate subspace weights (M non-negative finite values) as a float32 tensor."""
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
+    if w.numel() != subspaces:
+        raise ConfigError(f"expected {subspaces} subspace weights, got {w.numel()}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ConfigError(f"subspace weights must be finite and >= 0, got {list(weights)}")
+    return w
+
+
+def reweight(tau: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """τ' = w[subspace] · τ, in τ's dtype."""
+    return weights.to(device=tau.device, dtype=tau.dtype)[ids.long()] * tau

@@ -1,0 +1,198 @@
+"""Exact top-k over many tensors without concatenating them (DESIGN §2).
+
+The rule: keep exactly ``K = ⌈k·n⌉`` of the ``n`` entries in scope; at equal score the
+earlier position wins (tensors in sorted key order, then row-major index).
+
+How: scores are non-negative float32, whose bit patterns sort like the numbers, so the
+K-th largest score is found by a two-pass radix select over the bits: pass 1 histograms
+the high 16 bits of every score, which pins down the bucket holding the K-th largest;
+pass 2 histograms the low 16 bits inside that bucket, which pins down the exact value
+``t``. The result is a :class:`Threshold` (``t`` and a tie quota ``q``): an entry is kept
+when its score is ``> t``, or ``== t`` and it is among the first ``q`` such entries in
+position order. Memory: two histograms of 64 Ki counters, whatever ``n`` is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+from npstune.errors import ConfigError
+
+_HI = 1 << 15  # non-negative float32 bit patterns have the sign bit clear
+_LO = 1 << 16
+SMALL = 1 << 18  # up to this many scores, one sort beats two 64 Ki-bucket histograms
+
+
+def keep_count(k: float, n: int) -> int:
+    """``⌈k·n⌉`` computed exactly on the decimal value of ``k`` (0.07·100 is 7, not 8)."""
+    check_ratio(k)
+    return min(n, math.ceil(Fraction(repr(float(k))) * n))
+
+
+def check_ratio(k: float, name: str = "k") -> None:
+    """Raise ConfigError unless ``0 < k <= 1``."""
+    if not isinstance(k, (int, float)) or isinstance(k, bool) or not (0.0 < float(k) <= 1.0):
+        raise ConfigError(f"{name} must be in (0, 1], got {k!r}")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Keep ``score > value``, plus the first ``quota`` entries with ``score == value``.
+
+    ``keep`` is the total kept (``count_gt + quota``). ``value`` is +inf when nothing is kept.
+    """
+
+    value: float
+    quota: int
+    keep: int
+
+    def cursor(self) -> ThresholdCursor:
+        """A fresh cursor, to apply this threshold over tensors in position order."""
+        return ThresholdCursor(self)
+
+
+class ThresholdCursor:
+    """Applies a :class:`Threshold` to consecutive chunks, spending the tie quota in order."""
+
+    def __init__(self, threshold: Threshold) -> None:
+        self.threshold = threshold
+        self.left = threshold.quota
+        self._t = torch.tensor(threshold.value, dtype=torch.float32)
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """Boolean keep-mask for the next chunk of scores (float32, any shape)."""
+        t = self._t.to(scores.device)
+        keep = scores > t
+        if self.left > 0:
+            eq = (scores == t).reshape(-1)
+            idx = eq.nonzero().squeeze(1)
+            if idx.numel():
+                take = idx[: self.left]
+                keep.view(-1)[take] = True
+                self.left -= int(take.numel())
+        return keep
+
+
+def _bits(scores: torch.Tensor) -> torch.Tensor:
+    s = scores.reshape(-1)
+    if s.dtype != torch.float32:
+        s = s.float()
+    return s.view(torch.int32)
+
+
+def select_many(
+    chunks: Callable[[], Iterable[torch.Tensor]], ks: Sequence[int], n: int | None = None
+) -> list[Threshold]:
+    """Exact thresholds keeping the top ``ks[i]`` scores, for several ``ks`` at once.
+
+    ``chunks()`` must yield the non-negative float32 scores in position order each time it
+    is called (it is called twice: one pass per 16-bit digit). NaN scores are not allowed.
+    """
+    hi = None
+    total = 0
+    small: list[torch.Tensor] | None = []  # kept while the scores are few: sort instead
+    for s in chunks():
+        b = _bits(s)
+        if b.numel() == 0:
+            continue
+        total += b.numel()
+        if small is not None:
+            small.append(b.cpu())
+            if total <= SMALL:
+                continue
+            b = torch.cat(small)
+            small = None
+        h = torch.bincount((b >> 16).cpu(), minlength=_HI)
+        hi = h if hi is None else hi + h
+    if n is not None and n != total:
+        raise ConfigError(f"expected {n} scores, saw {total}")
+    for K in ks:
+        if K < 0 or K > total:
+            raise ConfigError(f"cannot keep {K} of {total} entries")
+    if small is not None:
+        return _select_sorted(torch.cat(small) if small else torch.empty(0, dtype=torch.int32), ks)
+    hist_hi = hi.numpy()
+    # above[d] = number of scores whose high digit is > d
+    above_hi = _above(hist_hi)
+    plans: list[tuple[int, int, int] | None] = []
+    for K in ks:
+        if K == 0:
+            plans.append(None)
+            continue
+        d = _digit(above_hi, hist_hi, K)
+        plans.append((K, d, int(above_hi[d])))
+    digits = sorted({p[1] for p in plans if p is not None})
+    lo = {d: torch.zeros(_LO, dtype=torch.int64) for d in digits}
+    if lo:
+        dig = torch.tensor(digits, dtype=torch.int32)
+        for s in chunks():
+            b = _bits(s).cpu()
+            if b.numel() == 0:
+                continue
+            top = b >> 16
+            if len(digits) > 1:
+                inset = torch.isin(top, dig)
+                b, top = b[inset], top[inset]
+            for d in digits:
+                sel = b[top == d]
+                if sel.numel():
+                    lo[d] += torch.bincount(sel & 0xFFFF, minlength=_LO)
+    out = []
+    lo_np = {d: h.numpy() for d, h in lo.items()}
+    above_lo = {d: _above(h) for d, h in lo_np.items()}
+    for p in plans:
+        if p is None:
+            out.append(Threshold(math.inf, 0, 0))
+            continue
+        K, d, above = p
+        j = _digit(above_lo[d] + above, lo_np[d], K)
+        bits = (d << 16) | j
+        value = float(np.array([bits], dtype=np.int32).view(np.float32)[0])
+        out.append(Threshold(value, K - int(above_lo[d][j] + above), K))
+    return out
+
+
+def _select_sorted(bits: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
+    """Same result as the radix passes, by one sort (few scores)."""
+    desc = torch.sort(bits, descending=True).values
+    out = []
+    for K in ks:
+        if K == 0:
+            out.append(Threshold(math.inf, 0, 0))
+            continue
+        v = desc[K - 1]
+        gt = int(torch.searchsorted(-desc, -v, right=False))  # entries strictly greater
+        value = float(v.view(torch.float32).item() if v.dim() else v.reshape(1).view(torch.float32)[0])
+        out.append(Threshold(value, K - gt, K))
+    return out
+
+
+def _above(hist: np.ndarray) -> np.ndarray:
+    """above[d] = sum of hist[d+1:] (how many scores lie in higher digits)."""
+    total = np.cumsum(hist[::-1])[::-1]
+    return total - hist
+
+
+def _digit(above: np.ndarray, hist: np.ndarray, K: int) -> int:
+    """The one digit d with above[d] < K <= above[d] + hist[d]."""
+    return int(np.flatnonzero((above < K) & (above + hist >= K))[0])
+
+
+def select(
+    chunks: Callable[[], Iterable[torch.Tensor]], k_count: int, n: int | None = None
+) -> Threshold:
+    """Exact threshold keeping the top ``k_count`` scores (see :func:`select_many`)."""
+    return select_many(chunks, [k_count], n)[0]
+
+
+def topk_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
+    """Exact top-``k`` keep-mask of one tensor of non-negative scores (per-tensor scope)."""
+    n = scores.numel()
+    th = select(lambda: [scores], keep_count(k, n), n)
+    return th.cursor().mask(scores.float())

@@ -1,0 +1,300 @@
+"""Task vectors: τ_t = θ_t − θ_pre, per tensor, read lazily.
+
+:func:`plan_merge` checks keys, shapes and dtypes across all checkpoints before any
+arithmetic (DESIGN §1): only floating tensors present in every checkpoint with equal shapes
+take part; integer buffers are copied from the base; a key in one checkpoint only, a shape
+mismatch or a float/non-float clash is an error naming the file and key, unless the user
+gave an include/exclude filter (then keys outside it are copied from the base).
+
+Numerics. Magnitudes used for ranking are float32 (``|fl32(θ_t) − fl32(θ_pre)|``) for
+every checkpoint dtype. Values added back to the base are computed in :func:`compute_dtype`
+(float64 for fp32 checkpoints, so θ_pre + 1·τ reproduces θ_t bit for bit; float32 for
+fp16/bf16, where the same holds) and cast to the base's dtype at the end.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from npstune.checkpoints import LazyCheckpoint, open_checkpoint
+from npstune.errors import CheckpointError, ConfigError, ShapeMismatchError
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: Elements per chunk when a pass walks a tensor (bounds temporaries to tens of MB).
+CHUNK = 1 << 22
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which values for a tensor of ``dtype`` are combined."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _matches(key: str, patterns: Sequence[str] | None) -> bool:
+    return bool(patterns) and any(fnmatch.fnmatchcase(key, p) for p in patterns or ())
+
+
+@dataclass
+class MergePlan:
+    """Which keys are merged (``delta_keys``) and which are copied from the base."""
+
+    base: LazyCheckpoint
+    models: list[LazyCheckpoint]
+    delta_keys: list[str]
+    copy_keys: list[str]
+    filtered: bool = False
+    numel: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> list[str]:
+        """Every key of the output, in sorted (position) order."""
+        return sorted(self.delta_keys + self.copy_keys)
+
+    @property
+    def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Output shape and dtype per key (the base's)."""
+        return {k: (self.base.shape(k), self.base.dtype(k)) for k in self.keys}
+
+    @property
+    def n(self) -> int:
+        """Entries in scope of a task vector (all delta keys)."""
+        return sum(self.numel[k] for k in self.delta_keys)
+
+    def read_chunk(
+        self, key: str, start: int = 0, stop: int | None = None, device: str | torch.device = "cpu"
+    ) -> Chunk:
+        """Read ``[start, stop)`` of ``key`` from the base and every model, once each."""
+        b = self.base.read(key, start, stop).to(device)
+        cd = compute_dtype(b.dtype)
+        b32 = b.float()
+        bcd = b32 if cd == torch.float32 else b.to(cd)
+        taus, taus32 = [], []
+        for m in self.models:
+            f = m.read(key, start, stop).to(device)
+            t32 = f.float() - b32
+            if not bool(torch.isfinite(t32).all()):
+                for ck, x in ((m, f), (self.base, b)):
+                    if not bool(torch.isfinite(x.float()).all()):
+                        raise CheckpointError(f"{ck.path}:{key}: tensor holds NaN or Inf")
+                raise CheckpointError(f"{m.path}:{key}: task vector overflows float32")
+            taus32.append(t32)
+            taus.append(t32 if cd == torch.float32 else f.to(cd) - bcd)
+        return Chunk(key, start, self.base.shape(key), b, bcd, taus, taus32)
+
+    def score_chunks(self, task: int, keys: Sequence[str] | None = None,
+                     device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
+        """|τ_task| (float32, flat) chunk by chunk over ``keys`` (default: all delta keys)."""
+        tv = TaskVector(self.base, self.models[task], self.delta_keys)
+        for key in self.delta_keys if keys is None else keys:
+            for start, stop in self.chunks(key):
+                yield tv.delta(key, start, stop).to(device).abs_()
+
+    def task_vectors(self) -> list[TaskVector]:
+        """One lazy task vector per model, in the order the models were given."""
+        return [TaskVector(self.base, m, self.delta_keys) for m in self.models]
+
+    def chunks(self, key: str, chunk: int = CHUNK) -> Iterator[tuple[int, int]]:
+        """Row-major element ranges ``[start, stop)`` covering ``key``."""
+        n = self.numel[key]
+        if n == 0:
+            return
+        for start in range(0, n, chunk):
+            yield start, min(start + chunk, n)
+
+
+@dataclass
+class Chunk:
+    """One row-major element range of one key, read from every checkpoint.
+
+    ``base`` is in the checkpoint's dtype, ``base_cd`` and ``taus`` in the compute dtype,
+    ``taus32`` in float32 (the values every ranking uses; ``abs()`` gives the scores).
+    """
+
+    key: str
+    start: int
+    shape: tuple[int, ...]
+    base: torch.Tensor
+    base_cd: torch.Tensor
+    taus: list[torch.Tensor]
+    taus32: list[torch.Tensor]
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.base.numel()
+
+
+def plan_merge(
+    base: LazyCheckpoint | str,
+    models: Sequence[LazyCheckpoint | str],
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> MergePlan:
+    """Check every checkpoint against the base and decide each key's role.
+
+    Args:
+        base: the pretrained checkpoint (θ_pre).
+        models: fine-tuned checkpoints (θ_t), at least one.
+        include: glob patterns of keys that take part (default: all).
+        exclude: glob patterns of keys that don't (copied from the base).
+    """
+    base = base if isinstance(base, LazyCheckpoint) else open_checkpoint(base)
+    models = [m if isinstance(m, LazyCheckpoint) else open_checkpoint(m) for m in models]
+    if not models:
+        raise ConfigError("no models given: pass at least one fine-tuned checkpoint")
+    filtered = bool(include) or bool(exclude)
+    base_keys = set(base.keys())
+    if not filtered:
+        for m in models:
+            mk = set(m.keys())
+            if mk != base_keys:
+                only_m = sorted(mk - base_keys)
+                only_b = sorted(base_keys - mk)
+                if only_m:
+                    raise CheckpointError(
+                        f"{m.path}:{only_m[0]}: key not in base {base.path} "
+                        f"({len(only_m)} such keys; pass --exclude to skip them)"
+                    )
+                raise CheckpointError(
+                    f"{m.path}:{only_b[0]}: key missing (present in base {base.path}; "
+                    f"{len(only_b)} such keys; pass --exclude to skip them)"
+                )
+    delta_keys: list[str] = []
+    copy_keys: list[str] = []
+    numel: dict[str, int] = {}
+    for key in sorted(base_keys):
+        numel[key] = base.numel(key)
+        in_scope = (not include or _matches(key, include)) and not _matches(key, exclude)
+        bdt = base.dtype(key)
+        if not in_scope:
+            copy_keys.append(key)
+            continue
+        for m in models:
+            if key not in m:
+                raise CheckpointError(f"{m.path}:{key}: key missing (present in base {base.path})")
+            if m.shape(key) != base.shape(key):
+                raise ShapeMismatchError(
+                    f"{m.path}:{key}: shape {tuple(m.shape(key))} does not match base "
+                    f"{base.path} shape {tuple(base.shape(key))}"
+                )
+            if (m.dtype(key) in FLOAT_DTYPES) != (bdt in FLOAT_DTYPES):
+                raise CheckpointError(
+                    f"{m.path}:{key}: dtype {m.dtype(key)} vs base dtype {bdt}: "
+                    "a float tensor cannot be merged with a non-float one"
+                )
+        (delta_keys if bdt in FLOAT_DTYPES else copy_keys).append(key)
+    if not delta_keys:
+        raise ConfigError(f"{base.path}: no floating tensors to merge (check --include/--exclude)")
+    return MergePlan(base, list(models), delta_keys, copy_keys, filtered, numel)
+
+
+class TaskVector:
+    """τ = θ_ft − θ_pre over ``keys``, read lazily (or held in memory after arithmetic).
+
+    ``delta(key, start, stop)`` returns a flat float32 chunk; ``values(key, start, stop,
+    dtype)`` the same in another dtype (see :func:`compute_dtype`). Arithmetic (``+``,
+    ``-``, ``*`` by a scalar) materialises a new in-memory task vector, which suits small
+    models and tests; the merge pipeline never needs it.
+    """
+
+    def __init__(
+        self,
+        base: LazyCheckpoint | None,
+        model: LazyCheckpoint | None,
+        keys: Sequence[str],
+        name: str | None = None,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.base = base
+        self.model = model
+        self.keys = list(keys)
+        self.name = name or (model.name if model is not None else "task")
+        self._tensors = dict(tensors) if tensors is not None else None
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        base: LazyCheckpoint | str,
+        model: LazyCheckpoint | str,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+    ) -> TaskVector:
+        """Plan (check) one model against its base and return its task vector."""
+        plan = plan_merge(base, [model], include, exclude)
+        return plan.task_vectors()[0]
+
+    def values(
+        self, key: str, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Flat chunk ``[start, stop)`` of τ[key] in ``dtype``; NaN/Inf is an error."""
+        if self._tensors is not None:
+            return self._tensors[key].reshape(-1)[start:stop].to(dtype)
+        assert self.base is not None and self.model is not None
+        d = self.model.read(key, start, stop).to(dtype) - self.base.read(key, start, stop).to(dtype)
+        if not bool(torch.isfinite(d).all()):
+            for ck in (self.model, self.base):
+                if not bool(torch.isfinite(ck.read(key, start, stop).float()).all()):
+                    raise CheckpointError(f"{ck.path}:{key}: tensor holds NaN or Inf")
+            raise CheckpointError(f"{self.model.path}:{key}: task vector overflows {dtype}")
+        return d
+
+    def delta(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Flat float32 chunk of τ[key] (the magnitudes every ranking uses)."""
+        return self.values(key, start, stop, torch.float32)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of τ[key]."""
+        if self._tensors is not None:
+            return tuple(self._tensors[key].shape)
+        assert self.base is not None
+        return self.base.shape(key)
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Materialise τ as a dict of float32 tensors (small models only)."""
+        return {k: self.delta(k).reshape(self.shape(k)) for k in self.keys}
+
+    # -------------------------------------------------------------- arithmetic
+    def _combine(self, other: TaskVector, sign: float) -> TaskVector:
+        if self.keys != other.keys:
+            diff = sorted(set(self.keys) ^ set(other.keys))
+            raise ConfigError(f"task vectors differ in keys (e.g. {diff[:1]})")
+        tensors = {}
+        for k in self.keys:
+            a, b = self.delta(k), other.delta(k)
+            if a.shape != b.shape:
+                raise ShapeMismatchError(f"{k}: shapes {self.shape(k)} and {other.shape(k)}")
+            tensors[k] = (a + sign * b).reshape(self.shape(k))
+        return TaskVector(self.base, None, self.keys, f"{self.name}{'+-'[sign < 0]}{other.name}", tensors)
+
+    def __add__(self, other: TaskVector) -> TaskVector:
+        return self._combine(other, 1.0)
+
+    def __sub__(self, other: TaskVector) -> TaskVector:
+        return self._combine(other, -1.0)
+
+    def __mul__(self, scale: float) -> TaskVector:
+        tensors = {k: self.delta(k).reshape(self.shape(k)) * float(scale) for k in self.keys}
+        return TaskVector(self.base, None, self.keys, self.name, tensors)
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> TaskVector:
+        return self * -1.0
+
+    def apply_to(
+        self, base: Mapping[str, torch.Tensor], scale: float = 1.0
+    ) -> dict[str, torch.Tensor]:
+        """θ_pre + scale·τ for every key of ``base`` (keys outside τ are copied)."""
+        out = {}
+        for k in base:
+            b = base[k]
+            if k in self.keys:
+                cd = compute_dtype(b.dtype)
+                v = self.values(k, dtype=cd).reshape(b.shape)
+                out[k] = (b.to(cd) + scale * v).to(b.dtype)
+            else:
+                out[k] = b.clone()
+        return out
