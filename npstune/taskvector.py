@@ -97,8 +97,9 @@ class MergePlan:
         """One lazy task vector per model, in the order the models were given."""
         return [TaskVector(self.base, m, self.delta_keys) for m in self.models]
 
-    def chunks(self, key: str, chunk: int = CHUNK) -> Iterator[tuple[int, int]]:
-        """Row-major element ranges ``[start, stop)`` covering ``key``."""
+    def chunks(self, key: str, chunk: int | None = None) -> Iterator[tuple[int, int]]:
+        """Row-major element ranges ``[start, stop)`` covering ``key`` (``CHUNK`` each)."""
+        chunk = chunk or CHUNK
         n = self.numel[key]
         if n == 0:
             return
