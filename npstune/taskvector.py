@@ -133,6 +133,7 @@ def plan_merge(
     models: Sequence[LazyCheckpoint | str],
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    frozen: bool = True,
 ) -> MergePlan:
     """Check every checkpoint against the base and decide each key's role.
 
@@ -141,6 +142,9 @@ def plan_merge(
         models: fine-tuned checkpoints (θ_t), at least one.
         include: glob patterns of keys that take part (default: all).
         exclude: glob patterns of keys that don't (copied from the base).
+        frozen: detect frozen tensors (bitwise equal in the base and every model, e.g.
+            embeddings frozen during fine-tuning): they are copied from the base and do
+            not count in ``n``, the entries a keep ratio refers to (DESIGN §3, §7).
     """
     base = base if isinstance(base, LazyCheckpoint) else open_checkpoint(base)
     models = [m if isinstance(m, LazyCheckpoint) else open_checkpoint(m) for m in models]
@@ -166,6 +170,7 @@ def plan_merge(
     delta_keys: list[str] = []
     copy_keys: list[str] = []
     numel: dict[str, int] = {}
+    mergeable = 0
     for key in sorted(base_keys):
         numel[key] = base.numel(key)
         in_scope = (not include or _matches(key, include)) and not _matches(key, exclude)
@@ -186,10 +191,31 @@ def plan_merge(
                     f"{m.path}:{key}: dtype {m.dtype(key)} vs base dtype {bdt}: "
                     "a float tensor cannot be merged with a non-float one"
                 )
-        (delta_keys if bdt in FLOAT_DTYPES else copy_keys).append(key)
-    if not delta_keys:
+        mergeable += bdt in FLOAT_DTYPES
+        if bdt not in FLOAT_DTYPES or (frozen and _is_frozen(key, base, models)):
+            copy_keys.append(key)
+        else:
+            delta_keys.append(key)
+    if not mergeable:
         raise ConfigError(f"{base.path}: no floating tensors to merge (check --include/--exclude)")
     return MergePlan(base, list(models), delta_keys, copy_keys, filtered, numel)
+
+
+_PROBE = 4096
+
+
+def _is_frozen(key: str, base: LazyCheckpoint, models: Sequence[LazyCheckpoint]) -> bool:
+    """True when every model holds exactly the base's tensor (probe first, then chunks)."""
+    n = base.numel(key)
+    probe = base.read(key, 0, _PROBE)
+    if any(m.dtype(key) != base.dtype(key) or not torch.equal(m.read(key, 0, _PROBE), probe)
+           for m in models):
+        return False
+    for start in range(_PROBE, n, CHUNK):
+        b = base.read(key, start, start + CHUNK)
+        if any(not torch.equal(m.read(key, start, start + CHUNK), b) for m in models):
+            return False
+    return True
 
 
 class TaskVector:

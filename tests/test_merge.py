@@ -226,3 +226,21 @@ def test_nps_weights_shape_is_checked(tmp_path):
     per_task = [1.0] * 8 + [0.5] * 8 + [2.0] * 8
     res = merge(bp, mps, "nps", {"weights": per_task, "k": 0.5})
     assert res.meta["kept"] == [res.meta["kept"][0]] * 3
+
+
+def test_frozen_tensors_are_copied_and_do_not_count_in_n(tmp_path):
+    from tests.tiny import finetune, tiny_state
+
+    base = tiny_state(0)
+    fts = [finetune(base, t) for t in range(2)]
+    for ft in fts:
+        ft["encoder.1.weight"] = base["encoder.1.weight"].clone()  # frozen while fine-tuning
+    bp = write_state_dict(tmp_path / "b.safetensors", base)
+    mps = [write_state_dict(tmp_path / f"t{i}.safetensors", ft) for i, ft in enumerate(fts)]
+    plan = plan_merge(bp, mps)
+    assert "encoder.1.weight" in plan.copy_keys
+    assert plan.n == 6 + 30 + 3
+    res = merge(bp, mps, "magnitude", {"k": 0.1})
+    assert res.meta["kept"] == [4, 4]  # ⌈0.1·39⌉, not ⌈0.1·57⌉
+    assert torch.equal(res.state["encoder.1.weight"], base["encoder.1.weight"])
+    assert "encoder.1.weight" in plan_merge(bp, mps, frozen=False).delta_keys
