@@ -122,33 +122,59 @@ class RankedTaskVector:
         return Threshold(float(t), K - gt, K)
 
     # ---------------------------------------------------------------- candidates
-    def prune(self, weights: Sequence[float] | torch.Tensor, k: float) -> SparseDelta:
-        """τ̂ = mask ⊙ (w[subspace]·τ) as positions and values (exact top-k rule)."""
+    def _kept(self, weights: Sequence[float] | torch.Tensor, k: float) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The kept entries as (positions, τ values, w_m) parts: one prefix per subspace,
+        plus the tied entries at the threshold that win by position."""
         w = check_weights(list(map(float, weights)), self.subspaces)
         th = self.threshold(w, k)
         wn = w.numpy()
         t = np.float32(th.value)
         gt_counts, _ = self._count_ge(wn, np.nextafter(t, np.float32(np.inf)))
         ge_counts, _ = self._count_ge(wn, t)
-        pos_parts, val_parts = [], []
+        parts = []
         tie_pos, tie_val = [], []
         for m, (lo, _) in enumerate(self.bounds):
             g, e = gt_counts[m], ge_counts[m]
+            wm = w[m].to(self.device)
             if g:
-                pos_parts.append(self.positions[lo : lo + g])
-                val_parts.append(w[m].to(self.device) * self.sorted_tau[lo : lo + g])
+                parts.append((self.positions[lo : lo + g], self.sorted_tau[lo : lo + g], wm))
             if e > g:
                 tie_pos.append(self.positions[lo + g : lo + e])
-                tie_val.append(w[m].to(self.device) * self.sorted_tau[lo + g : lo + e])
+                tie_val.append(wm * self.sorted_tau[lo + g : lo + e])
         if th.quota and tie_pos:
             tp, tv = torch.cat(tie_pos), torch.cat(tie_val)
             first = torch.sort(tp).indices[: th.quota]  # earlier position wins the tie
-            pos_parts.append(tp[first])
-            val_parts.append(tv[first])
-        if not pos_parts:
+            parts.append((tp[first], tv[first], torch.ones((), device=self.device)))
+        return parts
+
+    def prune(self, weights: Sequence[float] | torch.Tensor, k: float) -> SparseDelta:
+        """τ̂ = mask ⊙ (w[subspace]·τ) as positions and values (exact top-k rule)."""
+        parts = self._kept(weights, k)
+        if not parts:
             empty = torch.empty(0, dtype=torch.int64, device=self.device)
             return SparseDelta(empty, empty.float(), self.n)
-        return SparseDelta(torch.cat(pos_parts), torch.cat(val_parts), self.n)
+        return SparseDelta(torch.cat([p for p, _, _ in parts]),
+                           torch.cat([wm * v for _, v, wm in parts]), self.n)
+
+    def scatter_into(
+        self, out: torch.Tensor, weights: Sequence[float] | torch.Tensor, k: float,
+        lam: float = 1.0, accumulate: bool = False,
+    ) -> int:
+        """Write (or, with ``accumulate``, add) λ·τ̂ into the flat float32 ``out``.
+
+        No concatenation and no pass over the n entries: only the k·n kept entries are
+        touched. ``out`` must be zero where τ̂ is written unless ``accumulate``. Returns the
+        number of entries kept.
+        """
+        kept = 0
+        for pos, vals, wm in self._kept(weights, k):
+            v = wm * vals
+            if accumulate:
+                out.index_add_(0, pos, v, alpha=float(lam))
+            else:
+                out.scatter_(0, pos, v if lam == 1.0 else v * float(lam))
+            kept += pos.numel()
+        return kept
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a flat vector over this task vector's keys (views, no copy)."""
@@ -182,7 +208,6 @@ def fuse(
         out = torch.zeros(n, dtype=torch.float32, device=ranked[0].device)
     else:
         out.zero_()
-    for r, w, kt, lt in zip(ranked, weights, ks, lams):
-        sd = r.prune(w, kt)
-        out.index_add_(0, sd.positions, sd.values, alpha=float(lt))
+    for t, (r, w, kt, lt) in enumerate(zip(ranked, weights, ks, lams)):
+        r.scatter_into(out, w, kt, lt, accumulate=t > 0)
     return out

@@ -1,0 +1,316 @@
+"""Speed and scale: NPS candidates against the memory-copy floor, merges of big checkpoints.
+
+Parts (``--parts``, default ``candidates,peer``; ``scale`` takes tens of minutes and ~60 GB
+of disk):
+
+- ``candidates``: at 22M, 87M (ViT-B/32 scale) and 350M entries, on the same τ, time
+  (a) the floor: one memory copy of τ into the output buffer; (b) the straightforward
+  sort-per-candidate NPS build (reweight, stable sort, scatter); (c) our build
+  (:class:`~npstune.sparsify.ranked.RankedTaskVector`: O(M log n) threshold + scatter).
+  Reports b/c and c/a.
+- ``peer``: a Llama-shaped fp32 checkpoint (~440M parameters, 500 MB shards, random init
+  written tensor by tensor) + two noisy fine-tuned copies; ``npstune merge --method ties``
+  (global) and ``task-arithmetic`` against a floor that reads the three models and writes
+  one with safetensors, tensor by tensor; mergekit when installed. Wall time and peak RSS
+  of each child process.
+- ``scale``: a sharded bf16 checkpoint set of up to 7·10⁹ entries per model (base + 2
+  fine-tuned; the largest size the disk holds, at least 2·10⁹), then ``npstune merge
+  --method ties``, ``--method nps`` and ``npstune compress``; wall time and peak RSS.
+
+Run: ``python -m benchmarks.speed [--parts candidates,peer,scale]`` or ``npstune bench speed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import RESULTS, report, timeit
+from npstune.sparsify.ranked import RankedTaskVector
+
+NAME = "speed"
+M = 8
+K_RATIO = 0.05
+
+
+# ----------------------------------------------------------------------------- candidates
+def _sort_per_candidate(tau: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, k: float,
+                        out: torch.Tensor) -> torch.Tensor:
+    """The reference build: reweight, one stable sort per candidate, scatter."""
+    n = tau.numel()
+    K = -(-int(round(k * n * 1e6)) // 1_000_000)  # ⌈k·n⌉ for the decimal k used here
+    rew_w = w[ids.long()]
+    rew = rew_w * tau.abs()
+    idx = torch.sort(rew, descending=True, stable=True).indices[:K]
+    out.zero_()
+    out[idx] = rew_w[idx] * tau[idx]
+    return out
+
+
+def _our_build(r: RankedTaskVector, w: torch.Tensor, k: float, out: torch.Tensor) -> torch.Tensor:
+    out.zero_()
+    r.scatter_into(out, w, k)
+    return out
+
+
+def candidates(sizes: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for n in sizes:
+        tau = torch.randn(n, generator=g) * torch.rand(n, generator=g)  # heavy-ish tails
+        out = torch.empty(n)
+        t0 = time.perf_counter()
+        r = RankedTaskVector({"tau": tau}, M)
+        precompute = time.perf_counter() - t0
+        ids = torch.empty(n, dtype=torch.uint8)  # subspace ids for the reference path
+        for m, (lo, hi) in enumerate(r.bounds):
+            ids[r.positions[lo:hi]] = m
+        w = torch.rand(M, generator=g) * 2
+        floor = timeit(lambda: out.copy_(tau), repeat=5)
+        ours = timeit(lambda: _our_build(r, w, K_RATIO, out), repeat=5)
+        mine = out.clone()
+        thresh = timeit(lambda: r.threshold(w, K_RATIO), repeat=5)
+        ref = timeit(lambda: _sort_per_candidate(tau, ids, w, K_RATIO, out),
+                     repeat=1 if n > 10**8 else 3, warmup=0)
+        exact = bool(torch.equal(mine, out))
+        rows.append({
+            "entries": f"{n / 1e6:.0f}M", "floor_copy_s": floor, "sort_per_candidate_s": ref,
+            "ours_s": ours, "threshold_ms": thresh * 1e3, "precompute_s": precompute,
+            "b_over_c": ref / ours, "c_over_a": ours / floor, "identical": exact,
+        })
+        print(rows[-1], flush=True)
+        del tau, out, r, ids, mine
+        gc.collect()
+    return rows
+
+
+# ----------------------------------------------------------------------------- subprocess runs
+def _run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd`` as a child, return wall time and its peak RSS (from the OS)."""
+    wrapper = (
+        "import resource, subprocess, sys, json, time;"
+        "t=time.perf_counter(); rc=subprocess.call(sys.argv[1:]);"
+        "w=time.perf_counter()-t;"
+        "print(json.dumps({'rc': rc, 'wall_s': w, 'rss_mib': "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024}))"
+    )
+    res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})})
+    last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "{}"
+    try:
+        info = json.loads(last)
+    except json.JSONDecodeError:
+        info = {"rc": res.returncode}
+    if info.get("rc"):
+        info["error"] = (res.stderr.strip().splitlines() or ["?"])[-1][:200]
+    return info
+
+
+def _npstune() -> str:
+    exe = Path(sys.executable).parent / "npstune"
+    return str(exe) if exe.exists() else "npstune"
+
+
+FLOOR = """
+import sys, json
+from pathlib import Path
+from safetensors import safe_open
+from safetensors.torch import save_file
+base, a, b, out = map(Path, sys.argv[1:5])
+idx = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+out.mkdir(exist_ok=True)
+for shard in sorted(set(idx.values())):
+    res = {}
+    with safe_open(base / shard, "pt") as fb, safe_open(a / shard, "pt") as fa, safe_open(b / shard, "pt") as fc:
+        for k in fb.keys():
+            x = fb.get_tensor(k); y = fa.get_tensor(k); z = fc.get_tensor(k)
+            res[k] = x + 0.5 * ((y - x) + (z - x))
+            del x, y, z
+    save_file(res, str(out / shard))
+"""
+
+
+def _write_model(folder: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, seed: int,
+                 base: Path | None, shard_bytes: int, noise: float = 0.01) -> None:
+    """Write a sharded safetensors model tensor by tensor (fine-tuned = base + noise)."""
+    from npstune.checkpoints.io import SAFETENSORS_INDEX
+    from npstune.checkpoints.safetensors_format import StreamingSafetensorsWriter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    groups: list[dict[str, tuple[tuple[int, ...], torch.dtype]]] = [{}]
+    size = 0
+    item = torch.empty((), dtype=dtype).element_size()
+    for k in sorted(shapes):
+        nb = item * int(torch.tensor(shapes[k]).prod())
+        if groups[-1] and size + nb > shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][k] = (shapes[k], dtype)
+        size += nb
+    weight_map = {}
+    g = torch.Generator().manual_seed(seed)
+    for i, specs in enumerate(groups, 1):
+        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        w = StreamingSafetensorsWriter(folder / name, specs)
+        for k, (shape, dt) in specs.items():
+            n = int(torch.tensor(shape).prod())
+            step = 1 << 24
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                if base is None:
+                    chunk = torch.randn(e - s, generator=torch.Generator().manual_seed(hash((k, s)) & 0xFFFFFFFF)) * 0.02
+                else:
+                    chunk = torch.randn(e - s, generator=torch.Generator().manual_seed(hash((k, s)) & 0xFFFFFFFF)) * 0.02
+                    chunk += noise * torch.randn(e - s, generator=g)
+                w.write(k, chunk.to(dt), s)
+        w.close()
+        weight_map.update({k: name for k in specs})
+    (folder / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def llama_shapes(hidden: int, layers: int, inter: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a Llama-architecture model (what transformers' LlamaConfig builds)."""
+    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden),
+                                     "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            s[p + f"self_attn.{proj}.weight"] = (hidden, hidden)
+        s[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        s[p + "mlp.up_proj.weight"] = (inter, hidden)
+        s[p + "mlp.down_proj.weight"] = (hidden, inter)
+        s[p + "input_layernorm.weight"] = (hidden,)
+        s[p + "post_attention_layernorm.weight"] = (hidden,)
+    return s
+
+
+def peer(scratch: Path) -> list[dict[str, Any]]:
+    shapes = llama_shapes(hidden=1024, layers=24, inter=2816, vocab=32000)
+    total = sum(int(torch.tensor(v).prod()) for v in shapes.values())
+    print(f"peer workload: {total / 1e6:.0f}M fp32 parameters", flush=True)
+    paths = {n: scratch / n for n in ("base", "ft_a", "ft_b")}
+    for i, (n, p) in enumerate(paths.items()):
+        if not (p / "model.safetensors.index.json").exists():
+            _write_model(p, shapes, torch.float32, seed=i, base=None if n == "base" else paths["base"],
+                         shard_bytes=500 * 2**20)
+    rows = []
+    floor = _run_measured([sys.executable, "-c", FLOOR, str(paths["base"]), str(paths["ft_a"]),
+                           str(paths["ft_b"]), str(scratch / "floor_out")])
+    rows.append({"tool": "floor (read 3, write 1; safetensors)", **floor})
+    exe = _npstune()
+    for method in ("task-arithmetic", "ties"):
+        out = scratch / f"out_{method}"
+        info = _run_measured([exe, "merge", "--method", method, "--base", str(paths["base"]),
+                              "--models", str(paths["ft_a"]), str(paths["ft_b"]), "--out", str(out),
+                              "--quiet"])
+        rows.append({"tool": f"npstune {method}", **info})
+        shutil.rmtree(out, ignore_errors=True)
+    if shutil.which("mergekit-yaml"):
+        cfg = scratch / "mk.yaml"
+        cfg.write_text(f"merge_method: ties\nbase_model: {paths['base']}\nmodels:\n"
+                       f"  - model: {paths['ft_a']}\n    parameters: {{density: 0.2, weight: 1.0}}\n"
+                       f"  - model: {paths['ft_b']}\n    parameters: {{density: 0.2, weight: 1.0}}\n"
+                       "parameters: {normalize: true}\ndtype: float32\n")
+        info = _run_measured(["mergekit-yaml", str(cfg), str(scratch / "mk_out"), "--lazy-unpickle"])
+        rows.append({"tool": "mergekit ties", **info})
+    fw, fr = rows[0].get("wall_s") or float("nan"), rows[0].get("rss_mib") or float("nan")
+    for r in rows:
+        if r.get("wall_s"):
+            r["time_vs_floor"] = r["wall_s"] / fw
+            r["rss_vs_floor"] = r["rss_mib"] / fr
+    return rows
+
+
+# ----------------------------------------------------------------------------- scale
+def scale(scratch: Path, target: int = 7 * 10**9) -> tuple[list[dict[str, Any]], list[str]]:
+    notes = []
+    free = shutil.disk_usage(scratch).free
+    # base + 2 fine-tuned + merge outputs (2) + compress store (~0.15 model): ~5.3 models of bf16
+    fits = int(free * 0.85 / (5.3 * 2))
+    n = min(target, fits)
+    if n < target:
+        notes.append(f"disk holds {free / 2**30:.0f} GiB free: scale run uses {n / 1e9:.2f}e9 "
+                     f"entries per model instead of {target / 1e9:.0f}e9")
+    if n < 2 * 10**9:
+        notes.append("not enough disk for the 2e9-entry minimum; scale run skipped")
+        return [], notes
+    hidden, inter, vocab = 4096, 11008, 32000
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
+    layers = max(1, (n - 2 * vocab * hidden - hidden) // per_layer)
+    shapes = llama_shapes(hidden, layers, inter, vocab)
+    total = sum(int(torch.tensor(v).prod()) for v in shapes.values())
+    print(f"scale workload: {total / 1e9:.2f}e9 bf16 entries per model", flush=True)
+    paths = {nm: scratch / nm for nm in ("base", "ft_a", "ft_b")}
+    t0 = time.perf_counter()
+    for i, (nm, p) in enumerate(paths.items()):
+        if not (p / "model.safetensors.index.json").exists():
+            _write_model(p, shapes, torch.bfloat16, seed=i, base=None if nm == "base" else paths["base"],
+                         shard_bytes=4 * 2**30, noise=0.002)
+    notes.append(f"synthesized 3 × {total / 1e9:.2f}e9 bf16 entries in {time.perf_counter() - t0:.0f} s")
+    exe = _npstune()
+    rows = []
+    models = [str(paths["ft_a"]), str(paths["ft_b"])]
+    for label, cmd in [
+        ("merge ties", [exe, "merge", "--method", "ties", "--base", str(paths["base"]), "--models", *models]),
+        ("merge nps", [exe, "merge", "--method", "nps", "--base", str(paths["base"]), "--models", *models]),
+        ("compress", [exe, "compress", "--base", str(paths["base"]), "--models", *models]),
+    ]:
+        out = scratch / ("out_" + label.replace(" ", "_"))
+        info = _run_measured([*cmd, "--out", str(out)] + (["--quiet"] if "merge" in label else []))
+        rows.append({"run": label, "entries_per_model": f"{total / 1e9:.2f}e9", **info})
+        print(rows[-1], flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return rows, notes
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.speed")
+    ap.add_argument("--parts", default="candidates,peer")
+    ap.add_argument("--sizes", default="22000000,87000000,350000000")
+    ap.add_argument("--scratch", default=None, help="where synthetic checkpoints go (deleted)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch checkpoints")
+    ap.add_argument("--zoo", default=None, help="unused (the speed benchmark is synthetic)")
+    args = ap.parse_args(argv)
+    started = time.perf_counter()
+    parts = set(args.parts.split(","))
+    previous = RESULTS / f"{NAME}.json"
+    sections: dict[str, Any] = {}
+    notes: list[str] = []
+    if previous.exists():  # keep the sections of parts not re-run
+        old = json.loads(previous.read_text())
+        sections.update(old.get("sections", {}))
+        notes.extend(n for n in old.get("notes", []) if not n.startswith("targets"))
+    scratch_root = Path(args.scratch or tempfile.mkdtemp(prefix="npstune-speed-", dir="/tmp"))
+    scratch_root.mkdir(parents=True, exist_ok=True)
+    try:
+        if "candidates" in parts:
+            sizes = [int(s) for s in args.sizes.split(",")]
+            sections["NPS candidate build (M=8, k=0.05)"] = candidates(sizes)
+        if "peer" in parts:
+            sections["Peer workload: Llama-shaped 440M fp32, 2 fine-tuned"] = peer(scratch_root / "peer")
+        if "scale" in parts:
+            rows, scale_notes = scale(scratch_root / "scale")
+            sections["Scale: sharded bf16, base + 2 fine-tuned"] = rows
+            notes = [n for n in notes if not n.startswith(("disk holds", "synthesized", "not enough"))]
+            notes.extend(scale_notes)
+    finally:
+        if not args.keep:
+            shutil.rmtree(scratch_root, ignore_errors=True)
+    notes.append("targets: ours ≤ 2× floor and ≥ 10× sort-per-candidate at 87M; TIES ≤ 3.4× floor "
+                 "time and ≤ 1.5× floor RSS on the peer workload; 7B merge/compress ≤ 4 GB RSS")
+    report(NAME, sections, notes=notes, started=started)
+
+
+if __name__ == "__main__":
+    main()
