@@ -46,7 +46,7 @@ def merge(method, base, models, out, k, lam, scope, subspaces, weights, seed, q,
     dev = resolve_device(device)
     data = None
     if spec.needs_data:
-        from npstune.merge.calibrate import data_for
+        from npstune.merge.data import data_for
 
         data = data_for(zoo_size, dev)
     plan = plan_merge(base, list(models), include or None, exclude or None)
