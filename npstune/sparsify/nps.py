@@ -45,14 +45,27 @@ class PartitionCursor:
     def __init__(self, partition: Partition) -> None:
         self.partition = partition
         self._cursors = [ThresholdCursor(t) for t in partition.bounds]
+        # boundary values ascending (bounds are non-increasing in j)
+        self._values = torch.tensor([t.value for t in reversed(partition.bounds)], dtype=torch.float32)
 
     def ids(self, scores: torch.Tensor) -> torch.Tensor:
-        """Subspace index of every entry of ``scores`` (same shape, uint8)."""
-        last = self.partition.subspaces - 1
-        s = torch.full(scores.shape, last, dtype=torch.uint8, device=scores.device)
+        """Subspace index of every entry of ``scores`` (same shape, uint8).
+
+        s = #{j : entry not in the top ⌊j·n/M⌋}. Strict comparisons come from one
+        ``bucketize``; only entries equal to a boundary value need the tie cursors.
+        """
+        flat = scores.reshape(-1)
+        vals = self._values.to(flat.device)
+        # number of boundary values strictly greater than the score
+        s = (vals.numel() - torch.bucketize(flat, vals, right=True)).to(torch.uint8)
         for c in self._cursors:
-            s -= c.mask(scores).to(torch.uint8)
-        return s
+            eq = flat == c.threshold.value
+            if not bool(eq.any()):
+                continue
+            if c.left > 0:  # the tie quota is spent in position order
+                eq &= ~c.mask(flat)
+            s += eq.to(torch.uint8)  # equal to the boundary but past its quota: below it
+        return s.reshape(scores.shape)
 
 
 def partition(

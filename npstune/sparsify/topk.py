@@ -103,12 +103,12 @@ def select_many(
             continue
         total += b.numel()
         if small is not None:
-            small.append(b.cpu())
+            small.append(b)
             if total <= SMALL:
                 continue
             b = torch.cat(small)
             small = None
-        h = torch.bincount((b >> 16).cpu(), minlength=_HI)
+        h = torch.bincount(b >> 16, minlength=_HI).cpu()
         hi = h if hi is None else hi + h
     if n is not None and n != total:
         raise ConfigError(f"expected {n} scores, saw {total}")
@@ -116,7 +116,8 @@ def select_many(
         if K < 0 or K > total:
             raise ConfigError(f"cannot keep {K} of {total} entries")
     if small is not None:
-        return _select_sorted(torch.cat(small) if small else torch.empty(0, dtype=torch.int32), ks)
+        return _select_sorted(torch.cat([b.cpu() for b in small]) if small
+                              else torch.empty(0, dtype=torch.int32), ks)
     hist_hi = hi.numpy()
     # above[d] = number of scores whose high digit is > d
     above_hi = _above(hist_hi)
@@ -132,17 +133,17 @@ def select_many(
     if lo:
         dig = torch.tensor(digits, dtype=torch.int32)
         for s in chunks():
-            b = _bits(s).cpu()
+            b = _bits(s)
             if b.numel() == 0:
                 continue
             top = b >> 16
             if len(digits) > 1:
-                inset = torch.isin(top, dig)
+                inset = torch.isin(top, dig.to(b.device))
                 b, top = b[inset], top[inset]
             for d in digits:
                 sel = b[top == d]
                 if sel.numel():
-                    lo[d] += torch.bincount(sel & 0xFFFF, minlength=_LO)
+                    lo[d] += torch.bincount(sel & 0xFFFF, minlength=_LO).cpu()
     out = []
     lo_np = {d: h.numpy() for d, h in lo.items()}
     above_lo = {d: _above(h) for d, h in lo_np.items()}
