@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,7 @@ for shard in sorted(set(idx.values())):
 
 
 def _write_model(folder: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, seed: int,
-                 base: Path | None, shard_bytes: int, noise: float = 0.01) -> None:
+                 fine_tuned: bool, shard_bytes: int, noise: float = 0.01) -> None:
     """Write a sharded safetensors model tensor by tensor (fine-tuned = base + noise)."""
     from npstune.checkpoints.io import SAFETENSORS_INDEX
     from npstune.checkpoints.safetensors_format import StreamingSafetensorsWriter
@@ -168,10 +169,11 @@ def _write_model(folder: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.
             step = 1 << 24
             for s in range(0, n, step):
                 e = min(n, s + step)
-                if base is None:
-                    chunk = torch.randn(e - s, generator=torch.Generator().manual_seed(hash((k, s)) & 0xFFFFFFFF)) * 0.02
-                else:
-                    chunk = torch.randn(e - s, generator=torch.Generator().manual_seed(hash((k, s)) & 0xFFFFFFFF)) * 0.02
+                # the base's values are a function of (key, offset), so every model
+                # regenerates them instead of reading the base back
+                seed_ks = zlib.crc32(f"{k}:{s}".encode())
+                chunk = torch.randn(e - s, generator=torch.Generator().manual_seed(seed_ks)) * 0.02
+                if fine_tuned:
                     chunk += noise * torch.randn(e - s, generator=g)
                 w.write(k, chunk.to(dt), s)
         w.close()
@@ -195,14 +197,14 @@ def llama_shapes(hidden: int, layers: int, inter: int, vocab: int) -> dict[str, 
     return s
 
 
-def peer(scratch: Path) -> list[dict[str, Any]]:
-    shapes = llama_shapes(hidden=1024, layers=24, inter=2816, vocab=32000)
+def peer(scratch: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> list[dict[str, Any]]:
+    shapes = shapes or llama_shapes(hidden=1024, layers=24, inter=2816, vocab=32000)
     total = sum(int(torch.tensor(v).prod()) for v in shapes.values())
     print(f"peer workload: {total / 1e6:.0f}M fp32 parameters", flush=True)
     paths = {n: scratch / n for n in ("base", "ft_a", "ft_b")}
     for i, (n, p) in enumerate(paths.items()):
         if not (p / "model.safetensors.index.json").exists():
-            _write_model(p, shapes, torch.float32, seed=i, base=None if n == "base" else paths["base"],
+            _write_model(p, shapes, torch.float32, seed=i, fine_tuned=n != "base",
                          shard_bytes=500 * 2**20)
     rows = []
     floor = _run_measured([sys.executable, "-c", FLOOR, str(paths["base"]), str(paths["ft_a"]),
@@ -255,7 +257,7 @@ def scale(scratch: Path, target: int = 7 * 10**9) -> tuple[list[dict[str, Any]],
     t0 = time.perf_counter()
     for i, (nm, p) in enumerate(paths.items()):
         if not (p / "model.safetensors.index.json").exists():
-            _write_model(p, shapes, torch.bfloat16, seed=i, base=None if nm == "base" else paths["base"],
+            _write_model(p, shapes, torch.bfloat16, seed=i, fine_tuned=nm != "base",
                          shard_bytes=4 * 2**30, noise=0.002)
     notes.append(f"synthesized 3 × {total / 1e9:.2f}e9 bf16 entries in {time.perf_counter() - t0:.0f} s")
     exe = _npstune()
