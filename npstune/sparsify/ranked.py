@@ -41,7 +41,7 @@ class SparseDelta:
     n: int
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        out = torch.zeros(self.n, dtype=dtype)
+        out = torch.zeros(self.n, dtype=dtype, device=self.positions.device)
         out[self.positions] = self.values.to(dtype)
         return out
 
