@@ -1,0 +1,69 @@
+"""`npstune zoo build|list`: the offline model zoo (DESIGN §7)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from npstune.zoo.recipe import ZOO_SIZES
+
+_CACHE = click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                      help="Zoo cache (default: $NPSTUNE_ZOO_DIR or ~/.cache/npstune/zoo).")
+
+
+@click.group()
+def zoo() -> None:
+    """Build and list the offline model zoo."""
+
+
+@zoo.command()
+@click.option("--size", type=click.Choice(sorted(ZOO_SIZES)), default="small", show_default=True)
+@_CACHE
+@click.option("--threads", type=int, default=None, help="Torch threads (default: all cores).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def build(size: str, cache_dir: str | None, threads: int | None, quiet: bool) -> None:
+    """Build the zoo of SIZE (a no-op when it is already built with this recipe)."""
+    from npstune.zoo import build_zoo
+
+    t0 = time.perf_counter()
+    z = build_zoo(size, cache_dir=cache_dir, progress=not quiet, num_threads=threads)
+    click.echo(f"{size} zoo ready in {time.perf_counter() - t0:.1f} s: {z.root}")
+    _print_tasks(z.manifest)
+
+
+@zoo.command(name="list")
+@_CACHE
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_(cache_dir: str | None, as_json: bool) -> None:
+    """Show each zoo size: built or not, its tasks and accuracies."""
+    from npstune.zoo.core import read_manifest, resolve_cache_dir, zoo_dir
+
+    cache = resolve_cache_dir(cache_dir)
+    out = {}
+    for size, recipe in ZOO_SIZES.items():
+        root = zoo_dir(recipe, cache)
+        m = read_manifest(root)
+        out[size] = {"path": str(root), "status": m.get("status") if m else "not built",
+                     "tasks": list(recipe.tasks), "manifest": m}
+    if as_json:
+        click.echo(json.dumps({s: {**v, "manifest": None, "accuracy": {
+            t: e["accuracy"] for t, e in (v["manifest"] or {}).get("tasks", {}).items()}}
+            for s, v in out.items()}, indent=2))
+        return
+    for size, v in out.items():
+        click.echo(f"{size}: {v['status']}  ({v['path']})")
+        if v["manifest"]:
+            _print_tasks(v["manifest"])
+        else:
+            click.echo(f"  tasks: {', '.join(v['tasks'])}  (npstune zoo build --size {size})")
+
+
+def _print_tasks(manifest: dict) -> None:
+    click.echo(f"  {'task':<16} {'classes':>7} {'finetuned':>9} {'base+head':>9} {'probe':>6}")
+    for name, t in manifest["tasks"].items():
+        a = t.get("accuracy", {})
+        probe = f"{a['probe_test']:.3f}" if "probe_test" in a else "-"
+        click.echo(f"  {name:<16} {t['num_classes']:>7} {a.get('finetuned_test', 0):>9.3f} "
+                   f"{a.get('base_head_test', 0):>9.3f} {probe:>6}")
