@@ -249,6 +249,29 @@ def test_copy_base_makes_the_store_self_contained(tmp_path):
     assert inspect_store(store)["base"]["copied"]
 
 
+def test_copy_base_given_as_a_shard_index_copies_the_shards(tmp_path):
+    bp, mps, _, _ = make_set(tmp_path, "sharded", tasks=1)
+    index = bp / "model.safetensors.index.json"
+    store = tmp_path / "store"
+    m = compress(index, mps, store, params={"k": 0.2}, copy_base=True)
+    assert m.base.path == "base/model.safetensors.index.json"
+    shards = sorted(p.name for p in bp.glob("*.safetensors"))
+    assert len(shards) > 1 and sorted(p.name for p in (store / "base").glob("*.safetensors")) == shards
+    import shutil
+
+    shutil.rmtree(bp)
+    got = open_checkpoint(decompress(store, "task0", tmp_path / "got"))
+    assert got.form == "sharded" and len(got) == 5
+
+
+def test_a_model_equal_to_the_base_stores_nothing(tmp_path):
+    bp, _, _, _ = make_set(tmp_path, tasks=1)
+    m = compress(bp, [bp], tmp_path / "store", params={"k": 0.1})
+    assert m.tasks[0].kept == 0 and m.tasks[0].tensors == []
+    got = decompress(tmp_path / "store", "base", tmp_path / "d.safetensors")
+    assert tensors_bytes(got) == tensors_bytes(bp)
+
+
 def _corrupt(path: Path, where: str) -> None:
     data = bytearray(path.read_bytes())
     if where == "flip":

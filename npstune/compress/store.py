@@ -43,6 +43,7 @@ from npstune.compress.manifest import (
     read_manifest,
     sha256_file,
     verify_base,
+    weight_files,
 )
 from npstune.errors import CheckpointError, ConfigError
 from npstune.merge.base import MergeInputs, MergeSpec, MethodParams, _progress
@@ -259,12 +260,15 @@ def _encode_block(base_cd: torch.Tensor, out: torch.Tensor, mask: torch.Tensor |
 
 
 def _copy_base(ck: LazyCheckpoint, tmp: Path, ref: BaseRef) -> BaseRef:
-    dest = tmp / "base" / ck.path.name
-    dest.parent.mkdir()
+    """Copy the base into ``tmp/base``: a directory whole, a file with its shards."""
+    dest = tmp / "base"
+    dest.mkdir()
     if ck.path.is_dir():
-        shutil.copytree(ck.path, dest)
-    else:
-        shutil.copy2(ck.path, dest)
+        shutil.copytree(ck.path, dest / ck.path.name)
+    else:  # a single file, or a shard index given by path: copy it and its shards
+        for name, f in weight_files(ck):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest / name)
     return ref.model_copy(update={"path": f"base/{ck.path.name}", "copied": True})
 
 
