@@ -1,0 +1,435 @@
+"""Search-space files: YAML -> a validated, immutable :class:`SearchConfig`.
+
+A file says what NPS searches (subspace weights w, optionally the keep ratio k and the
+scaling λ, shared or per task), for which use (fusion, transfer, compression), on which
+models (a zoo size, or a base and fine-tuned checkpoint paths) and evaluator, with which
+backend, budget, seed, resources and tracking store. Unknown keys, bounds with low > high,
+missing models are :class:`~npstune.errors.ConfigError` with a one-line message.
+
+Two conveniences keep the ablation files short: ``extends: other.yaml`` deep-merges this
+file over another one (paths relative to this file), and ``sweep: {dotted.key: [values]}``
+expands into one config per combination (:func:`load_configs`).
+
+:class:`ParamSpace` maps the searched quantities to a flat vector: CMA-ES works in the unit
+box ``[0, 1]^n`` (so one ``sigma0`` fits every parameter), trials get natural values.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from npstune.errors import ConfigError
+from npstune.sparsify import DEFAULT_SUBSPACES
+
+Use = Literal["fusion", "transfer", "compression"]
+Backend = Literal["cma", "nevergrad"]
+
+#: The one metric every trial reports and every backend optimises (mode "max").
+METRIC = "objective"
+MODE = "max"
+
+#: Baselines in the final table when a file names none (DESIGN §8 CLI defaults for params).
+DEFAULT_BASELINES: dict[str, list[str]] = {
+    "fusion": ["pretrained", "individual", "task-arithmetic", "ties", "magnitude"],
+    "transfer": ["pretrained", "individual", "magnitude"],
+    "compression": ["pretrained", "individual", "magnitude"],
+}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Bounds(_Frozen):
+    """A searched scalar: ``low <= init <= high`` (init defaults to the middle)."""
+
+    low: float
+    high: float
+    init: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Bounds:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError("bounds must be finite")
+        if self.low > self.high:
+            raise ValueError(f"bound low {self.low} > high {self.high}")
+        if self.init is not None and not self.low <= self.init <= self.high:
+            raise ValueError(f"init {self.init} outside [{self.low}, {self.high}]")
+        return self
+
+    @property
+    def start(self) -> float:
+        return (self.low + self.high) / 2 if self.init is None else self.init
+
+
+class WeightsSpec(_Frozen):
+    """Per-subspace weights w: one vector shared by every task, or one per task."""
+
+    per_task: bool = False
+    low: float = Field(0.0, ge=0)
+    high: float = Field(2.0, gt=0, le=100)
+    init: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> WeightsSpec:
+        if self.low > self.high:
+            raise ValueError(f"bound low {self.low} > high {self.high}")
+        if not self.low <= self.init <= self.high:
+            raise ValueError(f"init {self.init} outside [{self.low}, {self.high}]")
+        return self
+
+
+class NpsSpec(_Frozen):
+    """What NPS searches: M subspaces, weights, keep ratio k and scaling λ."""
+
+    subspaces: int = Field(DEFAULT_SUBSPACES, ge=1, le=255)
+    weights: WeightsSpec = WeightsSpec()
+    k: float | Bounds = 0.05
+    lam: float | Bounds = 1.0
+    lam_per_task: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> NpsSpec:
+        for name, v, lo, hi in (("k", self.k, 0.0, 1.0), ("lam", self.lam, 0.0, 10.0)):
+            vals = [v] if isinstance(v, (int, float)) else [v.low, v.high]
+            if any(not (lo < x <= hi if name == "k" else lo <= x <= hi) for x in vals):
+                raise ValueError(f"{name} must lie in {'(0, 1]' if name == 'k' else '[0, 10]'}")
+        return self
+
+
+class EvaluatorSpec(_Frozen):
+    """How a candidate is scored: the zoo's text classifier or a user callable.
+
+    ``function`` (kind ``callable``) is ``"module:attr"``, called as
+    ``attr(state, task, split) -> accuracy``; the config's directory is importable.
+    """
+
+    kind: Literal["zoo", "callable"] = "zoo"
+    function: str | None = None
+    batch_size: int = Field(64, ge=1, le=4096)
+    calibration_examples: int | None = Field(None, ge=1)
+    calibration_fraction: float = Field(1.0, gt=0, le=1)
+    test_examples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluatorSpec:
+        if self.kind == "callable":
+            if not self.function or not re.fullmatch(r"[\w.]+:[\w.]+", self.function):
+                raise ValueError("kind callable needs function: 'module:attr'")
+        elif self.function is not None:
+            raise ValueError("function is only for kind: callable")
+        return self
+
+
+class TransferSpec(_Frozen):
+    """Transfer: the target task's vector is pruned; score pre-tasks and the target."""
+
+    target: str
+    pre_tasks: list[str] = Field(min_length=1)
+
+
+class SearchSettings(_Frozen):
+    """Optimizer and budget. ``sigma0`` is a fraction of each parameter's range."""
+
+    backend: Backend = "cma"
+    population: int | None = Field(None, ge=2, le=10_000)
+    generations: int = Field(20, ge=1, le=100_000)
+    seed: int = Field(1, ge=1, lt=2**31)  # pycma: seed 0 means "random"
+    sigma0: float = Field(1 / 6, gt=0, le=1)
+    penalty: float = 0.0
+    max_failures: int = Field(2, ge=0, le=100)
+
+
+class ResourcesSpec(_Frozen):
+    """Per trial: CPUs (also torch threads) and GPUs; trials in flight (default: the
+    population). ``gpus_per_trial: auto`` shares the cluster's GPUs between the trials
+    in flight when it has any (fractions below 1), and uses none otherwise."""
+
+    cpus_per_trial: float = Field(1.0, gt=0, le=1024)
+    gpus_per_trial: Annotated[float, Field(ge=0, le=64)] | Literal["auto"] = "auto"
+    concurrency: int | None = Field(None, ge=1, le=10_000)
+
+
+class TrackingSpec(_Frozen):
+    """MLflow store and experiment (default: sqlite:///mlflow.db in the working dir)."""
+
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = None
+
+
+class ReportSpec(_Frozen):
+    """The final table: baselines (registered merge methods or the names in
+    :data:`DEFAULT_BASELINES`) with their params, evaluated on the test split."""
+
+    baselines: list[str] | None = None
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    save_model: bool = True
+
+
+class SearchConfig(_Frozen):
+    """One search, as written in a search-space file (see module docstring)."""
+
+    name: str = Field(min_length=1, pattern=r"^[\w.=,+-]+$")
+    use: Use = "fusion"
+    zoo: Literal["small", "full"] | None = None
+    zoo_cache: str | None = None
+    tasks: list[str] | None = None
+    base: str | None = None
+    models: list[str] | None = None
+    evaluator: EvaluatorSpec = EvaluatorSpec()
+    transfer: TransferSpec | None = None
+    nps: NpsSpec = NpsSpec()
+    search: SearchSettings = SearchSettings()
+    resources: ResourcesSpec = ResourcesSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    report: ReportSpec = ReportSpec()
+    output_dir: str | None = None
+    source: str | None = None  # the file it came from (set by the loader)
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        if self.zoo is None and (not self.base or not self.models):
+            raise ValueError("missing model: give zoo: small|full, or base: and models:")
+        if self.evaluator.kind == "zoo" and self.zoo is None:
+            raise ValueError("evaluator kind zoo needs zoo: small|full")
+        if (self.use == "transfer") != (self.transfer is not None):
+            raise ValueError("use transfer needs a transfer: section (and only it does)")
+        if self.models is not None and len(self.models) == 0:
+            raise ValueError("missing model: models is empty")
+        if self.nps.lam_per_task and isinstance(self.nps.lam, (int, float)):
+            raise ValueError("lam_per_task needs lam bounds {low, high}")
+        return self
+
+    @property
+    def out(self) -> Path:
+        """The output directory (``runs/<name>`` unless given)."""
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def baselines(self) -> list[str]:
+        return list(self.report.baselines or DEFAULT_BASELINES[self.use])
+
+    def with_overrides(self, **values: Any) -> SearchConfig:
+        """A copy with dotted keys replaced (``search.backend="nevergrad"``), validated."""
+        data = self.model_dump(mode="json")
+        for key, v in values.items():
+            _set_dotted(data, key.replace("__", "."), v)
+        return _validate(data, self.source or "<config>")
+
+
+# ------------------------------------------------------------------------------ loading
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such search-space file") from None
+    except (OSError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    parent = data.pop("extends", None)
+    if parent is not None:
+        base = _read_yaml((path.parent / str(parent)).resolve())
+        base.pop("sweep", None)
+        data = _deep_merge(base, data)
+    return data
+
+
+def _deep_merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def _validate(data: dict[str, Any], where: str) -> SearchConfig:
+    try:
+        return SearchConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors():
+            loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("float", "Bounds")))
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(f"{loc or 'config'}: {msg}")
+        raise ConfigError(f"{where}: " + "; ".join(dict.fromkeys(problems))) from None
+
+
+def load_configs(path: str | Path, **overrides: Any) -> list[SearchConfig]:
+    """Every search a file describes: one, or one per ``sweep`` combination.
+
+    A sweep variant is named ``<name>-<key>=<value>...`` and writes under
+    ``<output_dir>/<variant>``; all variants share the MLflow experiment.
+    """
+    path = Path(path)
+    data = _read_yaml(path)
+    data.setdefault("name", path.stem)
+    data["source"] = str(path)
+    sweep = data.pop("sweep", None) or {}
+    if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+        raise ConfigError(f"{path}: sweep: expected a mapping of dotted keys to value lists")
+    for key, v in overrides.items():
+        if v is not None:
+            _set_dotted(data, key, v)
+    if not sweep:
+        return [_check_paths(_validate(data, str(path)), path)]
+    out = []
+    keys = list(sweep)
+    out_dir = data.get("output_dir") or f"runs/{data['name']}"
+    data.setdefault("tracking", {}).setdefault("experiment", data["name"])
+    for combo in itertools.product(*(sweep[k] for k in keys)):
+        variant = copy.deepcopy(data)
+        label = "-".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in zip(keys, combo))
+        for k, v in zip(keys, combo):
+            _set_dotted(variant, k, v)
+        variant["name"] = f"{data['name']}-{label}"
+        variant["output_dir"] = str(Path(out_dir) / label)
+        out.append(_check_paths(_validate(variant, f"{path} [{label}]"), path))
+    return out
+
+
+def load_config(path: str | Path, **overrides: Any) -> SearchConfig:
+    """The single search a file describes (ConfigError if it holds a sweep)."""
+    cfgs = load_configs(path, **overrides)
+    if len(cfgs) != 1:
+        raise ConfigError(f"{path}: holds a sweep of {len(cfgs)} searches; use load_configs")
+    return cfgs[0]
+
+
+def _short(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _check_paths(cfg: SearchConfig, path: Path) -> SearchConfig:
+    for p in ([cfg.base] if cfg.base else []) + list(cfg.models or []):
+        if not Path(p).exists():
+            raise ConfigError(f"{path}: missing model: {p} does not exist")
+    return cfg
+
+
+# -------------------------------------------------------------------------- the vector
+@dataclass(frozen=True)
+class Param:
+    """One searched scalar, with natural bounds and start value."""
+
+    name: str
+    low: float
+    high: float
+    init: float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One NPS candidate: a weight row per task vector, keep ratio, λ per task vector."""
+
+    weights: tuple[tuple[float, ...], ...]
+    k: float
+    lam: tuple[float, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"weights": [list(r) for r in self.weights], "k": self.k, "lam": list(self.lam)}
+
+
+class ParamSpace:
+    """The searched quantities of ``nps`` over ``tasks`` task vectors as a flat vector.
+
+    Names: ``w{m}`` (shared) or ``t{t}_w{m}`` (per task), ``k``, ``lam`` or ``t{t}_lam``.
+    """
+
+    def __init__(self, nps: NpsSpec, tasks: int) -> None:
+        self.nps, self.tasks = nps, tasks
+        M, ws = nps.subspaces, nps.weights
+        params: list[Param] = []
+        rows = range(tasks) if ws.per_task else [None]
+        for t in rows:
+            prefix = "" if t is None else f"t{t}_"
+            params += [Param(f"{prefix}w{m}", ws.low, ws.high, ws.init) for m in range(M)]
+        if isinstance(nps.k, Bounds):
+            params.append(Param("k", nps.k.low, nps.k.high, nps.k.start))
+        if isinstance(nps.lam, Bounds):
+            lam = nps.lam
+            names = [f"t{t}_lam" for t in range(tasks)] if nps.lam_per_task else ["lam"]
+            params += [Param(n, lam.low, lam.high, lam.start) for n in names]
+        self.params = params
+        self.names = [p.name for p in params]
+        self._low = np.array([p.low for p in params])
+        self._span = np.array([p.high - p.low for p in params])
+
+    @property
+    def dim(self) -> int:
+        return len(self.params)
+
+    def default_population(self) -> int:
+        """CMA-ES's default λ = 4 + ⌊3 ln n⌋."""
+        return 4 + int(3 * math.log(max(self.dim, 1)))
+
+    def x0(self) -> np.ndarray:
+        """The start point in the unit box."""
+        return self.to_unit({p.name: p.init for p in self.params})
+
+    def to_unit(self, config: Mapping[str, float]) -> np.ndarray:
+        x = np.array([float(config[n]) for n in self.names])
+        span = np.where(self._span > 0, self._span, 1.0)
+        return np.clip((x - self._low) / span, 0.0, 1.0)
+
+    def from_unit(self, x: Sequence[float]) -> dict[str, float]:
+        x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
+        return {n: float(v) for n, v in zip(self.names, self._low + x * self._span)}
+
+    def init_config(self) -> dict[str, float]:
+        return {p.name: p.init for p in self.params}
+
+    def candidate(self, config: Mapping[str, Any]) -> Candidate:
+        """Natural values (a trial's config) -> the candidate they describe."""
+        M, nps = self.nps.subspaces, self.nps
+        if nps.weights.per_task:
+            rows = [tuple(float(config[f"t{t}_w{m}"]) for m in range(M)) for t in range(self.tasks)]
+        else:
+            rows = [tuple(float(config[f"w{m}"]) for m in range(M))] * self.tasks
+        k = float(config["k"]) if isinstance(nps.k, Bounds) else float(nps.k)
+        if isinstance(nps.lam, Bounds):
+            lam = (tuple(float(config[f"t{t}_lam"]) for t in range(self.tasks))
+                   if nps.lam_per_task else (float(config["lam"]),) * self.tasks)
+        else:
+            lam = (float(nps.lam),) * self.tasks
+        return Candidate(tuple(rows), k, lam)
+
+    def baseline(self) -> Candidate:
+        """Plain magnitude pruning at the start k and λ: every weight 1."""
+        c = self.candidate(self.init_config())
+        return Candidate(tuple((1.0,) * self.nps.subspaces for _ in range(self.tasks)), c.k, c.lam)
+
+    def params_of(self, config: Mapping[str, Any]) -> dict[str, float]:
+        """Only the searched values of a trial config (drops bookkeeping keys)."""
+        return {n: float(config[n]) for n in self.names if n in config}
