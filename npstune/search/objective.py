@@ -1,0 +1,345 @@
+"""The NPS objective: candidate (w, k, λ) -> pruned/merged model -> calibration score.
+
+Everything a candidate does not change is built once, in the driver, into an
+:class:`ObjectivePayload`: the task vectors in rank order
+(:class:`~npstune.sparsify.ranked.RankedTaskVector`, so the subspace partition is computed
+once per task vector), the base's tensors, and the evaluator with its calibration data
+tokenized. The payload travels once through Ray's object store; each worker process keeps
+the :class:`Objective` built from it in a module-level cache keyed by the search id, so
+trials on reused actors start at once.
+
+A candidate costs one ``fuse`` (threshold lookup + scatter of the kept entries), one add
+onto the base, and the evaluation. Uses (DESIGN §2):
+
+- fusion: θ = θ_pre + Σ_t λ_t τ̂_t; objective = mean accuracy over the tasks;
+- transfer: θ = θ_pre + λ τ̂_target; objective = H-score of the mean accuracy on the
+  pre-tasks and the target accuracy;
+- compression: per task θ_t = θ_pre + λ_t τ̂_t on its own task; objective = mean
+  normalized accuracy (accuracy / the fine-tuned model's, same split).
+
+Storage bits are the paper's accounting of a sparse per-task store (base, kept values, a
+bitmask per task), from :func:`npstune.compress.storage_bits`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from npstune.compress import storage_bits
+from npstune.errors import ConfigError
+from npstune.evaluate import CallableEvaluator, Evaluator, evaluate_many
+from npstune.search.space import Candidate, ParamSpace, SearchConfig
+from npstune.sparsify.ranked import RankedTaskVector, fuse
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION, TEST = "calibration", "test"
+
+
+# --------------------------------------------------------------------------- evaluators
+class DottedCallable:
+    """``"module:attr"`` resolved lazily (so it pickles by name and imports in workers).
+
+    ``search_path`` (the config file's directory) is put on ``sys.path`` first.
+    """
+
+    def __init__(self, target: str, search_path: str | None = None) -> None:
+        self.target, self.search_path = target, search_path
+        self._fn: Callable[..., float] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"target": self.target, "search_path": self.search_path, "_fn": None}
+
+    def resolve(self) -> Callable[..., float]:
+        if self._fn is None:
+            if self.search_path and self.search_path not in sys.path:
+                sys.path.insert(0, self.search_path)
+            module, attr = self.target.split(":")
+            try:
+                obj: Any = importlib.import_module(module)
+                for part in attr.split("."):
+                    obj = getattr(obj, part)
+            except (ImportError, AttributeError) as exc:
+                raise ConfigError(f"evaluator function {self.target!r} cannot be loaded: "
+                                  f"{exc}") from None
+            if not callable(obj):
+                raise ConfigError(f"evaluator function {self.target!r} is not callable")
+            self._fn = obj
+        return self._fn
+
+    def __call__(self, state: Mapping[str, torch.Tensor], task: str, split: str) -> float:
+        return float(self.resolve()(state, task, split))
+
+
+def make_evaluator(cfg: SearchConfig, zoo: Any, tasks: Iterable[str], split: str,
+                   device: str = "cpu") -> Evaluator:
+    """The evaluator of ``cfg`` for ``split``, with that split's data prepared.
+
+    Calibration uses at most ``calibration_examples`` (times ``calibration_fraction``)
+    examples per task; the test split at most ``test_examples``.
+    """
+    ev_cfg = cfg.evaluator
+    tasks = list(tasks)
+    if ev_cfg.kind == "callable":
+        assert ev_cfg.function is not None
+        src = str(Path(cfg.source).resolve().parent) if cfg.source else None
+        fn = DottedCallable(ev_cfg.function, src)
+        fn.resolve()  # fail early, in the driver
+        return CallableEvaluator(fn, tasks)
+    from npstune.evaluate import TextClassificationEvaluator
+
+    if split == CALIBRATION:
+        sizes = [len(zoo.split(t, CALIBRATION)[1]) for t in tasks]
+        n = min([ev_cfg.calibration_examples or s for s in sizes] + sizes)
+        n = max(1, math.floor(n * ev_cfg.calibration_fraction + 1e-9))
+    else:
+        n = ev_cfg.test_examples
+    ev = TextClassificationEvaluator(zoo, device=device, batch_size=ev_cfg.batch_size,
+                                     max_examples=n)
+    for t in tasks:  # tokenize and load heads now: workers never touch the zoo files
+        ev.batches(t, split)
+        ev.head(t)
+    return ev
+
+
+# ------------------------------------------------------------------------------ payload
+@dataclass
+class ObjectivePayload:
+    """What every trial needs, built once in the driver (see module docstring)."""
+
+    use: str
+    space: ParamSpace
+    vector_tasks: list[str]  # the task of each task vector, in order
+    eval_tasks: list[str]  # tasks scored by a shared state (fusion, transfer)
+    ranked: list[RankedTaskVector]
+    base_flat: torch.Tensor  # float32 θ_pre over the delta keys, in ranked order
+    base_rest: dict[str, torch.Tensor]  # every other key of the base, as stored
+    dtypes: dict[str, torch.dtype]  # the base's dtype of each delta key
+    evaluator: Evaluator
+    transfer: tuple[list[str], str] | None = None  # (pre tasks, target)
+    references: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> task -> acc
+    n: int = 0
+    frozen: int = 0
+    base_path: str = ""
+    model_paths: list[str] = field(default_factory=list)
+
+
+def build_payload(cfg: SearchConfig, zoo: Any = None, echo: Callable[[str], None] | None = None
+                  ) -> ObjectivePayload:
+    """Read the checkpoints, rank every task vector once, prepare the evaluator."""
+    from npstune.taskvector import plan_merge
+
+    say = echo or (lambda s: None)
+    t0 = time.perf_counter()
+    base, models, names = resolve_models(cfg, zoo)
+    if cfg.use == "transfer":
+        assert cfg.transfer is not None
+        tgt = cfg.transfer.target
+        if tgt not in names:
+            raise ConfigError(f"transfer.target {tgt!r} is not one of the models: {', '.join(names)}")
+        i = names.index(tgt)
+        models, names = [models[i]], [tgt]
+        eval_tasks = [*cfg.transfer.pre_tasks, tgt]
+        transfer = (list(cfg.transfer.pre_tasks), tgt)
+    else:
+        eval_tasks, transfer = list(names), None
+    plan = plan_merge(base, models)
+    ranked = []
+    for t, tv in enumerate(plan.task_vectors()):
+        ranked.append(RankedTaskVector(tv.to_dict(), cfg.nps.subspaces))
+        say(f"ranked task vector {t + 1}/{len(models)} ({names[t]}, n={ranked[-1].n:,})")
+    keys = ranked[0].keys
+    base_flat = torch.cat([plan.base[k].reshape(-1).float() for k in keys])
+    dtypes = {k: plan.base.dtype(k) for k in keys}
+    rest = {k: plan.base[k].clone() for k in plan.base.keys() if k not in set(keys)}
+    frozen = sum(v.numel() for v in rest.values() if v.is_floating_point())
+    evaluator = make_evaluator(cfg, zoo, eval_tasks, CALIBRATION)
+    payload = ObjectivePayload(
+        use=cfg.use, space=ParamSpace(cfg.nps, len(models)), vector_tasks=names,
+        eval_tasks=eval_tasks, ranked=ranked, base_flat=base_flat, base_rest=rest,
+        dtypes=dtypes, evaluator=evaluator, transfer=transfer, n=plan.n, frozen=frozen,
+        base_path=str(base), model_paths=[str(m) for m in models],
+    )
+    if cfg.use == "compression":  # normalization reference: each fine-tuned model
+        obj = Objective(payload)
+        payload.references[CALIBRATION] = obj.individual(CALIBRATION)
+    say(f"objective ready in {time.perf_counter() - t0:.1f} s")
+    return payload
+
+
+def resolve_models(cfg: SearchConfig, zoo: Any) -> tuple[str, list[str], list[str]]:
+    """(base path, model paths, task names) from the zoo or the explicit paths."""
+    if cfg.models:
+        names = list(cfg.tasks) if cfg.tasks else [_stem(m) for m in cfg.models]
+        if len(names) != len(cfg.models):
+            raise ConfigError(f"tasks names {len(names)} tasks for {len(cfg.models)} models")
+        base = cfg.base or str(zoo.base_path)
+        return str(base), [str(m) for m in cfg.models], names
+    names = list(cfg.tasks or zoo.tasks)
+    models = [str(zoo.task(t).model_path) for t in names]
+    return str(cfg.base or zoo.base_path), models, names
+
+
+def _stem(path: str) -> str:
+    from npstune.checkpoints import checkpoint_name
+
+    return checkpoint_name(path)
+
+
+# ---------------------------------------------------------------------------- objective
+class Objective:
+    """Scores candidates on a payload; holds the reusable candidate buffers."""
+
+    def __init__(self, payload: ObjectivePayload) -> None:
+        self.p = payload
+        self.space = payload.space
+        n = payload.base_flat.numel()
+        self._delta = torch.zeros(n, dtype=torch.float32)
+        self._theta = torch.empty(n, dtype=torch.float32)
+
+    # -- states --------------------------------------------------------------------------
+    def state_from_delta(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """θ_pre + delta on the delta keys, every other key from the base (views)."""
+        torch.add(self.p.base_flat, delta, out=self._theta)
+        state = dict(self.p.base_rest)
+        for k, v in self.p.ranked[0].unflatten(self._theta).items():
+            dt = self.p.dtypes[k]
+            state[k] = v if dt == torch.float32 else v.to(dt)
+        return state
+
+    def states(self, cand: Candidate) -> Iterable[tuple[list[str], dict[str, torch.Tensor]]]:
+        """(tasks to score, state) pairs of a candidate; states share one buffer."""
+        r = self.p.ranked
+        if self.p.use == "compression":
+            for t, task in enumerate(self.p.vector_tasks):
+                fuse([r[t]], [cand.weights[t]], cand.k, cand.lam[t], out=self._delta)
+                yield [task], self.state_from_delta(self._delta)
+        else:
+            fuse(r, cand.weights, cand.k, list(cand.lam), out=self._delta)
+            yield self.p.eval_tasks, self.state_from_delta(self._delta)
+
+    def bits(self, k: float | None, method: str = "nps") -> int:
+        return storage_bits(method, len(self.p.ranked), self.p.n, k, frozen=0).paper_bits
+
+    # -- scores --------------------------------------------------------------------------
+    def score(self, cand: Candidate, split: str = CALIBRATION,
+              evaluator: Evaluator | None = None) -> dict[str, float]:
+        """Every metric of one candidate (``objective`` is the one searched)."""
+        ev = evaluator or self.p.evaluator
+        accs: dict[str, float] = {}
+        t_build = t_eval = 0.0
+        t0 = time.perf_counter()
+        for tasks, state in self.states(cand):
+            t1 = time.perf_counter()
+            t_build += t1 - t0
+            accs.update(evaluate_many(ev, state, tasks, split))
+            t0 = time.perf_counter()
+            t_eval += t0 - t1
+        out = self.aggregate(accs, split)
+        out.update(storage_bits=float(self.bits(cand.k)), k=cand.k, build_s=t_build,
+                   eval_s=t_eval)
+        return out
+
+    def aggregate(self, accs: Mapping[str, float], split: str) -> dict[str, float]:
+        """Per-task accuracies -> the use's objective plus its parts."""
+        out = {f"acc/{t}": float(a) for t, a in accs.items()}
+        vals = list(accs.values())
+        out["accuracy"] = sum(vals) / len(vals) if vals else float("nan")
+        if self.p.use == "transfer":
+            assert self.p.transfer is not None
+            pre_tasks, tgt = self.p.transfer
+            pre = sum(accs[t] for t in pre_tasks) / len(pre_tasks)
+            a_t = accs[tgt]
+            h = 2 * pre * a_t / (pre + a_t) if pre + a_t > 0 else 0.0
+            out.update(pre_accuracy=pre, target_accuracy=a_t, h_score=h, objective=h)
+        elif self.p.use == "compression":
+            ref = self.p.references.get(split, {})
+            norm = [accs[t] / ref[t] for t in accs if ref.get(t)]
+            out["normalized_accuracy"] = sum(norm) / len(norm) if norm else float("nan")
+            out["objective"] = out["normalized_accuracy"]
+        else:
+            out["objective"] = out["accuracy"]
+        return out
+
+    def score_state(self, state: Mapping[str, torch.Tensor], split: str,
+                    evaluator: Evaluator | None = None) -> dict[str, float]:
+        """One shared state (pretrained, a merge) scored on every task of the use."""
+        tasks = self.p.vector_tasks if self.p.use == "compression" else self.p.eval_tasks
+        return self.aggregate(evaluate_many(evaluator or self.p.evaluator, state, tasks, split),
+                              split)
+
+    def individual(self, split: str, evaluator: Evaluator | None = None) -> dict[str, float]:
+        """Each fine-tuned model on its own task (transfer: on every scored task)."""
+        from npstune.checkpoints import open_checkpoint
+
+        ev = evaluator or self.p.evaluator
+        accs: dict[str, float] = {}
+        for task, path in zip(self.p.vector_tasks, self.p.model_paths):
+            ck = open_checkpoint(path)
+            state = {k: ck[k] for k in ck.keys()}
+            tasks = self.p.eval_tasks if self.p.use == "transfer" else [task]
+            accs.update(evaluate_many(ev, state, tasks, split))
+        return accs
+
+
+# ------------------------------------------------------------------- per-worker caching
+_CACHE: dict[str, Objective] = {}
+
+
+@dataclass(frozen=True)
+class ObjectiveHandle:
+    """What a trial receives: the search id and the payload's object-store reference.
+
+    The reference sits inside a tuple so fetching the handle does not fetch the payload;
+    :meth:`objective` fetches it only on a cache miss (once per worker process).
+    """
+
+    search_id: str
+    refs: tuple[Any, ...]
+    threads: int = 1
+
+    def objective(self) -> Objective:
+        obj = _CACHE.get(self.search_id)
+        if obj is None:
+            import ray
+
+            payload = ray.get(self.refs[0])
+            if torch.cuda.is_available() and ray.get_gpu_ids():
+                payload.evaluator = _on_gpu(payload.evaluator, payload.eval_tasks)
+            _CACHE.clear()  # one search per worker at a time: bound memory
+            obj = _CACHE[self.search_id] = Objective(payload)
+        return obj
+
+
+def _on_gpu(ev: Evaluator, tasks: list[str]) -> Evaluator:
+    """A zoo evaluator rebuilt on the trial's GPU (tokenization is redone, once)."""
+    from npstune.evaluate import TextClassificationEvaluator
+
+    if not isinstance(ev, TextClassificationEvaluator):
+        return ev
+    gpu = TextClassificationEvaluator(ev.zoo, device="cuda", batch_size=ev.batch_size,
+                                      max_examples=ev.max_examples, max_len=ev.max_len)
+    for task in tasks:
+        gpu.batches(task, CALIBRATION)
+    return gpu
+
+
+def run_trial(config: dict[str, Any], handle: ObjectiveHandle) -> None:
+    """The Ray Tune trainable: score one candidate and report its metrics once."""
+    from ray import tune
+
+    torch.set_num_threads(max(1, handle.threads))
+    obj = handle.objective()
+    metrics = obj.score(obj.space.candidate(config))
+    metrics["generation"] = float(config.get("generation", -1))
+    tune.report(metrics)
