@@ -207,7 +207,7 @@ def test_corrupt_cached_file_is_a_clear_error_and_rebuilds(micro_cache, tmp_path
     head.unlink()  # never write through a hard link
     head.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"head.safetensors: zoo file is corrupt .* "
-                                              r"npstune zoo build --size micro"):
+                                              r"`npstune zoo build --size micro --cache-dir "):
         load_zoo(MICRO, cache_dir=cache)
     built = []
     real = zbuild._build_task

@@ -71,12 +71,20 @@ def file_record(root: Path, rel: str) -> dict[str, Any]:
     return {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
 
 
+def build_command(size: str, cache_dir: Path | None = None) -> str:
+    """The command that builds (or repairs) a zoo, for error messages."""
+    cmd = f"npstune zoo build --size {size}"
+    if cache_dir is not None and cache_dir != default_cache_dir():
+        cmd += f" --cache-dir {cache_dir}"
+    return cmd
+
+
 def check_files(root: Path, files: dict[str, dict[str, Any]], *, hashes: bool,
                 size: str) -> None:
     """Raise CheckpointError naming the first missing, truncated or altered file."""
     for rel, rec in files.items():
         p = root / rel
-        fix = f"run `npstune zoo build --size {size}` to rebuild it"
+        fix = f"run `{build_command(size, root.parent)}` to rebuild it"
         if not p.is_file():
             raise CheckpointError(f"{p}: zoo file is missing; {fix}")
         if p.stat().st_size != rec["bytes"]:
@@ -171,7 +179,7 @@ class Zoo:
             except (OSError, ValueError, KeyError) as exc:
                 raise CheckpointError(
                     f"{path}: corrupt split file ({exc}); run "
-                    f"`npstune zoo build --size {self.size}` to rebuild it"
+                    f"`{build_command(self.size, self.root.parent)}` to rebuild it"
                 ) from exc
             self._splits[key] = (texts, labels)
         texts, labels = self._splits[key]
@@ -195,10 +203,7 @@ def load_zoo(size: str | ZooRecipe = "small", cache_dir: str | os.PathLike[str] 
     cache = resolve_cache_dir(cache_dir)
     root = zoo_dir(recipe, cache)
     manifest = read_manifest(root)
-    cmd = f"npstune zoo build --size {recipe.size}"
-    if cache_dir is not None:
-        cmd += f" --cache-dir {cache}"
-    build_hint = f"run `{cmd}`"
+    build_hint = f"run `{build_command(recipe.size, cache)}`"
     if manifest is None:
         raise ConfigError(f"the {recipe.size} zoo is not built in {cache}; {build_hint}")
     pending = [t for t in recipe.tasks

@@ -1,0 +1,161 @@
+"""Text classification on the zoo: a body state + the task's own linear head.
+
+Built for searches that score hundreds of candidates: each split is tokenized once,
+sorted by length and pre-padded into batches; one model skeleton is kept and each call
+only copies the candidate's tensors into it (``load_state_dict``), then runs batched
+no-grad inference.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from npstune.errors import ConfigError
+from npstune.evaluate.base import State
+from npstune.zoo import model as zm
+from npstune.zoo.core import Zoo
+from npstune.zoo.datasets import SPLITS
+
+logger = logging.getLogger(__name__)
+
+
+class TextClassificationEvaluator:
+    """Accuracy of a body state on zoo tasks, with each task's fine-tuned head.
+
+    Args:
+        zoo: a built :class:`~npstune.zoo.Zoo`.
+        device: where inference runs (``"cpu"``, ``"cuda"``, ...).
+        batch_size: examples per forward pass.
+        max_examples: score only the first N examples of each split (None: all).
+        max_len: token limit (default: the zoo recipe's).
+    """
+
+    def __init__(self, zoo: Zoo, device: str | torch.device = "cpu", batch_size: int = 128,
+                 max_examples: int | None = None, max_len: int | None = None):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if max_examples is not None and max_examples < 1:
+            raise ConfigError(f"max_examples must be >= 1, got {max_examples}")
+        self.zoo = zoo
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.max_examples = max_examples
+        self.max_len = max_len or int(zoo.manifest["recipe"]["max_len"])
+        self._body = zm.new_body(zoo.base_path).to(self.device).eval()
+        self._base_path: Path = zoo.base_path
+        self._tokenizer = None
+        self._batches: dict[tuple[str, str], zm.Batches] = {}
+        self._heads: dict[str, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.zoo.tasks
+
+    # -- caches ---------------------------------------------------------------------------
+    def batches(self, task: str, split: str) -> zm.Batches:
+        """The tokenized, length-sorted, padded batches of a split (built once)."""
+        if split not in SPLITS:
+            raise ConfigError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        key = (task, split)
+        if key not in self._batches:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self._base_path))
+            texts, labels = self.zoo.split(task, split)
+            if self.max_examples is not None:
+                texts, labels = texts[: self.max_examples], labels[: self.max_examples]
+            ids = zm.tokenize(self._tokenizer, texts, self.max_len)
+            self._batches[key] = zm.Batches.build(
+                ids, labels, self.batch_size, self._tokenizer.pad_token_id or 0, self.device
+            )
+        return self._batches[key]
+
+    def head(self, task: str) -> tuple[Tensor, Tensor]:
+        if task not in self._heads:
+            w, b = zm.load_head(self.zoo.task(task).head_path)
+            self._heads[task] = (w.to(self.device), b.to(self.device))
+        return self._heads[task]
+
+    # -- scoring --------------------------------------------------------------------------
+    def load_state(self, state: State, source: str = "state") -> None:
+        """Copy ``state`` into the kept skeleton (keys checked against the base's)."""
+        zm.load_into(self._body, state, source)
+
+    @torch.no_grad()
+    def _score(self, task: str, split: str) -> float:
+        b = self.batches(task, split)
+        w, bias = self.head(task)
+        correct = 0
+        labels = b.labels
+        start = 0
+        for ids, mask in b.batches:
+            out = self._body(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = torch.nn.functional.linear(zm.mean_pool(out, mask), w, bias)
+            n = ids.shape[0]
+            correct += int((logits.argmax(-1) == labels[start:start + n]).sum())
+            start += n
+        return correct / max(1, start)
+
+    def evaluate(self, state: State, task: str, split: str = "test") -> float:
+        """Accuracy of ``state`` (body tensors, base keys) on ``task``'s ``split``."""
+        self.zoo.task(task)  # a clear error for an unknown task before any work
+        self.load_state(state)
+        return self._score(task, split)
+
+    def evaluate_many(self, state: State, tasks: Iterable[str] | None = None,
+                      split: str = "test") -> dict[str, float]:
+        """Accuracy per task, loading ``state`` once (all zoo tasks by default)."""
+        names = list(tasks) if tasks is not None else self.zoo.tasks
+        for t in names:
+            self.zoo.task(t)
+        self.load_state(state)
+        return {t: self._score(t, split) for t in names}
+
+
+def read_body_state(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a body checkpoint: a ``.safetensors`` file or an HF model dir."""
+    from npstune.errors import CheckpointError
+
+    p = Path(path)
+    if p.is_dir():
+        if (p / "model.safetensors").is_file():
+            return zm.read_state(p / "model.safetensors")
+        raise CheckpointError(f"{p}: no model.safetensors in this directory")
+    if p.is_file() and p.suffix == ".safetensors":
+        return zm.read_state(p)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    raise CheckpointError(f"{p}: expected a .safetensors file or an HF model directory")
+
+
+def evaluate_checkpoint(zoo: Zoo, path: str | Path, split: str = "test",
+                        tasks: Iterable[str] | None = None, device: str = "cpu"
+                        ) -> dict[str, object]:
+    """Score a body checkpoint on zoo tasks: per-task, mean and normalized accuracy.
+
+    Normalized accuracy is accuracy / the task's fine-tuned accuracy on the same split
+    (DESIGN §4). The checkpoint's keys must equal the zoo base's.
+    """
+    names = list(tasks) if tasks is not None else zoo.tasks
+    state = read_body_state(path)
+    ev = TextClassificationEvaluator(zoo, device=device)
+    ev.load_state(state, str(path))
+    acc = {t: ev._score(t, split) for t in (zoo.task(n).name for n in names)}
+    ref = {t: zoo.task(t).accuracy.get(f"finetuned_{split}") for t in names}
+    norm = {t: acc[t] / r for t, r in ref.items() if r}
+    return {
+        "zoo": zoo.size,
+        "model": str(path),
+        "split": split,
+        "accuracy": acc,
+        "mean": sum(acc.values()) / len(acc),
+        "finetuned": ref,
+        "normalized": norm,
+        "mean_normalized": sum(norm.values()) / len(norm) if norm else None,
+    }
