@@ -28,6 +28,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,52 @@ class ObjectivePayload:
     frozen: int = 0
     base_path: str = ""
     model_paths: list[str] = field(default_factory=list)
+
+    # Pickled as numpy arrays: Ray then maps them straight out of its shared object store
+    # (zero copy), so a fresh trial actor gets a full-size payload in well under a second
+    # and every actor on a node shares one copy. The tensors are only ever read.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["ranked"] = [_Arrays.of(r) for r in self.ranked]
+        state["base_flat"] = _Arrays.wrap(self.base_flat)
+        state["base_rest"] = {k: _Arrays.wrap(v) for k, v in self.base_rest.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["ranked"] = [a.restore() for a in state["ranked"]]
+        state["base_flat"] = _Arrays.unwrap(state["base_flat"])
+        state["base_rest"] = {k: _Arrays.unwrap(v) for k, v in state["base_rest"].items()}
+        self.__dict__.update(state)
+
+
+class _Arrays:
+    """An object whose tensor attributes travel as numpy arrays (see ObjectivePayload)."""
+
+    def __init__(self, cls: type, attrs: dict[str, Any]) -> None:
+        self.cls, self.attrs = cls, attrs
+
+    @staticmethod
+    def wrap(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype != torch.bfloat16:
+            return ("__tensor__", v.detach().contiguous().numpy())
+        return v
+
+    @staticmethod
+    def unwrap(v: Any) -> Any:
+        if isinstance(v, tuple) and len(v) == 2 and v[0] == "__tensor__":
+            with warnings.catch_warnings():  # read-only shared memory: never written
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(v[1])
+        return v
+
+    @classmethod
+    def of(cls, obj: Any) -> _Arrays:
+        return cls(type(obj), {k: cls.wrap(v) for k, v in vars(obj).items()})
+
+    def restore(self) -> Any:
+        obj = self.cls.__new__(self.cls)
+        obj.__dict__.update({k: self.unwrap(v) for k, v in self.attrs.items()})
+        return obj
 
 
 def build_payload(cfg: SearchConfig, zoo: Any = None, echo: Callable[[str], None] | None = None

@@ -40,6 +40,9 @@ def convergence_plot(ledger: Any, path: Path, *, reference: float | None = None,
         ax.plot(xs, [g.best_so_far for g in gens], "-", c="tab:green", lw=2, label="best so far")
     if reference is not None:
         ax.axhline(reference, ls="--", c="tab:orange", label=reference_label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("generation")
     ax.set_ylabel(f"calibration {metric}")
     ax.grid(alpha=0.3)
