@@ -1,0 +1,161 @@
+"""Compression table: storage (paper bits, real bytes) against normalized accuracy.
+
+One row per method at k = 0.05: fine-tuned (T full models), Task Arithmetic and TIES
+(one merged model, λ chosen on calibration data), TALL+TIES (base, TIES vector, T masks;
+λ_t chosen per task), and the sparse-per-task methods (each task keeps θ_pre + τ̂_t):
+magnitude (= NPS with w = 1), DARE, and NPS with weights searched on calibration data.
+Sparse rows also give the bytes ``npstune compress`` writes (lossless values). A second
+table sweeps k for magnitude and DARE: accuracy against storage. Normalized accuracy is
+each task's test accuracy over its own fine-tuned model's.
+
+Run: ``python -m benchmarks.compression [--zoo small|full] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from benchmarks.common import RESULTS, report
+from benchmarks.zoo_setup import ZooBench
+
+NAME = "compression"
+K = 0.05
+K_CURVE = (0.01, 0.03, 0.05, 0.1, 0.2, 0.3)
+
+
+def per_task_sparse(bench: ZooBench, method: str, params: dict[str, Any]) -> dict[str, float]:
+    """Each task's own pruned model θ_pre + τ̂_t on its own test split."""
+    from npstune.merge import merge
+
+    accs = {}
+    for t, task in enumerate(bench.tasks):
+        p = dict(params)
+        if p.get("weights") and "subspaces" in p:  # T·M task-major rows: task t's own row
+            M = p["subspaces"]
+            p["weights"] = p["weights"][t * M:(t + 1) * M]
+        st = merge(bench.plan.base, [bench.plan.models[t]], method, p).state
+        accs[task] = bench.test_task(st, task)
+    return accs
+
+
+def disk_bytes(bench: ZooBench, method: str, params: dict[str, Any]) -> int:
+    """Bytes of the task files + manifest ``npstune compress`` writes (lossless values)."""
+    from npstune.compress import compress, inspect_store
+
+    tmp = Path(tempfile.mkdtemp(prefix="npstune-bench-store-"))
+    try:
+        compress(bench.plan.base.path, [m.path for m in bench.plan.models], tmp / "store", method, params)
+        info = inspect_store(tmp / "store")
+        return int(info["sparse"]["disk_bytes"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(bench: ZooBench, search: bool = True) -> tuple[dict[str, list[dict[str, Any]]], list[str], list[Path]]:
+    from npstune.compress import storage_bits
+    from npstune.merge.calibrate import choose_lambda, tall_models
+
+    T, n = len(bench.tasks), bench.plan.n
+    frozen = sum(bench.plan.numel[k] for k in bench.plan.copy_keys)
+    ft = bench.finetuned_test()
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+
+    def add(method: str, family: str, accs: dict[str, float], k: float | None = None,
+            disk: int | None = None, choice: str = "") -> None:
+        sb = storage_bits(family, T, n, k, frozen=frozen, disk_bytes=disk)
+        rows.append({"method": method, "choice": choice, "k": k, "paper_bits": sb.paper_bits,
+                     "paper_bits_vs_ft": sb.paper_bits / (32 * T * n), "disk_bytes": disk,
+                     "mean_acc": mean(accs.values()),
+                     "normalized": mean(accs[t] / ft[t] for t in accs)})
+        print(f"{method:16s} bits {sb.paper_bits:.3e} normalized {rows[-1]['normalized']:.4f}", flush=True)
+
+    add("fine-tuned", "finetuned", ft, disk=sum(bench.plan.models[t].weights.stat().st_size for t in range(T)))
+    for method, grid in (("task-arithmetic", "ta"), ("ties", "ties")):
+        ch = choose_lambda(bench.plan, method, bench.cal_score, None, bench.grids[grid])
+        add(method, "merged", bench.test(ch.state), choice=f"λ={ch.value}")
+    tall = tall_models(bench.plan, bench.cal_task_score, mtl="ties", grid=bench.grids["tall"])
+    add("tall+ties", "tall", {t: bench.test_task(tall[i].state, t) for i, t in enumerate(bench.tasks)},
+        choice="λ_t=" + ",".join(str(c.value) for c in tall))
+    for method, params in (("magnitude", {"k": K}), ("dare", {"k": K, "seed": bench.seed})):
+        add(method, "sparse", per_task_sparse(bench, method, params), K,
+            disk_bytes(bench, method, params))
+    if search:
+        res = bench.nps_search("compression")
+        if res is None:
+            notes.append("NPS (searched) skipped: npstune.search is not available")
+        else:
+            _, desc, outcome = res
+            cand = _candidate(outcome)
+            params = {"k": cand["k"], "weights": [w for row in cand["weights"] for w in row],
+                      "subspaces": len(cand["weights"][0])}
+            add("nps (searched)", "sparse", per_task_sparse(bench, "nps", params), cand["k"],
+                disk_bytes(bench, "nps", params), choice=desc)
+
+    curve: list[dict[str, Any]] = []
+    for k in (K_CURVE[1:4] if bench.quick else K_CURVE):
+        for method in ("magnitude", "dare"):
+            accs = per_task_sparse(bench, method, {"k": k, **({"seed": bench.seed} if method == "dare" else {})})
+            sb = storage_bits("sparse", T, n, k, frozen=frozen)
+            curve.append({"method": method, "k": k, "paper_bits": sb.paper_bits,
+                          "paper_bits_vs_ft": sb.paper_bits / (32 * T * n),
+                          "normalized": mean(accs[t] / ft[t] for t in accs)})
+    plot = _plot(curve, rows, bench.out_dir or RESULTS)
+    return {f"Storage vs accuracy at k={K}, {bench.size} zoo": rows,
+            "Accuracy-vs-storage curve": curve}, notes, [plot] if plot else []
+
+
+def _candidate(outcome: Any) -> dict[str, Any]:
+    """The best candidate the search wrote: weights (one row per task), k, λ."""
+    import json
+
+    return json.loads(Path(outcome.report.files["best_candidate"]).read_text())["candidate"]
+
+
+def _plot(curve: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in sorted({c["method"] for c in curve}):
+        pts = [c for c in curve if c["method"] == method]
+        ax.plot([p["paper_bits_vs_ft"] for p in pts], [p["normalized"] for p in pts], "o-", label=method)
+    for r in rows:
+        ax.scatter([r["paper_bits_vs_ft"]], [r["normalized"]], marker="x")
+        ax.annotate(r["method"], (r["paper_bits_vs_ft"], r["normalized"]), fontsize=7)
+    ax.set_xlabel("storage (paper bits / fine-tuned bits)")
+    ax.set_ylabel("normalized accuracy")
+    ax.set_title("Accuracy vs storage")
+    ax.legend(fontsize=8)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "compression_curve.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.compression")
+    ZooBench.add_arguments(ap)
+    ap.add_argument("--no-search", action="store_true")
+    args = ap.parse_args(argv)
+    started = time.perf_counter()
+    bench = ZooBench.from_args(args)
+    sections, notes, files = run(bench, search=not args.no_search)
+    report(args.name or NAME, sections, meta=bench.meta(), notes=notes + bench.notes(),
+           started=started, artifacts=files, out_dir=bench.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The zoo side every application benchmark shares: models, evaluators, scores, rows.
+
+Calibration scores (what choices are made on) and test scores (what tables report) use
+two evaluators over the two disjoint splits. ``--quick`` shrinks grids and calibration
+sets so the smoke tests in the suite stay short; the committed tables are full runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import torch
+
+State = dict[str, torch.Tensor]
+
+FULL_GRIDS: dict[str, Any] = {
+    "ta": tuple(round(0.1 * i, 1) for i in range(1, 16)),
+    "ties": tuple(round(0.8 + 0.1 * i, 1) for i in range(18)),
+    "tall": (0.2, 0.3, 0.4, 0.5, 0.6),
+    "q_coarse": 5,
+    "q_fine": 2,
+}
+QUICK_GRIDS: dict[str, Any] = {
+    "ta": (0.3, 1.0),
+    "ties": (1.0, 1.6),
+    "tall": (0.2, 0.4),
+    "q_coarse": 2,
+    "q_fine": 1,
+}
+
+
+class ZooBench:
+    """A built zoo, its evaluators and the merge plan over all its task models."""
+
+    def __init__(self, size: str = "small", quick: bool = False, calibration: int | None = None,
+                 test: int | None = None, device: str = "cpu", out_dir: Path | None = None,
+                 search_config: str | None = None, seed: int = 0):
+        from npstune.evaluate import TextClassificationEvaluator
+        from npstune.taskvector import plan_merge
+        from npstune.zoo import build_zoo
+
+        self.size = size
+        self.quick = quick
+        self.seed = seed
+        self.zoo = build_zoo(size)
+        self.tasks = list(self.zoo.tasks)
+        self.grids = QUICK_GRIDS if quick else FULL_GRIDS
+        cal_n = calibration or (48 if quick else None)
+        test_n = test or (96 if quick else None)
+        self.cal = TextClassificationEvaluator(self.zoo, device=device, max_examples=cal_n)
+        self.tst = TextClassificationEvaluator(self.zoo, device=device, max_examples=test_n)
+        self.cal_n, self.test_n = cal_n, test_n
+        self.plan = plan_merge(self.zoo.base_path, [self.zoo.task(t).model_path for t in self.tasks])
+        self.out_dir = out_dir
+        self.search_config = search_config
+        self.device = device
+        self._ft: dict[str, float] | None = None
+        self._data = None
+        self.evals = 0
+
+    # ------------------------------------------------------------------ args
+    @staticmethod
+    def add_arguments(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--zoo", default="small", choices=["small", "full"])
+        ap.add_argument("--quick", action="store_true", help="coarse grids, few examples (smoke)")
+        ap.add_argument("--calibration", type=int, default=None, help="calibration examples per task")
+        ap.add_argument("--test", type=int, default=None, help="test examples per task (default all)")
+        ap.add_argument("--device", default="cpu")
+        ap.add_argument("--out-dir", type=Path, default=None, help="results dir (default benchmarks/results)")
+        ap.add_argument("--search-config", default=None, help="search-space YAML for the NPS rows")
+        ap.add_argument("--name", default=None, help="results file name")
+        ap.add_argument("--seed", type=int, default=0)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ZooBench:
+        return cls(args.zoo, args.quick, args.calibration, args.test, args.device, args.out_dir,
+                   args.search_config, args.seed)
+
+    # ------------------------------------------------------------------ states
+    def base_state(self) -> State:
+        return {k: self.plan.base[k] for k in self.plan.base.keys()}
+
+    def model_state(self, t: int) -> State:
+        m = self.plan.models[t]
+        return {k: m[k] for k in m.keys()}
+
+    def zoo_data(self) -> Any:
+        from npstune.merge.data import ZooData
+
+        if self._data is None:
+            self._data = ZooData(self.zoo, device=self.device,
+                                 examples=self.cal_n or 256)
+        return self._data
+
+    # ------------------------------------------------------------------ scores
+    def cal_score(self, state: State) -> float:
+        """Mean calibration accuracy over all tasks (what every choice maximises)."""
+        self.evals += 1
+        return mean(self.cal.evaluate_many(state, self.tasks, "calibration").values())
+
+    def cal_task_score(self, state: State, t: int) -> float:
+        self.evals += 1
+        return self.cal.evaluate(state, self.tasks[t], "calibration")
+
+    def test(self, state: State, tasks: list[str] | None = None) -> dict[str, float]:
+        return self.tst.evaluate_many(state, tasks or self.tasks, "test")
+
+    def test_task(self, state: State, task: str) -> float:
+        return self.tst.evaluate(state, task, "test")
+
+    def finetuned_test(self) -> dict[str, float]:
+        """Each task's own fine-tuned model on its own test split."""
+        if self._ft is None:
+            self._ft = {t: self.test_task(self.model_state(i), t) for i, t in enumerate(self.tasks)}
+        return self._ft
+
+    def row(self, method: str, choice: str, per_task: Mapping[str, float], seconds: float) -> dict[str, Any]:
+        ft = self.finetuned_test()
+        r: dict[str, Any] = {"method": method, "choice": choice}
+        r.update({t: per_task[t] for t in self.tasks if t in per_task})
+        r["mean"] = mean(per_task.values())
+        r["normalized"] = mean(per_task[t] / ft[t] for t in per_task if ft[t] > 0)
+        r["seconds"] = round(seconds, 1)
+        return r
+
+    # ------------------------------------------------------------------ NPS search
+    def search_config_path(self, use: str) -> Path:
+        if self.search_config:
+            return Path(self.search_config)
+        root = Path(__file__).resolve().parent.parent / "searchspaces"
+        small = root / f"nps-{use}-small.yaml"
+        return small if self.size == "small" and small.exists() else root / f"nps-{use}.yaml"
+
+    def nps_search(self, use: str = "fusion", **overrides: Any) -> tuple[State, str, Any] | None:
+        """Run the NPS search (calibration split only) and load its best model.
+
+        Returns (best state, a description of the candidate, the SearchOutcome), or None
+        when the search extra is not installed.
+        """
+        try:
+            from npstune.search import load_config, run_search
+        except ImportError:
+            return None
+        from npstune.checkpoints import open_checkpoint
+
+        o: dict[str, Any] = {"zoo": self.size, "tracking.experiment": "npstune-benchmarks",
+                             "evaluator.calibration_examples": self.cal_n,
+                             "output_dir": str(Path(tempfile.mkdtemp(prefix="npstune-bench-search-")))}
+        if self.quick:
+            o.update({"search.generations": 1, "search.population": 4})
+        o.update(overrides)
+        cfg = load_config(self.search_config_path(use), **o)
+        outcome = run_search(cfg, echo=lambda m: print(f"  [search] {m}", flush=True))
+        best_path = outcome.report.files["best_model"] if outcome.report else None
+        if best_path is None or outcome.best is None:
+            return None
+        ck = open_checkpoint(best_path)
+        state = {k: ck[k] for k in ck.keys()}
+        params = ", ".join(f"{k}={v:.3g}" for k, v in list(outcome.best.params.items())[:12])
+        desc = f"{outcome.trials} trials, {outcome.generations} gen; {params}"
+        return state, desc, outcome
+
+    # ------------------------------------------------------------------ report bits
+    def meta(self) -> dict[str, Any]:
+        return {"zoo": self.size, "zoo_recipe": self.zoo.manifest.get("recipe_hash"),
+                "tasks": self.tasks, "quick": self.quick, "calibration_examples": self.cal_n or "all",
+                "test_examples": self.test_n or "all", "seed": self.seed, "n": self.plan.n,
+                "calibration_evaluations": self.evals}
+
+    def notes(self) -> list[str]:
+        return ["test split only for the reported numbers; every λ, q, λ_t and NPS weight "
+                "was chosen on the calibration split",
+                f"normalized = accuracy / the task's own fine-tuned accuracy; n = {self.plan.n} "
+                "task-vector entries (embeddings frozen)"]
