@@ -181,3 +181,54 @@ def test_kill_and_resume(tmp_path):
     kids = children[parents[0].info.run_id]
     assert sorted((int(k.data.tags["npstune.generation"]), k.info.run_name) for k in kids) == \
         sorted((g, f"g{g:03d}-{i:02d}") for g in range(gens) for i in range(pop))
+
+
+def test_transfer_use_scores_h_score(ray_local, tmp_path):
+    path = write_tiny_search(
+        tmp_path, use="transfer", transfer={"target": "task0", "pre_tasks": ["task1", "task2"]},
+        nps={"subspaces": 4, "k": 0.5, "lam": {"low": 0.2, "high": 2.0, "init": 1.0}},
+        search={"generations": 2}, report={"baselines": ["pretrained", "individual",
+                                                         "magnitude"]})
+    cfg = load_config(path)
+    outcome = run_search(cfg)
+    nps = outcome.report.row("nps")
+    t = nps.test
+    h = 2 * t["pre_accuracy"] * t["target_accuracy"] / (t["pre_accuracy"] + t["target_accuracy"])
+    assert t["objective"] == pytest.approx(h) and t["h_score"] == pytest.approx(h)
+    assert t["pre_accuracy"] == pytest.approx((t["acc/task1"] + t["acc/task2"]) / 2)
+    assert set(outcome.best.params) == {"w0", "w1", "w2", "w3", "lam"}
+    assert outcome.report.row("individual").label == "fine-tuned (target)"
+    assert (cfg.out / "best_model.safetensors").is_file()
+    best = json.loads((cfg.out / "best_candidate.json").read_text())
+    assert best["tasks"] == ["task0"] and "--models" in best["merge_command"]
+
+
+def test_compression_use_writes_a_sparse_store(ray_local, tmp_path):
+    from npstune.compress import decompress
+
+    path = write_tiny_search(
+        tmp_path, use="compression",
+        nps={"subspaces": 2, "k": 0.3, "weights": {"per_task": True}},
+        search={"generations": 2}, report={"baselines": ["individual", "magnitude"]})
+    cfg = load_config(path)
+    outcome = run_search(cfg)
+    rep = outcome.report
+    assert rep.row("individual").test["objective"] == pytest.approx(1.0)  # normalized by itself
+    nps = rep.row("nps")
+    assert nps.test["normalized_accuracy"] == pytest.approx(
+        sum(nps.test[f"acc/task{t}"] / rep.row("individual").test[f"acc/task{t}"]
+            for t in range(3)) / 3)
+    assert len(outcome.best.params) == 3 * 2
+    store = cfg.out / "best_store"
+    assert (store / "manifest.json").is_file()
+    # the store rebuilds the searched candidate's model of task1 exactly as evaluated
+    from npstune.search.objective import Objective, build_payload
+
+    obj = Objective(build_payload(cfg))
+    cand = obj.space.candidate(outcome.best.params)
+    decompress(store, "task1", tmp_path / "task1.safetensors")
+    rebuilt = open_checkpoint(tmp_path / "task1.safetensors")
+    (tasks, state), = [(t, {k: v.clone() for k, v in s.items()})
+                       for t, s in obj.states(cand) if t == ["task1"]]
+    for k, v in state.items():
+        torch.testing.assert_close(rebuilt[k].float(), v.float(), rtol=0, atol=1e-6)

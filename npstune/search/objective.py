@@ -265,7 +265,10 @@ class Objective:
         return state
 
     def states(self, cand: Candidate) -> Iterable[tuple[list[str], dict[str, torch.Tensor]]]:
-        """(tasks to score, state) pairs of a candidate; states share one buffer."""
+        """(tasks to score, state) pairs of a candidate, one at a time.
+
+        Every state is a view of one reused buffer: use each before asking for the next.
+        """
         r = self.p.ranked
         if self.p.use == "compression":
             for t, task in enumerate(self.p.vector_tasks):

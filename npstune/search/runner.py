@@ -33,11 +33,23 @@ from typing import Any
 import yaml
 
 from npstune.errors import ConfigError, SearchError, missing
-from npstune.search.backends import make_searcher
-from npstune.search.monitor import Ledger, SearchMonitor, TrialRecord
-from npstune.search.objective import ObjectiveHandle, ObjectivePayload, build_payload, run_trial
-from npstune.search.report import Report, final_report
-from npstune.search.space import SearchConfig
+
+try:  # the search extra: fail with the install hint, not a traceback
+    import ray  # noqa: F401
+    import ray.tune  # noqa: F401
+except ImportError:
+    raise missing("search", "ray[tune]") from None
+
+from npstune.search.backends import make_searcher  # noqa: E402
+from npstune.search.monitor import Ledger, SearchMonitor, TrialRecord  # noqa: E402
+from npstune.search.objective import (  # noqa: E402
+    ObjectiveHandle,
+    ObjectivePayload,
+    build_payload,
+    run_trial,
+)
+from npstune.search.report import Report, final_report  # noqa: E402
+from npstune.search.space import SearchConfig  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -188,22 +200,28 @@ def _parent_params(cfg: SearchConfig, payload: ObjectivePayload, population: int
 
 
 # ----------------------------------------------------------------------------------- Ray
-def connect_ray() -> bool:
+def connect_ray(say: Echo | None = None) -> bool:
     """Connect to Ray: the running cluster under a Ray job / ``RAY_ADDRESS``, otherwise
     a fresh local instance on this machine's CPUs. True if this call started it."""
+    say = say or logger.info
     try:
         import ray
     except ImportError:
         raise missing("search", "ray[tune]") from None
     if ray.is_initialized():
+        say("Ray: using the Ray instance this process already started")
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        say(f"Ray: connected to the cluster at {address} "
+            f"({ray.cluster_resources().get('CPU', 0):g} CPUs, "
+            f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
                  log_to_driver=False, logging_level=logging.WARNING)
+        say(f"Ray: started a local instance on {os.cpu_count()} CPUs")
     return True
 
 
@@ -232,7 +250,7 @@ def _tune(cfg: SearchConfig, payload: ObjectivePayload, searcher: Any, ledger: L
           population: int, concurrency: int, run: RunInfo, out: Path, tracker: Any,
           say: Echo) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then prints nothing
-    started = connect_ray()
+    started = connect_ray(say)
     import ray
     from ray import tune
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["MlflowTracker", "DEFAULT_URI", "ui_command"]
+__all__ = ["DEFAULT_URI", "MlflowTracker", "log_benchmark", "ui_command"]
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -20,8 +20,8 @@ def ui_command(uri: str) -> str:
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing npstune.tracking does not import mlflow
-    if name == "MlflowTracker":
-        from npstune.tracking.mlflow_tracker import MlflowTracker
+    if name in ("MlflowTracker", "log_benchmark"):
+        from npstune.tracking import mlflow_tracker
 
-        return MlflowTracker
+        return getattr(mlflow_tracker, name)
     raise AttributeError(f"module 'npstune.tracking' has no attribute {name!r}")

@@ -149,3 +149,24 @@ class MlflowTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+def log_benchmark(name: str, params: Mapping[str, Any] | None = None,
+                  metrics: Mapping[str, float] | None = None,
+                  artifacts: Iterable[str | Path] = (), *, uri: str | None = None,
+                  experiment: str = "npstune-benchmarks") -> str:
+    """One finished MLflow run for a benchmark (``uri``: ``$MLFLOW_TRACKING_URI`` or
+    ``sqlite:///mlflow.db``); returns its run id."""
+    import os
+
+    from npstune.tracking import DEFAULT_URI
+
+    tr = MlflowTracker(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI,
+                       experiment, name)
+    tr.client.set_tag(tr.run_id, "npstune.kind", "benchmark")
+    tr.log_params(params or {})
+    tr.log_metrics(metrics or {})
+    tr.log_artifacts(Path(a) for a in artifacts)
+    tr.finish()
+    assert tr.run_id is not None
+    return tr.run_id
