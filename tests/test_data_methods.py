@@ -118,3 +118,22 @@ def test_tall_models_pick_a_lambda_per_task(tmp_path):
     for ch in choices:
         assert ch.value in (0.2, 0.3, 0.4, 0.5, 0.6) and len(ch.tried) == 5
         assert ch.score == max(s for _, s in ch.tried)
+
+
+@pytest.mark.slow
+def test_fisher_and_regmean_from_the_small_zoo(small_zoo):
+    from npstune.merge.data import ZooData
+
+    plan = plan_merge(small_zoo.base_path, [small_zoo.task(t).model_path for t in small_zoo.tasks[:2]])
+    data = ZooData(small_zoo, examples=4)
+    assert data.task_of(plan.models[1]) == small_zoo.tasks[1]
+    fis = data.fisher(plan.models[0], plan.delta_keys)
+    assert set(fis) <= set(plan.delta_keys) and all(bool((f >= 0).all()) for f in fis.values())
+    assert sum(float(f.sum()) for f in fis.values()) > 0
+    grams = data.grams(plan.models[0], plan.delta_keys)
+    q = "encoder.layer.0.attention.self.query.weight"
+    assert grams[q].shape == (384, 384)
+    torch.testing.assert_close(grams[q], grams[q].T)  # symmetric PSD
+    assert float(torch.linalg.eigvalsh(grams[q]).min()) > -1e-6 * float(grams[q].diagonal().max())
+    st = merge(plan.base, plan.models, "regmean", data={"gram": [grams, data.grams(plan.models[1], plan.delta_keys)]}).state
+    assert all(bool(torch.isfinite(v.float()).all()) for v in st.values())
