@@ -1,4 +1,5 @@
-"""Search overhead: what Ray Tune costs per NPS trial, and trials per hour at 1 and 2 workers.
+"""Search overhead: what Ray Tune costs per NPS trial, and trials per hour at 1 and 2
+workers.
 
 Runs the real search machinery (``npstune.search.run_search``: the cma backend, one Ray
 Tune trial per candidate, ``reuse_actors=True``, the objective shipped once per worker)
@@ -34,21 +35,28 @@ from benchmarks.common import report
 ROOT = Path(__file__).resolve().parents[1]
 CI_CONFIG = ROOT / "searchspaces" / "nps-fusion-small.yaml"
 
-SLEEP_EVAL = '''
+SLEEP_EVAL = """
 import time
 def accuracy(state, task, split):
     time.sleep({trial_s} / 3)
     return float(state["encoder.0.weight"].float().abs().mean())
-'''
+"""
 
 
-def config(workers: int, generations: int, work: Path, synthetic: bool, trial_s: float) -> Any:
+def config(
+    workers: int, generations: int, work: Path, synthetic: bool, trial_s: float
+) -> Any:
     from npstune.search.space import load_config
 
-    common = {"resources.concurrency": workers, "resources.cpus_per_trial": 1,
-              "search.generations": generations, "tracking.enabled": False,
-              "report.baselines": [], "report.save_model": False,
-              "output_dir": str(work / f"out-{workers}")}
+    common = {
+        "resources.concurrency": workers,
+        "resources.cpus_per_trial": 1,
+        "search.generations": generations,
+        "tracking.enabled": False,
+        "report.baselines": [],
+        "report.save_model": False,
+        "output_dir": str(work / f"out-{workers}"),
+    }
     if not synthetic:
         return load_config(CI_CONFIG, **common)
     import yaml
@@ -57,9 +65,14 @@ def config(workers: int, generations: int, work: Path, synthetic: bool, trial_s:
 
     bp, mps, *_ = make_set(work, tasks=3)
     (work / "sleepeval.py").write_text(SLEEP_EVAL.format(trial_s=trial_s))
-    data = {"name": "overhead", "base": str(bp), "models": [str(m) for m in mps],
-            "evaluator": {"kind": "callable", "function": "sleepeval:accuracy"},
-            "nps": {"subspaces": 8, "k": 0.5}, "search": {"population": 8}}
+    data = {
+        "name": "overhead",
+        "base": str(bp),
+        "models": [str(m) for m in mps],
+        "evaluator": {"kind": "callable", "function": "sleepeval:accuracy"},
+        "nps": {"subspaces": 8, "k": 0.5},
+        "search": {"population": 8},
+    }
     path = work / "overhead.yaml"
     path.write_text(yaml.safe_dump(data))
     return load_config(path, **common)
@@ -76,15 +89,21 @@ def measure(cfg: Any, workers: int) -> dict[str, Any]:
     compute = [r.metrics["build_s"] + r.metrics["eval_s"] for r in recs]
     in_trial = [r.metrics.get("time_total_s", 0.0) - c for r, c in zip(recs, compute)]
     rows = {}
-    for label, gens in (("all", ledger.generations), ("steady", ledger.generations[1:])):
+    for label, gens in (
+        ("all", ledger.generations),
+        ("steady", ledger.generations[1:]),
+    ):
         ids = {g.generation for g in gens}
         sel = [c for r, c in zip(recs, compute) if r.generation in ids]
         wall = sum(g.wall_s for g in gens)
         per_slot = wall * workers / len(sel)
         mean_c = statistics.mean(sel)
         rows[label] = {
-            "workers": workers, "generations": f"{label} ({len(gens)})", "trials": len(sel),
-            "compute_s": mean_c, "wall_per_trial_s": per_slot,
+            "workers": workers,
+            "generations": f"{label} ({len(gens)})",
+            "trials": len(sel),
+            "compute_s": mean_c,
+            "wall_per_trial_s": per_slot,
             "ray_overhead_s": per_slot - mean_c,
             "overhead_pct": 100 * (per_slot - mean_c) / mean_c,
             "trials_per_hour": 3600 * len(sel) / wall,
@@ -97,7 +116,9 @@ def measure(cfg: Any, workers: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--generations", type=int, default=3)
-    ap.add_argument("--synthetic", action="store_true", help="tiny checkpoints, sleeping eval")
+    ap.add_argument(
+        "--synthetic", action="store_true", help="tiny checkpoints, sleeping eval"
+    )
     ap.add_argument("--trial-s", type=float, default=2.0, help="synthetic trial time")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -120,22 +141,40 @@ def main(argv: list[str] | None = None) -> None:
             rows += [r["all"], r["steady"]]
     steady = {r["workers"]: r for r in rows if r["generations"].startswith("steady")}
     notes = [
-        "objective: " + ("synthetic (tiny checkpoints, sleeping evaluator)" if synthetic
-                         else "small-zoo fusion, searchspaces/nps-fusion-small.yaml "
-                              "(4 tasks, 48 calibration examples each, 1 torch thread)"),
-        "reuse_actors=True; overhead = wall per trial slot − in-trial compute; it includes "
-        "slots idle at generation boundaries and one fresh actor per generation (Tune keeps "
-        "one cached actor when no trial is pending, so the other worker's actor is "
+        "objective: "
+        + (
+            "synthetic (tiny checkpoints, sleeping evaluator)"
+            if synthetic
+            else "small-zoo fusion, searchspaces/nps-fusion-small.yaml "
+            "(4 tasks, 48 calibration examples each, 1 torch thread)"
+        ),
+        "reuse_actors=True; overhead = wall per trial slot − in-trial compute; it "
+        "includes slots idle at generation boundaries and one fresh actor per "
+        "generation (Tune keeps one cached actor when no trial is pending, so the "
+        "other worker's actor is "
         "replaced and fetches the objective again).",
-        f"target: Ray overhead ≤ 10 % of trial time; steady state: "
-        + ", ".join(f"{w} worker(s) {r['overhead_pct']:.1f} %" for w, r in steady.items()),
+        "target: Ray overhead ≤ 10 % of trial time; steady state: "
+        + ", ".join(
+            f"{w} worker(s) {r['overhead_pct']:.1f} %" for w, r in steady.items()
+        ),
     ]
     metrics = {f"overhead_pct_{w}w": r["overhead_pct"] for w, r in steady.items()}
-    metrics |= {f"trials_per_hour_{w}w": r["trials_per_hour"] for w, r in steady.items()}
-    report("search_overhead", {"Ray Tune overhead per NPS trial": rows},
-           meta={"generations": args.generations, "synthetic": synthetic,
-                 "population": 8, "backend": "cma"},
-           notes=notes, started=started, metrics=metrics)
+    metrics |= {
+        f"trials_per_hour_{w}w": r["trials_per_hour"] for w, r in steady.items()
+    }
+    report(
+        "search_overhead",
+        {"Ray Tune overhead per NPS trial": rows},
+        meta={
+            "generations": args.generations,
+            "synthetic": synthetic,
+            "population": 8,
+            "backend": "cma",
+        },
+        notes=notes,
+        started=started,
+        metrics=metrics,
+    )
 
 
 if __name__ == "__main__":

@@ -23,15 +23,24 @@ from npstune.errors import SearchError  # noqa: E402
 from npstune.search.backends import BACKENDS, make_searcher  # noqa: E402
 from npstune.search.space import Bounds, NpsSpec, ParamSpace, SearchSettings  # noqa: E402
 
-SPACE = ParamSpace(NpsSpec(subspaces=3, k=Bounds(low=0.01, high=0.3, init=0.05)), tasks=2)
+SPACE = ParamSpace(
+    NpsSpec(subspaces=3, k=Bounds(low=0.01, high=0.3, init=0.05)), tasks=2
+)
 POP = 5
 PENALTY = -1.0
 ALL = sorted(BACKENDS)
 
 
-def searcher(backend: str, seed: int = 3, generations: int = 4, space: ParamSpace = SPACE):
-    s = make_searcher(backend, space, SearchSettings(seed=seed, generations=generations,
-                                                     penalty=PENALTY), POP, POP)
+def searcher(
+    backend: str, seed: int = 3, generations: int = 4, space: ParamSpace = SPACE
+):
+    s = make_searcher(
+        backend,
+        space,
+        SearchSettings(seed=seed, generations=generations, penalty=PENALTY),
+        POP,
+        POP,
+    )
     s.set_search_properties("objective", "max", {})
     return s
 
@@ -75,7 +84,11 @@ def test_suggestions_within_bounds_and_tagged(backend):
 
 @pytest.mark.parametrize("backend", ALL)
 def test_seeded_determinism(backend):
-    a, b, c = searcher(backend, seed=11), searcher(backend, seed=11), searcher(backend, seed=12)
+    a, b, c = (
+        searcher(backend, seed=11),
+        searcher(backend, seed=11),
+        searcher(backend, seed=12),
+    )
     for g in range(2):
         pa, pb, pc = (params(run_generation(x, g)) for x in (a, b, c))
         assert pa == pb
@@ -139,7 +152,8 @@ def test_invalid_values_get_the_penalty(backend):
         assert inner(s)._nevergrad_opt.num_tell == POP
 
 
-# ------------------------------------------------------------------------- under Ray Tune
+# ------------------------------------------------------------------------- under Ray
+# Tune
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
@@ -158,7 +172,9 @@ def _trainable(config, attempts_dir):
     with open(Path(attempts_dir) / tid, "a") as fh:
         fh.write("x")
     i = config["index"]
-    if i == 0 and config["generation"] == 0:  # actor restarts are slow: fail in gen 0 only
+    if (
+        i == 0 and config["generation"] == 0
+    ):  # actor restarts are slow: fail in gen 0 only
         raise RuntimeError("injected trial failure")
     value = {1: float("nan"), 2: float("inf"), 3: float("-inf")}.get(i)
     tune.report({"objective": f(config) if value is None else value})
@@ -176,14 +192,25 @@ def test_tune_run_with_failing_trials(ray_local, backend, tmp_path):
     saves: list[int] = []
     attempts = tmp_path / "attempts"
     attempts.mkdir()
-    monitor = SearchMonitor(space=SPACE, population=POP, generations=gens, penalty=PENALTY,
-                            ledger=ledger, checkpoint=lambda: saves.append(inner(s).generation))
+    monitor = SearchMonitor(
+        space=SPACE,
+        population=POP,
+        generations=gens,
+        penalty=PENALTY,
+        ledger=ledger,
+        checkpoint=lambda: saves.append(inner(s).generation),
+    )
     tuner = tune.Tuner(
-        tune.with_parameters(_trainable, attempts_dir=str(attempts)), param_space={},
+        tune.with_parameters(_trainable, attempts_dir=str(attempts)),
+        param_space={},
         tune_config=tune.TuneConfig(search_alg=s, num_samples=-1, reuse_actors=True),
-        run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), verbose=0,
-                                  callbacks=[monitor],
-                                  failure_config=tune.FailureConfig(max_failures=1)))
+        run_config=tune.RunConfig(
+            storage_path=str(tmp_path / "ray"),
+            verbose=0,
+            callbacks=[monitor],
+            failure_config=tune.FailureConfig(max_failures=1),
+        ),
+    )
     tuner.fit()
     assert inner(s).generation == gens
     assert saves == [1, 2]  # one checkpoint per finished generation, after the tell
@@ -198,5 +225,7 @@ def test_tune_run_with_failing_trials(ray_local, backend, tmp_path):
         assert math.isfinite(by_index[(g, 4)].value)
     assert by_index[(0, 0)].value == PENALTY
     counts = {p.name: len(p.read_text()) for p in attempts.iterdir()}
-    assert counts[by_index[(0, 0)].trial_id] == 2  # 1 try + max_failures retries, then penalty
+    assert (
+        counts[by_index[(0, 0)].trial_id] == 2
+    )  # 1 try + max_failures retries, then penalty
     assert ledger.best().index in (0, 4)

@@ -1,9 +1,10 @@
 """`ray job submit` on a real local cluster (slow: about a minute).
 
 Starts a head node (`ray start --head --block` in its own process group, every port free
-and chosen here, dashboard on), submits a tiny search with `ray job submit --working-dir`
-(the config, the evaluator module and the tiny checkpoints travel with it), waits for
-it, checks the MLflow runs it produced, and stops exactly the cluster it started.
+and chosen here, dashboard on), submits a tiny search with `ray job submit
+--working-dir` (the config, the evaluator module and the tiny checkpoints travel with
+it), waits for it, checks the MLflow runs it produced, and stops exactly the cluster it
+started.
 """
 
 from __future__ import annotations
@@ -55,17 +56,41 @@ def test_ray_job_submit_runs_a_search(tmp_path):
     cfg_path.write_text(yaml.safe_dump(cfg))
 
     gcs, dash, agent, agent_grpc, metrics, client, rt_env, nm, om = free_ports(9)
-    temp = tempfile.mkdtemp(prefix="/tmp/rt")  # short: Ray's socket paths are length-limited
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    temp = tempfile.mkdtemp(
+        prefix="/tmp/rt"
+    )  # short: Ray's socket paths are length-limited
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+    }
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
-         "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-         f"--ray-client-server-port={client}", f"--runtime-env-agent-port={rt_env}",
-         f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--temp-dir={temp}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--ray-client-server-port={client}",
+            f"--runtime-env-agent-port={rt_env}",
+            f"--node-manager-port={nm}",
+            f"--object-manager-port={om}",
+            f"--temp-dir={temp}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 120
@@ -78,13 +103,30 @@ def test_ray_job_submit_runs_a_search(tmp_path):
                 assert time.time() < deadline, "the dashboard did not come up"
                 time.sleep(1)
         res = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", address,
-             "--working-dir", str(job_dir), "--", "npstune", "search", "search.yaml"],
-            env=env, capture_output=True, text=True, timeout=480)
+            [
+                str(BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                str(job_dir),
+                "--",
+                "npstune",
+                "search",
+                "search.yaml",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=480,
+        )
         out = res.stdout + res.stderr
         assert res.returncode == 0, out
         assert "succeeded" in out, out
-        assert "Ray: connected to the cluster" in out, out  # not a private local instance
+        assert "Ray: connected to the cluster" in out, (
+            out
+        )  # not a private local instance
         assert "generation 2/2" in out and "NPS (searched)" in out
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started

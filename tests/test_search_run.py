@@ -47,7 +47,9 @@ def test_tiny_search_end_to_end(ray_local, tmp_path):
     lines: list[str] = []
     outcome = run_search(cfg, echo=lines.append)
     assert outcome.generations == 3 and outcome.trials == 12
-    assert [ln for ln in lines if ln.startswith("generation ")][-1].startswith("generation 3/3")
+    assert [ln for ln in lines if ln.startswith("generation ")][-1].startswith(
+        "generation 3/3"
+    )
 
     # beats NPS with w = 1 (plain magnitude) on calibration, and on test here too
     rep = outcome.report
@@ -63,7 +65,10 @@ def test_tiny_search_end_to_end(ray_local, tmp_path):
     assert parent.info.status == "FINISHED" and parent.info.run_id == outcome.run_id
     kids = children[parent.info.run_id]
     assert len(kids) == 12
-    assert sorted(int(k.data.tags["npstune.generation"]) for k in kids) == [0] * 4 + [1] * 4 + [2] * 4
+    assert (
+        sorted(int(k.data.tags["npstune.generation"]) for k in kids)
+        == [0] * 4 + [1] * 4 + [2] * 4
+    )
     for k in kids:
         assert set(k.data.params) == {"w0", "w1", "w2", "w3", "generation"}
         assert {"objective", "storage_bits", "accuracy"} <= set(k.data.metrics)
@@ -74,8 +79,14 @@ def test_tiny_search_end_to_end(ray_local, tmp_path):
     assert [m.step for m in curve] == [0, 1, 2]
     assert all(a.value <= b.value for a, b in zip(curve, curve[1:]))
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"convergence.png", "accuracy_vs_storage.png", "results.md", "results.json",
-            "best_candidate.json", "search.yaml"} <= arts
+    assert {
+        "convergence.png",
+        "accuracy_vs_storage.png",
+        "results.md",
+        "results.json",
+        "best_candidate.json",
+        "search.yaml",
+    } <= arts
     assert parent.data.metrics["test_objective"] == pytest.approx(nps.test["objective"])
     assert parent.data.params["backend"] == "cma"
 
@@ -83,9 +94,16 @@ def test_tiny_search_end_to_end(ray_local, tmp_path):
     out = cfg.out
     best = json.loads((out / "best_candidate.json").read_text())
     merged = tmp_path / "merged.safetensors"
-    cmd = best["merge_command"].replace("npstune ", f"{NPSTUNE} ", 1).replace("OUT", str(merged))
+    cmd = (
+        best["merge_command"]
+        .replace("npstune ", f"{NPSTUNE} ", 1)
+        .replace("OUT", str(merged))
+    )
     subprocess.run(cmd, shell=True, check=True, capture_output=True)
-    saved, ref = open_checkpoint(out / "best_model.safetensors"), open_checkpoint(merged)
+    saved, ref = (
+        open_checkpoint(out / "best_model.safetensors"),
+        open_checkpoint(merged),
+    )
     assert sorted(saved.keys()) == sorted(ref.keys())
     for k in saved.keys():
         torch.testing.assert_close(saved[k], ref[k], rtol=0, atol=1e-6)
@@ -108,8 +126,9 @@ def test_same_file_runs_with_the_nevergrad_backend(ray_local, tmp_path):
 
 
 def test_failing_trials_are_retried_then_penalised(ray_local, tmp_path):
-    path = write_tiny_search(tmp_path, function="flaky", search={"generations": 2,
-                                                                "max_failures": 1})
+    path = write_tiny_search(
+        tmp_path, function="flaky", search={"generations": 2, "max_failures": 1}
+    )
     cfg = load_config(path)
     outcome = run_search(cfg)
     ledger = Ledger.load(cfg.out / "state" / "ledger.json")
@@ -119,8 +138,9 @@ def test_failing_trials_are_retried_then_penalised(ray_local, tmp_path):
     assert all(r.value == 0.0 for r in ledger.records if r.status != "ok")
     parents, children = mlflow_runs(cfg.tracking.uri, "tiny")
     kids = children[parents[0].info.run_id]
-    assert sum(k.info.status == "FAILED" for k in kids) == sum(r.status != "ok"
-                                                               for r in ledger.records)
+    assert sum(k.info.status == "FAILED" for k in kids) == sum(
+        r.status != "ok" for r in ledger.records
+    )
 
 
 def test_gpu_request_on_a_cluster_without_gpu_fails_fast(ray_local, tmp_path):
@@ -139,14 +159,24 @@ def test_kill_and_resume(tmp_path):
     """kill -9 after the first generation's checkpoint, then --resume: the generation
     counter continues, at most one generation is lost, one MLflow parent run."""
     gens, pop = 4, 4
-    path = write_tiny_search(tmp_path, function="slow",
-                             search={"generations": gens, "population": pop})
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "NPSTUNE_TEST_SLEEP": "0.4",
-           "PYTHONPATH": str(ROOT)}
+    path = write_tiny_search(
+        tmp_path, function="slow", search={"generations": gens, "population": pop}
+    )
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "NPSTUNE_TEST_SLEEP": "0.4",
+        "PYTHONPATH": str(ROOT),
+    }
     ckpt = tmp_path / "out" / "state" / "searcher.pkl"
-    proc = subprocess.Popen([NPSTUNE, "search", str(path)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [NPSTUNE, "search", str(path)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 240
         while not ckpt.exists():
@@ -160,40 +190,60 @@ def test_kill_and_resume(tmp_path):
     done_before = Ledger.load(tmp_path / "out" / "state" / "ledger.json").generations
     assert 1 <= len(done_before) < gens, first
 
-    res = subprocess.run([NPSTUNE, "search", str(path), "--resume"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=400, start_new_session=True)
+    res = subprocess.run(
+        [NPSTUNE, "search", str(path), "--resume"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        start_new_session=True,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     resumed = [ln for ln in res.stdout.splitlines() if ln.startswith("resuming after")]
     assert resumed, res.stdout
     g0 = int(resumed[0].split()[3].split("/")[0])
     assert g0 >= len(done_before) - 0 and g0 >= 1
-    nums = [int(ln.split()[1].split("/")[0]) for ln in res.stdout.splitlines()
-            if ln.startswith("generation ")]
+    nums = [
+        int(ln.split()[1].split("/")[0])
+        for ln in res.stdout.splitlines()
+        if ln.startswith("generation ")
+    ]
     assert nums == list(range(g0 + 1, gens + 1))  # continues from the next generation
 
     ledger = Ledger.load(tmp_path / "out" / "state" / "ledger.json")
     assert [g.generation for g in ledger.generations] == list(range(gens))
     assert sorted((r.generation, r.index) for r in ledger.records) == [
-        (g, i) for g in range(gens) for i in range(pop)]
+        (g, i) for g in range(gens) for i in range(pop)
+    ]
     parents, children = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "tiny")
     assert len(parents) == 1, "the parent run must be continued, not duplicated"
     assert parents[0].info.status == "FINISHED"
     kids = children[parents[0].info.run_id]
-    assert sorted((int(k.data.tags["npstune.generation"]), k.info.run_name) for k in kids) == \
-        sorted((g, f"g{g:03d}-{i:02d}") for g in range(gens) for i in range(pop))
+    assert sorted(
+        (int(k.data.tags["npstune.generation"]), k.info.run_name) for k in kids
+    ) == sorted((g, f"g{g:03d}-{i:02d}") for g in range(gens) for i in range(pop))
 
 
 def test_transfer_use_scores_h_score(ray_local, tmp_path):
     path = write_tiny_search(
-        tmp_path, use="transfer", transfer={"target": "task0", "pre_tasks": ["task1", "task2"]},
+        tmp_path,
+        use="transfer",
+        transfer={"target": "task0", "pre_tasks": ["task1", "task2"]},
         nps={"subspaces": 4, "k": 0.5, "lam": {"low": 0.2, "high": 2.0, "init": 1.0}},
-        search={"generations": 2}, report={"baselines": ["pretrained", "individual",
-                                                         "magnitude"]})
+        search={"generations": 2},
+        report={"baselines": ["pretrained", "individual", "magnitude"]},
+    )
     cfg = load_config(path)
     outcome = run_search(cfg)
     nps = outcome.report.row("nps")
     t = nps.test
-    h = 2 * t["pre_accuracy"] * t["target_accuracy"] / (t["pre_accuracy"] + t["target_accuracy"])
+    h = (
+        2
+        * t["pre_accuracy"]
+        * t["target_accuracy"]
+        / (t["pre_accuracy"] + t["target_accuracy"])
+    )
     assert t["objective"] == pytest.approx(h) and t["h_score"] == pytest.approx(h)
     assert t["pre_accuracy"] == pytest.approx((t["acc/task1"] + t["acc/task2"]) / 2)
     assert set(outcome.best.params) == {"w0", "w1", "w2", "w3", "lam"}
@@ -207,17 +257,26 @@ def test_compression_use_writes_a_sparse_store(ray_local, tmp_path):
     from npstune.compress import decompress
 
     path = write_tiny_search(
-        tmp_path, use="compression",
+        tmp_path,
+        use="compression",
         nps={"subspaces": 2, "k": 0.3, "weights": {"per_task": True}},
-        search={"generations": 2}, report={"baselines": ["individual", "magnitude"]})
+        search={"generations": 2},
+        report={"baselines": ["individual", "magnitude"]},
+    )
     cfg = load_config(path)
     outcome = run_search(cfg)
     rep = outcome.report
-    assert rep.row("individual").test["objective"] == pytest.approx(1.0)  # normalized by itself
+    assert rep.row("individual").test["objective"] == pytest.approx(
+        1.0
+    )  # normalized by itself
     nps = rep.row("nps")
     assert nps.test["normalized_accuracy"] == pytest.approx(
-        sum(nps.test[f"acc/task{t}"] / rep.row("individual").test[f"acc/task{t}"]
-            for t in range(3)) / 3)
+        sum(
+            nps.test[f"acc/task{t}"] / rep.row("individual").test[f"acc/task{t}"]
+            for t in range(3)
+        )
+        / 3
+    )
     assert len(outcome.best.params) == 3 * 2
     store = cfg.out / "best_store"
     assert (store / "manifest.json").is_file()
@@ -228,7 +287,10 @@ def test_compression_use_writes_a_sparse_store(ray_local, tmp_path):
     cand = obj.space.candidate(outcome.best.params)
     decompress(store, "task1", tmp_path / "task1.safetensors")
     rebuilt = open_checkpoint(tmp_path / "task1.safetensors")
-    (tasks, state), = [(t, {k: v.clone() for k, v in s.items()})
-                       for t, s in obj.states(cand) if t == ["task1"]]
+    ((tasks, state),) = [
+        (t, {k: v.clone() for k, v in s.items()})
+        for t, s in obj.states(cand)
+        if t == ["task1"]
+    ]
     for k, v in state.items():
         torch.testing.assert_close(rebuilt[k].float(), v.float(), rtol=0, atol=1e-6)

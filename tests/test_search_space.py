@@ -1,4 +1,5 @@
-"""Search-space files: validation errors, extends/sweep, the parameter vector (no Ray)."""
+"""Search-space files: validation errors, extends/sweep, the parameter vector (no
+Ray)."""
 
 from __future__ import annotations
 
@@ -30,24 +31,36 @@ def test_minimal_zoo_config_defaults(tmp_path):
     assert cfg.search.sigma0 == pytest.approx(1 / 6)
     assert cfg.tracking.uri == "sqlite:///mlflow.db"
     assert cfg.out == Path("runs/my-search")
-    assert cfg.baselines == ["pretrained", "individual", "task-arithmetic", "ties", "magnitude"]
+    assert cfg.baselines == [
+        "pretrained",
+        "individual",
+        "task-arithmetic",
+        "ties",
+        "magnitude",
+    ]
 
 
-@pytest.mark.parametrize("data, needle", [
-    ({**ZOO, "populaton": 4}, "populaton: unknown key"),
-    ({**ZOO, "search": {"generatons": 3}}, "search.generatons: unknown key"),
-    ({**ZOO, "nps": {"k": {"low": 0.3, "high": 0.1}}}, "bound low 0.3 > high 0.1"),
-    ({**ZOO, "nps": {"lam": {"low": 2, "high": 1}}}, "bound low 2.0 > high 1.0"),
-    ({**ZOO, "nps": {"weights": {"low": 1.5, "high": 1.0, "init": 1.2}}}, "bound low 1.5 > high"),
-    ({**ZOO, "nps": {"k": {"low": 0.0, "high": 0.1}}}, "k must lie in (0, 1]"),
-    ({"use": "fusion"}, "missing model"),
-    ({"base": "b", "models": []}, "missing model"),
-    ({**ZOO, "search": {"seed": 0}}, "search.seed"),
-    ({**ZOO, "search": {"backend": "optuna"}}, "search.backend"),
-    ({**ZOO, "use": "transfer"}, "use transfer needs a transfer"),
-    ({**ZOO, "evaluator": {"kind": "callable"}}, "needs function"),
-    ({**ZOO, "resources": {"gpus_per_trial": -1}}, "resources.gpus_per_trial"),
-])
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({**ZOO, "populaton": 4}, "populaton: unknown key"),
+        ({**ZOO, "search": {"generatons": 3}}, "search.generatons: unknown key"),
+        ({**ZOO, "nps": {"k": {"low": 0.3, "high": 0.1}}}, "bound low 0.3 > high 0.1"),
+        ({**ZOO, "nps": {"lam": {"low": 2, "high": 1}}}, "bound low 2.0 > high 1.0"),
+        (
+            {**ZOO, "nps": {"weights": {"low": 1.5, "high": 1.0, "init": 1.2}}},
+            "bound low 1.5 > high",
+        ),
+        ({**ZOO, "nps": {"k": {"low": 0.0, "high": 0.1}}}, "k must lie in (0, 1]"),
+        ({"use": "fusion"}, "missing model"),
+        ({"base": "b", "models": []}, "missing model"),
+        ({**ZOO, "search": {"seed": 0}}, "search.seed"),
+        ({**ZOO, "search": {"backend": "optuna"}}, "search.backend"),
+        ({**ZOO, "use": "transfer"}, "use transfer needs a transfer"),
+        ({**ZOO, "evaluator": {"kind": "callable"}}, "needs function"),
+        ({**ZOO, "resources": {"gpus_per_trial": -1}}, "resources.gpus_per_trial"),
+    ],
+)
 def test_validation_errors_are_one_line(tmp_path, data, needle):
     with pytest.raises(ConfigError) as exc:
         load_config(write(tmp_path, data))
@@ -59,9 +72,14 @@ def test_validation_errors_are_one_line(tmp_path, data, needle):
 def test_missing_model_path(tmp_path):
     base = tmp_path / "base.safetensors"
     base.write_bytes(b"x")
-    data = {"base": str(base), "models": [str(tmp_path / "nope.safetensors")],
-            "evaluator": {"kind": "callable", "function": "m:f"}}
-    with pytest.raises(ConfigError, match=r"missing model: .*nope.safetensors does not exist"):
+    data = {
+        "base": str(base),
+        "models": [str(tmp_path / "nope.safetensors")],
+        "evaluator": {"kind": "callable", "function": "m:f"},
+    }
+    with pytest.raises(
+        ConfigError, match=r"missing model: .*nope.safetensors does not exist"
+    ):
         load_config(write(tmp_path, data))
 
 
@@ -75,9 +93,14 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 
 def test_backend_override_and_extends(tmp_path):
-    write(tmp_path, {**ZOO, "nps": {"subspaces": 4, "k": 0.1}, "search": {"generations": 9}},
-          "parent.yaml")
-    child = write(tmp_path, {"extends": "parent.yaml", "nps": {"subspaces": 2}}, "child.yaml")
+    write(
+        tmp_path,
+        {**ZOO, "nps": {"subspaces": 4, "k": 0.1}, "search": {"generations": 9}},
+        "parent.yaml",
+    )
+    child = write(
+        tmp_path, {"extends": "parent.yaml", "nps": {"subspaces": 2}}, "child.yaml"
+    )
     cfg = load_config(child, **{"search.backend": "nevergrad"})
     assert cfg.nps.subspaces == 2 and cfg.nps.k == 0.1  # deep merge keeps k
     assert cfg.search.generations == 9 and cfg.search.backend == "nevergrad"
@@ -85,11 +108,21 @@ def test_backend_override_and_extends(tmp_path):
 
 
 def test_sweep_expands_to_named_variants(tmp_path):
-    p = write(tmp_path, {**ZOO, "name": "abl", "output_dir": "o",
-                         "sweep": {"nps.subspaces": [1, 2], "search.seed": [1, 2, 3]}})
+    p = write(
+        tmp_path,
+        {
+            **ZOO,
+            "name": "abl",
+            "output_dir": "o",
+            "sweep": {"nps.subspaces": [1, 2], "search.seed": [1, 2, 3]},
+        },
+    )
     cfgs = load_configs(p)
     assert len(cfgs) == 6
-    assert cfgs[0].name == "abl-subspaces=1-seed=1" and cfgs[-1].name == "abl-subspaces=2-seed=3"
+    assert (
+        cfgs[0].name == "abl-subspaces=1-seed=1"
+        and cfgs[-1].name == "abl-subspaces=2-seed=3"
+    )
     assert {c.experiment for c in cfgs} == {"abl"}
     assert cfgs[4].out == Path("o/subspaces=2-seed=2")
     assert len({c.out for c in cfgs}) == 6
@@ -106,8 +139,12 @@ def test_sweep_values_are_validated(tmp_path):
 def test_shipped_search_spaces_load():
     files = sorted((ROOT / "searchspaces").rglob("*.yaml"))
     names = {f.name for f in files}
-    for must in ("nps-fusion-small.yaml", "nps-fusion.yaml", "nps-transfer.yaml",
-                 "nps-compression.yaml"):
+    for must in (
+        "nps-fusion-small.yaml",
+        "nps-fusion.yaml",
+        "nps-transfer.yaml",
+        "nps-compression.yaml",
+    ):
         assert must in names
     total = 0
     for f in files:
@@ -119,13 +156,17 @@ def test_ablation_sweeps_cover_the_issue_grid():
     abl = ROOT / "searchspaces" / "ablations"
     m = {c.nps.subspaces for c in load_configs(abl / "subspaces.yaml")}
     assert m == {1, 2, 4, 8, 16}
-    fr = {c.evaluator.calibration_fraction for c in load_configs(abl / "calibration-size.yaml")}
+    fr = {
+        c.evaluator.calibration_fraction
+        for c in load_configs(abl / "calibration-size.yaml")
+    }
     assert fr == {0.25, 0.5, 1.0}
     ks = {c.nps.k for c in load_configs(abl / "keep-ratio.yaml")}
     assert min(ks) == 0.01 and max(ks) == 0.3 and len(ks) >= 5
 
 
-# ---------------------------------------------------------------------------- the vector
+# ---------------------------------------------------------------------------- the
+# vector
 def test_param_space_shared_weights():
     sp = ParamSpace(NpsSpec(subspaces=3), tasks=2)
     assert sp.names == ["w0", "w1", "w2"] and sp.dim == 3
@@ -135,20 +176,40 @@ def test_param_space_shared_weights():
     assert cfg == {"w0": 0.0, "w1": 0.5, "w2": 2.0}
     assert np.allclose(sp.to_unit(cfg), [0.0, 0.25, 1.0])
     c = sp.candidate({**cfg, "generation": 0})
-    assert c.weights == ((0.0, 0.5, 2.0), (0.0, 0.5, 2.0)) and c.k == 0.05 and c.lam == (1.0, 1.0)
+    assert (
+        c.weights == ((0.0, 0.5, 2.0), (0.0, 0.5, 2.0))
+        and c.k == 0.05
+        and c.lam == (1.0, 1.0)
+    )
     assert sp.baseline().weights == ((1.0,) * 3,) * 2
 
 
 def test_param_space_per_task_k_lam():
-    nps = NpsSpec(subspaces=2, weights={"per_task": True}, k=Bounds(low=0.01, high=0.3, init=0.05),
-                  lam=Bounds(low=0.5, high=2.0), lam_per_task=True)
+    nps = NpsSpec(
+        subspaces=2,
+        weights={"per_task": True},
+        k=Bounds(low=0.01, high=0.3, init=0.05),
+        lam=Bounds(low=0.5, high=2.0),
+        lam_per_task=True,
+    )
     sp = ParamSpace(nps, tasks=2)
     assert sp.names == ["t0_w0", "t0_w1", "t1_w0", "t1_w1", "k", "t0_lam", "t1_lam"]
     cfg = sp.init_config()
     assert cfg["k"] == 0.05 and cfg["t0_lam"] == 1.25
     cfg.update(t1_w0=0.2, t1_lam=1.9)
     c = sp.candidate(cfg)
-    assert c.weights == ((1.0, 1.0), (0.2, 1.0)) and c.lam == (1.25, 1.9) and c.k == 0.05
+    assert (
+        c.weights == ((1.0, 1.0), (0.2, 1.0)) and c.lam == (1.25, 1.9) and c.k == 0.05
+    )
     x = sp.from_unit(np.full(sp.dim, 2.0))  # outside the box: clipped
     assert x["k"] == 0.3 and x["t0_w0"] == 2.0
     assert sp.baseline().k == 0.05 and sp.baseline().lam == (1.25, 1.25)
+
+
+def test_tracking_uri_env_fallback(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert load_config(write(tmp_path, ZOO)).tracking_uri == "http://mlflow:5000"
+    explicit = {**ZOO, "tracking": {"uri": "sqlite:///mlflow.db"}}
+    assert load_config(write(tmp_path, explicit)).tracking_uri == "sqlite:///mlflow.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert load_config(write(tmp_path, ZOO)).tracking_uri == "sqlite:///mlflow.db"

@@ -1,5 +1,6 @@
 """Helpers for the search tests: a tiny real search (tiny checkpoints + a callable
-evaluator written next to the config, so Ray workers import it by name), MLflow reads."""
+evaluator written next to the config, so Ray workers import it by name), MLflow
+reads."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import yaml
 from tests.tiny import make_set
 
 # The synthetic evaluator: task t "wants" θ* = θ_pre + 0.3·τ_t, so accuracy falls with
-# the distance to it: w = 1 (λ = 1, three tasks summed) is far, small weights are better.
+# the distance to it: w = 1 (λ = 1, three tasks summed) is far, small weights are
+# better.
 EVAL_MODULE = '''
 import os
 import time
@@ -26,7 +28,8 @@ _CACHE = {}
 
 def _load(name):
     if name not in _CACHE:
-        _CACHE[name] = {k: v.double() for k, v in load_file(str(HERE / f"{name}.safetensors")).items()
+        state = load_file(str(HERE / f"{name}.safetensors"))
+        _CACHE[name] = {k: v.double() for k, v in state.items()
                         if v.is_floating_point()}
     return _CACHE[name]
 
@@ -47,7 +50,7 @@ def slow(state, task, split):
 
 
 def flaky(state, task, split):
-    """Raises for about a third of the candidates (deterministically), NaN for another."""
+    """Raises for a third of the candidates (deterministically), NaN for another."""
     h = int(float(state["encoder.0.weight"].double().abs().sum()) * 1e6) % 3
     if h == 0:
         raise RuntimeError("injected evaluator failure")
@@ -57,9 +60,11 @@ def flaky(state, task, split):
 '''
 
 
-def write_tiny_search(tmp: Path, name: str = "tiny", function: str = "accuracy",
-                      **sections: Any) -> Path:
-    """Tiny checkpoints, the evaluator module and a search-space file; returns the file."""
+def write_tiny_search(
+    tmp: Path, name: str = "tiny", function: str = "accuracy", **sections: Any
+) -> Path:
+    """Tiny checkpoints, the evaluator module and a search-space file; returns the
+    file."""
     tmp.mkdir(parents=True, exist_ok=True)
     bp, mps, *_ = make_set(tmp, tasks=3)
     (tmp / "tinyeval.py").write_text(EVAL_MODULE)
@@ -87,7 +92,8 @@ def write_tiny_search(tmp: Path, name: str = "tiny", function: str = "accuracy",
 
 
 def mlflow_runs(uri: str, experiment: str) -> tuple[list[Any], dict[str, list[Any]]]:
-    """(parent runs, parent run id -> child runs) of an experiment (active runs only)."""
+    """(parent runs, parent run id -> child runs) of an experiment (active runs
+    only)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)

@@ -13,9 +13,15 @@ from tests.test_search_support import mlflow_runs  # noqa: E402
 
 
 def record(g: int, i: int, value: float, status: str = "ok") -> TrialRecord:
-    return TrialRecord(f"t{g}{i}", g, i, {"w0": 0.5 + i, "k": 0.05},
-                       {"objective": value, "storage_bits": 123.0, "acc/a": value},
-                       value, status)
+    return TrialRecord(
+        f"t{g}{i}",
+        g,
+        i,
+        {"w0": 0.5 + i, "k": 0.05},
+        {"objective": value, "storage_bits": 123.0, "acc/a": value},
+        value,
+        status,
+    )
 
 
 def summary(g: int, best: float) -> GenerationSummary:
@@ -40,7 +46,9 @@ def test_parent_children_curve_and_resume(tmp_path):
     assert kid.data.metrics["objective"] == pytest.approx(0.1)
     assert kid.data.tags["npstune.generation"] == "1" and kid.info.status == "FINISHED"
     bad = next(k for k in children[tr.run_id] if k.info.run_name == "g001-01")
-    assert bad.info.status == "FAILED" and "objective" not in bad.data.metrics  # NaN skipped
+    assert (
+        bad.info.status == "FAILED" and "objective" not in bad.data.metrics
+    )  # NaN skipped
 
     # a resumed search: continue the same parent, drop the unfinished generation's runs
     again = MlflowTracker(uri, "exp", "search-1", run_id=tr.run_id)
@@ -66,7 +74,10 @@ def test_unknown_run_id_starts_a_new_run(tmp_path):
 
 
 def test_ui_command():
-    assert ui_command("sqlite:///mlflow.db") == "mlflow ui --backend-store-uri sqlite:///mlflow.db"
+    assert (
+        ui_command("sqlite:///mlflow.db")
+        == "mlflow ui --backend-store-uri sqlite:///mlflow.db"
+    )
 
 
 def test_plots_write_pngs(tmp_path):
@@ -78,10 +89,14 @@ def test_plots_write_pngs(tmp_path):
     for g in range(3):
         ledger.records += [record(g, 0, 0.5 + 0.1 * g), record(g, 1, 0.0, "error")]
         ledger.generations.append(summary(g, 0.5 + 0.1 * g))
-    rows = [Row("magnitude", "magnitude", {"objective": 0.4}, {"objective": 0.4}, 100),
-            Row("nps", "NPS", {"objective": 0.7}, {}, 100)]
-    for f in (convergence_plot(ledger, tmp_path / "c.png", reference=0.4),
-              accuracy_storage_plot(ledger, rows, tmp_path / "s.png")):
+    rows = [
+        Row("magnitude", "magnitude", {"objective": 0.4}, {"objective": 0.4}, 100),
+        Row("nps", "NPS", {"objective": 0.7}, {}, 100),
+    ]
+    for f in (
+        convergence_plot(ledger, tmp_path / "c.png", reference=0.4),
+        accuracy_storage_plot(ledger, rows, tmp_path / "s.png"),
+    ):
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000
 
 
@@ -90,9 +105,16 @@ def test_log_benchmark(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'b.db'}"
     (tmp_path / "r.md").write_text("x")
-    rid = log_benchmark("speed", params={"machine.cores": "2"}, metrics={"t": 1.5},
-                        artifacts=[tmp_path / "r.md"], uri=uri)
+    rid = log_benchmark(
+        "speed",
+        params={"machine.cores": "2"},
+        metrics={"t": 1.5},
+        artifacts=[tmp_path / "r.md"],
+        uri=uri,
+    )
     parents, _ = mlflow_runs(uri, "npstune-benchmarks")
     assert [p.info.run_id for p in parents] == [rid]
-    assert parents[0].data.metrics == {"t": 1.5} and parents[0].info.status == "FINISHED"
+    assert (
+        parents[0].data.metrics == {"t": 1.5} and parents[0].info.status == "FINISHED"
+    )
     assert parents[0].data.tags["npstune.kind"] == "benchmark"

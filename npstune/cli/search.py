@@ -7,11 +7,17 @@ import click
 
 @click.command("search")
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--resume", is_flag=True,
-              help="Continue the search in the config's output_dir from its last finished "
-                   "generation (and its MLflow run).")
-@click.option("--backend", type=click.Choice(["cma", "nevergrad"]),
-              help="Optimizer backend (overrides the file's search.backend).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the search in the config's output_dir from its last finished "
+    "generation (and its MLflow run).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["cma", "nevergrad"]),
+    help="Optimizer backend (overrides the file's search.backend).",
+)
 def search(config: str, resume: bool, backend: str | None) -> None:
     """Search NPS subspace weights (and k, λ) with CONFIG, a search-space YAML file.
 
@@ -34,8 +40,12 @@ def search(config: str, resume: bool, backend: str | None) -> None:
             click.echo(report.markdown())
             for what, path in report.files.items():
                 click.echo(f"{what}: {path}")
-        click.echo(f"search: {outcome.trials} trials in {outcome.generations} generations, "
-                   f"{outcome.search_s:.0f} s (total {outcome.wall_s:.0f} s)")
+        click.echo(
+            f"search: {outcome.trials} trials in {outcome.generations} generations, "
+            f"{outcome.search_s:.0f} s (total {outcome.wall_s:.0f} s)"
+        )
         if cfg.tracking.enabled:
-            click.echo(f"MLflow run {outcome.run_id}; open the UI with: "
-                       f"{ui_command(cfg.tracking.uri)}")
+            click.echo(
+                f"MLflow run {outcome.run_id}; open the UI with: "
+                f"{ui_command(cfg.tracking_uri)}"
+            )

@@ -24,8 +24,19 @@ from ray.tune import Callback
 from npstune.search.space import METRIC, ParamSpace
 
 #: Result keys kept per trial (besides ``acc/<task>``).
-KEPT = ("objective", "accuracy", "storage_bits", "k", "build_s", "eval_s", "pre_accuracy",
-        "target_accuracy", "h_score", "normalized_accuracy", "time_total_s")
+KEPT = (
+    "objective",
+    "accuracy",
+    "storage_bits",
+    "k",
+    "build_s",
+    "eval_s",
+    "pre_accuracy",
+    "target_accuracy",
+    "h_score",
+    "normalized_accuracy",
+    "time_total_s",
+)
 
 
 @dataclass
@@ -57,7 +68,8 @@ class GenerationSummary:
 
 @dataclass
 class Ledger:
-    """Every recorded trial and generation of a search, saved as JSON in the state dir."""
+    """Every recorded trial and generation of a search, saved as JSON in the state
+    dir."""
 
     path: Path
     records: list[TrialRecord] = field(default_factory=list)
@@ -68,13 +80,18 @@ class Ledger:
         if not path.is_file():
             return cls(path)
         data = json.loads(path.read_text())
-        return cls(path, [TrialRecord(**r) for r in data["records"]],
-                   [GenerationSummary(**g) for g in data["generations"]])
+        return cls(
+            path,
+            [TrialRecord(**r) for r in data["records"]],
+            [GenerationSummary(**g) for g in data["generations"]],
+        )
 
     def save(self) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        data = {"records": [asdict(r) for r in self.records],
-                "generations": [asdict(g) for g in self.generations]}
+        data = {
+            "records": [asdict(r) for r in self.records],
+            "generations": [asdict(g) for g in self.generations],
+        }
         tmp.write_text(json.dumps(data, default=float))
         os.replace(tmp, self.path)
 
@@ -97,28 +114,45 @@ class Sink(Protocol):
 
 
 class SearchMonitor(Callback):
-    """Tune callback: ledger, progress line per generation, sinks, generation checkpoints."""
+    """Tune callback: ledger, progress line per generation, sinks, generation
+    checkpoints."""
 
-    def __init__(self, *, space: ParamSpace, population: int, generations: int,
-                 penalty: float, ledger: Ledger, checkpoint: Callable[[], None],
-                 sinks: Sequence[Sink] = (), echo: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        space: ParamSpace,
+        population: int,
+        generations: int,
+        penalty: float,
+        ledger: Ledger,
+        checkpoint: Callable[[], None],
+        sinks: Sequence[Sink] = (),
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
         self.space, self.population, self.generations = space, population, generations
         self.penalty, self.ledger, self.checkpoint = penalty, ledger, checkpoint
         self.sinks, self.echo = list(sinks), echo
         self._counts: dict[int, int] = {}
         self._t0 = time.perf_counter()
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_complete(
+        self, iteration: int, trials: list, trial: Any, **info: Any
+    ) -> None:
         self._record(trial, error=False)
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_error(
+        self, iteration: int, trials: list, trial: Any, **info: Any
+    ) -> None:
         self._record(trial, error=True)
 
     def _record(self, trial: Any, error: bool) -> None:
         cfg, result = trial.config, trial.last_result or {}
         g = int(cfg.get("generation", -1))
-        metrics = {k: float(v) for k, v in result.items()
-                   if (k in KEPT or k.startswith("acc/")) and isinstance(v, (int, float))}
+        metrics = {
+            k: float(v)
+            for k, v in result.items()
+            if (k in KEPT or k.startswith("acc/")) and isinstance(v, (int, float))
+        }
         raw = None if error else result.get(METRIC)
         if error:
             value, status = self.penalty, "error"
@@ -126,8 +160,15 @@ class SearchMonitor(Callback):
             value, status = float(raw), "ok"
         else:
             value, status = self.penalty, "invalid"
-        rec = TrialRecord(trial.trial_id, g, int(cfg.get("index", -1)),
-                          self.space.params_of(cfg), metrics, value, status)
+        rec = TrialRecord(
+            trial.trial_id,
+            g,
+            int(cfg.get("index", -1)),
+            self.space.params_of(cfg),
+            metrics,
+            value,
+            status,
+        )
         self.ledger.records.append(rec)
         for s in self.sinks:
             s.on_trial(rec)
@@ -141,11 +182,15 @@ class SearchMonitor(Callback):
         overall = self.ledger.best()
         now = time.perf_counter()
         summary = GenerationSummary(
-            generation=g, best=best.value,
+            generation=g,
+            best=best.value,
             best_so_far=overall.value if overall else self.penalty,
-            mean=sum(r.value for r in recs) / len(recs), trials=len(recs),
-            failed=sum(r.status != "ok" for r in recs), wall_s=now - self._t0,
-            best_trial=best.trial_id)
+            mean=sum(r.value for r in recs) / len(recs),
+            trials=len(recs),
+            failed=sum(r.status != "ok" for r in recs),
+            wall_s=now - self._t0,
+            best_trial=best.trial_id,
+        )
         self._t0 = now
         self.ledger.generations.append(summary)
         for s in self.sinks:
@@ -154,6 +199,8 @@ class SearchMonitor(Callback):
         self.checkpoint()  # last: a checkpoint implies everything above is saved
         if self.echo:
             failed = f", {summary.failed} failed" if summary.failed else ""
-            self.echo(f"generation {g + 1}/{self.generations}: best {summary.best:.4f}, "
-                      f"best so far {summary.best_so_far:.4f} "
-                      f"({summary.trials} trials{failed}, {summary.wall_s:.1f} s)")
+            self.echo(
+                f"generation {g + 1}/{self.generations}: best {summary.best:.4f}, "
+                f"best so far {summary.best_so_far:.4f} "
+                f"({summary.trials} trials{failed}, {summary.wall_s:.1f} s)"
+            )

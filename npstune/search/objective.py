@@ -2,11 +2,11 @@
 
 Everything a candidate does not change is built once, in the driver, into an
 :class:`ObjectivePayload`: the task vectors in rank order
-(:class:`~npstune.sparsify.ranked.RankedTaskVector`, so the subspace partition is computed
-once per task vector), the base's tensors, and the evaluator with its calibration data
-tokenized. The payload travels once through Ray's object store; each worker process keeps
-the :class:`Objective` built from it in a module-level cache keyed by the search id, so
-trials on reused actors start at once.
+(:class:`~npstune.sparsify.ranked.RankedTaskVector`, so the subspace partition is
+computed once per task vector), the base's tensors, and the evaluator with its
+calibration data tokenized. The payload travels once through Ray's object store; each
+worker process keeps the :class:`Objective` built from it in a module-level cache keyed
+by the search id, so trials on reused actors start at once.
 
 A candidate costs one ``fuse`` (threshold lookup + scatter of the kept entries), one add
 onto the base, and the evaluation. Uses (DESIGN §2):
@@ -71,19 +71,23 @@ class DottedCallable:
                 for part in attr.split("."):
                     obj = getattr(obj, part)
             except (ImportError, AttributeError) as exc:
-                raise ConfigError(f"evaluator function {self.target!r} cannot be loaded: "
-                                  f"{exc}") from None
+                raise ConfigError(
+                    f"evaluator function {self.target!r} cannot be loaded: {exc}"
+                ) from None
             if not callable(obj):
                 raise ConfigError(f"evaluator function {self.target!r} is not callable")
             self._fn = obj
         return self._fn
 
-    def __call__(self, state: Mapping[str, torch.Tensor], task: str, split: str) -> float:
+    def __call__(
+        self, state: Mapping[str, torch.Tensor], task: str, split: str
+    ) -> float:
         return float(self.resolve()(state, task, split))
 
 
-def make_evaluator(cfg: SearchConfig, zoo: Any, tasks: Iterable[str], split: str,
-                   device: str = "cpu") -> Evaluator:
+def make_evaluator(
+    cfg: SearchConfig, zoo: Any, tasks: Iterable[str], split: str, device: str = "cpu"
+) -> Evaluator:
     """The evaluator of ``cfg`` for ``split``, with that split's data prepared.
 
     Calibration uses at most ``calibration_examples`` (times ``calibration_fraction``)
@@ -105,8 +109,9 @@ def make_evaluator(cfg: SearchConfig, zoo: Any, tasks: Iterable[str], split: str
         n = max(1, math.floor(n * ev_cfg.calibration_fraction + 1e-9))
     else:
         n = ev_cfg.test_examples
-    ev = TextClassificationEvaluator(zoo, device=device, batch_size=ev_cfg.batch_size,
-                                     max_examples=n)
+    ev = TextClassificationEvaluator(
+        zoo, device=device, batch_size=ev_cfg.batch_size, max_examples=n
+    )
     for t in tasks:  # tokenize and load heads now: workers never touch the zoo files
         ev.batches(t, split)
         ev.head(t)
@@ -128,15 +133,17 @@ class ObjectivePayload:
     dtypes: dict[str, torch.dtype]  # the base's dtype of each delta key
     evaluator: Evaluator
     transfer: tuple[list[str], str] | None = None  # (pre tasks, target)
-    references: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> task -> acc
+    references: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # split -> task -> acc
     n: int = 0
     frozen: int = 0
     base_path: str = ""
     model_paths: list[str] = field(default_factory=list)
 
-    # Pickled as numpy arrays: Ray then maps them straight out of its shared object store
-    # (zero copy), so a fresh trial actor gets a full-size payload in well under a second
-    # and every actor on a node shares one copy. The tensors are only ever read.
+    # Pickled as numpy arrays: Ray then maps them straight out of its shared object
+    # store (zero copy), so a fresh trial actor gets a full-size payload in well under a
+    # second and every actor on a node shares one copy. The tensors are only ever read.
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["ranked"] = [_Arrays.of(r) for r in self.ranked]
@@ -147,19 +154,26 @@ class ObjectivePayload:
     def __setstate__(self, state: dict[str, Any]) -> None:
         state["ranked"] = [a.restore() for a in state["ranked"]]
         state["base_flat"] = _Arrays.unwrap(state["base_flat"])
-        state["base_rest"] = {k: _Arrays.unwrap(v) for k, v in state["base_rest"].items()}
+        state["base_rest"] = {
+            k: _Arrays.unwrap(v) for k, v in state["base_rest"].items()
+        }
         self.__dict__.update(state)
 
 
 class _Arrays:
-    """An object whose tensor attributes travel as numpy arrays (see ObjectivePayload)."""
+    """An object whose tensor attributes travel as numpy arrays (see
+    ObjectivePayload)."""
 
     def __init__(self, cls: type, attrs: dict[str, Any]) -> None:
         self.cls, self.attrs = cls, attrs
 
     @staticmethod
     def wrap(v: Any) -> Any:
-        if isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype != torch.bfloat16:
+        if (
+            isinstance(v, torch.Tensor)
+            and v.device.type == "cpu"
+            and v.dtype != torch.bfloat16
+        ):
             return ("__tensor__", v.detach().contiguous().numpy())
         return v
 
@@ -181,8 +195,9 @@ class _Arrays:
         return obj
 
 
-def build_payload(cfg: SearchConfig, zoo: Any = None, echo: Callable[[str], None] | None = None
-                  ) -> ObjectivePayload:
+def build_payload(
+    cfg: SearchConfig, zoo: Any = None, echo: Callable[[str], None] | None = None
+) -> ObjectivePayload:
     """Read the checkpoints, rank every task vector once, prepare the evaluator."""
     from npstune.taskvector import plan_merge
 
@@ -193,7 +208,9 @@ def build_payload(cfg: SearchConfig, zoo: Any = None, echo: Callable[[str], None
         assert cfg.transfer is not None
         tgt = cfg.transfer.target
         if tgt not in names:
-            raise ConfigError(f"transfer.target {tgt!r} is not one of the models: {', '.join(names)}")
+            raise ConfigError(
+                f"transfer.target {tgt!r} is not one of the models: {', '.join(names)}"
+            )
         i = names.index(tgt)
         models, names = [models[i]], [tgt]
         eval_tasks = [*cfg.transfer.pre_tasks, tgt]
@@ -204,7 +221,9 @@ def build_payload(cfg: SearchConfig, zoo: Any = None, echo: Callable[[str], None
     ranked = []
     for t, tv in enumerate(plan.task_vectors()):
         ranked.append(RankedTaskVector(tv.to_dict(), cfg.nps.subspaces))
-        say(f"ranked task vector {t + 1}/{len(models)} ({names[t]}, n={ranked[-1].n:,})")
+        say(
+            f"ranked task vector {t + 1}/{len(models)} ({names[t]}, n={ranked[-1].n:,})"
+        )
     keys = ranked[0].keys
     base_flat = torch.cat([plan.base[k].reshape(-1).float() for k in keys])
     dtypes = {k: plan.base.dtype(k) for k in keys}
@@ -212,10 +231,20 @@ def build_payload(cfg: SearchConfig, zoo: Any = None, echo: Callable[[str], None
     frozen = sum(v.numel() for v in rest.values() if v.is_floating_point())
     evaluator = make_evaluator(cfg, zoo, eval_tasks, CALIBRATION)
     payload = ObjectivePayload(
-        use=cfg.use, space=ParamSpace(cfg.nps, len(models)), vector_tasks=names,
-        eval_tasks=eval_tasks, ranked=ranked, base_flat=base_flat, base_rest=rest,
-        dtypes=dtypes, evaluator=evaluator, transfer=transfer, n=plan.n, frozen=frozen,
-        base_path=str(base), model_paths=[str(m) for m in models],
+        use=cfg.use,
+        space=ParamSpace(cfg.nps, len(models)),
+        vector_tasks=names,
+        eval_tasks=eval_tasks,
+        ranked=ranked,
+        base_flat=base_flat,
+        base_rest=rest,
+        dtypes=dtypes,
+        evaluator=evaluator,
+        transfer=transfer,
+        n=plan.n,
+        frozen=frozen,
+        base_path=str(base),
+        model_paths=[str(m) for m in models],
     )
     if cfg.use == "compression":  # normalization reference: each fine-tuned model
         obj = Objective(payload)
@@ -229,7 +258,9 @@ def resolve_models(cfg: SearchConfig, zoo: Any) -> tuple[str, list[str], list[st
     if cfg.models:
         names = list(cfg.tasks) if cfg.tasks else [_stem(m) for m in cfg.models]
         if len(names) != len(cfg.models):
-            raise ConfigError(f"tasks names {len(names)} tasks for {len(cfg.models)} models")
+            raise ConfigError(
+                f"tasks names {len(names)} tasks for {len(cfg.models)} models"
+            )
         base = cfg.base or str(zoo.base_path)
         return str(base), [str(m) for m in cfg.models], names
     names = list(cfg.tasks or zoo.tasks)
@@ -254,7 +285,8 @@ class Objective:
         self._delta = torch.zeros(n, dtype=torch.float32)
         self._theta = torch.empty(n, dtype=torch.float32)
 
-    # -- states --------------------------------------------------------------------------
+    # -- states
+    # --------------------------------------------------------------------------
     def state_from_delta(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
         """θ_pre + delta on the delta keys, every other key from the base (views)."""
         torch.add(self.p.base_flat, delta, out=self._theta)
@@ -264,7 +296,9 @@ class Objective:
             state[k] = v if dt == torch.float32 else v.to(dt)
         return state
 
-    def states(self, cand: Candidate) -> Iterable[tuple[list[str], dict[str, torch.Tensor]]]:
+    def states(
+        self, cand: Candidate
+    ) -> Iterable[tuple[list[str], dict[str, torch.Tensor]]]:
         """(tasks to score, state) pairs of a candidate, one at a time.
 
         Every state is a view of one reused buffer: use each before asking for the next.
@@ -279,11 +313,18 @@ class Objective:
             yield self.p.eval_tasks, self.state_from_delta(self._delta)
 
     def bits(self, k: float | None, method: str = "nps") -> int:
-        return storage_bits(method, len(self.p.ranked), self.p.n, k, frozen=0).paper_bits
+        return storage_bits(
+            method, len(self.p.ranked), self.p.n, k, frozen=0
+        ).paper_bits
 
-    # -- scores --------------------------------------------------------------------------
-    def score(self, cand: Candidate, split: str = CALIBRATION,
-              evaluator: Evaluator | None = None) -> dict[str, float]:
+    # -- scores
+    # --------------------------------------------------------------------------
+    def score(
+        self,
+        cand: Candidate,
+        split: str = CALIBRATION,
+        evaluator: Evaluator | None = None,
+    ) -> dict[str, float]:
         """Every metric of one candidate (``objective`` is the one searched)."""
         ev = evaluator or self.p.evaluator
         accs: dict[str, float] = {}
@@ -296,8 +337,12 @@ class Objective:
             t0 = time.perf_counter()
             t_eval += t0 - t1
         out = self.aggregate(accs, split)
-        out.update(storage_bits=float(self.bits(cand.k)), k=cand.k, build_s=t_build,
-                   eval_s=t_eval)
+        out.update(
+            storage_bits=float(self.bits(cand.k)),
+            k=cand.k,
+            build_s=t_build,
+            eval_s=t_eval,
+        )
         return out
 
     def aggregate(self, accs: Mapping[str, float], split: str) -> dict[str, float]:
@@ -321,14 +366,23 @@ class Objective:
             out["objective"] = out["accuracy"]
         return out
 
-    def score_state(self, state: Mapping[str, torch.Tensor], split: str,
-                    evaluator: Evaluator | None = None) -> dict[str, float]:
+    def score_state(
+        self,
+        state: Mapping[str, torch.Tensor],
+        split: str,
+        evaluator: Evaluator | None = None,
+    ) -> dict[str, float]:
         """One shared state (pretrained, a merge) scored on every task of the use."""
-        tasks = self.p.vector_tasks if self.p.use == "compression" else self.p.eval_tasks
-        return self.aggregate(evaluate_many(evaluator or self.p.evaluator, state, tasks, split),
-                              split)
+        tasks = (
+            self.p.vector_tasks if self.p.use == "compression" else self.p.eval_tasks
+        )
+        return self.aggregate(
+            evaluate_many(evaluator or self.p.evaluator, state, tasks, split), split
+        )
 
-    def individual(self, split: str, evaluator: Evaluator | None = None) -> dict[str, float]:
+    def individual(
+        self, split: str, evaluator: Evaluator | None = None
+    ) -> dict[str, float]:
         """Each fine-tuned model on its own task (transfer: on every scored task)."""
         from npstune.checkpoints import open_checkpoint
 
@@ -377,8 +431,13 @@ def _on_gpu(ev: Evaluator, tasks: list[str]) -> Evaluator:
 
     if not isinstance(ev, TextClassificationEvaluator):
         return ev
-    gpu = TextClassificationEvaluator(ev.zoo, device="cuda", batch_size=ev.batch_size,
-                                      max_examples=ev.max_examples, max_len=ev.max_len)
+    gpu = TextClassificationEvaluator(
+        ev.zoo,
+        device="cuda",
+        batch_size=ev.batch_size,
+        max_examples=ev.max_examples,
+        max_len=ev.max_len,
+    )
     for task in tasks:
         gpu.batches(task, CALIBRATION)
     return gpu

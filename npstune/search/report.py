@@ -4,8 +4,8 @@ Rows (DESIGN §4, every number says its split): the pretrained body (zero-shot w
 task's head), the individual fine-tuned models, registered merge methods (Task
 Arithmetic, TIES, ... with the CLI defaults unless the file gives params), magnitude
 pruning = NPS with w = 1 at the start k and λ, and the searched NPS candidate. The best
-candidate is saved as JSON (with the equivalent ``npstune merge`` command) and as a model:
-an HF dir in the base's form (fusion, transfer) or a sparse store (compression).
+candidate is saved as JSON (with the equivalent ``npstune merge`` command) and as a
+model: an HF dir in the base's form (fusion, transfer) or a sparse store (compression).
 """
 
 from __future__ import annotations
@@ -24,7 +24,13 @@ import torch
 from npstune.compress import FAMILIES, storage_bits
 from npstune.errors import NpstuneError
 from npstune.search.monitor import Ledger, TrialRecord
-from npstune.search.objective import CALIBRATION, TEST, Objective, ObjectivePayload, make_evaluator
+from npstune.search.objective import (
+    CALIBRATION,
+    TEST,
+    Objective,
+    ObjectivePayload,
+    make_evaluator,
+)
 from npstune.search.space import Candidate, SearchConfig
 
 logger = logging.getLogger(__name__)
@@ -58,34 +64,63 @@ class Report:
 
     def markdown(self) -> str:
         """The table as GitHub markdown (accuracies in %, test split unless marked)."""
-        extra = {"transfer": ["pre_accuracy", "target_accuracy"],
-                 "compression": ["accuracy"]}.get(self.use, [])
-        head = ["method", f"calib {self.metric_label}", f"test {self.metric_label}",
-                *[f"test {e.replace('_accuracy', ' acc')}" for e in extra],
-                *[f"test {t}" for t in self.tasks], "storage (paper bits)"]
+        extra = {
+            "transfer": ["pre_accuracy", "target_accuracy"],
+            "compression": ["accuracy"],
+        }.get(self.use, [])
+        head = [
+            "method",
+            f"calib {self.metric_label}",
+            f"test {self.metric_label}",
+            *[f"test {e.replace('_accuracy', ' acc')}" for e in extra],
+            *[f"test {t}" for t in self.tasks],
+            "storage (paper bits)",
+        ]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
-            cells = [r.label, _pct(r.calibration.get("objective")), _pct(r.test.get("objective")),
-                     *[_pct(r.test.get(e)) for e in extra],
-                     *[_pct(r.test.get(f"acc/{t}")) for t in self.tasks], f"{r.bits:,}"]
+            cells = [
+                r.label,
+                _pct(r.calibration.get("objective")),
+                _pct(r.test.get("objective")),
+                *[_pct(r.test.get(e)) for e in extra],
+                *[_pct(r.test.get(f"acc/{t}")) for t in self.tasks],
+                f"{r.bits:,}",
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
-        return {"use": self.use, "metric": self.metric_label, "tasks": self.tasks,
-                "rows": [asdict(r) for r in self.rows], "best": self.best, "files": self.files}
+        return {
+            "use": self.use,
+            "metric": self.metric_label,
+            "tasks": self.tasks,
+            "rows": [asdict(r) for r in self.rows],
+            "best": self.best,
+            "files": self.files,
+        }
 
 
 def _pct(v: float | None) -> str:
     return "–" if v is None or not math.isfinite(v) else f"{100 * v:.2f}"
 
 
-METRIC_LABELS = {"fusion": "mean acc", "transfer": "H-score", "compression": "norm. acc"}
+METRIC_LABELS = {
+    "fusion": "mean acc",
+    "transfer": "H-score",
+    "compression": "norm. acc",
+}
 
 
-def final_report(cfg: SearchConfig, payload: ObjectivePayload, ledger: Ledger, zoo: Any,
-                 out: Path, echo: Callable[[str], None] | None = None) -> Report:
-    """Evaluate the best candidate and the baselines; write results and the best model."""
+def final_report(
+    cfg: SearchConfig,
+    payload: ObjectivePayload,
+    ledger: Ledger,
+    zoo: Any,
+    out: Path,
+    echo: Callable[[str], None] | None = None,
+) -> Report:
+    """Evaluate the best candidate and the baselines; write results and the best
+    model."""
     say = echo or (lambda s: None)
     obj = Objective(payload)
     tasks = payload.vector_tasks if payload.use == "compression" else payload.eval_tasks
@@ -100,17 +135,27 @@ def final_report(cfg: SearchConfig, payload: ObjectivePayload, ledger: Ledger, z
             rows.append(_baseline(name, cfg, obj, test_ev))
         except NpstuneError:
             raise  # a bad baseline name or params: the user's to fix
-        except Exception as exc:  # an evaluator failing on one model must not sink the run
+        except (
+            Exception
+        ) as exc:  # an evaluator failing on one model must not sink the run
             logger.warning("baseline %s failed: %s", name, exc)
-            say(f"baseline {name} failed ({type(exc).__name__}: {exc}); left out of the table")
+            say(f"baseline {name} failed ({type(exc).__name__}: {exc}); left out")
     best = ledger.best()
     best_info = None
     if best is not None:
         say("best candidate on the test split ...")
         cand = obj.space.candidate(best.params)
         test = obj.score(cand, TEST, test_ev)
-        rows.append(Row("nps", "NPS (searched)", dict(best.metrics), test,
-                        storage_bits("nps", T, n, cand.k).paper_bits, cand.as_dict()))
+        rows.append(
+            Row(
+                "nps",
+                "NPS (searched)",
+                dict(best.metrics),
+                test,
+                storage_bits("nps", T, n, cand.k).paper_bits,
+                cand.as_dict(),
+            )
+        )
         best_info = _best_info(cfg, payload, best, cand, test)
     report = Report(payload.use, METRIC_LABELS[payload.use], tasks, rows, best_info)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,9 +168,13 @@ def final_report(cfg: SearchConfig, payload: ObjectivePayload, ledger: Ledger, z
     (out / "results.md").write_text(
         f"# {cfg.name}: NPS {cfg.use} search ({cfg.search.backend})\n\n"
         f"calibration: the search's split; test: held out (DESIGN §1).\n\n"
-        + report.markdown() + "\n")
+        + report.markdown()
+        + "\n"
+    )
     report.files["results_md"] = str(out / "results.md")
-    (out / "results.json").write_text(json.dumps(report.to_json(), indent=2, default=float) + "\n")
+    (out / "results.json").write_text(
+        json.dumps(report.to_json(), indent=2, default=float) + "\n"
+    )
     report.files["results_json"] = str(out / "results.json")
     return report
 
@@ -136,18 +185,34 @@ def _baseline(name: str, cfg: SearchConfig, obj: Objective, test_ev: Any) -> Row
     fam = name if name in FAMILIES else "merged"
     if name == "pretrained":
         state = obj.state_from_delta(torch.zeros_like(p.base_flat))
-        return Row(name, "pretrained (zero-shot heads)", obj.score_state(state, CALIBRATION),
-                   obj.score_state(state, TEST, test_ev), storage_bits(fam, T, n).paper_bits)
+        return Row(
+            name,
+            "pretrained (zero-shot heads)",
+            obj.score_state(state, CALIBRATION),
+            obj.score_state(state, TEST, test_ev),
+            storage_bits(fam, T, n).paper_bits,
+        )
     if name == "individual":
-        label = "fine-tuned (target)" if p.use == "transfer" else "fine-tuned (individual)"
-        return Row(name, label, obj.aggregate(obj.individual(CALIBRATION), CALIBRATION),
-                   obj.aggregate(obj.individual(TEST, test_ev), TEST),
-                   storage_bits("finetuned", T, n).paper_bits)
+        label = (
+            "fine-tuned (target)" if p.use == "transfer" else "fine-tuned (individual)"
+        )
+        return Row(
+            name,
+            label,
+            obj.aggregate(obj.individual(CALIBRATION), CALIBRATION),
+            obj.aggregate(obj.individual(TEST, test_ev), TEST),
+            storage_bits("finetuned", T, n).paper_bits,
+        )
     if name == "magnitude":
         cand = obj.space.baseline()
-        return Row(name, f"magnitude (NPS w=1, k={cand.k:g})", obj.score(cand),
-                   obj.score(cand, TEST, test_ev), storage_bits("nps", T, n, cand.k).paper_bits,
-                   cand.as_dict())
+        return Row(
+            name,
+            f"magnitude (NPS w=1, k={cand.k:g})",
+            obj.score(cand),
+            obj.score(cand, TEST, test_ev),
+            storage_bits("nps", T, n, cand.k).paper_bits,
+            cand.as_dict(),
+        )
     from npstune.merge import get_method, merge
 
     spec = get_method(name)
@@ -155,34 +220,68 @@ def _baseline(name: str, cfg: SearchConfig, obj: Objective, test_ev: Any) -> Row
     state = merge(p.base_path, p.model_paths, name, params).state
     assert state is not None
     k = getattr(params, "k", None)
-    bits = storage_bits(fam, T, n, k if FAMILIES.get(name) == "sparse" else None).paper_bits
-    label = name + "".join(f" {a}={v:g}" for a, v in params.model_dump().items()
-                           if isinstance(v, float))
-    return Row(name, label, obj.score_state(state, CALIBRATION),
-               obj.score_state(state, TEST, test_ev), bits, params.model_dump())
+    bits = storage_bits(
+        fam, T, n, k if FAMILIES.get(name) == "sparse" else None
+    ).paper_bits
+    label = name + "".join(
+        f" {a}={v:g}" for a, v in params.model_dump().items() if isinstance(v, float)
+    )
+    return Row(
+        name,
+        label,
+        obj.score_state(state, CALIBRATION),
+        obj.score_state(state, TEST, test_ev),
+        bits,
+        params.model_dump(),
+    )
 
 
-def _best_info(cfg: SearchConfig, payload: ObjectivePayload, best: TrialRecord,
-               cand: Candidate, test: dict[str, float]) -> dict[str, Any]:
+def _best_info(
+    cfg: SearchConfig,
+    payload: ObjectivePayload,
+    best: TrialRecord,
+    cand: Candidate,
+    test: dict[str, float],
+) -> dict[str, Any]:
     info: dict[str, Any] = {
-        "search": cfg.name, "use": cfg.use, "trial_id": best.trial_id,
-        "generation": best.generation + 1, "params": best.params, "candidate": cand.as_dict(),
-        "tasks": payload.vector_tasks, "subspaces": cfg.nps.subspaces,
-        "calibration": best.metrics, "test": test,
+        "search": cfg.name,
+        "use": cfg.use,
+        "trial_id": best.trial_id,
+        "generation": best.generation + 1,
+        "params": best.params,
+        "candidate": cand.as_dict(),
+        "tasks": payload.vector_tasks,
+        "subspaces": cfg.nps.subspaces,
+        "calibration": best.metrics,
+        "test": test,
     }
     if len(set(cand.lam)) == 1:
         rows = cand.weights if cfg.nps.weights.per_task else cand.weights[:1]
         weights = ",".join(repr(float(w)) for row in rows for w in row)
-        info["merge_command"] = " ".join([
-            "npstune merge --method nps", "--base", shlex.quote(payload.base_path), "--models",
-            *map(shlex.quote, payload.model_paths), f"--k {cand.k!r}",
-            f"--lam {cand.lam[0]!r}", f"--subspaces {cfg.nps.subspaces}",
-            f"--weights {weights}", "--out OUT"])
+        info["merge_command"] = " ".join(
+            [
+                "npstune merge --method nps",
+                "--base",
+                shlex.quote(payload.base_path),
+                "--models",
+                *map(shlex.quote, payload.model_paths),
+                f"--k {cand.k!r}",
+                f"--lam {cand.lam[0]!r}",
+                f"--subspaces {cfg.nps.subspaces}",
+                f"--weights {weights}",
+                "--out OUT",
+            ]
+        )
     return info
 
 
-def _save_model(cfg: SearchConfig, payload: ObjectivePayload, obj: Objective,
-                cand: Candidate, out: Path) -> Path:
+def _save_model(
+    cfg: SearchConfig,
+    payload: ObjectivePayload,
+    obj: Objective,
+    cand: Candidate,
+    out: Path,
+) -> Path:
     from npstune.checkpoints import CheckpointWriter, open_checkpoint
 
     if payload.use == "compression":
@@ -193,16 +292,30 @@ def _save_model(cfg: SearchConfig, payload: ObjectivePayload, obj: Objective,
             return out
         dest = out / "best_store"
         weights = [w for row in cand.weights for w in row]
-        compress(payload.base_path, payload.model_paths, dest, "nps",
-                 {"k": cand.k, "lam": cand.lam[0], "subspaces": cfg.nps.subspaces,
-                  "weights": weights})
+        compress(
+            payload.base_path,
+            payload.model_paths,
+            dest,
+            "nps",
+            {
+                "k": cand.k,
+                "lam": cand.lam[0],
+                "subspaces": cfg.nps.subspaces,
+                "weights": weights,
+            },
+        )
         return dest
     base = open_checkpoint(payload.base_path)
     _, state = next(iter(obj.states(cand)))
     specs = {k: (base.shape(k), base.dtype(k)) for k in base.keys()}
     suffix = {"safetensors": ".safetensors", "torch": ".pt"}.get(base.form, "")
-    dest = out / f"best_model{suffix}"  # the base's form: HF dir, sharded dir or one file
-    meta = {"npstune_method": "nps-search", "npstune_candidate": json.dumps(cand.as_dict())}
+    dest = (
+        out / f"best_model{suffix}"
+    )  # the base's form: HF dir, sharded dir or one file
+    meta = {
+        "npstune_method": "nps-search",
+        "npstune_candidate": json.dumps(cand.as_dict()),
+    }
     with CheckpointWriter(dest, base, specs, meta) as w:
         for k in sorted(specs):
             w.write(k, state[k].to(specs[k][1]).contiguous())

@@ -2,8 +2,8 @@
 
 Ray: an embedded local instance by default (``ray.init(address="local")`` on this
 machine's CPUs); under ``ray job submit`` or with ``RAY_ADDRESS`` set, the running
-cluster. Trials ask for ``cpus_per_trial`` CPUs and, when the cluster has GPUs, a share of
-one; asking for GPUs the cluster lacks fails at once instead of waiting forever.
+cluster. Trials ask for ``cpus_per_trial`` CPUs and, when the cluster has GPUs, a share
+of one; asking for GPUs the cluster lacks fails at once instead of waiting forever.
 
 Output directory (``output_dir``, default ``runs/<name>``)::
 
@@ -93,28 +93,33 @@ class RunInfo:
         os.replace(tmp, path)
 
 
-def run_search(cfg: SearchConfig, *, resume: bool = False, echo: Echo | None = None
-               ) -> SearchOutcome:
+def run_search(
+    cfg: SearchConfig, *, resume: bool = False, echo: Echo | None = None
+) -> SearchOutcome:
     """Run (or resume) the search ``cfg`` describes; see the module docstring."""
     say: Echo = echo or logger.info
     t_start = time.perf_counter()
     out = cfg.out.resolve()
     state_dir = out / "state"
     if not resume and state_dir.exists():
-        say(f"starting a new search in {out} (use --resume to continue the previous one)")
+        say(f"starting a new search in {out} (--resume continues the previous one)")
         shutil.rmtree(state_dir)
         shutil.rmtree(out / "ray", ignore_errors=True)
     state_dir.mkdir(parents=True, exist_ok=True)
     run = RunInfo.load(state_dir / "run.json") or RunInfo(uuid.uuid4().hex[:12])
     run.attempts += 1
-    (out / "search.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    (out / "search.yaml").write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    )
 
     zoo = ensure_zoo(cfg, say) if cfg.zoo else None
     payload = build_payload(cfg, zoo, say)
     space = payload.space
     population = cfg.search.population or space.default_population()
     concurrency = cfg.resources.concurrency or population  # the one place it is set
-    searcher = make_searcher(cfg.search.backend, space, cfg.search, population, concurrency)
+    searcher = make_searcher(
+        cfg.search.backend, space, cfg.search, population, concurrency
+    )
     inner = getattr(searcher, "searcher", searcher)
     ckpt = state_dir / "searcher.pkl"
     if resume and ckpt.is_file():
@@ -123,7 +128,11 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, echo: Echo | None = N
     elif resume:
         say("no finished generation to resume from: starting at generation 1")
     start_gen = inner.generation
-    ledger = Ledger.load(state_dir / "ledger.json") if resume else Ledger(state_dir / "ledger.json")
+    ledger = (
+        Ledger.load(state_dir / "ledger.json")
+        if resume
+        else Ledger(state_dir / "ledger.json")
+    )
     ledger.truncate(start_gen)
 
     tracker = _tracker(cfg, run, say) if cfg.tracking.enabled else None
@@ -138,15 +147,29 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, echo: Echo | None = N
     try:
         t_search = time.perf_counter()
         if start_gen < cfg.search.generations:
-            say(f"searching: backend {cfg.search.backend}, {space.dim} parameters, population "
-                f"{population}, generations {start_gen + 1}..{cfg.search.generations}, "
-                f"concurrency {concurrency}")
-            _tune(cfg, payload, searcher, ledger, population, concurrency, run, out,
-                  tracker, say)
+            say(
+                f"searching: backend {cfg.search.backend}, {space.dim} parameters, "
+                f"population {population}, generations "
+                f"{start_gen + 1}..{cfg.search.generations}, concurrency {concurrency}"
+            )
+            _tune(
+                cfg,
+                payload,
+                searcher,
+                ledger,
+                population,
+                concurrency,
+                run,
+                out,
+                tracker,
+                say,
+            )
         search_s = time.perf_counter() - t_search
         if inner.generation < cfg.search.generations:
-            raise SearchError(f"the search stopped after generation {inner.generation} of "
-                              f"{cfg.search.generations}; rerun with --resume")
+            raise SearchError(
+                f"the search stopped after generation {inner.generation} of "
+                f"{cfg.search.generations}; rerun with --resume"
+            )
         report = final_report(cfg, payload, ledger, zoo, out, say)
         files = _plots(ledger, report, out, say)
         if tracker is not None:
@@ -159,9 +182,18 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, echo: Echo | None = N
         if tracker is not None:
             tracker.finish(status)
     best = ledger.best()
-    return SearchOutcome(cfg, out, report, best, len(ledger.generations), len(ledger.records),
-                         time.perf_counter() - t_start, search_s,
-                         tracker.run_id if tracker else None, start_gen)
+    return SearchOutcome(
+        cfg,
+        out,
+        report,
+        best,
+        len(ledger.generations),
+        len(ledger.records),
+        time.perf_counter() - t_start,
+        search_s,
+        tracker.run_id if tracker else None,
+        start_gen,
+    )
 
 
 def ensure_zoo(cfg: SearchConfig, say: Echo) -> Any:
@@ -178,28 +210,43 @@ def ensure_zoo(cfg: SearchConfig, say: Echo) -> Any:
 def _tracker(cfg: SearchConfig, run: RunInfo, say: Echo) -> Any:
     from npstune.tracking import MlflowTracker
 
-    t = MlflowTracker(cfg.tracking.uri, cfg.experiment, cfg.name, run.mlflow_run_id)
-    say(f"MLflow: {'continuing' if t.continued else 'new'} run {t.run_id} in experiment "
-        f"{cfg.experiment!r} at {cfg.tracking.uri}")
+    t = MlflowTracker(cfg.tracking_uri, cfg.experiment, cfg.name, run.mlflow_run_id)
+    say(
+        f"MLflow: {'continuing' if t.continued else 'new'} run {t.run_id} in "
+        f"experiment {cfg.experiment!r} at {cfg.tracking_uri}"
+    )
     return t
 
 
-def _parent_params(cfg: SearchConfig, payload: ObjectivePayload, population: int,
-                   concurrency: int) -> dict[str, Any]:
+def _parent_params(
+    cfg: SearchConfig, payload: ObjectivePayload, population: int, concurrency: int
+) -> dict[str, Any]:
     return {
-        "use": cfg.use, "backend": cfg.search.backend, "population": population,
-        "generations": cfg.search.generations, "seed": cfg.search.seed,
-        "sigma0": cfg.search.sigma0, "penalty": cfg.search.penalty,
-        "subspaces": cfg.nps.subspaces, "weights_per_task": cfg.nps.weights.per_task,
+        "use": cfg.use,
+        "backend": cfg.search.backend,
+        "population": population,
+        "generations": cfg.search.generations,
+        "seed": cfg.search.seed,
+        "sigma0": cfg.search.sigma0,
+        "penalty": cfg.search.penalty,
+        "subspaces": cfg.nps.subspaces,
+        "weights_per_task": cfg.nps.weights.per_task,
         "k": cfg.nps.k if isinstance(cfg.nps.k, float) else cfg.nps.k.model_dump_json(),
-        "lam": cfg.nps.lam if isinstance(cfg.nps.lam, float) else cfg.nps.lam.model_dump_json(),
-        "dim": payload.space.dim, "tasks": ",".join(payload.vector_tasks),
-        "n": payload.n, "concurrency": concurrency, "zoo": cfg.zoo,
-        "cpus_per_trial": cfg.resources.cpus_per_trial, "source": cfg.source,
+        "lam": cfg.nps.lam
+        if isinstance(cfg.nps.lam, float)
+        else cfg.nps.lam.model_dump_json(),
+        "dim": payload.space.dim,
+        "tasks": ",".join(payload.vector_tasks),
+        "n": payload.n,
+        "concurrency": concurrency,
+        "zoo": cfg.zoo,
+        "cpus_per_trial": cfg.resources.cpus_per_trial,
+        "source": cfg.source,
     }
 
 
-# ----------------------------------------------------------------------------------- Ray
+# -----------------------------------------------------------------------------------
+# Ray
 def connect_ray(say: Echo | None = None) -> bool:
     """Connect to Ray: the running cluster under a Ray job / ``RAY_ADDRESS``, otherwise
     a fresh local instance on this machine's CPUs. True if this call started it."""
@@ -214,13 +261,20 @@ def connect_ray(say: Echo | None = None) -> bool:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        say(f"Ray: connected to the cluster at {address} "
+        say(
+            f"Ray: connected to the cluster at {address} "
             f"({ray.cluster_resources().get('CPU', 0):g} CPUs, "
-            f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
+            f"{ray.cluster_resources().get('GPU', 0):g} GPUs)"
+        )
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count() or 1,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
         say(f"Ray: started a local instance on {os.cpu_count()} CPUs")
     return True
 
@@ -232,23 +286,37 @@ def trial_resources(cfg: SearchConfig, concurrency: int) -> dict[str, float]:
     have = ray.cluster_resources()
     cpus, gpus = cfg.resources.cpus_per_trial, cfg.resources.gpus_per_trial
     if cpus > have.get("CPU", 0):
-        raise SearchError(f"resources.cpus_per_trial {cpus:g} exceeds the Ray cluster's "
-                          f"{have.get('CPU', 0):g} CPUs; lower it")
+        raise SearchError(
+            f"resources.cpus_per_trial {cpus:g} exceeds the Ray cluster's "
+            f"{have.get('CPU', 0):g} CPUs; lower it"
+        )
     n_gpu = have.get("GPU", 0.0)
     if gpus == "auto":
         gpus = min(1.0, n_gpu / concurrency) if n_gpu else 0.0
     elif gpus > 0 and n_gpu == 0:
-        raise SearchError(f"resources.gpus_per_trial {gpus:g} requested but the Ray cluster "
-                          "has no GPU; set gpus_per_trial: 0 (or auto)")
+        raise SearchError(
+            f"resources.gpus_per_trial {gpus:g} requested but the Ray cluster "
+            "has no GPU; set gpus_per_trial: 0 (or auto)"
+        )
     elif gpus > n_gpu:
-        raise SearchError(f"resources.gpus_per_trial {gpus:g} exceeds the cluster's "
-                          f"{n_gpu:g} GPUs")
+        raise SearchError(
+            f"resources.gpus_per_trial {gpus:g} exceeds the cluster's {n_gpu:g} GPUs"
+        )
     return {"cpu": cpus, "gpu": gpus}
 
 
-def _tune(cfg: SearchConfig, payload: ObjectivePayload, searcher: Any, ledger: Ledger,
-          population: int, concurrency: int, run: RunInfo, out: Path, tracker: Any,
-          say: Echo) -> None:
+def _tune(
+    cfg: SearchConfig,
+    payload: ObjectivePayload,
+    searcher: Any,
+    ledger: Ledger,
+    population: int,
+    concurrency: int,
+    run: RunInfo,
+    out: Path,
+    tracker: Any,
+    say: Echo,
+) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then prints nothing
     started = connect_ray(say)
     import ray
@@ -256,24 +324,41 @@ def _tune(cfg: SearchConfig, payload: ObjectivePayload, searcher: Any, ledger: L
 
     try:
         res = trial_resources(cfg, concurrency)
-        handle = ObjectiveHandle(run.search_id, (ray.put(payload),),
-                                 max(1, int(cfg.resources.cpus_per_trial)))
-        trainable = tune.with_resources(tune.with_parameters(run_trial, handle=handle), res)
+        handle = ObjectiveHandle(
+            run.search_id,
+            (ray.put(payload),),
+            max(1, int(cfg.resources.cpus_per_trial)),
+        )
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, handle=handle), res
+        )
         ckpt = out / "state" / "searcher.pkl"
         monitor = SearchMonitor(
-            space=payload.space, population=population, generations=cfg.search.generations,
-            penalty=cfg.search.penalty, ledger=ledger,
+            space=payload.space,
+            population=population,
+            generations=cfg.search.generations,
+            penalty=cfg.search.penalty,
+            ledger=ledger,
             checkpoint=lambda: searcher.save(str(ckpt)),
-            sinks=[tracker] if tracker is not None else [], echo=say)
+            sinks=[tracker] if tracker is not None else [],
+            echo=say,
+        )
         tuner = tune.Tuner(
-            trainable, param_space={},
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
-                                        reuse_actors=True,
-                                        trial_dirname_creator=lambda t: t.trial_id),
+            trainable,
+            param_space={},
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                num_samples=-1,
+                reuse_actors=True,
+                trial_dirname_creator=lambda t: t.trial_id,
+            ),
             run_config=tune.RunConfig(
-                name=f"tune-{run.attempts}", storage_path=str(out / "ray"), verbose=0,
+                name=f"tune-{run.attempts}",
+                storage_path=str(out / "ray"),
+                verbose=0,
                 callbacks=[monitor],
-                failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures)),
+                failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
+            ),
         )
         tuner.fit()
     finally:
@@ -289,13 +374,17 @@ def _plots(ledger: Ledger, report: Report, out: Path, say: Echo) -> list[Path]:
         return []
     mag = report.row("magnitude")
     ref = mag.calibration.get("objective") if mag else None
-    files = [convergence_plot(ledger, out / "convergence.png", reference=ref),
-             accuracy_storage_plot(ledger, report.rows, out / "accuracy_vs_storage.png")]
+    files = [
+        convergence_plot(ledger, out / "convergence.png", reference=ref),
+        accuracy_storage_plot(ledger, report.rows, out / "accuracy_vs_storage.png"),
+    ]
     report.files.update(convergence=str(files[0]), accuracy_vs_storage=str(files[1]))
     return files
 
 
-def _log_final(tracker: Any, cfg: SearchConfig, report: Report, plots: list[Path]) -> None:
+def _log_final(
+    tracker: Any, cfg: SearchConfig, report: Report, plots: list[Path]
+) -> None:
     metrics: dict[str, float] = {}
     for row in report.rows:
         for split, vals in (("calibration", row.calibration), ("test", row.test)):
@@ -304,12 +393,24 @@ def _log_final(tracker: Any, cfg: SearchConfig, report: Report, plots: list[Path
                 metrics[f"{split}_objective/{row.method}"] = v
     nps = report.row("nps")
     if nps is not None:
-        metrics.update({f"test_{k}": v for k, v in nps.test.items()
-                        if k in ("objective", "accuracy", "h_score", "normalized_accuracy")})
-        metrics.update({f"test_{k}": v for k, v in nps.test.items() if k.startswith("acc/")})
-        metrics["best_calibration_objective"] = nps.calibration.get("objective", float("nan"))
+        metrics.update(
+            {
+                f"test_{k}": v
+                for k, v in nps.test.items()
+                if k in ("objective", "accuracy", "h_score", "normalized_accuracy")
+            }
+        )
+        metrics.update(
+            {f"test_{k}": v for k, v in nps.test.items() if k.startswith("acc/")}
+        )
+        metrics["best_calibration_objective"] = nps.calibration.get(
+            "objective", float("nan")
+        )
     tracker.log_metrics(metrics)
     files = [Path(cfg.source)] if cfg.source else []
-    files += plots + [Path(report.files[k]) for k in ("results_md", "results_json",
-                                                       "best_candidate") if k in report.files]
+    files += plots + [
+        Path(report.files[k])
+        for k in ("results_md", "results_json", "best_candidate")
+        if k in report.files
+    ]
     tracker.log_artifacts(files)

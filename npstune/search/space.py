@@ -3,15 +3,16 @@
 A file says what NPS searches (subspace weights w, optionally the keep ratio k and the
 scaling λ, shared or per task), for which use (fusion, transfer, compression), on which
 models (a zoo size, or a base and fine-tuned checkpoint paths) and evaluator, with which
-backend, budget, seed, resources and tracking store. Unknown keys, bounds with low > high,
-missing models are :class:`~npstune.errors.ConfigError` with a one-line message.
+backend, budget, seed, resources and tracking store. Unknown keys, bounds with low >
+high, missing models are :class:`~npstune.errors.ConfigError` with a one-line message.
 
 Two conveniences keep the ablation files short: ``extends: other.yaml`` deep-merges this
-file over another one (paths relative to this file), and ``sweep: {dotted.key: [values]}``
-expands into one config per combination (:func:`load_configs`).
+file over another one (paths relative to this file), and ``sweep: {dotted.key:
+[values]}`` expands into one config per combination (:func:`load_configs`).
 
-:class:`ParamSpace` maps the searched quantities to a flat vector: CMA-ES works in the unit
-box ``[0, 1]^n`` (so one ``sigma0`` fits every parameter), trials get natural values.
+:class:`ParamSpace` maps the searched quantities to a flat vector: CMA-ES works in the
+unit box ``[0, 1]^n`` (so one ``sigma0`` fits every parameter), trials get natural
+values.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ Backend = Literal["cma", "nevergrad"]
 METRIC = "objective"
 MODE = "max"
 
-#: Baselines in the final table when a file names none (DESIGN §8 CLI defaults for params).
+#: Baselines in the final table when a file names none (params: DESIGN §8 defaults).
 DEFAULT_BASELINES: dict[str, list[str]] = {
     "fusion": ["pretrained", "individual", "task-arithmetic", "ties", "magnitude"],
     "transfer": ["pretrained", "individual", "magnitude"],
@@ -104,7 +106,9 @@ class NpsSpec(_Frozen):
         for name, v, lo, hi in (("k", self.k, 0.0, 1.0), ("lam", self.lam, 0.0, 10.0)):
             vals = [v] if isinstance(v, (int, float)) else [v.low, v.high]
             if any(not (lo < x <= hi if name == "k" else lo <= x <= hi) for x in vals):
-                raise ValueError(f"{name} must lie in {'(0, 1]' if name == 'k' else '[0, 10]'}")
+                raise ValueError(
+                    f"{name} must lie in {'(0, 1]' if name == 'k' else '[0, 10]'}"
+                )
         return self
 
 
@@ -201,11 +205,15 @@ class SearchConfig(_Frozen):
     @model_validator(mode="after")
     def _check(self) -> SearchConfig:
         if self.zoo is None and (not self.base or not self.models):
-            raise ValueError("missing model: give zoo: small|full, or base: and models:")
+            raise ValueError(
+                "missing model: give zoo: small|full, or base: and models:"
+            )
         if self.evaluator.kind == "zoo" and self.zoo is None:
             raise ValueError("evaluator kind zoo needs zoo: small|full")
         if (self.use == "transfer") != (self.transfer is not None):
-            raise ValueError("use transfer needs a transfer: section (and only it does)")
+            raise ValueError(
+                "use transfer needs a transfer: section (and only it does)"
+            )
         if self.models is not None and len(self.models) == 0:
             raise ValueError("missing model: models is empty")
         if self.nps.lam_per_task and isinstance(self.nps.lam, (int, float)):
@@ -222,11 +230,21 @@ class SearchConfig(_Frozen):
         return self.tracking.experiment or self.name
 
     @property
+    def tracking_uri(self) -> str:
+        """``tracking.uri`` if the file sets it, else ``$MLFLOW_TRACKING_URI``, else
+        ``sqlite:///mlflow.db`` (so a cluster job can point at a server without
+        edits)."""
+        if "uri" in self.tracking.model_fields_set:
+            return self.tracking.uri
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.uri
+
+    @property
     def baselines(self) -> list[str]:
         return list(self.report.baselines or DEFAULT_BASELINES[self.use])
 
     def with_overrides(self, **values: Any) -> SearchConfig:
-        """A copy with dotted keys replaced (``search.backend="nevergrad"``), validated."""
+        """A copy with dotted keys replaced (``search.backend="nevergrad"``),
+        validated."""
         data = self.model_dump(mode="json")
         for key, v in values.items():
             _set_dotted(data, key.replace("__", "."), v)
@@ -240,7 +258,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such search-space file") from None
     except (OSError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = (
+            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        )
         raise ConfigError(f"{path}: not valid YAML ({first})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
@@ -278,7 +298,9 @@ def _validate(data: dict[str, Any], where: str) -> SearchConfig:
     except ValidationError as exc:
         problems = []
         for e in exc.errors():
-            loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("float", "Bounds")))
+            loc = ".".join(
+                str(x) for x in e["loc"] if not str(x).startswith(("float", "Bounds"))
+            )
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "extra_forbidden":
                 msg = "unknown key"
@@ -297,8 +319,12 @@ def load_configs(path: str | Path, **overrides: Any) -> list[SearchConfig]:
     data.setdefault("name", path.stem)
     data["source"] = str(path)
     sweep = data.pop("sweep", None) or {}
-    if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
-        raise ConfigError(f"{path}: sweep: expected a mapping of dotted keys to value lists")
+    if not isinstance(sweep, dict) or not all(
+        isinstance(v, list) and v for v in sweep.values()
+    ):
+        raise ConfigError(
+            f"{path}: sweep: expected a mapping of dotted keys to value lists"
+        )
     for key, v in overrides.items():
         if v is not None:
             _set_dotted(data, key, v)
@@ -323,7 +349,9 @@ def load_config(path: str | Path, **overrides: Any) -> SearchConfig:
     """The single search a file describes (ConfigError if it holds a sweep)."""
     cfgs = load_configs(path, **overrides)
     if len(cfgs) != 1:
-        raise ConfigError(f"{path}: holds a sweep of {len(cfgs)} searches; use load_configs")
+        raise ConfigError(
+            f"{path}: holds a sweep of {len(cfgs)} searches; use load_configs"
+        )
     return cfgs[0]
 
 
@@ -351,20 +379,26 @@ class Param:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One NPS candidate: a weight row per task vector, keep ratio, λ per task vector."""
+    """One NPS candidate: a weight row per task vector, keep ratio, λ per task
+    vector."""
 
     weights: tuple[tuple[float, ...], ...]
     k: float
     lam: tuple[float, ...]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"weights": [list(r) for r in self.weights], "k": self.k, "lam": list(self.lam)}
+        return {
+            "weights": [list(r) for r in self.weights],
+            "k": self.k,
+            "lam": list(self.lam),
+        }
 
 
 class ParamSpace:
     """The searched quantities of ``nps`` over ``tasks`` task vectors as a flat vector.
 
-    Names: ``w{m}`` (shared) or ``t{t}_w{m}`` (per task), ``k``, ``lam`` or ``t{t}_lam``.
+    Names: ``w{m}`` (shared) or ``t{t}_w{m}`` (per task), ``k``, ``lam`` or
+    ``t{t}_lam``.
     """
 
     def __init__(self, nps: NpsSpec, tasks: int) -> None:
@@ -374,7 +408,9 @@ class ParamSpace:
         rows = range(tasks) if ws.per_task else [None]
         for t in rows:
             prefix = "" if t is None else f"t{t}_"
-            params += [Param(f"{prefix}w{m}", ws.low, ws.high, ws.init) for m in range(M)]
+            params += [
+                Param(f"{prefix}w{m}", ws.low, ws.high, ws.init) for m in range(M)
+            ]
         if isinstance(nps.k, Bounds):
             params.append(Param("k", nps.k.low, nps.k.high, nps.k.start))
         if isinstance(nps.lam, Bounds):
@@ -414,13 +450,19 @@ class ParamSpace:
         """Natural values (a trial's config) -> the candidate they describe."""
         M, nps = self.nps.subspaces, self.nps
         if nps.weights.per_task:
-            rows = [tuple(float(config[f"t{t}_w{m}"]) for m in range(M)) for t in range(self.tasks)]
+            rows = [
+                tuple(float(config[f"t{t}_w{m}"]) for m in range(M))
+                for t in range(self.tasks)
+            ]
         else:
             rows = [tuple(float(config[f"w{m}"]) for m in range(M))] * self.tasks
         k = float(config["k"]) if isinstance(nps.k, Bounds) else float(nps.k)
         if isinstance(nps.lam, Bounds):
-            lam = (tuple(float(config[f"t{t}_lam"]) for t in range(self.tasks))
-                   if nps.lam_per_task else (float(config["lam"]),) * self.tasks)
+            lam = (
+                tuple(float(config[f"t{t}_lam"]) for t in range(self.tasks))
+                if nps.lam_per_task
+                else (float(config["lam"]),) * self.tasks
+            )
         else:
             lam = (float(nps.lam),) * self.tasks
         return Candidate(tuple(rows), k, lam)
@@ -428,7 +470,9 @@ class ParamSpace:
     def baseline(self) -> Candidate:
         """Plain magnitude pruning at the start k and λ: every weight 1."""
         c = self.candidate(self.init_config())
-        return Candidate(tuple((1.0,) * self.nps.subspaces for _ in range(self.tasks)), c.k, c.lam)
+        return Candidate(
+            tuple((1.0,) * self.nps.subspaces for _ in range(self.tasks)), c.k, c.lam
+        )
 
     def params_of(self, config: Mapping[str, Any]) -> dict[str, float]:
         """Only the searched values of a trial config (drops bookkeeping keys)."""

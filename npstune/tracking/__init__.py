@@ -15,11 +15,15 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 
 
 def ui_command(uri: str) -> str:
-    """How to open the MLflow UI on ``uri``."""
+    """How to open the MLflow UI on ``uri`` (a server's URL is opened as it is)."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-def __getattr__(name: str) -> Any:  # lazy: importing npstune.tracking does not import mlflow
+def __getattr__(
+    name: str,
+) -> Any:  # lazy: importing npstune.tracking does not import mlflow
     if name in ("MlflowTracker", "log_benchmark"):
         from npstune.tracking import mlflow_tracker
 

@@ -1,11 +1,12 @@
 """MLflow tracking of a search: a parent run per search, a child run per trial.
 
 Parent run: the search's settings as params, the search-space file, ``best_so_far``,
-``generation_best`` and ``generation_mean`` with ``step = generation``, and at the end the
-best candidate's test metrics and the artifacts (plots, results table, best candidate).
-Child run per trial: its parameters (w, k, λ), generation, calibration metrics and
-storage bits. A resumed search continues its parent run (its id is kept in the search's
-state directory) and deletes the child runs of the generation that was lost.
+``generation_best`` and ``generation_mean`` with ``step = generation``, and at the end
+the best candidate's test metrics and the artifacts (plots, results table, best
+candidate). Child run per trial: its parameters (w, k, λ), generation, calibration
+metrics and storage bits. A resumed search continues its parent run (its id is kept in
+the search's state directory) and deletes the child runs of the generation that was
+lost.
 """
 
 from __future__ import annotations
@@ -44,20 +45,27 @@ class MlflowTracker:
         run_id: an existing parent run to continue (a resumed search), or None.
     """
 
-    def __init__(self, uri: str, experiment: str, run_name: str,
-                 run_id: str | None = None) -> None:
+    def __init__(
+        self, uri: str, experiment: str, run_name: str, run_id: str | None = None
+    ) -> None:
         self.uri = uri
         self.client = _client(uri)
         try:
             exp = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = (exp.experiment_id if exp is not None
-                                  else self.client.create_experiment(experiment))
+            self.experiment_id = (
+                exp.experiment_id
+                if exp is not None
+                else self.client.create_experiment(experiment)
+            )
         except Exception as exc:  # MLflow raises many types for a bad store
-            raise SearchError(f"MLflow tracking store {uri}: {exc}".splitlines()[0]) from exc
+            raise SearchError(
+                f"MLflow tracking store {uri}: {exc}".splitlines()[0]
+            ) from exc
         self.run_id = self._continue(run_id) if run_id else None
         if self.run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                         tags={"npstune.kind": "search"})
+            run = self.client.create_run(
+                self.experiment_id, run_name=run_name, tags={"npstune.kind": "search"}
+            )
             self.run_id = run.info.run_id
         self.continued = run_id is not None and self.run_id == run_id
 
@@ -65,14 +73,17 @@ class MlflowTracker:
         try:
             run = self.client.get_run(run_id)
         except Exception:
-            logger.warning("MLflow run %s not found in %s: starting a new one", run_id, self.uri)
+            logger.warning(
+                "MLflow run %s not found in %s: starting a new one", run_id, self.uri
+            )
             return None
         if run.info.lifecycle_stage == "deleted":
             return None
         self.client.update_run(run_id, status="RUNNING")
         return run_id
 
-    # -- search events -------------------------------------------------------------------
+    # -- search events
+    # -------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Parameters of the parent run (a continued run keeps the values it has)."""
         from mlflow.entities import Param
@@ -80,7 +91,7 @@ class MlflowTracker:
         have = self.client.get_run(self.run_id).data.params
         new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
         for i in range(0, len(new), 100):
-            self.client.log_batch(self.run_id, params=new[i:i + 100])
+            self.client.log_batch(self.run_id, params=new[i : i + 100])
 
     def discard_from(self, generation: int) -> int:
         """Delete child runs of generations >= ``generation`` (lost when killed)."""
@@ -97,8 +108,12 @@ class MlflowTracker:
         out, token = [], None
         while True:
             page = self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}'",
-                max_results=1000, page_token=token, order_by=["attributes.start_time ASC"])
+                [self.experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}'",
+                max_results=1000,
+                page_token=token,
+                order_by=["attributes.start_time ASC"],
+            )
             out.extend(page)
             token = page.token
             if not token:
@@ -107,40 +122,57 @@ class MlflowTracker:
     def on_trial(self, record: Any) -> None:
         from mlflow.entities import Metric, Param
 
-        tags = {PARENT_TAG: self.run_id, GEN_TAG: str(record.generation),
-                "npstune.trial_id": record.trial_id, "npstune.status": record.status}
-        run = self.client.create_run(self.experiment_id, tags=tags,
-                                     run_name=f"g{record.generation:03d}-{record.index:02d}")
+        tags = {
+            PARENT_TAG: self.run_id,
+            GEN_TAG: str(record.generation),
+            "npstune.trial_id": record.trial_id,
+            "npstune.status": record.status,
+        }
+        run = self.client.create_run(
+            self.experiment_id,
+            tags=tags,
+            run_name=f"g{record.generation:03d}-{record.index:02d}",
+        )
         ts = int(time.time() * 1000)
         params = [Param(k, f"{v:.6g}") for k, v in record.params.items()]
         params.append(Param("generation", str(record.generation)))
-        metrics = [Metric(k, v, ts, 0) for k, v in record.metrics.items() if math.isfinite(v)]
+        metrics = [
+            Metric(k, v, ts, 0) for k, v in record.metrics.items() if math.isfinite(v)
+        ]
         metrics.append(Metric("value", record.value, ts, 0))
         self.client.log_batch(run.info.run_id, metrics=metrics, params=params)
-        self.client.set_terminated(run.info.run_id,
-                                   "FINISHED" if record.status == "ok" else "FAILED")
+        self.client.set_terminated(
+            run.info.run_id, "FINISHED" if record.status == "ok" else "FAILED"
+        )
 
     def on_generation(self, summary: Any, ledger: Any) -> None:
         from mlflow.entities import Metric
 
         ts, g = int(time.time() * 1000), summary.generation
-        self.client.log_batch(self.run_id, metrics=[
-            Metric("best_so_far", summary.best_so_far, ts, g),
-            Metric("generation_best", summary.best, ts, g),
-            Metric("generation_mean", summary.mean, ts, g),
-            Metric("generation_failed", float(summary.failed), ts, g),
-            Metric("generation_wall_s", summary.wall_s, ts, g),
-        ])
+        self.client.log_batch(
+            self.run_id,
+            metrics=[
+                Metric("best_so_far", summary.best_so_far, ts, g),
+                Metric("generation_best", summary.best, ts, g),
+                Metric("generation_mean", summary.mean, ts, g),
+                Metric("generation_failed", float(summary.failed), ts, g),
+                Metric("generation_wall_s", summary.wall_s, ts, g),
+            ],
+        )
 
-    # -- end -----------------------------------------------------------------------------
+    # -- end
+    # -----------------------------------------------------------------------------
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        ms = [Metric(k, float(v), ts, 0) for k, v in metrics.items()
-              if isinstance(v, (int, float)) and math.isfinite(v)]
+        ms = [
+            Metric(k, float(v), ts, 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(v)
+        ]
         for i in range(0, len(ms), 500):
-            self.client.log_batch(self.run_id, metrics=ms[i:i + 500])
+            self.client.log_batch(self.run_id, metrics=ms[i : i + 500])
 
     def log_artifacts(self, paths: Iterable[Path]) -> None:
         for p in paths:
@@ -151,18 +183,24 @@ class MlflowTracker:
         self.client.set_terminated(self.run_id, status)
 
 
-def log_benchmark(name: str, params: Mapping[str, Any] | None = None,
-                  metrics: Mapping[str, float] | None = None,
-                  artifacts: Iterable[str | Path] = (), *, uri: str | None = None,
-                  experiment: str = "npstune-benchmarks") -> str:
+def log_benchmark(
+    name: str,
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    artifacts: Iterable[str | Path] = (),
+    *,
+    uri: str | None = None,
+    experiment: str = "npstune-benchmarks",
+) -> str:
     """One finished MLflow run for a benchmark (``uri``: ``$MLFLOW_TRACKING_URI`` or
     ``sqlite:///mlflow.db``); returns its run id."""
     import os
 
     from npstune.tracking import DEFAULT_URI
 
-    tr = MlflowTracker(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI,
-                       experiment, name)
+    tr = MlflowTracker(
+        uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI, experiment, name
+    )
     tr.client.set_tag(tr.run_id, "npstune.kind", "benchmark")
     tr.log_params(params or {})
     tr.log_metrics(metrics or {})

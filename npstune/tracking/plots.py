@@ -20,24 +20,55 @@ def _pyplot() -> Any:
     return plt
 
 
-def convergence_plot(ledger: Any, path: Path, *, reference: float | None = None,
-                     reference_label: str = "NPS w=1 (magnitude)",
-                     metric: str = "objective") -> Path:
-    """Every trial's calibration value by generation, the generation best and the best so far."""
+def convergence_plot(
+    ledger: Any,
+    path: Path,
+    *,
+    reference: float | None = None,
+    reference_label: str = "NPS w=1 (magnitude)",
+    metric: str = "objective",
+) -> Path:
+    """Every trial's calibration value by generation, the generation best and the best
+    so far."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     ok = [r for r in ledger.records if r.status == "ok"]
     bad = [r for r in ledger.records if r.status != "ok"]
-    ax.scatter([r.generation + 1 for r in ok], [r.value for r in ok], s=10, c="0.65",
-               label="trials")
+    ax.scatter(
+        [r.generation + 1 for r in ok],
+        [r.value for r in ok],
+        s=10,
+        c="0.65",
+        label="trials",
+    )
     if bad:
-        ax.scatter([r.generation + 1 for r in bad], [r.value for r in bad], s=14, c="tab:red",
-                   marker="x", label="failed (penalty)")
+        ax.scatter(
+            [r.generation + 1 for r in bad],
+            [r.value for r in bad],
+            s=14,
+            c="tab:red",
+            marker="x",
+            label="failed (penalty)",
+        )
     gens = ledger.generations
     if gens:
         xs = [g.generation + 1 for g in gens]
-        ax.plot(xs, [g.best for g in gens], "o-", c="tab:blue", ms=3, label="generation best")
-        ax.plot(xs, [g.best_so_far for g in gens], "-", c="tab:green", lw=2, label="best so far")
+        ax.plot(
+            xs,
+            [g.best for g in gens],
+            "o-",
+            c="tab:blue",
+            ms=3,
+            label="generation best",
+        )
+        ax.plot(
+            xs,
+            [g.best_so_far for g in gens],
+            "-",
+            c="tab:green",
+            lw=2,
+            label="best so far",
+        )
     if reference is not None:
         ax.axhline(reference, ls="--", c="tab:orange", label=reference_label)
     from matplotlib.ticker import MaxNLocator
@@ -53,20 +84,29 @@ def convergence_plot(ledger: Any, path: Path, *, reference: float | None = None,
     return path
 
 
-def accuracy_storage_plot(ledger: Any, rows: Sequence[Any], path: Path,
-                          metric: str = "objective") -> Path:
-    """Calibration value against the paper's storage bits: trials and the table's rows."""
+def accuracy_storage_plot(
+    ledger: Any, rows: Sequence[Any], path: Path, metric: str = "objective"
+) -> Path:
+    """Calibration value against the paper's storage bits: trials and the table's
+    rows."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     ok = [r for r in ledger.records if r.status == "ok" and "storage_bits" in r.metrics]
     if ok:
-        ax.scatter([r.metrics["storage_bits"] / 8e6 for r in ok], [r.value for r in ok], s=10,
-                   c="0.65", label="NPS trials")
+        ax.scatter(
+            [r.metrics["storage_bits"] / 8e6 for r in ok],
+            [r.value for r in ok],
+            s=10,
+            c="0.65",
+            label="NPS trials",
+        )
     for i, row in enumerate(rows):
         cal = row.calibration.get(metric) if row.calibration else None
         if cal is None:
             continue
-        ax.scatter([row.bits / 8e6], [cal], s=40, marker="o^sDvP*"[i % 7], label=row.label)
+        ax.scatter(
+            [row.bits / 8e6], [cal], s=40, marker="o^sDvP*"[i % 7], label=row.label
+        )
     ax.set_xscale("log")
     ax.set_xlabel("storage (MB, paper accounting)")
     ax.set_ylabel(f"calibration {metric}")

@@ -1,5 +1,6 @@
-"""Search backends: a name -> a factory ``make(space, settings, population, concurrency)``
-returning a ``ray.tune.search.Searcher`` (STYLE §5), imported on first use.
+"""Search backends: a name -> a factory ``make(space, settings, population,
+concurrency)`` returning a ``ray.tune.search.Searcher`` (STYLE §5), imported on first
+use.
 
 Both backends hand out one *generation* (``population`` candidates) at a time, tag each
 trial config with ``generation`` and ``index``, give failed or non-finite trials the
@@ -21,11 +22,14 @@ BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def make_searcher(name: str, space: Any, settings: Any, population: int,
-                  concurrency: int) -> Any:
+def make_searcher(
+    name: str, space: Any, settings: Any, population: int, concurrency: int
+) -> Any:
     """The searcher of backend ``name`` (ConfigError for an unknown name)."""
     if name not in BACKENDS:
-        raise ConfigError(f"unknown backend {name!r}; valid: {', '.join(sorted(BACKENDS))}")
+        raise ConfigError(
+            f"unknown backend {name!r}; valid: {', '.join(sorted(BACKENDS))}"
+        )
     target, needs = BACKENDS[name]
     for pkg in needs:
         try:
@@ -33,8 +37,9 @@ def make_searcher(name: str, space: Any, settings: Any, population: int,
         except ImportError:
             raise missing("search", pkg) from None
     module, attr = target.split(":")
-    return getattr(importlib.import_module(module), attr)(space, settings, population,
-                                                         concurrency)
+    return getattr(importlib.import_module(module), attr)(
+        space, settings, population, concurrency
+    )
 
 
 __all__ = ["BACKENDS", "make_searcher"]

@@ -1,12 +1,13 @@
 """CMA-ES (pycma ask/tell) behind a Ray Tune ``Searcher``: one candidate per trial.
 
 CMA-ES works in the unit box ``[0, 1]^n`` of :class:`~npstune.search.space.ParamSpace`
-(pycma's ``BoundTransform`` keeps candidates inside), so ``sigma0`` is a fraction of every
-parameter's range. A generation is asked when its first trial is requested, handed out one
-candidate per trial, and told when its last trial finishes; failed, NaN or ±inf trials
-get ``penalty``, so a generation always completes. Each generation is sampled under its
-own seed (``seed``, generation), so a search restored from :meth:`save` asks exactly the
-candidates the uninterrupted one would have, whatever else used numpy's global RNG.
+(pycma's ``BoundTransform`` keeps candidates inside), so ``sigma0`` is a fraction of
+every parameter's range. A generation is asked when its first trial is requested, handed
+out one candidate per trial, and told when its last trial finishes; failed, NaN or ±inf
+trials get ``penalty``, so a generation always completes. Each generation is sampled
+under its own seed (``seed``, generation), so a search restored from :meth:`save` asks
+exactly the candidates the uninterrupted one would have, whatever else used numpy's
+global RNG.
 """
 
 from __future__ import annotations
@@ -43,16 +44,32 @@ def seeded(seed: int, generation: int) -> Iterator[None]:
 class CmaSearcher(Searcher):
     """Generational CMA-ES; metric/mode are given here only (never to TuneConfig)."""
 
-    def __init__(self, space: ParamSpace, *, population: int, sigma0: float, seed: int,
-                 generations: int, penalty: float = 0.0, max_concurrent: int | None = None,
-                 metric: str = METRIC, mode: str = MODE) -> None:
+    def __init__(
+        self,
+        space: ParamSpace,
+        *,
+        population: int,
+        sigma0: float,
+        seed: int,
+        generations: int,
+        penalty: float = 0.0,
+        max_concurrent: int | None = None,
+        metric: str = METRIC,
+        mode: str = MODE,
+    ) -> None:
         super().__init__(metric=metric, mode=mode)
         self.space = space
         self.population, self.seed, self.generations = population, seed, generations
         self.penalty = float(penalty)
         self.max_concurrent = max_concurrent or population
-        opts = {"bounds": [0.0, 1.0], "popsize": population, "seed": seed, "verbose": -9,
-                "verb_disp": 0, "verb_log": 0}
+        opts = {
+            "bounds": [0.0, 1.0],
+            "popsize": population,
+            "seed": seed,
+            "verbose": -9,
+            "verb_disp": 0,
+            "verb_log": 0,
+        }
         with seeded(seed, -1):
             self.es = cma.CMAEvolutionStrategy(list(space.x0()), sigma0, opts)
         self.generation = 0  # finished (told) generations
@@ -65,11 +82,15 @@ class CmaSearcher(Searcher):
         self._values: dict[int, float] = {}
         self._live_trial_mapping: dict[str, int] = {}  # trial_id -> index in generation
 
-    # -- Searcher API ----------------------------------------------------------------------
-    def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
-                              **spec: Any) -> bool:
+    # -- Searcher API
+    # ----------------------------------------------------------------------
+    def set_search_properties(
+        self, metric: str | None, mode: str | None, config: dict, **spec: Any
+    ) -> bool:
         if config:
-            raise SearchError("the cma backend owns its search space; pass param_space={}")
+            raise SearchError(
+                "the cma backend owns its search space; pass param_space={}"
+            )
         self._metric = metric or self._metric
         self._mode = mode or self._mode
         return True
@@ -84,15 +105,23 @@ class CmaSearcher(Searcher):
         if self._asked is None:
             with seeded(self.seed, self.generation):
                 self._asked = [np.asarray(x, dtype=float) for x in self.es.ask()]
-        if self._next >= len(self._asked) or len(self._live_trial_mapping) >= self.max_concurrent:
+        if (
+            self._next >= len(self._asked)
+            or len(self._live_trial_mapping) >= self.max_concurrent
+        ):
             return None  # wait for this generation to finish
         i = self._next
         self._next += 1
         self._live_trial_mapping[trial_id] = i
-        return {**self.space.from_unit(self._asked[i]), "generation": self.generation, "index": i}
+        return {
+            **self.space.from_unit(self._asked[i]),
+            "generation": self.generation,
+            "index": i,
+        }
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                          error: bool = False) -> None:
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
         i = self._live_trial_mapping.pop(trial_id, None)
         if i is None:
             return
@@ -122,27 +151,52 @@ class CmaSearcher(Searcher):
     def _better(self, a: float, b: float) -> bool:
         return a > b if self._mode == "max" else a < b
 
-    # -- state -----------------------------------------------------------------------------
+    # -- state
+    # -----------------------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
         """Versioned state: the strategy and the bookkeeping of finished generations.
 
-        A generation in flight is not part of it: restoring re-asks it (same candidates).
+        A generation in flight is not part of it: restoring re-asks it (same
+        candidates).
         """
-        return {"version": STATE_VERSION, "backend": "cma", "names": list(self.space.names),
-                "population": self.population, "seed": self.seed, "es": self.es,
-                "generation": self.generation, "best": self.best,
-                "metric": self._metric, "mode": self._mode}
+        return {
+            "version": STATE_VERSION,
+            "backend": "cma",
+            "names": list(self.space.names),
+            "population": self.population,
+            "seed": self.seed,
+            "es": self.es,
+            "generation": self.generation,
+            "best": self.best,
+            "metric": self._metric,
+            "mode": self._mode,
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION or state.get("backend") != "cma":
-            raise SearchError(f"searcher state is not a cma v{STATE_VERSION} state "
-                              f"(got {state.get('backend')} v{state.get('version')})")
-        if state["names"] != list(self.space.names) or state["population"] != self.population:
-            raise SearchError("searcher state belongs to another search space or population;"
-                              " start without --resume")
-        self.es, self.generation, self.best = state["es"], state["generation"], state["best"]
+            raise SearchError(
+                f"searcher state is not a cma v{STATE_VERSION} state "
+                f"(got {state.get('backend')} v{state.get('version')})"
+            )
+        if (
+            state["names"] != list(self.space.names)
+            or state["population"] != self.population
+        ):
+            raise SearchError(
+                "searcher state belongs to another search space or population;"
+                " start without --resume"
+            )
+        self.es, self.generation, self.best = (
+            state["es"],
+            state["generation"],
+            state["best"],
+        )
         _rebind_randn(self.es)
-        self.seed, self._metric, self._mode = state["seed"], state["metric"], state["mode"]
+        self.seed, self._metric, self._mode = (
+            state["seed"],
+            state["metric"],
+            state["mode"],
+        )
         self._reset_generation()
 
     def save(self, checkpoint_path: str) -> None:
@@ -152,7 +206,9 @@ class CmaSearcher(Searcher):
         try:
             state = pickle.loads(Path(checkpoint_path).read_bytes())
         except (OSError, pickle.UnpicklingError, EOFError) as exc:
-            raise SearchError(f"{checkpoint_path}: unreadable searcher state ({exc})") from exc
+            raise SearchError(
+                f"{checkpoint_path}: unreadable searcher state ({exc})"
+            ) from exc
         self.set_state(state)
 
 
@@ -178,8 +234,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def make(space: ParamSpace, settings: Any, population: int, concurrency: int) -> CmaSearcher:
+def make(
+    space: ParamSpace, settings: Any, population: int, concurrency: int
+) -> CmaSearcher:
     """The ``cma`` backend: concurrency is enforced by the searcher itself."""
-    return CmaSearcher(space, population=population, sigma0=settings.sigma0,
-                       seed=settings.seed, generations=settings.generations,
-                       penalty=settings.penalty, max_concurrent=concurrency)
+    return CmaSearcher(
+        space,
+        population=population,
+        sigma0=settings.sigma0,
+        seed=settings.seed,
+        generations=settings.generations,
+        penalty=settings.penalty,
+        max_concurrent=concurrency,
+    )

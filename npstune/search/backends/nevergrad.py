@@ -4,8 +4,8 @@ The parametrization is the unit box of :class:`~npstune.search.space.ParamSpace`
 ``ng.p.Array`` with bounds [0, 1], mutation sigma = ``sigma0``), seeded with ``seed``.
 :class:`GenerationalNevergradSearch` adds what the product needs on top of Ray's class:
 one generation (``population`` asks) in flight at a time, the penalty for failed or
-non-finite trials (Ray's class drops errors and tells NaN), ``generation``/``index`` tags,
-natural values in trial configs, and a versioned state. It is wrapped in a
+non-finite trials (Ray's class drops errors and tells NaN), ``generation``/``index``
+tags, natural values in trial configs, and a versioned state. It is wrapped in a
 ``ConcurrencyLimiter`` (``batch=False``: the searcher already waits for its generation).
 """
 
@@ -29,28 +29,52 @@ STATE_VERSION = 1
 
 
 class GenerationalNevergradSearch(NevergradSearch):
-    """``NevergradSearch`` asking and telling one generation at a time (see module doc)."""
+    """``NevergradSearch`` asking and telling one generation at a time (see module
+    doc)."""
 
-    def __init__(self, space: ParamSpace, *, population: int, sigma0: float, seed: int,
-                 generations: int, penalty: float = 0.0, metric: str = METRIC,
-                 mode: str = MODE) -> None:
-        param = ng.p.Array(init=space.x0(), lower=0.0, upper=1.0).set_mutation(sigma=sigma0)
+    def __init__(
+        self,
+        space: ParamSpace,
+        *,
+        population: int,
+        sigma0: float,
+        seed: int,
+        generations: int,
+        penalty: float = 0.0,
+        metric: str = METRIC,
+        mode: str = MODE,
+    ) -> None:
+        param = ng.p.Array(init=space.x0(), lower=0.0, upper=1.0).set_mutation(
+            sigma=sigma0
+        )
         param.random_state = np.random.RandomState(seed)
         opt = ng.optimizers.ParametrizedCMA(popsize=population)(
-            parametrization=param, budget=population * generations)
+            parametrization=param, budget=population * generations
+        )
         self.names = list(space.names)
-        super().__init__(optimizer=opt, space=[f"x{i}" for i in range(space.dim)],
-                         metric=metric, mode=mode)
+        super().__init__(
+            optimizer=opt,
+            space=[f"x{i}" for i in range(space.dim)],
+            metric=metric,
+            mode=mode,
+        )
         self.ps = space
-        self.population, self.generations, self.penalty = population, generations, penalty
+        self.population, self.generations, self.penalty = (
+            population,
+            generations,
+            penalty,
+        )
         self.generation = 0
         self._asked_in_gen = self._done_in_gen = 0
         self._index: dict[str, int] = {}
 
-    def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
-                              **spec: Any) -> bool:
+    def set_search_properties(
+        self, metric: str | None, mode: str | None, config: dict, **spec: Any
+    ) -> bool:
         if config:
-            raise SearchError("the nevergrad backend owns its search space; pass param_space={}")
+            raise SearchError(
+                "the nevergrad backend owns its search space; pass param_space={}"
+            )
         return True
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
@@ -64,8 +88,9 @@ class GenerationalNevergradSearch(NevergradSearch):
         self._asked_in_gen += 1
         return {**self.ps.from_unit(x), "generation": self.generation, "index": i}
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                          error: bool = False) -> None:
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
         if trial_id not in self._live_trial_mapping:
             return
         raw = None if error or not result else result.get(self._metric)
@@ -84,17 +109,26 @@ class GenerationalNevergradSearch(NevergradSearch):
             self._asked_in_gen = self._done_in_gen = 0
 
     def get_state(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "backend": "nevergrad", "names": self.names,
-                "population": self.population, "optimizer": self._nevergrad_opt,
-                "generation": self.generation}
+        return {
+            "version": STATE_VERSION,
+            "backend": "nevergrad",
+            "names": self.names,
+            "population": self.population,
+            "optimizer": self._nevergrad_opt,
+            "generation": self.generation,
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION or state.get("backend") != "nevergrad":
-            raise SearchError(f"searcher state is not a nevergrad v{STATE_VERSION} state "
-                              f"(got {state.get('backend')} v{state.get('version')})")
+            raise SearchError(
+                f"searcher state is not a nevergrad v{STATE_VERSION} state "
+                f"(got {state.get('backend')} v{state.get('version')})"
+            )
         if state["names"] != self.names or state["population"] != self.population:
-            raise SearchError("searcher state belongs to another search space or population;"
-                              " start without --resume")
+            raise SearchError(
+                "searcher state belongs to another search space or population;"
+                " start without --resume"
+            )
         self._nevergrad_opt, self.generation = state["optimizer"], state["generation"]
         self._asked_in_gen = self._done_in_gen = 0
         self._live_trial_mapping, self._index = {}, {}
@@ -106,14 +140,22 @@ class GenerationalNevergradSearch(NevergradSearch):
         try:
             state = pickle.loads(Path(checkpoint_path).read_bytes())
         except (OSError, pickle.UnpicklingError, EOFError) as exc:
-            raise SearchError(f"{checkpoint_path}: unreadable searcher state ({exc})") from exc
+            raise SearchError(
+                f"{checkpoint_path}: unreadable searcher state ({exc})"
+            ) from exc
         self.set_state(state)
 
 
-def make(space: ParamSpace, settings: Any, population: int,
-         concurrency: int) -> ConcurrencyLimiter:
+def make(
+    space: ParamSpace, settings: Any, population: int, concurrency: int
+) -> ConcurrencyLimiter:
     """The ``nevergrad`` backend, wrapped in a ConcurrencyLimiter."""
-    inner = GenerationalNevergradSearch(space, population=population, sigma0=settings.sigma0,
-                                        seed=settings.seed, generations=settings.generations,
-                                        penalty=settings.penalty)
+    inner = GenerationalNevergradSearch(
+        space,
+        population=population,
+        sigma0=settings.sigma0,
+        seed=settings.seed,
+        generations=settings.generations,
+        penalty=settings.penalty,
+    )
     return ConcurrencyLimiter(inner, max_concurrent=concurrency, batch=False)
