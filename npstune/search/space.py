@@ -296,16 +296,28 @@ def _validate(data: dict[str, Any], where: str) -> SearchConfig:
     try:
         return SearchConfig.model_validate(data)
     except ValidationError as exc:
-        problems = []
+        found: dict[str, list[tuple[str, str]]] = {}
         for e in exc.errors():
-            loc = ".".join(
-                str(x) for x in e["loc"] if not str(x).startswith(("float", "Bounds"))
-            )
+            # drop union-branch names (float, Bounds, function-after[...]) from the path
+            parts = [str(x) for x in e["loc"]]
+            loc = ".".join(p for p in parts if not _BRANCH.match(p)) or "config"
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "extra_forbidden":
                 msg = "unknown key"
-            problems.append(f"{loc or 'config'}: {msg}")
+            found.setdefault(loc, []).append((e["type"], msg))
+        problems = []
+        for loc, errs in found.items():
+            # a mapping given where "a number or {low, high}" is allowed: the number
+            # branch's complaint is noise next to the mapping's own problem
+            keep = [m for t, m in errs if not (len(errs) > 1 and t in _NOISE)] or [
+                errs[0][1]
+            ]
+            problems += [f"{loc}: {m}" for m in keep]
         raise ConfigError(f"{where}: " + "; ".join(dict.fromkeys(problems))) from None
+
+
+_BRANCH = re.compile(r"^(float|int|str|bool|Bounds|constrained-\w+|[a-z-]+\[.*\])$")
+_NOISE = {"float_type", "float_parsing", "int_type", "int_parsing", "literal_error"}
 
 
 def load_configs(path: str | Path, **overrides: Any) -> list[SearchConfig]:
