@@ -30,7 +30,7 @@ def test_minimal_zoo_config_defaults(tmp_path):
     assert cfg.search.backend == "cma" and cfg.search.seed == 1
     assert cfg.search.sigma0 == pytest.approx(1 / 6)
     assert cfg.tracking.uri == "sqlite:///mlflow.db"
-    assert cfg.out == Path("runs/my-search")
+    assert cfg.out == Path("npstune_runs/my-search")
     assert cfg.baselines == [
         "pretrained",
         "individual",

@@ -5,7 +5,7 @@ machine's CPUs); under ``ray job submit`` or with ``RAY_ADDRESS`` set, the runni
 cluster. Trials ask for ``cpus_per_trial`` CPUs and, when the cluster has GPUs, a share
 of one; asking for GPUs the cluster lacks fails at once instead of waiting forever.
 
-Output directory (``output_dir``, default ``runs/<name>``)::
+Output directory (``output_dir``, default ``npstune_runs/<name>``)::
 
     state/        run.json (search id, MLflow run id), ledger.json, searcher.pkl
     ray/          Ray Tune's storage (one experiment per attempt)

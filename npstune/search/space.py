@@ -222,8 +222,8 @@ class SearchConfig(_Frozen):
 
     @property
     def out(self) -> Path:
-        """The output directory (``runs/<name>`` unless given)."""
-        return Path(self.output_dir or f"runs/{self.name}")
+        """The output directory (``npstune_runs/<name>`` unless given)."""
+        return Path(self.output_dir or f"npstune_runs/{self.name}")
 
     @property
     def experiment(self) -> str:
@@ -344,7 +344,7 @@ def load_configs(path: str | Path, **overrides: Any) -> list[SearchConfig]:
         return [_check_paths(_validate(data, str(path)), path)]
     out = []
     keys = list(sweep)
-    out_dir = data.get("output_dir") or f"runs/{data['name']}"
+    out_dir = data.get("output_dir") or f"npstune_runs/{data['name']}"
     data.setdefault("tracking", {}).setdefault("experiment", data["name"])
     for combo in itertools.product(*(sweep[k] for k in keys)):
         variant = copy.deepcopy(data)
