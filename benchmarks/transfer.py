@@ -7,9 +7,11 @@ hyperparameters, a fresh head) -> θ_new; τ = θ_new − θ_pre'. Each method a
 θ_pre' + λ·prune(τ) at k = 0.05, λ (and DAREx's q, NPS's w) chosen on the calibration
 split's H-score = 2·A_old·A_new / (A_old + A_new); numbers are on the test split.
 
-Rows: θ_pre', full fine-tuning (θ_new), magnitude, DARE, DAREx-q and NPS with subspace
-weights from a tiny grid. The Ray Tune NPS search is not used here: its zoo evaluator
-scores the target with the zoo's head, not the head trained with θ_new (see the notes).
+Rows: θ_pre', full fine-tuning (θ_new), magnitude, DARE, DAREx-q and NPS searched (w and
+λ by CMA-ES on the calibration H-score). The NPS search runs in this process (the
+``nps-transfer.yaml`` space, :class:`npstune.search.Objective` and the cma backend driven
+directly), not through Ray Tune: the search's zoo evaluator would score the new task with
+the zoo's head, while here it must use the head trained with θ_new.
 
 Run: ``python -m benchmarks.transfer [--zoo small|full] [--quick]`` or ``npstune bench transfer``.
 """
@@ -31,17 +33,9 @@ from benchmarks.zoo_setup import ZooBench
 
 NAME = "transfer"
 K = 0.05
-SUBSPACES = 8
 LAM_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 LAM_GRID_QUICK = (1.0, 2.0)
-# NPS subspace weights (M = 8): w = 1 is magnitude; lowering the top subspaces lets
-# entries of the next ones into the top-k; raising the lower ones does it harder.
-W_GRID = {
-    "w1=0.75": [0.75] + [1.0] * (SUBSPACES - 1),
-    "w1=0.5": [0.5] + [1.0] * (SUBSPACES - 1),
-    "w1,2=0.5": [0.5, 0.5] + [1.0] * (SUBSPACES - 2),
-    "linear 0.5..1.5": [0.5 + i / (SUBSPACES - 1) for i in range(SUBSPACES)],
-}
+SEARCH_SPACE = Path(__file__).resolve().parent.parent / "searchspaces" / "nps-transfer.yaml"
 QUICK_TRAIN = 128
 
 
@@ -79,7 +73,58 @@ def finetune_target(bench: ZooBench, pre: dict[str, torch.Tensor], target: str,
     return new, res, info
 
 
-def run(bench: ZooBench, k: float = K) -> tuple[list[dict[str, Any]], list[str], dict[str, Any]]:
+def nps_search(bench: ZooBench, pre_path: Path, new_path: Path, old: list[str], target: str,
+               k: float, generations: int | None, population: int | None, out: Path
+               ) -> tuple[dict[str, torch.Tensor], float, str, int]:
+    """CMA-ES over (w, λ) of NPS on τ = θ_new − θ_pre', scored in this process by the
+    calibration H-score with ``bench.cal`` (which holds the new head).
+
+    Returns (best state, its calibration H-score, a description, evaluations)."""
+    from npstune.search import Objective, build_payload, load_config
+    from npstune.search.backends import make_searcher
+    from npstune.search.objective import CALIBRATION
+    from npstune.search.space import METRIC
+
+    o: dict[str, Any] = {
+        "zoo": bench.size, "base": str(pre_path), "models": [str(new_path)],
+        "tasks": [target], "transfer.target": target, "transfer.pre_tasks": list(old),
+        "nps.k": k, "tracking.enabled": False, "output_dir": str(out),
+        "evaluator.calibration_examples": bench.cal_n or 1,  # unused: bench.cal scores
+    }
+    if bench.quick:
+        o.update({"search.generations": 1, "search.population": 4})
+    if generations:
+        o["search.generations"] = generations
+    if population:
+        o["search.population"] = population
+    cfg = load_config(SEARCH_SPACE, **o)
+    obj = Objective(build_payload(cfg, bench.zoo))
+    pop = cfg.search.population or obj.space.default_population()
+    searcher = make_searcher(cfg.search.backend, obj.space, cfg.search, pop, pop)
+    evals = 0
+    while True:
+        trial = f"t{evals}"
+        config = searcher.suggest(trial)
+        if not isinstance(config, dict):  # FINISHED (or None: cannot happen serially)
+            break
+        metrics = obj.score(obj.space.candidate(config), CALIBRATION, bench.cal)
+        bench.evals += 1
+        evals += 1
+        searcher.on_trial_complete(trial, {METRIC: metrics["objective"]})
+    assert searcher.best is not None
+    value, params = searcher.best
+    cand = obj.space.candidate(params)
+    state: dict[str, torch.Tensor] = {}
+    for _, st in obj.states(cand):  # views of reused buffers: copy
+        state = {key: v.clone() for key, v in st.items()}
+    w = ",".join(f"{x:.2f}" for x in cand.weights[0])
+    desc = (f"{evals} evals ({cfg.search.generations} gen × {pop}); w=[{w}] "
+            f"λ={cand.lam[0]:.3g} k={cand.k:g} M={cfg.nps.subspaces}")
+    return state, value, desc, evals
+
+
+def run(bench: ZooBench, k: float = K, generations: int | None = None,
+        population: int | None = None) -> tuple[list[dict[str, Any]], list[str], dict[str, Any]]:
     """All rows of the transfer table, plus notes and facts for the run record."""
     from npstune.checkpoints import write_state_dict
     from npstune.merge import merge
@@ -89,7 +134,6 @@ def run(bench: ZooBench, k: float = K) -> tuple[list[dict[str, Any]], list[str],
     tasks = bench.tasks
     old, target = tasks[:-1], tasks[-1]
     lam_grid = LAM_GRID_QUICK if bench.quick else LAM_GRID
-    w_grid = dict(list(W_GRID.items())[:1]) if bench.quick else W_GRID
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     tmp = Path(tempfile.mkdtemp(prefix="npstune-bench-transfer-"))
@@ -150,15 +194,12 @@ def run(bench: ZooBench, k: float = K) -> tuple[list[dict[str, Any]], list[str],
         add("darex-q", f"q={ch.value:.3g} λ={lam_dare} k={k}", ch.state, t0, ch.score)
 
         t0 = time.perf_counter()
-        best = None
-        for label, w in w_grid.items():
-            c = choose_lambda(plan, "nps", cal_h,
-                              {"k": k, "subspaces": SUBSPACES, "weights": w}, lam_grid)
-            if best is None or c.score > best[1].score:
-                best = (label, c)
-        assert best is not None
-        add("nps (w grid)", f"{best[0]} λ={best[1].value} k={k} M={SUBSPACES}", best[1].state,
-            t0, best[1].score)
+        try:
+            st, val, desc, n_evals = nps_search(bench, pre_path, new_path, old, target, k,
+                                                generations, population, tmp / "search")
+            add("nps (searched)", desc, st, t0, val)
+        except ImportError as exc:  # the search extra (cma) is not installed
+            notes.append(f"NPS (searched) skipped: {exc}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -170,13 +211,13 @@ def run(bench: ZooBench, k: float = K) -> tuple[list[dict[str, Any]], list[str],
         "the calibration H-score; the numbers are test accuracy",
         "old_acc = mean over the old tasks (zoo heads); new_acc = the new task with its new "
         "head; average = (old_acc + new_acc)/2; h_score = 2·old·new/(old + new)",
-        "NPS here picks w from a tiny grid of subspace-weight profiles "
-        f"({', '.join(w_grid)}; w = 1 is the magnitude row), not the CMA-ES search: the "
-        "search's zoo evaluator would score the new task with the zoo's head, not the head "
-        "trained with θ_new",
+        "NPS (searched): CMA-ES over the 8 subspace weights and λ (nps-transfer.yaml "
+        "bounds) on the calibration H-score, run in-process with the new head (the Ray "
+        "search's zoo evaluator would use the zoo's head for the new task); magnitude = "
+        "NPS with w = 1",
     ]
     facts = {"target": target, "old_tasks": old, "k": k, "lam_grid": list(lam_grid),
-             "w_grid": w_grid, "setup_s": round(setup_s, 1), **info}
+             "search_space": SEARCH_SPACE.name, "setup_s": round(setup_s, 1), **info}
     return rows, notes, facts
 
 
@@ -184,11 +225,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.transfer")
     ZooBench.add_arguments(ap)
     ap.add_argument("--k", type=float, default=K, help="keep ratio of the pruned rows")
+    ap.add_argument("--generations", type=int, default=None, help="NPS search generations")
+    ap.add_argument("--population", type=int, default=None, help="NPS search population")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     bench = ZooBench.from_args(args)
-    rows, notes, facts = run(bench, args.k)
+    rows, notes, facts = run(bench, args.k, args.generations, args.population)
     metrics = {f"h_{r['method'].split()[0].replace(chr(39), '')}": r["h_score"] for r in rows}
     report(args.name or NAME, {f"Transfer, {bench.size} zoo (test accuracy)": rows},
            meta={**bench.meta(), **facts}, notes=notes + bench.notes()[:1], started=started,
