@@ -238,6 +238,20 @@ def test_killed_build_resumes_and_never_reports_broken(micro_cache, tmp_path, mo
     assert z.manifest["status"] == "built"
 
 
+@pytest.mark.slow
+def test_changed_task_list_reuses_built_tasks(micro_cache, tmp_path, monkeypatch):
+    cache = _copy(micro_cache, tmp_path / "c")
+    other = MICRO.model_copy(update={"size": "micro2", "tasks": ("wordnet-24",)})
+    assert other.hash != MICRO.hash
+    assert other.task_hash("wordnet-24") == MICRO.task_hash("wordnet-24")
+    assert MICRO.model_copy(update={"epochs": 2}).task_hash("wordnet-24") != MICRO.task_hash("wordnet-24")
+    monkeypatch.setattr(zbuild, "_build_task", lambda *a, **k: pytest.fail("retrained"))
+    z = build_zoo(other, cache_dir=cache, progress=False)
+    assert z.tasks == ["wordnet-24"]
+    assert z.manifest["tasks"]["wordnet-24"]["reused_from"].startswith("micro-")
+    load_zoo(other, cache_dir=cache, verify=True)
+
+
 # ---- the real small zoo --------------------------------------------------------------------
 @pytest.mark.slow
 def test_small_zoo_splits_disjoint_and_sized(small_zoo):

