@@ -65,7 +65,7 @@ def run(bench: ZooBench, search: bool = True) -> tuple[list[dict[str, Any]], lis
         t0 = time.perf_counter()
         try:
             st = merge(plan.base, plan.models, method, data=bench.zoo_data()).state
-            add(method, "256 calibration ex.", bench.test(st), t0)
+            add(method, f"{bench.cal_n or 256} calibration ex./task", bench.test(st), t0)
         except Exception as exc:  # noqa: BLE001 - a table row must say why it is missing
             notes.append(f"{method} failed: {exc}")
 
