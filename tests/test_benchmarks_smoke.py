@@ -1,0 +1,118 @@
+"""Smoke tests of the benchmark modules on the small zoo: ``--quick`` runs whose written
+JSON tables are checked for shape and invariants (never timings). One test per module."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+QUICK = ["--zoo", "small", "--quick", "--calibration", "32", "--test", "64"]
+
+
+@pytest.fixture
+def no_mlflow(monkeypatch):
+    monkeypatch.setenv("NPSTUNE_BENCH_NO_MLFLOW", "1")
+
+
+def _load(out: Path, name: str) -> dict:
+    data = json.loads((out / f"{name}.json").read_text())
+    assert (out / f"{name}.md").is_file()
+    assert data["name"] == name and data["machine"]["cores"] >= 1 and data["wall_s"] > 0
+    return data
+
+
+def _unit(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and 0.0 <= v <= 1.0
+
+
+# ---- transfer ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_transfer_quick(small_zoo, no_mlflow, tmp_path):
+    from benchmarks import transfer
+
+    transfer.main([*QUICK, "--out-dir", str(tmp_path)])
+    data = _load(tmp_path, "transfer")
+    (title, rows), = data["sections"].items()
+    assert "Transfer" in title
+    methods = [r["method"] for r in rows]
+    assert methods == ["pretrained' (TIES of old)", "full fine-tuning", "magnitude", "dare",
+                       "darex-q", "nps (searched)"]
+    tasks = data["tasks"]
+    assert data["target"] == tasks[-1] and data["old_tasks"] == tasks[:-1]
+    for r in rows:
+        for c in [*tasks, "old_acc", "new_acc", "average", "h_score"]:
+            assert _unit(r[c]), (r["method"], c, r[c])
+        lo, hi = sorted((r["old_acc"], r["new_acc"]))
+        assert lo - 1e-9 <= r["h_score"] <= hi + 1e-9
+        assert r["average"] == pytest.approx((lo + hi) / 2)
+        assert r["old_acc"] == pytest.approx(sum(r[t] for t in tasks[:-1]) / (len(tasks) - 1))
+        assert r["new_acc"] == pytest.approx(r[tasks[-1]])
+        assert r["calibration_h"] is None or _unit(r["calibration_h"])
+
+
+# ---- ablations --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ablations_quick(small_zoo, no_mlflow, tmp_path):
+    from benchmarks import ablations
+
+    # One sweep keeps the smoke short (each search starts fresh Ray trial actors): the
+    # backend sweep covers both optimizers; the others run the same code path.
+    ablations.main([*QUICK, "--sweep", "backend", "--out-dir", str(tmp_path)])
+    data = _load(tmp_path, "ablations")
+    summary, runs = data["sections"].values()
+    assert [r["value"] for r in summary] == ["cma", "nevergrad"]  # quick: 2 values
+    assert {r["sweep"] for r in summary} == {"backend"}
+    assert len(runs) == 2 and {r["seed"] for r in runs} == {1}  # quick: one seed
+    for r in summary:
+        assert r["seeds"] == 1 and r["calibration_std"] == 0 and r["test_std"] == 0
+        for c in ("calibration_mean", "test_mean", "magnitude_test"):
+            assert _unit(r[c]), (r["sweep"], r["value"], c, r[c])
+        assert r["trials"] == 4  # quick: one generation of 4
+
+
+@pytest.mark.slow
+def test_ablation_variants_quick(small_zoo, tmp_path):
+    """Every sweep file gives 2 values x 1 seed in quick mode (no search run)."""
+    from benchmarks.ablations import SWEEPS, _get, variants
+    from benchmarks.zoo_setup import ZooBench
+
+    bench = ZooBench("small", quick=True, calibration=32, test=64)
+    for sweep, (_, key) in SWEEPS.items():
+        cfgs = variants(bench, sweep, tmp_path, None, None, None)
+        assert len(cfgs) == 2, sweep
+        assert len({_get(c, key) for c in cfgs}) == 2
+        assert all(c.search.seed == 1 and c.search.generations == 1
+                   and c.search.population == 4 and c.zoo == "small" for c in cfgs)
+        assert all(c.evaluator.calibration_examples == 32 for c in cfgs)
+
+
+# ---- search_cost ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_search_cost_quick(small_zoo, no_mlflow, tmp_path):
+    from benchmarks import search_cost
+
+    search_cost.main([*QUICK, "--out-dir", str(tmp_path)])
+    data = _load(tmp_path, "search_cost")
+    summary, trial, direct, gens = data["sections"].values()
+    (s,) = summary
+    assert s["evaluations"] == s["population"] * s["generations"] == 8
+    assert 1 <= s["evals_to_99pct"] <= s["evaluations"]
+    assert _unit(s["best_calibration"]) and 0 <= s["build_share"] <= 1
+    assert s["total_wall_s"] >= s["search_s"] > 0
+    assert [r["quantity"].split(",")[0] for r in trial[:2]] == ["build (fuse + add)", "evaluate"]
+    for r in trial + direct:
+        assert r["count"] > 0 and 0 <= r["min_s"] <= r["mean_s"] <= r["max_s"]
+    assert [g["generation"] for g in gens] == [1, 2]
+    assert gens[1]["best_so_far"] >= gens[0]["best_so_far"]
+    assert all(_unit(g["best"]) for g in gens)
+
+
+def test_evals_to_fraction():
+    from benchmarks.search_cost import evals_to_fraction
+
+    assert evals_to_fraction([]) is None
+    assert evals_to_fraction([0.5, 0.6, 0.7, 0.7]) == 3
+    assert evals_to_fraction([0.9, 0.5, 0.905]) == 1  # 0.9 >= 0.99 * 0.905
