@@ -6,7 +6,8 @@ Everything a candidate does not change is built once, in the driver, into an
 computed once per task vector), the base's tensors, and the evaluator with its
 calibration data tokenized. The payload travels once through Ray's object store; each
 worker process keeps the :class:`Objective` built from it in a module-level cache keyed
-by the search id, so trials on reused actors start at once.
+by the search id (:mod:`npstune.search.trial`), so trials on reused actors start at
+once.
 
 A candidate costs one ``fuse`` (threshold lookup + scatter of the kept entries), one add
 onto the base, and the evaluation. Uses (DESIGN §2):
@@ -394,61 +395,3 @@ class Objective:
             tasks = self.p.eval_tasks if self.p.use == "transfer" else [task]
             accs.update(evaluate_many(ev, state, tasks, split))
         return accs
-
-
-# ------------------------------------------------------------------- per-worker caching
-_CACHE: dict[str, Objective] = {}
-
-
-@dataclass(frozen=True)
-class ObjectiveHandle:
-    """What a trial receives: the search id and the payload's object-store reference.
-
-    The reference sits inside a tuple so fetching the handle does not fetch the payload;
-    :meth:`objective` fetches it only on a cache miss (once per worker process).
-    """
-
-    search_id: str
-    refs: tuple[Any, ...]
-    threads: int = 1
-
-    def objective(self) -> Objective:
-        obj = _CACHE.get(self.search_id)
-        if obj is None:
-            import ray
-
-            payload = ray.get(self.refs[0])
-            if torch.cuda.is_available() and ray.get_gpu_ids():
-                payload.evaluator = _on_gpu(payload.evaluator, payload.eval_tasks)
-            _CACHE.clear()  # one search per worker at a time: bound memory
-            obj = _CACHE[self.search_id] = Objective(payload)
-        return obj
-
-
-def _on_gpu(ev: Evaluator, tasks: list[str]) -> Evaluator:
-    """A zoo evaluator rebuilt on the trial's GPU (tokenization is redone, once)."""
-    from npstune.evaluate import TextClassificationEvaluator
-
-    if not isinstance(ev, TextClassificationEvaluator):
-        return ev
-    gpu = TextClassificationEvaluator(
-        ev.zoo,
-        device="cuda",
-        batch_size=ev.batch_size,
-        max_examples=ev.max_examples,
-        max_len=ev.max_len,
-    )
-    for task in tasks:
-        gpu.batches(task, CALIBRATION)
-    return gpu
-
-
-def run_trial(config: dict[str, Any], handle: ObjectiveHandle) -> None:
-    """The Ray Tune trainable: score one candidate and report its metrics once."""
-    from ray import tune
-
-    torch.set_num_threads(max(1, handle.threads))
-    obj = handle.objective()
-    metrics = obj.score(obj.space.candidate(config))
-    metrics["generation"] = float(config.get("generation", -1))
-    tune.report(metrics)

@@ -42,14 +42,10 @@ except ImportError:
 
 from npstune.search.backends import make_searcher  # noqa: E402
 from npstune.search.monitor import Ledger, SearchMonitor, TrialRecord  # noqa: E402
-from npstune.search.objective import (  # noqa: E402
-    ObjectiveHandle,
-    ObjectivePayload,
-    build_payload,
-    run_trial,
-)
+from npstune.search.objective import ObjectivePayload, build_payload  # noqa: E402
 from npstune.search.report import Report, final_report  # noqa: E402
 from npstune.search.space import SearchConfig  # noqa: E402
+from npstune.search.trial import ObjectiveHandle, run_trial  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -6,6 +6,9 @@ Both backends hand out one *generation* (``population`` candidates) at a time, t
 trial config with ``generation`` and ``index``, give failed or non-finite trials the
 configured penalty (never dropped: a generation always completes), and save/restore a
 versioned state at generation boundaries (the runner calls ``save`` after each one).
+Both come wrapped in a ``ConcurrencyLimiter`` (``batch=False``) whose ``max_concurrent``
+is the concurrency: Tune sizes its queue of pending trials from it (one pending trial
+otherwise, which serialises the trials of a custom searcher).
 """
 
 from __future__ import annotations

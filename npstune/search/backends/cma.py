@@ -22,7 +22,7 @@ from typing import Any
 
 import cma
 import numpy as np
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from npstune.errors import SearchError
 from npstune.search.space import METRIC, MODE, ParamSpace
@@ -236,14 +236,19 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def make(
     space: ParamSpace, settings: Any, population: int, concurrency: int
-) -> CmaSearcher:
-    """The ``cma`` backend: concurrency is enforced by the searcher itself."""
-    return CmaSearcher(
+) -> ConcurrencyLimiter:
+    """The ``cma`` backend, wrapped in a ``ConcurrencyLimiter``.
+
+    The searcher enforces ``concurrency`` itself (``set_max_concurrency``); the wrapper
+    is what tells Tune how many trials it may keep pending: without it Tune keeps one
+    pending trial for a custom searcher, and trials then start one at a time.
+    """
+    searcher = CmaSearcher(
         space,
         population=population,
         sigma0=settings.sigma0,
         seed=settings.seed,
         generations=settings.generations,
         penalty=settings.penalty,
-        max_concurrent=concurrency,
     )
+    return ConcurrencyLimiter(searcher, max_concurrent=concurrency, batch=False)

@@ -1,0 +1,77 @@
+"""The Ray Tune trainable of a search, and the per-worker cache of its objective.
+
+Kept apart from :mod:`npstune.search.objective` and light to import (torch and the
+objective are imported inside the functions): a trial actor is ready as soon as its
+process is, which matters at generation boundaries, where Tune starts a fresh actor and
+hands a pending trial to whichever actor is free first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from npstune.evaluate import Evaluator
+    from npstune.search.objective import Objective
+
+_CACHE: dict[str, Objective] = {}
+
+
+@dataclass(frozen=True)
+class ObjectiveHandle:
+    """What a trial receives: the search id and the payload's object-store reference.
+
+    The reference sits inside a tuple so fetching the handle does not fetch the payload;
+    :meth:`objective` fetches it only on a cache miss (once per worker process).
+    """
+
+    search_id: str
+    refs: tuple[Any, ...]
+    threads: int = 1
+
+    def objective(self) -> Objective:
+        obj = _CACHE.get(self.search_id)
+        if obj is None:
+            import ray
+            import torch
+
+            from npstune.search.objective import Objective
+
+            payload = ray.get(self.refs[0])
+            if torch.cuda.is_available() and ray.get_gpu_ids():
+                payload.evaluator = _on_gpu(payload.evaluator, payload.eval_tasks)
+            _CACHE.clear()  # one search per worker at a time: bound memory
+            obj = _CACHE[self.search_id] = Objective(payload)
+        return obj
+
+
+def _on_gpu(ev: Evaluator, tasks: list[str]) -> Evaluator:
+    """A zoo evaluator rebuilt on the trial's GPU (tokenization is redone, once)."""
+    from npstune.evaluate import TextClassificationEvaluator
+    from npstune.search.objective import CALIBRATION
+
+    if not isinstance(ev, TextClassificationEvaluator):
+        return ev
+    gpu = TextClassificationEvaluator(
+        ev.zoo,
+        device="cuda",
+        batch_size=ev.batch_size,
+        max_examples=ev.max_examples,
+        max_len=ev.max_len,
+    )
+    for task in tasks:
+        gpu.batches(task, CALIBRATION)
+    return gpu
+
+
+def run_trial(config: dict[str, Any], handle: ObjectiveHandle) -> None:
+    """The Ray Tune trainable: score one candidate and report its metrics once."""
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(max(1, handle.threads))
+    obj = handle.objective()
+    metrics = obj.score(obj.space.candidate(config))
+    metrics["generation"] = float(config.get("generation", -1))
+    tune.report(metrics)
