@@ -14,7 +14,6 @@ Run: ``python -m benchmarks.ablations [--zoo small|full] [--quick] [--sweep subs
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 import time
@@ -75,14 +74,7 @@ def variants(bench: ZooBench, sweep: str, out: Path, seeds: int | None,
         "report.save_model": False,
         "tracking.experiment": "npstune-benchmarks-ablations",
     }
-    if os.environ.get("NPSTUNE_BENCH_NO_MLFLOW"):
-        o["tracking.enabled"] = False
-    if bench.quick:
-        o.update({"search.generations": 1, "search.population": 4})
-    if generations:
-        o["search.generations"] = generations
-    if population:
-        o["search.population"] = population
+    o.update(bench.search_budget(generations, population, quick_generations=1))
     cfgs = load_configs(path, **o)
     return [c for c in cfgs if _get(c, key) in values and _get(c, SEED_KEY) in seed_list]
 

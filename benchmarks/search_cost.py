@@ -14,7 +14,6 @@ Run: ``python -m benchmarks.search_cost [--zoo small|full] [--quick]``.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 import time
@@ -63,14 +62,7 @@ def run(bench: ZooBench, direct: int, generations: int | None = None,
                          "evaluator.test_examples": bench.test_n,
                          "report.save_model": False, "report.baselines": ["magnitude"],
                          "tracking.experiment": "npstune-benchmarks"}
-    if os.environ.get("NPSTUNE_BENCH_NO_MLFLOW"):
-        o["tracking.enabled"] = False
-    if bench.quick:
-        o.update({"search.generations": 2, "search.population": 4})
-    if generations:
-        o["search.generations"] = generations
-    if population:
-        o["search.population"] = population
+    o.update(bench.search_budget(generations, population, quick_generations=2))
     path = bench.search_config_path("fusion")
     cfg = load_config(path, **o)
     try:

@@ -91,12 +91,9 @@ def nps_search(bench: ZooBench, pre_path: Path, new_path: Path, old: list[str], 
         "nps.k": k, "tracking.enabled": False, "output_dir": str(out),
         "evaluator.calibration_examples": bench.cal_n or 1,  # unused: bench.cal scores
     }
-    if bench.quick:
-        o.update({"search.generations": 1, "search.population": 4})
-    if generations:
-        o["search.generations"] = generations
-    if population:
-        o["search.population"] = population
+    budget = bench.search_budget(generations, population, quick_generations=1)
+    budget.pop("tracking.enabled", None)  # tracking is off here anyway
+    o.update(budget)
     cfg = load_config(SEARCH_SPACE, **o)
     obj = Objective(build_payload(cfg, bench.zoo))
     pop = cfg.search.population or obj.space.default_population()

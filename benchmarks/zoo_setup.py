@@ -8,6 +8,7 @@ sets so the smoke tests in the suite stay short; the committed tables are full r
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -136,6 +137,21 @@ class ZooBench:
         small = root / f"nps-{use}-small.yaml"
         return small if self.size == "small" and small.exists() else root / f"nps-{use}.yaml"
 
+    def search_budget(self, generations: int | None = None, population: int | None = None,
+                      quick_generations: int = 1) -> dict[str, Any]:
+        """Dotted search-config overrides for the budget: --quick's small one, then the
+        explicit ``generations``/``population`` (None keeps the file's)."""
+        o: dict[str, Any] = {}
+        if os.environ.get("NPSTUNE_BENCH_NO_MLFLOW"):
+            o["tracking.enabled"] = False
+        if self.quick:
+            o.update({"search.generations": quick_generations, "search.population": 4})
+        if generations:
+            o["search.generations"] = generations
+        if population:
+            o["search.population"] = population
+        return o
+
     def nps_search(self, use: str = "fusion", **overrides: Any) -> tuple[State, str, Any] | None:
         """Run the NPS search (calibration split only) and load its best model.
 
@@ -151,8 +167,7 @@ class ZooBench:
         o: dict[str, Any] = {"zoo": self.size, "tracking.experiment": "npstune-benchmarks",
                              "evaluator.calibration_examples": self.cal_n,
                              "output_dir": str(Path(tempfile.mkdtemp(prefix="npstune-bench-search-")))}
-        if self.quick:
-            o.update({"search.generations": 1, "search.population": 4})
+        o.update(self.search_budget())
         o.update(overrides)
         cfg = load_config(self.search_config_path(use), **o)
         outcome = run_search(cfg, echo=lambda m: print(f"  [search] {m}", flush=True))
