@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.common import report
 from npstune.checkpoints.safetensors_format import StreamingSafetensorsWriter
-from npstune.compress import compress, decompress, inspect_store, read_manifest
+from npstune.compress import compress, decompress, inspect_store
 from npstune.merge import merge
 
 KS = (0.01, 0.05, 0.1, 0.3)
