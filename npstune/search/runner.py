@@ -95,6 +95,12 @@ def run_search(
     """Run (or resume) the search ``cfg`` describes; see the module docstring."""
     say: Echo = echo or logger.info
     t_start = time.perf_counter()
+    if os.environ.get("RAY_ADDRESS") and not cfg.out.is_absolute():
+        say(
+            f"note: output_dir {cfg.out} is relative to this job's working directory, "
+            "a temporary copy Ray may delete after the job; use an absolute path on "
+            "shared storage to keep the results and to --resume"
+        )
     out = cfg.out.resolve()
     state_dir = out / "state"
     if not resume and state_dir.exists():
