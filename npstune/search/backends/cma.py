@@ -173,19 +173,7 @@ class CmaSearcher(Searcher):
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION or state.get("backend") != "cma":
-            raise SearchError(
-                f"searcher state is not a cma v{STATE_VERSION} state "
-                f"(got {state.get('backend')} v{state.get('version')})"
-            )
-        if (
-            state["names"] != list(self.space.names)
-            or state["population"] != self.population
-        ):
-            raise SearchError(
-                "searcher state belongs to another search space or population;"
-                " start without --resume"
-            )
+        check_state(state, "cma", list(self.space.names), self.population)
         self.es, self.generation, self.best = (
             state["es"],
             state["generation"],
@@ -203,13 +191,29 @@ class CmaSearcher(Searcher):
         _atomic_write(Path(checkpoint_path), pickle.dumps(self.get_state()))
 
     def restore(self, checkpoint_path: str) -> None:
-        try:
-            state = pickle.loads(Path(checkpoint_path).read_bytes())
-        except (OSError, pickle.UnpicklingError, EOFError) as exc:
-            raise SearchError(
-                f"{checkpoint_path}: unreadable searcher state ({exc})"
-            ) from exc
-        self.set_state(state)
+        self.set_state(read_state(checkpoint_path))
+
+
+def check_state(state: dict[str, Any], backend: str, names: list[str], population: int) -> None:
+    """Refuse a saved searcher state of another backend, version, space or population."""
+    if state.get("version") != STATE_VERSION or state.get("backend") != backend:
+        raise SearchError(
+            f"searcher state is not a {backend} v{STATE_VERSION} state "
+            f"(got {state.get('backend')} v{state.get('version')})"
+        )
+    if state["names"] != list(names) or state["population"] != population:
+        raise SearchError(
+            "searcher state belongs to another search space or population;"
+            " start without --resume"
+        )
+
+
+def read_state(checkpoint_path: str) -> dict[str, Any]:
+    """Unpickle a saved searcher state; SearchError naming the file if unreadable."""
+    try:
+        return pickle.loads(Path(checkpoint_path).read_bytes())
+    except (OSError, pickle.UnpicklingError, EOFError) as exc:
+        raise SearchError(f"{checkpoint_path}: unreadable searcher state ({exc})") from exc
 
 
 def _rebind_randn(es: Any) -> None:

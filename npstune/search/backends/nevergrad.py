@@ -22,10 +22,9 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.nevergrad import NevergradSearch
 
 from npstune.errors import SearchError
-from npstune.search.backends.cma import _atomic_write
+from npstune.search.backends.cma import STATE_VERSION, _atomic_write, check_state, read_state
 from npstune.search.space import METRIC, MODE, ParamSpace
 
-STATE_VERSION = 1
 
 
 class GenerationalNevergradSearch(NevergradSearch):
@@ -119,16 +118,7 @@ class GenerationalNevergradSearch(NevergradSearch):
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION or state.get("backend") != "nevergrad":
-            raise SearchError(
-                f"searcher state is not a nevergrad v{STATE_VERSION} state "
-                f"(got {state.get('backend')} v{state.get('version')})"
-            )
-        if state["names"] != self.names or state["population"] != self.population:
-            raise SearchError(
-                "searcher state belongs to another search space or population;"
-                " start without --resume"
-            )
+        check_state(state, "nevergrad", self.names, self.population)
         self._nevergrad_opt, self.generation = state["optimizer"], state["generation"]
         self._asked_in_gen = self._done_in_gen = 0
         self._live_trial_mapping, self._index = {}, {}
@@ -137,13 +127,7 @@ class GenerationalNevergradSearch(NevergradSearch):
         _atomic_write(Path(checkpoint_path), pickle.dumps(self.get_state()))
 
     def restore(self, checkpoint_path: str) -> None:
-        try:
-            state = pickle.loads(Path(checkpoint_path).read_bytes())
-        except (OSError, pickle.UnpicklingError, EOFError) as exc:
-            raise SearchError(
-                f"{checkpoint_path}: unreadable searcher state ({exc})"
-            ) from exc
-        self.set_state(state)
+        self.set_state(read_state(checkpoint_path))
 
 
 def make(
