@@ -139,14 +139,18 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def timeit(fn, repeat: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds."""
+def timeit(fn, repeat: int = 5, warmup: int = 1, sync=None) -> float:
+    """Median wall time of ``fn()`` in seconds; ``sync`` (e.g. ``torch.cuda.synchronize``)
+    is called before the clock starts and before it stops, for asynchronous devices."""
+    sync = sync or (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     times.sort()
     return times[len(times) // 2]

@@ -65,25 +65,33 @@ def _our_build(r: RankedTaskVector, w: torch.Tensor, k: float, out: torch.Tensor
     return out
 
 
-def candidates(sizes: list[int]) -> list[dict[str, Any]]:
+def candidates(sizes: list[int], device: str = "cpu") -> list[dict[str, Any]]:
+    """Rows of the candidate-build table on ``device`` (τ drawn on the CPU, then moved)."""
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
     rows = []
     g = torch.Generator().manual_seed(0)
     for n in sizes:
-        tau = torch.randn(n, generator=g) * torch.rand(n, generator=g)  # heavy-ish tails
-        out = torch.empty(n)
+        tau = (torch.randn(n, generator=g) * torch.rand(n, generator=g)).to(dev)  # heavy-ish tails
+        out = torch.empty(n, device=dev)
+        if sync:
+            sync()
         t0 = time.perf_counter()
-        r = RankedTaskVector({"tau": tau}, M)
+        r = RankedTaskVector({"tau": tau}, M, device=dev)
+        if sync:
+            sync()
         precompute = time.perf_counter() - t0
-        ids = torch.empty(n, dtype=torch.uint8)  # subspace ids for the reference path
+        ids = torch.empty(n, dtype=torch.uint8, device=dev)  # subspace ids for the reference path
         for m, (lo, hi) in enumerate(r.bounds):
             ids[r.positions[lo:hi]] = m
         w = torch.rand(M, generator=g) * 2
-        floor = timeit(lambda: out.copy_(tau), repeat=5)
-        ours = timeit(lambda: _our_build(r, w, K_RATIO, out), repeat=5)
+        floor = timeit(lambda: out.copy_(tau), repeat=5, sync=sync)
+        ours = timeit(lambda: _our_build(r, w, K_RATIO, out), repeat=5, sync=sync)
         mine = out.clone()
-        thresh = timeit(lambda: r.threshold(w, K_RATIO), repeat=5)
-        ref = timeit(lambda: _sort_per_candidate(tau, ids, w, K_RATIO, out),
-                     repeat=1 if n > 10**8 else 3, warmup=0)
+        thresh = timeit(lambda: r.threshold(w, K_RATIO), repeat=5, sync=sync)
+        ref = timeit(lambda: _sort_per_candidate(tau, ids, w.to(dev), K_RATIO, out),
+                     repeat=1 if n > 10**8 and dev.type == "cpu" else 3, warmup=0 if
+                     dev.type == "cpu" else 1, sync=sync)
         exact = bool(torch.equal(mine, out))
         rows.append({
             "entries": f"{n / 1e6:.0f}M", "floor_copy_s": floor, "sort_per_candidate_s": ref,
@@ -283,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scratch", default=None, help="where synthetic checkpoints go (deleted)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch checkpoints")
     ap.add_argument("--zoo", default=None, help="unused (the speed benchmark is synthetic)")
+    ap.add_argument("--device", default="cpu",
+                    help="where the candidates part runs (cpu, cuda, cuda:N); its table is "
+                         "kept per device")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     parts = set(args.parts.split(","))
@@ -298,7 +309,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if "candidates" in parts:
             sizes = [int(s) for s in args.sizes.split(",")]
-            sections["NPS candidate build (M=8, k=0.05)"] = candidates(sizes)
+            from npstune.runtime import resolve_device
+
+            dev = resolve_device(args.device)
+            title = "NPS candidate build (M=8, k=0.05)"
+            if dev.type == "cuda":
+                title += f" on {torch.cuda.get_device_name(dev)}"
+            sections[title] = candidates(sizes, str(dev))
         if "peer" in parts:
             sections["Peer workload: Llama-shaped 440M fp32, 2 fine-tuned"] = peer(scratch_root / "peer")
         if "scale" in parts:

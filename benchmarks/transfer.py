@@ -99,6 +99,7 @@ def nps_search(bench: ZooBench, pre_path: Path, new_path: Path, old: list[str], 
     pop = cfg.search.population or obj.space.default_population()
     searcher = make_searcher(cfg.search.backend, obj.space, cfg.search, pop, pop)
     evals = 0
+    best: tuple[float, dict[str, Any]] | None = None  # the backend's own best is not public
     while True:
         trial = f"t{evals}"
         config = searcher.suggest(trial)
@@ -107,9 +108,13 @@ def nps_search(bench: ZooBench, pre_path: Path, new_path: Path, old: list[str], 
         metrics = obj.score(obj.space.candidate(config), CALIBRATION, bench.cal)
         bench.evals += 1
         evals += 1
-        searcher.on_trial_complete(trial, {METRIC: metrics["objective"]})
-    assert searcher.best is not None
-    value, params = searcher.best
+        value = float(metrics["objective"])
+        if best is None or value > best[0]:  # METRIC is maximised (space.MODE)
+            best = (value, dict(config))
+        searcher.on_trial_complete(trial, {METRIC: value})
+    if best is None:
+        raise RuntimeError("the search finished without evaluating a candidate")
+    value, params = best
     cand = obj.space.candidate(params)
     state: dict[str, torch.Tensor] = {}
     for _, st in obj.states(cand):  # views of reused buffers: copy
