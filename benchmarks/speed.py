@@ -126,9 +126,10 @@ def _run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str
     return info
 
 
-def _npstune() -> str:
+def _npstune() -> list[str]:
+    """The npstune command: the console script beside this Python, else ``python -m npstune``."""
     exe = Path(sys.executable).parent / "npstune"
-    return str(exe) if exe.exists() else "npstune"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "npstune"]
 
 
 FLOOR = """
@@ -205,8 +206,9 @@ def llama_shapes(hidden: int, layers: int, inter: int, vocab: int) -> dict[str, 
     return s
 
 
-def peer(scratch: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> list[dict[str, Any]]:
-    shapes = shapes or llama_shapes(hidden=1024, layers=24, inter=2816, vocab=32000)
+def peer(scratch: Path, shapes: dict[str, tuple[int, ...]] | None = None,
+         device: str = "cpu") -> list[dict[str, Any]]:
+    shapes = shapes or llama_shapes(hidden=1024, layers=29, inter=2816, vocab=32000)  # 438M
     total = sum(int(torch.tensor(v).prod()) for v in shapes.values())
     print(f"peer workload: {total / 1e6:.0f}M fp32 parameters", flush=True)
     paths = {n: scratch / n for n in ("base", "ft_a", "ft_b")}
@@ -221,9 +223,9 @@ def peer(scratch: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> lis
     exe = _npstune()
     for method in ("task-arithmetic", "ties"):
         out = scratch / f"out_{method}"
-        info = _run_measured([exe, "merge", "--method", method, "--base", str(paths["base"]),
+        info = _run_measured([*exe, "merge", "--method", method, "--base", str(paths["base"]),
                               "--models", str(paths["ft_a"]), str(paths["ft_b"]), "--out", str(out),
-                              "--quiet"])
+                              "--quiet", "--device", device])
         rows.append({"tool": f"npstune {method}", **info})
         shutil.rmtree(out, ignore_errors=True)
     if shutil.which("mergekit-yaml"):
@@ -272,9 +274,9 @@ def scale(scratch: Path, target: int = 7 * 10**9) -> tuple[list[dict[str, Any]],
     rows = []
     models = [str(paths["ft_a"]), str(paths["ft_b"])]
     for label, cmd in [
-        ("merge ties", [exe, "merge", "--method", "ties", "--base", str(paths["base"]), "--models", *models]),
-        ("merge nps", [exe, "merge", "--method", "nps", "--base", str(paths["base"]), "--models", *models]),
-        ("compress", [exe, "compress", "--base", str(paths["base"]), "--models", *models]),
+        ("merge ties", [*exe, "merge", "--method", "ties", "--base", str(paths["base"]), "--models", *models]),
+        ("merge nps", [*exe, "merge", "--method", "nps", "--base", str(paths["base"]), "--models", *models]),
+        ("compress", [*exe, "compress", "--base", str(paths["base"]), "--models", *models]),
     ]:
         out = scratch / ("out_" + label.replace(" ", "_"))
         info = _run_measured([*cmd, "--out", str(out)] + (["--quiet"] if "merge" in label else []))
@@ -297,7 +299,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     started = time.perf_counter()
     parts = set(args.parts.split(","))
-    previous = RESULTS / f"{NAME}.json"
+    # tables of a GPU run go to speed-cuda.md: one machine's facts per results file
+    name = NAME if args.device == "cpu" else f"{NAME}-{args.device.split(':')[0]}"
+    previous = RESULTS / f"{name}.json"
     sections: dict[str, Any] = {}
     notes: list[str] = []
     if previous.exists():  # keep the sections of parts not re-run
@@ -308,16 +312,19 @@ def main(argv: list[str] | None = None) -> None:
     scratch_root.mkdir(parents=True, exist_ok=True)
     try:
         if "candidates" in parts:
-            sizes = [int(s) for s in args.sizes.split(",")]
             from npstune.runtime import resolve_device
 
+            sizes = [int(s) for s in args.sizes.split(",")]
             dev = resolve_device(args.device)
             title = "NPS candidate build (M=8, k=0.05)"
             if dev.type == "cuda":
                 title += f" on {torch.cuda.get_device_name(dev)}"
             sections[title] = candidates(sizes, str(dev))
         if "peer" in parts:
-            sections["Peer workload: Llama-shaped 440M fp32, 2 fine-tuned"] = peer(scratch_root / "peer")
+            title = "Peer workload: Llama-shaped 440M fp32, 2 fine-tuned"
+            if args.device != "cpu":
+                title += f" (npstune --device {args.device})"
+            sections[title] = peer(scratch_root / "peer", device=args.device)
         if "scale" in parts:
             rows, scale_notes = scale(scratch_root / "scale")
             sections["Scale: sharded bf16, base + 2 fine-tuned"] = rows
@@ -328,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(scratch_root, ignore_errors=True)
     notes.append("targets: ours ≤ 2× floor and ≥ 10× sort-per-candidate at 87M; TIES ≤ 3.4× floor "
                  "time and ≤ 1.5× floor RSS on the peer workload; 7B merge/compress ≤ 4 GB RSS")
-    report(NAME, sections, notes=notes, started=started)
+    report(name, sections, notes=notes, started=started)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,8 @@ class RankedTaskVector:
             if accumulate:
                 out.index_add_(0, pos, v, alpha=float(lam))
             else:
-                out.scatter_(0, pos, v if lam == 1.0 else v * float(lam))
+                # index_copy_ is ~2x faster than scatter_ on CPU for unique positions
+                out.index_copy_(0, pos, v if lam == 1.0 else v * float(lam))
             kept += pos.numel()
         return kept
 
