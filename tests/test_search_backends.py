@@ -229,3 +229,26 @@ def test_tune_run_with_failing_trials(ray_local, backend, tmp_path):
         counts[by_index[(0, 0)].trial_id] == 2
     )  # 1 try + max_failures retries, then penalty
     assert ledger.best().index in (0, 4)
+
+
+# ------------------------------------------------------------------ actor reuse
+def test_spare_actor_cache_keeps_n_idle_and_flushes_all_at_the_end():
+    from ray.tune.execution import tune_controller
+    from ray.tune.utils.object_cache import _ObjectCache
+
+    from npstune.search.actor_cache import keep_idle_actors
+
+    with keep_idle_actors(2) as patched:
+        assert patched
+        cache = tune_controller._ObjectCache(may_keep_one=True)
+        # nothing pending (max 0): Tune alone would keep one, this keeps two
+        assert cache.cache_object("cpu", "a1") and cache.cache_object("cpu", "a2")
+        assert not cache.cache_object("cpu", "a3")
+        assert list(cache.flush_cached_objects()) == []  # kept between generations
+        assert cache.pop_cached_object("cpu") == "a1"
+        assert sorted(cache.flush_cached_objects(force_all=True)) == ["a2"]
+        assert cache.num_cached_objects == 0
+    assert tune_controller._ObjectCache is _ObjectCache  # restored
+    with keep_idle_actors(1) as patched:
+        assert not patched and tune_controller._ObjectCache is _ObjectCache
+

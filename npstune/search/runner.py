@@ -324,6 +324,8 @@ def _tune(
     import ray
     from ray import tune
 
+    from npstune.search.actor_cache import keep_idle_actors
+
     try:
         res = trial_resources(cfg, concurrency)
         handle = ObjectiveHandle(
@@ -362,7 +364,8 @@ def _tune(
                 failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
             ),
         )
-        tuner.fit()
+        with keep_idle_actors(concurrency):  # no actor restarts at generation boundaries
+            tuner.fit()
     finally:
         if started:
             ray.shutdown()
