@@ -131,6 +131,10 @@ def run(bench: ZooBench, direct: int, generations: int | None = None,
         "total_wall_s includes Ray start, payload build (ranking), the search and the final "
         "test report (baselines cut to magnitude; no best model written)",
     ]
+    if bench.size == "small" and not o.get("search.generations"):
+        verdict = "met" if total <= 300 else "NOT met"
+        notes.append(f"target: the CI-sized search finishes in ≤ 5 min on 2 cores: "
+                     f"{total:.0f} s end to end ({verdict})")
     metrics = {"total_wall_s": total, "search_s": outcome.search_s,
                "build_s_mean": per_trial[0]["mean_s"] or 0.0,
                "eval_s_mean": per_trial[1]["mean_s"] or 0.0,
