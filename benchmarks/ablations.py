@@ -153,8 +153,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=None, help="first N seeds of each sweep")
     ap.add_argument("--values", type=int, default=None,
                     help="first N values of each sweep (quick: 2)")
-    ap.add_argument("--generations", type=int, default=None)
-    ap.add_argument("--population", type=int, default=None)
     args = ap.parse_args(argv)
     started = time.perf_counter()
     bench = ZooBench.from_args(args)

@@ -147,8 +147,6 @@ def main(argv: list[str] | None = None) -> None:
     ZooBench.add_arguments(ap)
     ap.add_argument("--direct", type=int, default=None,
                     help="random candidates timed in-process (default 2 quick, 10 full)")
-    ap.add_argument("--generations", type=int, default=None)
-    ap.add_argument("--population", type=int, default=None)
     args = ap.parse_args(argv)
     started = time.perf_counter()
     bench = ZooBench.from_args(args)

@@ -227,8 +227,6 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.transfer")
     ZooBench.add_arguments(ap)
     ap.add_argument("--k", type=float, default=K, help="keep ratio of the pruned rows")
-    ap.add_argument("--generations", type=int, default=None, help="NPS search generations")
-    ap.add_argument("--population", type=int, default=None, help="NPS search population")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     torch.manual_seed(args.seed)

@@ -40,7 +40,8 @@ class ZooBench:
 
     def __init__(self, size: str = "small", quick: bool = False, calibration: int | None = None,
                  test: int | None = None, device: str = "cpu", out_dir: Path | None = None,
-                 search_config: str | None = None, seed: int = 0):
+                 search_config: str | None = None, seed: int = 0,
+                 generations: int | None = None, population: int | None = None):
         from npstune.evaluate import TextClassificationEvaluator
         from npstune.taskvector import plan_merge
         from npstune.zoo import build_zoo
@@ -48,6 +49,7 @@ class ZooBench:
         self.size = size
         self.quick = quick
         self.seed = seed
+        self.generations, self.population = generations, population  # search budget
         self.zoo = build_zoo(size)
         self.tasks = list(self.zoo.tasks)
         self.grids = QUICK_GRIDS if quick else FULL_GRIDS
@@ -76,11 +78,15 @@ class ZooBench:
         ap.add_argument("--search-config", default=None, help="search-space YAML for the NPS rows")
         ap.add_argument("--name", default=None, help="results file name")
         ap.add_argument("--seed", type=int, default=0)
+        ap.add_argument("--generations", type=int, default=None,
+                        help="NPS search generations (default: the search file's)")
+        ap.add_argument("--population", type=int, default=None,
+                        help="NPS search population (default: the search file's)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ZooBench:
         return cls(args.zoo, args.quick, args.calibration, args.test, args.device, args.out_dir,
-                   args.search_config, args.seed)
+                   args.search_config, args.seed, args.generations, args.population)
 
     # ------------------------------------------------------------------ states
     def base_state(self) -> State:
@@ -140,7 +146,10 @@ class ZooBench:
     def search_budget(self, generations: int | None = None, population: int | None = None,
                       quick_generations: int = 1) -> dict[str, Any]:
         """Dotted search-config overrides for the budget: --quick's small one, then the
-        explicit ``generations``/``population`` (None keeps the file's)."""
+        explicit ``generations``/``population`` (None: this bench's --generations /
+        --population, else the file's)."""
+        generations = generations or self.generations
+        population = population or self.population
         o: dict[str, Any] = {}
         if os.environ.get("NPSTUNE_BENCH_NO_MLFLOW"):
             o["tracking.enabled"] = False

@@ -294,7 +294,7 @@ class CheckpointWriter:
         self._torch_state: dict[str, torch.Tensor] | None = None
 
     def __enter__(self) -> CheckpointWriter:
-        _remove(self.tmp)
+        remove_path(self.tmp)
         if self.form == "torch":
             self._torch_state = {}
             return self
@@ -348,7 +348,7 @@ class CheckpointWriter:
         if exc_type is not None:
             for w in self._writers.values():
                 w.abort()
-            _remove(self.tmp)
+            remove_path(self.tmp)
             return
         try:
             if self._torch_state is not None:
@@ -356,9 +356,9 @@ class CheckpointWriter:
             for w in self._writers.values():
                 w.close()
         except BaseException:
-            _remove(self.tmp)
+            remove_path(self.tmp)
             raise
-        _replace(self.tmp, self.out)
+        replace_path(self.tmp, self.out)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -383,21 +383,22 @@ def _copy_non_weights(src: Path, dst: Path) -> None:
         shutil.copy2(item, dst / rel)
 
 
-def _remove(p: Path) -> None:
+def remove_path(p: Path) -> None:
+    """Delete a file, link or directory tree if it exists."""
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
     elif p.exists() or p.is_symlink():
         p.unlink()
 
 
-def _replace(tmp: Path, out: Path) -> None:
+def replace_path(tmp: Path, out: Path) -> None:
     """Move ``tmp`` to ``out``, replacing an existing file or directory only at the end."""
     if out.is_dir() and not out.is_symlink():
         old = out.parent / f".{out.name}.npstune-old-{os.getpid()}"
-        _remove(old)
+        remove_path(old)
         out.rename(old)
         tmp.rename(out)
-        _remove(old)
+        remove_path(old)
     else:
         os.replace(tmp, out)
 
@@ -425,7 +426,7 @@ def write_state_dict(
                 w.close()
             except BaseException:
                 w.abort()
-                _remove(tmp)
+                remove_path(tmp)
                 raise
             os.replace(tmp, out)
             return out

@@ -27,7 +27,7 @@ import zstandard
 
 import npstune
 from npstune.checkpoints import CheckpointWriter, LazyCheckpoint, open_checkpoint
-from npstune.checkpoints.io import _remove, _replace
+from npstune.checkpoints.io import remove_path, replace_path
 from npstune.compress import codec
 from npstune.compress.accounting import storage_bits
 from npstune.compress.manifest import (
@@ -46,7 +46,7 @@ from npstune.compress.manifest import (
     weight_files,
 )
 from npstune.errors import CheckpointError, ConfigError
-from npstune.merge.base import MergeInputs, MergeSpec, MethodParams, _progress
+from npstune.merge.base import MergeInputs, MergeSpec, MethodParams, merged_blocks, progress_bar
 from npstune.merge.pruning import per_task_weights
 from npstune.merge.registry import get_method
 from npstune.sparsify import keep_count
@@ -149,7 +149,7 @@ def compress(
         raise CheckpointError(f"{out}: parent directory {out.parent} does not exist")
     plans = [plan_merge(base_ck, [c], include, exclude) for c in cks]  # check all up front
     tmp = out.parent / f".{out.name}.npstune-tmp-{os.getpid()}"
-    _remove(tmp)
+    remove_path(tmp)
     (tmp / "tasks").mkdir(parents=True)
     try:
         base_ref = BaseRef(path=str(base_ck.path.resolve()), copied=False, form=base_ck.form,
@@ -169,9 +169,9 @@ def compress(
         )
         (tmp / MANIFEST).write_text(dumps(manifest.model_dump(mode="json")) + "\n")
     except BaseException:
-        _remove(tmp)
+        remove_path(tmp)
         raise
-    _replace(tmp, out)
+    replace_path(tmp, out)
     return manifest
 
 
@@ -199,15 +199,12 @@ def _compress_task(
     f = _TaskFile(tmp / rel)
     tensors, kept, exceptions, lossless = [], 0, 0, True
     try:
-        for key in _progress(plan.delta_keys, progress, f"compress {name}"):
+        for key in progress_bar(plan.delta_keys, progress, f"compress {name}"):
             dtype = plan.base.dtype(key)
             vdt = DTYPES[value_dtype] if value_dtype else dtype
             lossless &= vdt == dtype
             blocks, t_kept = [], 0
-            n = plan.numel[key]
-            for start, stop in [(0, n)] if whole and n else plan.chunks(key):
-                chunk = plan.read_chunk(key, start, stop)
-                out = (chunk.base_cd + spec.kernel(ctx, chunk)).to(dtype)  # as run_merge
+            for start, stop, chunk, out in merged_blocks(plan, spec, ctx, key, whole):
                 enc = _encode_block(chunk.base_cd, out, rec.last, vdt, cctx)
                 digest = f.add(enc.pos, enc.vals, enc.exc)
                 blocks.append((start, stop, enc.kept, enc.codec, len(enc.pos), len(enc.vals),
@@ -315,7 +312,7 @@ def decompress(
         if tuple(t.shape) != specs[key][0] or DTYPES[t.dtype] != specs[key][1]:
             raise CheckpointError(f"{ck.path}:{key}: shape/dtype differ from the store's")
     with open(data, "rb") as fh, CheckpointWriter(out, ck, specs, entry.metadata) as w:
-        for key in _progress(list(specs), progress, f"decompress {task}"):
+        for key in progress_bar(list(specs), progress, f"decompress {task}"):
             if key not in tensors:
                 w.write(key, ck[key], 0)
                 continue

@@ -119,18 +119,14 @@ def run_merge(
 
     def produce(write: Callable[[str, torch.Tensor, int], None]) -> None:
         keys = plan.keys
-        bar = _progress(keys, progress, f"merge {spec.name}")
+        bar = progress_bar(keys, progress, f"merge {spec.name}")
         delta_keys = set(plan.delta_keys)
         for key in bar:
             if key not in delta_keys:
                 write(key, plan.base[key], 0)
                 continue
-            ranges = [(0, plan.numel[key])] if whole else list(plan.chunks(key))
-            for start, stop in ranges:
-                chunk = plan.read_chunk(key, start, stop, device)
-                delta = spec.kernel(ctx, chunk)
-                merged = (chunk.base_cd + delta).to(chunk.base.dtype).cpu()
-                write(key, merged, start)
+            for start, _, _, merged in merged_blocks(plan, spec, ctx, key, whole, device):
+                write(key, merged.cpu(), start)
 
     if out is None:
         assert state is not None
@@ -161,6 +157,18 @@ def run_merge(
     return MergeResult(state, Path(out) if out is not None else None, meta)
 
 
+def merged_blocks(
+    plan: MergePlan, spec: MergeSpec[Any], ctx: Any, key: str, whole: bool,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[int, int, Chunk, torch.Tensor]]:
+    """The merged values of one delta tensor, block by block: (start, stop, chunk,
+    θ_base + kernel(chunk) in the base's dtype, on ``device``). One block when ``whole``."""
+    n = plan.numel[key]
+    for start, stop in [(0, n)] if whole and n else plan.chunks(key):
+        chunk = plan.read_chunk(key, start, stop, device)
+        yield start, stop, chunk, (chunk.base_cd + spec.kernel(ctx, chunk)).to(chunk.base.dtype)
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
@@ -168,7 +176,8 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _progress(items: list[str], enabled: bool, desc: str) -> Any:
+def progress_bar(items: list[str], enabled: bool, desc: str) -> Any:
+    """``items`` wrapped in a tqdm bar over tensors when ``enabled``."""
     if not enabled:
         return items
     from tqdm.auto import tqdm
