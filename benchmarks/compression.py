@@ -89,7 +89,7 @@ def run(bench: ZooBench, search: bool = True) -> tuple[dict[str, list[dict[str, 
     if search:
         res = bench.nps_search("compression")
         if res is None:
-            notes.append("NPS (searched) skipped: npstune.search is not available")
+            notes.append(f"NPS (searched) skipped: {bench.search_skipped}")
         else:
             _, desc, outcome = res
             cand = _candidate(outcome)

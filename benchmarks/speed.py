@@ -227,6 +227,7 @@ def peer(scratch: Path, shapes: dict[str, tuple[int, ...]] | None = None,
                               "--models", str(paths["ft_a"]), str(paths["ft_b"]), "--out", str(out),
                               "--quiet", "--device", device])
         rows.append({"tool": f"npstune {method}", **info})
+        print(rows[-1], flush=True)
         shutil.rmtree(out, ignore_errors=True)
     if shutil.which("mergekit-yaml"):
         cfg = scratch / "mk.yaml"
@@ -247,10 +248,15 @@ def peer(scratch: Path, shapes: dict[str, tuple[int, ...]] | None = None,
 # ----------------------------------------------------------------------------- scale
 def scale(scratch: Path, target: int = 7 * 10**9) -> tuple[list[dict[str, Any]], list[str]]:
     notes = []
+    scratch.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(scratch).free
     # base + 2 fine-tuned + merge outputs (2) + compress store (~0.15 model): ~5.3 models of bf16
     fits = int(free * 0.85 / (5.3 * 2))
     n = min(target, fits)
+    if target < 7 * 10**9:
+        notes.append(f"scale run asked for {target / 1e9:.2f}e9 entries per model "
+                     f"(--scale-entries); tensors have 7B-model shapes (hidden 4096, "
+                     f"MLP 11008, vocab 32000), so peak memory is that of a 7B merge")
     if n < target:
         notes.append(f"disk holds {free / 2**30:.0f} GiB free: scale run uses {n / 1e9:.2f}e9 "
                      f"entries per model instead of {target / 1e9:.0f}e9")
@@ -293,6 +299,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scratch", default=None, help="where synthetic checkpoints go (deleted)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch checkpoints")
     ap.add_argument("--zoo", default=None, help="unused (the speed benchmark is synthetic)")
+    ap.add_argument("--scale-entries", type=float, default=7e9,
+                    help="entries per model of the scale part (default 7e9; the disk may "
+                         "lower it, to no less than 2e9)")
     ap.add_argument("--device", default="cpu",
                     help="where the candidates part runs (cpu, cuda, cuda:N); its table is "
                          "kept per device")
@@ -310,26 +319,46 @@ def main(argv: list[str] | None = None) -> None:
         notes.extend(n for n in old.get("notes", []) if not n.startswith("targets"))
     scratch_root = Path(args.scratch or tempfile.mkdtemp(prefix="npstune-speed-", dir="/tmp"))
     scratch_root.mkdir(parents=True, exist_ok=True)
-    try:
-        if "candidates" in parts:
-            from npstune.runtime import resolve_device
 
-            sizes = [int(s) for s in args.sizes.split(",")]
-            dev = resolve_device(args.device)
-            title = "NPS candidate build (M=8, k=0.05)"
-            if dev.type == "cuda":
-                title += f" on {torch.cuda.get_device_name(dev)}"
-            sections[title] = candidates(sizes, str(dev))
-        if "peer" in parts:
-            title = "Peer workload: Llama-shaped 440M fp32, 2 fine-tuned"
-            if args.device != "cpu":
-                title += f" (npstune --device {args.device})"
-            sections[title] = peer(scratch_root / "peer", device=args.device)
-        if "scale" in parts:
-            rows, scale_notes = scale(scratch_root / "scale")
-            sections["Scale: sharded bf16, base + 2 fine-tuned"] = rows
-            notes = [n for n in notes if not n.startswith(("disk holds", "synthesized", "not enough"))]
-            notes.extend(scale_notes)
+    def part(label: str, fn: Any) -> None:
+        """Run one part; a failure is recorded and the other parts still run."""
+        if label not in parts:
+            return
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - keep what the other parts measured
+            notes.append(f"part {label} failed: {type(exc).__name__}: {exc}")
+            print(f"part {label} failed: {exc}", flush=True)
+
+    def run_candidates() -> None:
+        from npstune.runtime import resolve_device
+
+        sizes = [int(s) for s in args.sizes.split(",")]
+        dev = resolve_device(args.device)
+        title = "NPS candidate build (M=8, k=0.05)"
+        if dev.type == "cuda":
+            title += f" on {torch.cuda.get_device_name(dev)}"
+        sections[title] = candidates(sizes, str(dev))
+
+    def run_peer() -> None:
+        title = "Peer workload: Llama-shaped 440M fp32, 2 fine-tuned"
+        if args.device != "cpu":
+            title += f" (npstune --device {args.device})"
+        sections[title] = peer(scratch_root / "peer", device=args.device)
+
+    def run_scale() -> None:
+        nonlocal notes
+        rows, scale_notes = scale(scratch_root / "scale", int(args.scale_entries))
+        sections["Scale: sharded bf16, base + 2 fine-tuned"] = rows
+        notes = [n for n in notes if not n.startswith(("disk holds", "synthesized", "not enough",
+                                                       "scale run asked"))]
+        notes.extend(scale_notes)
+
+    notes = [n for n in notes if not n.startswith("part ")]
+    try:
+        part("candidates", run_candidates)
+        part("peer", run_peer)
+        part("scale", run_scale)
     finally:
         if not args.keep:
             shutil.rmtree(scratch_root, ignore_errors=True)

@@ -50,6 +50,7 @@ class ZooBench:
         self.quick = quick
         self.seed = seed
         self.generations, self.population = generations, population  # search budget
+        self.search_skipped = ""
         self.zoo = build_zoo(size)
         self.tasks = list(self.zoo.tasks)
         self.grids = QUICK_GRIDS if quick else FULL_GRIDS
@@ -165,11 +166,13 @@ class ZooBench:
         """Run the NPS search (calibration split only) and load its best model.
 
         Returns (best state, a description of the candidate, the SearchOutcome), or None
-        when the search extra is not installed.
+        when the search extra is not installed (``self.search_skipped`` says why).
         """
         try:
             from npstune.search import load_config, run_search
-        except ImportError:
+        except ImportError as exc:
+            self.search_skipped = f"npstune.search could not be imported ({exc})"
+            print(f"NPS search skipped: {self.search_skipped}", flush=True)
             return None
         from npstune.checkpoints import open_checkpoint
 
@@ -180,14 +183,34 @@ class ZooBench:
         o.update(overrides)
         cfg = load_config(self.search_config_path(use), **o)
         outcome = run_search(cfg, echo=lambda m: print(f"  [search] {m}", flush=True))
-        best_path = outcome.report.files["best_model"] if outcome.report else None
+        best_path = outcome.report.files.get("best_model") if outcome.report else None
         if best_path is None or outcome.best is None:
-            return None
+            raise RuntimeError(f"the NPS search in {cfg.out} produced no best model")
         ck = open_checkpoint(best_path)
         state = {k: ck[k] for k in ck.keys()}
         params = ", ".join(f"{k}={v:.3g}" for k, v in list(outcome.best.params.items())[:12])
         desc = f"{outcome.trials} trials, {outcome.generations} gen; {params}"
         return state, desc, outcome
+
+    def earlier_rows(self, name: str) -> dict[str, dict[str, Any]]:
+        """Rows (method -> row) of an earlier results file ``name``.json made on this
+        zoo recipe with the same splits and seed; {} when there is none or it differs."""
+        import json
+
+        from benchmarks.common import RESULTS
+
+        path = (self.out_dir or RESULTS) / f"{name}.json"
+        if not path.exists():
+            return {}
+        old = json.loads(path.read_text())
+        same = ("zoo", "zoo_recipe", "tasks", "quick", "calibration_examples",
+                "test_examples", "seed")
+        mine = self.meta()
+        if any(old.get(k) != mine[k] for k in same):
+            print(f"--resume: {path} was made with another setup; recomputing every row")
+            return {}
+        rows = [r for sec in old.get("sections", {}).values() for r in sec]
+        return {r["method"]: r for r in rows if "method" in r}
 
     # ------------------------------------------------------------------ report bits
     def meta(self) -> dict[str, Any]:
