@@ -166,10 +166,10 @@ def main(argv: list[str] | None = None) -> None:
         "workers = trials in flight, each with cpus_per_trial CPUs (= torch threads); "
         "reuse_actors=True; compute = in-trial build + evaluate; Ray overhead = wall "
         "per trial slot − compute; steady = generations after the first.",
-        "with 2 workers the overhead holds the slots idle at each generation boundary "
-        "(CMA-ES waits for the whole generation) and one fresh actor per generation: "
-        "with no trial pending Tune caches one actor, so the other is stopped and its "
-        "replacement imports torch/transformers and maps the objective again.",
+        "idle trial actors are kept across generation boundaries "
+        "(npstune.search.actor_cache; Tune alone keeps one spare, so with 2 workers it "
+        "restarted an actor every generation: 34 % steady-state overhead before); what "
+        "is left at 2 workers is the slot idle while a generation's last trial runs.",
         "target: Ray overhead ≤ 10 % of trial time; steady state: "
         + ", ".join(
             f"{k} (workers x CPUs) {r['overhead_pct']:.1f} %" for k, r in steady.items()
