@@ -250,8 +250,9 @@ def scale(scratch: Path, target: int = 7 * 10**9) -> tuple[list[dict[str, Any]],
     notes = []
     scratch.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(scratch).free
-    # base + 2 fine-tuned + merge outputs (2) + compress store (~0.15 model): ~5.3 models of bf16
-    fits = int(free * 0.85 / (5.3 * 2))
+    # base + 2 fine-tuned + one output at a time (deleted after each run) + compress store
+    # (~0.15 model): ~4.3 models of bf16
+    fits = int(free * 0.85 / (4.3 * 2))
     n = min(target, fits)
     if target < 7 * 10**9:
         notes.append(f"scale run asked for {target / 1e9:.2f}e9 entries per model "
