@@ -50,7 +50,8 @@ def disk_bytes(bench: ZooBench, method: str, params: dict[str, Any]) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="npstune-bench-store-"))
     try:
-        compress(bench.plan.base.path, [m.path for m in bench.plan.models], tmp / "store", method, params)
+        compress(bench.plan.base.path, [m.path for m in bench.plan.models], tmp / "store", method, params,
+                 names=bench.tasks)
         info = inspect_store(tmp / "store")
         return int(info["sparse"]["disk_bytes"])
     finally:

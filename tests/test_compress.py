@@ -445,3 +445,25 @@ def test_manifest_records_what_rebuilds_a_task(tmp_path):
     t = m.tasks[0]
     assert sum(x.kept for x in t.tensors) == t.kept == 6  # ⌈0.1·57⌉
     assert all(x.values == "fp16" and x.dtype == "fp32" for x in t.tensors)
+
+
+def test_models_with_one_file_stem_need_names(tmp_path):
+    """Zoo-style layouts (tasks/T/model for every T) share a stem: refused with a clear
+    message, stored under the given names when passed."""
+    from npstune.compress import compress, decompress
+
+    bp, mps, _, _ = make_set(tmp_path)
+    same = []
+    for i, m in enumerate(mps[:2]):
+        d = tmp_path / f"task{i}"
+        d.mkdir()
+        same.append(d / "model.safetensors")
+        same[-1].write_bytes(Path(m).read_bytes())
+    with pytest.raises(ConfigError, match="share the task name 'model'.*pass names"):
+        compress(bp, same, tmp_path / "s1")
+    with pytest.raises(ConfigError, match="1 names for 2 models"):
+        compress(bp, same, tmp_path / "s1", names=["a"])
+    m = compress(bp, same, tmp_path / "s2", names=["alpha", "beta"])
+    assert [t.name for t in m.tasks] == ["alpha", "beta"]
+    decompress(tmp_path / "s2", "beta", tmp_path / "beta.safetensors")
+    assert (tmp_path / "beta.safetensors").is_file()

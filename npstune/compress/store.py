@@ -113,6 +113,7 @@ def compress(
     copy_base: bool = False,
     zstd_level: int = 3,
     progress: bool = False,
+    names: Sequence[str] | None = None,
 ) -> Manifest:
     """Compress ``models`` against ``base`` into the store directory ``out`` (atomically).
 
@@ -122,6 +123,8 @@ def compress(
             weights: M values or T·M task-major, seed, q).
         value_dtype: None (each tensor's own dtype: lossless) or ``fp16``/``bf16`` (lossy).
         copy_base: keep a copy of the base inside the store instead of a reference.
+        names: each model's task name in the store (default: its file stem, or its
+            directory's name for a directory).
     """
     if method not in SPARSE_METHODS:
         raise ConfigError(f"compress: method {method!r} does not produce a sparse task "
@@ -136,11 +139,13 @@ def compress(
     cks = [open_checkpoint(m) for m in models]
     if not cks:
         raise ConfigError("compress: no models given")
-    names = [c.name for c in cks]
+    if names is not None and len(names) != len(cks):
+        raise ConfigError(f"compress: {len(names)} names for {len(cks)} models")
+    names = list(names) if names is not None else [c.name for c in cks]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"compress: two models share the task name {dup[0]!r} (a task's "
-                          "name is its file stem); rename one")
+                          "name is its file stem); rename one or pass names")
     task_params = _per_task_params(spec, shared, len(cks))
     out = Path(out)
     if out.exists() and not (out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir()))):

@@ -303,6 +303,7 @@ def _save_model(
                 "subspaces": cfg.nps.subspaces,
                 "weights": weights,
             },
+            names=payload.vector_tasks,  # zoo models are all directories named "model"
         )
         return dest
     base = open_checkpoint(payload.base_path)
