@@ -165,8 +165,9 @@ class ZooBench:
     def nps_search(self, use: str = "fusion", **overrides: Any) -> tuple[State, str, Any] | None:
         """Run the NPS search (calibration split only) and load its best model.
 
-        Returns (best state, a description of the candidate, the SearchOutcome), or None
-        when the search extra is not installed (``self.search_skipped`` says why).
+        Returns (best state ({} for ``use="compression"``, whose best is a sparse store),
+        a description of the candidate, the SearchOutcome), or None when the search extra
+        is not installed (``self.search_skipped`` says why).
         """
         try:
             from npstune.search import load_config, run_search
@@ -186,8 +187,10 @@ class ZooBench:
         best_path = outcome.report.files.get("best_model") if outcome.report else None
         if best_path is None or outcome.best is None:
             raise RuntimeError(f"the NPS search in {cfg.out} produced no best model")
-        ck = open_checkpoint(best_path)
-        state = {k: ck[k] for k in ck.keys()}
+        state: State = {}
+        if use != "compression":  # a compression search writes a sparse store, not a model
+            ck = open_checkpoint(best_path)
+            state = {k: ck[k] for k in ck.keys()}
         params = ", ".join(f"{k}={v:.3g}" for k, v in list(outcome.best.params.items())[:12])
         desc = f"{outcome.trials} trials, {outcome.generations} gen; {params}"
         return state, desc, outcome

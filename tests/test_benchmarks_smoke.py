@@ -53,6 +53,26 @@ def test_transfer_quick(small_zoo, no_mlflow, tmp_path):
         assert r["calibration_h"] is None or _unit(r["calibration_h"])
 
 
+# ---- compression ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_compression_quick(small_zoo, no_mlflow, tmp_path):
+    from benchmarks import compression
+
+    compression.main([*QUICK, "--out-dir", str(tmp_path)])
+    data = _load(tmp_path, "compression")
+    main, curve = data["sections"].values()
+    methods = [r["method"] for r in main]
+    assert methods[0] == "fine-tuned" and methods[-1] == "nps (searched)"
+    assert {"task-arithmetic", "ties", "tall+ties", "magnitude", "dare"} <= set(methods)
+    by = {r["method"]: r for r in main}
+    assert by["fine-tuned"]["normalized"] == pytest.approx(1.0)
+    assert by["fine-tuned"]["paper_bits_vs_ft"] == pytest.approx(1.0)
+    for m in ("magnitude", "dare", "nps (searched)"):  # sparse rows: a real store, fewer bits
+        assert by[m]["disk_bytes"] > 0 and by[m]["paper_bits_vs_ft"] < 1.0
+    assert all(_unit(r["mean_acc"]) for r in main)
+    assert len(curve) >= 2 and (tmp_path / "compression_curve.png").is_file()
+
+
 # ---- ablations --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ablations_quick(small_zoo, no_mlflow, tmp_path):
