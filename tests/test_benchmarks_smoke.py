@@ -53,6 +53,30 @@ def test_transfer_quick(small_zoo, no_mlflow, tmp_path):
         assert r["calibration_h"] is None or _unit(r["calibration_h"])
 
 
+# ---- fusion -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fusion_quick_and_resume(small_zoo, no_mlflow, tmp_path):
+    from benchmarks import fusion
+
+    fusion.main([*QUICK, "--out-dir", str(tmp_path), "--no-search"])
+    data = _load(tmp_path, "fusion")
+    (rows,) = data["sections"].values()
+    methods = [r["method"] for r in rows]
+    assert methods[:3] == ["pretrained+heads", "fine-tuned", "averaging"]
+    assert {"task-arithmetic", "ties", "dare", "darex-q", "consensus-ta", "consensus-ties",
+            "magnitude", "fisher", "regmean", "tall-masks"} <= set(methods)
+    tasks = data["tasks"]
+    for r in rows:
+        assert all(_unit(r[t]) for t in tasks)
+        assert r["mean"] == pytest.approx(sum(r[t] for t in tasks) / len(tasks))
+    assert rows[1]["normalized"] == pytest.approx(1.0)
+    # --resume with the same setup reuses every row (no evaluation at all)
+    fusion.main([*QUICK, "--out-dir", str(tmp_path), "--no-search", "--resume"])
+    again = _load(tmp_path, "fusion")
+    assert list(again["sections"].values())[0] == rows
+    assert again["calibration_evaluations"] == 0
+
+
 # ---- compression ------------------------------------------------------------------------
 @pytest.mark.slow
 def test_compression_quick(small_zoo, no_mlflow, tmp_path):
