@@ -2,8 +2,8 @@
 
 Kept apart from :mod:`npstune.search.objective` and light to import (torch and the
 objective are imported inside the functions): a trial actor is ready as soon as its
-process is, which matters at generation boundaries, where Tune starts a fresh actor and
-hands a pending trial to whichever actor is free first.
+process is, which matters whenever Tune starts one (the first generation; idle actors
+are then kept across generations, see :mod:`npstune.search.actor_cache`).
 """
 
 from __future__ import annotations

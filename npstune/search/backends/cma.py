@@ -13,11 +13,8 @@ global RNG.
 from __future__ import annotations
 
 import math
-import os
-import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import cma
@@ -25,9 +22,9 @@ import numpy as np
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from npstune.errors import SearchError
+from npstune.search.backends.state import STATE_VERSION, check_state, read_state, write_state
 from npstune.search.space import METRIC, MODE, ParamSpace
 
-STATE_VERSION = 1
 
 
 @contextmanager
@@ -188,32 +185,10 @@ class CmaSearcher(Searcher):
         self._reset_generation()
 
     def save(self, checkpoint_path: str) -> None:
-        _atomic_write(Path(checkpoint_path), pickle.dumps(self.get_state()))
+        write_state(checkpoint_path, self.get_state())
 
     def restore(self, checkpoint_path: str) -> None:
         self.set_state(read_state(checkpoint_path))
-
-
-def check_state(state: dict[str, Any], backend: str, names: list[str], population: int) -> None:
-    """Refuse a saved searcher state of another backend, version, space or population."""
-    if state.get("version") != STATE_VERSION or state.get("backend") != backend:
-        raise SearchError(
-            f"searcher state is not a {backend} v{STATE_VERSION} state "
-            f"(got {state.get('backend')} v{state.get('version')})"
-        )
-    if state["names"] != list(names) or state["population"] != population:
-        raise SearchError(
-            "searcher state belongs to another search space or population;"
-            " start without --resume"
-        )
-
-
-def read_state(checkpoint_path: str) -> dict[str, Any]:
-    """Unpickle a saved searcher state; SearchError naming the file if unreadable."""
-    try:
-        return pickle.loads(Path(checkpoint_path).read_bytes())
-    except (OSError, pickle.UnpicklingError, EOFError) as exc:
-        raise SearchError(f"{checkpoint_path}: unreadable searcher state ({exc})") from exc
 
 
 def _rebind_randn(es: Any) -> None:
@@ -227,15 +202,6 @@ def _rebind_randn(es: Any) -> None:
         for key, val in list(holder.items()):
             if isinstance(getattr(val, "__self__", None), np.random.RandomState):
                 holder[key] = np.random.randn
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def make(

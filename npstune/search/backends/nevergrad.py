@@ -12,8 +12,6 @@ tags, natural values in trial configs, and a versioned state. It is wrapped in a
 from __future__ import annotations
 
 import math
-import pickle
-from pathlib import Path
 from typing import Any
 
 import nevergrad as ng
@@ -22,9 +20,8 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.nevergrad import NevergradSearch
 
 from npstune.errors import SearchError
-from npstune.search.backends.cma import STATE_VERSION, _atomic_write, check_state, read_state
+from npstune.search.backends.state import STATE_VERSION, check_state, read_state, write_state
 from npstune.search.space import METRIC, MODE, ParamSpace
-
 
 
 class GenerationalNevergradSearch(NevergradSearch):
@@ -124,7 +121,7 @@ class GenerationalNevergradSearch(NevergradSearch):
         self._live_trial_mapping, self._index = {}, {}
 
     def save(self, checkpoint_path: str) -> None:
-        _atomic_write(Path(checkpoint_path), pickle.dumps(self.get_state()))
+        write_state(checkpoint_path, self.get_state())
 
     def restore(self, checkpoint_path: str) -> None:
         self.set_state(read_state(checkpoint_path))

@@ -1,0 +1,51 @@
+"""Saved searcher state, shared by every backend: one version, one check, atomic files.
+
+A backend's ``get_state`` returns a dict with ``version`` (:data:`STATE_VERSION`),
+``backend``, ``names`` (the search space's parameter names) and ``population``, plus its
+optimizer; :func:`check_state` refuses a state of another backend, version, space or
+population, so ``--resume`` never continues a different search.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+from npstune.errors import SearchError
+
+STATE_VERSION = 1
+
+
+def check_state(state: dict[str, Any], backend: str, names: list[str], population: int) -> None:
+    """Refuse a saved searcher state of another backend, version, space or population."""
+    if state.get("version") != STATE_VERSION or state.get("backend") != backend:
+        raise SearchError(
+            f"searcher state is not a {backend} v{STATE_VERSION} state "
+            f"(got {state.get('backend')} v{state.get('version')})"
+        )
+    if state["names"] != list(names) or state["population"] != population:
+        raise SearchError(
+            "searcher state belongs to another search space or population;"
+            " start without --resume"
+        )
+
+
+def read_state(checkpoint_path: str) -> dict[str, Any]:
+    """Unpickle a saved searcher state; SearchError naming the file if unreadable."""
+    try:
+        return pickle.loads(Path(checkpoint_path).read_bytes())
+    except (OSError, pickle.UnpicklingError, EOFError) as exc:
+        raise SearchError(f"{checkpoint_path}: unreadable searcher state ({exc})") from exc
+
+
+def write_state(checkpoint_path: str, state: dict[str, Any]) -> None:
+    """Pickle ``state`` to ``checkpoint_path`` atomically (a kill leaves the old file)."""
+    path = Path(checkpoint_path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(pickle.dumps(state))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
