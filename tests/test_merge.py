@@ -244,3 +244,36 @@ def test_frozen_tensors_are_copied_and_do_not_count_in_n(tmp_path):
     assert res.meta["kept"] == [4, 4]  # ⌈0.1·39⌉, not ⌈0.1·57⌉
     assert torch.equal(res.state["encoder.1.weight"], base["encoder.1.weight"])
     assert "encoder.1.weight" in plan_merge(bp, mps, frozen=False).delta_keys
+
+
+@pytest.mark.parametrize("tasks", [1, 2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_disjoint_mean_matches_stacked_formula_bit_for_bit(tasks, dtype):
+    g = torch.Generator().manual_seed(tasks)
+    n = 5000
+    ts = []
+    for _ in range(tasks):
+        t = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+        t[torch.rand(n, generator=g) < 0.4] = 0.0  # trimmed entries
+        t[:50] = torch.tensor([1.0, -1.0], dtype=dtype).repeat(25)  # sums that cancel to 0
+        ts.append(t)
+    # the documented formula, summed left to right in task order
+    total = ts[0].clone()
+    for t in ts[1:]:
+        total = total + t
+    elected = torch.sign(total)
+    num = torch.zeros(n, dtype=dtype)
+    cnt = torch.zeros(n, dtype=torch.int64)
+    for t in ts:
+        agree = (torch.sign(t) == elected) & (t != 0)
+        num = num + torch.where(agree, t, torch.zeros((), dtype=dtype))
+        cnt += agree
+    ref = num / cnt.clamp_min(1)
+    if tasks <= 3:  # torch's stacked reduction adds up to 3 rows in the same order
+        stacked = torch.stack(ts)
+        agree = (torch.sign(stacked) == elected) & (stacked != 0)
+        zero = torch.zeros((), dtype=dtype)
+        assert torch.equal(torch.where(agree, stacked, zero).sum(0) / agree.sum(0).clamp_min(1), ref)
+    got = disjoint_mean([t.clone() for t in ts])
+    assert got.dtype == dtype
+    assert torch.equal(got, ref)

@@ -12,6 +12,8 @@ from npstune.sparsify import (
     keep_count,
     partition,
     select,
+    select_many,
+    select_streams,
     subspace_bounds,
     topk_mask,
 )
@@ -91,6 +93,28 @@ def test_radix_path_on_a_large_tensor_matches_sort():
     for k in (0.01, 0.05, 0.3):
         got = apply(select(lambda: parts, keep_count(k, x.numel())), parts)
         assert torch.equal(got, oracle.topk_mask(x, k))
+
+
+@pytest.mark.parametrize("use_radix", [False, True])
+def test_joint_select_over_streams_equals_one_select_per_stream(use_radix, monkeypatch):
+    if use_radix:
+        monkeypatch.setattr(topk_mod, "SMALL", 0)
+    g = torch.Generator().manual_seed(5)
+    n, streams = 3000, 3
+    xs = [(torch.randn(n, generator=g) * (2 + s)).round().abs() / 4 for s in range(streams)]  # ties
+    xs[2][:] = 0.5  # one stream all ties
+    steps = [tuple(x[i : i + 250] for x in xs) for i in range(0, n, 250)]
+    ks = [[0, 30, 1500], [1, n], [7, 2999]]
+    got = select_streams(lambda: iter(steps), ks, n)
+    for s in range(streams):
+        want = select_many(lambda: [st[s] for st in steps], ks[s], n)
+        assert got[s] == want
+        for K, th in zip(ks[s], got[s]):
+            mask = apply(th, [st[s] for st in steps])
+            assert int(mask.sum()) == K
+            want_mask = torch.zeros(n, dtype=torch.bool)
+            want_mask[torch.sort(-xs[s], stable=True).indices[:K]] = True  # earlier wins ties
+            assert torch.equal(mask, want_mask)
 
 
 def test_subspace_bounds_hand_checked():

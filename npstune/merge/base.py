@@ -51,6 +51,13 @@ class MergeInputs:
         """A re-iterable source of |τ_task| chunks in position order (for select passes)."""
         return lambda: self.plan.score_chunks(task, keys, self.device)
 
+    def joint_scores(self, tasks: list[int] | None = None
+                     ) -> Callable[[], Iterator[tuple[torch.Tensor, ...]]]:
+        """A re-iterable source of (|τ_t| for t in ``tasks``) chunk tuples, reading the
+        base once per chunk for all the tasks (for :func:`~npstune.sparsify.select_streams`)."""
+        ts = list(range(self.tasks)) if tasks is None else tasks
+        return lambda: self.plan.joint_score_chunks(ts, None, self.device)
+
 
 @dataclass(frozen=True)
 class MergeSpec(Generic[P]):

@@ -67,7 +67,7 @@ def _kernel(ctx: ConsensusCtx, chunk: Chunk) -> torch.Tensor:
     else:
         mtl = disjoint_mean(trimmed(ctx.ties, chunk))
     keep = consensus_keep(tall_masks(taus, mtl, [ctx.p.tall_lam] * len(taus)), ctx.p.consensus)
-    ctx.kept += int(keep.sum())
+    ctx.kept += int(torch.count_nonzero(keep))
     return ctx.p.lam * torch.where(keep, mtl, torch.zeros((), dtype=mtl.dtype))
 
 

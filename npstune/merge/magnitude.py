@@ -24,7 +24,7 @@ class MagnitudeParams(MethodParams):
 
 def prepare(inputs: MergeInputs, p: MagnitudeParams) -> PruneAdd:
     """One streaming threshold per task (global scope)."""
-    pruners = [MagnitudePruner.prepare(inputs, t, p.k, p.scope) for t in range(inputs.tasks)]
+    pruners = MagnitudePruner.prepare_all(inputs, p.k, p.scope)
     return PruneAdd(pruners, p.lam)
 
 

@@ -29,13 +29,9 @@ class NpsParams(MethodParams):
 
 
 def prepare(inputs: MergeInputs, p: NpsParams) -> PruneAdd:
-    """Partition and reweighted threshold per task (4 streaming passes, global scope)."""
+    """Partition and reweighted threshold per task (4 joint streaming passes, global scope)."""
     rows = per_task_weights(p.weights, inputs.tasks, p.subspaces)
-    pruners = [
-        NpsPruner.prepare(inputs, t, p.k, p.scope, rows[t], p.subspaces)
-        for t in range(inputs.tasks)
-    ]
-    return PruneAdd(pruners, p.lam)
+    return PruneAdd(NpsPruner.prepare_all(inputs, p.k, p.scope, rows, p.subspaces), p.lam)
 
 
 SPEC = MergeSpec(

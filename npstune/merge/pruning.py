@@ -20,7 +20,8 @@ from npstune.sparsify import (
     check_weights,
     keep_count,
     partition,
-    select,
+    partitions,
+    select_streams,
     topk_mask,
 )
 from npstune.taskvector import Chunk
@@ -36,7 +37,7 @@ class Pruner:
 
     def __call__(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         mask, values = self.mask_values(chunk)
-        self.kept += int(mask.sum())
+        self.kept += int(torch.count_nonzero(mask))
         self.seen += mask.numel()
         return mask, values
 
@@ -54,11 +55,21 @@ class MagnitudePruner(Pruner):
 
     @classmethod
     def prepare(cls, inputs: MergeInputs, task: int, k: float, scope: str) -> MagnitudePruner:
-        p = cls(task=task, k=k)
+        return cls.prepare_all(inputs, k, scope, [task])[0]
+
+    @classmethod
+    def prepare_all(cls, inputs: MergeInputs, k: float, scope: str,
+                    tasks: list[int] | None = None) -> list[MagnitudePruner]:
+        """One pruner per task (default: all), the global thresholds found in one joint
+        two-pass select over every task vector."""
+        ts = list(range(inputs.tasks)) if tasks is None else tasks
+        pruners = [cls(task=t, k=k) for t in ts]
         if scope == "global":
             n = inputs.plan.n
-            p.cursor = select(inputs.scores(task), keep_count(k, n), n).cursor()
-        return p
+            K = keep_count(k, n)
+            for p, (th,) in zip(pruners, select_streams(inputs.joint_scores(ts), [[K]] * len(ts), n)):
+                p.cursor = th.cursor()
+        return pruners
 
     def mask_values(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         scores = chunk.taus32[self.task].abs()
@@ -97,21 +108,34 @@ class NpsPruner(Pruner):
         cls, inputs: MergeInputs, task: int, k: float, scope: str, weights: Sequence[float],
         subspaces: int,
     ) -> NpsPruner:
-        w = check_weights(weights, subspaces)
-        p = cls(task=task, k=k, weights=w, subspaces=subspaces)
+        return cls.prepare_all(inputs, k, scope, [weights], subspaces, [task])[0]
+
+    @classmethod
+    def prepare_all(
+        cls, inputs: MergeInputs, k: float, scope: str, rows: Sequence[Sequence[float]],
+        subspaces: int, tasks: list[int] | None = None,
+    ) -> list[NpsPruner]:
+        """One pruner per task (weights ``rows[i]`` for ``tasks[i]``; default all tasks);
+        global scope: the partitions, then the reweighted thresholds, each in one joint
+        two-pass select over every task vector (4 passes in all, whatever the task count)."""
+        ts = list(range(inputs.tasks)) if tasks is None else tasks
+        ws = [check_weights(r, subspaces) for r in rows]
+        pruners = [cls(task=t, k=k, weights=w, subspaces=subspaces) for t, w in zip(ts, ws)]
         if scope == "global":
             n = inputs.plan.n
-            part = partition(inputs.scores(task), n, subspaces)
-            p.partition = part
+            scores = inputs.joint_scores(ts)
+            parts = partitions(scores, n, subspaces, len(ts))
 
             def reweighted():
-                pc = part.cursor()
-                for s in inputs.scores(task)():
-                    yield w.to(s.device)[pc.ids(s).long()] * s
+                pcs = [part.cursor() for part in parts]
+                for step in scores():
+                    yield tuple(w.to(s.device)[pc.ids(s).long()] * s for w, pc, s in zip(ws, pcs, step))
 
-            thr = select(reweighted, keep_count(k, n), n)
-            p.cursors = (part.cursor(), thr.cursor())
-        return p
+            K = keep_count(k, n)
+            for p, part, (thr,) in zip(pruners, parts, select_streams(reweighted, [[K]] * len(ts), n)):
+                p.partition = part
+                p.cursors = (part.cursor(), thr.cursor())
+        return pruners
 
     def mask_values(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         scores = chunk.taus32[self.task].abs()

@@ -38,17 +38,36 @@ class TiesCtx:
 
 def prepare(inputs: MergeInputs, p: TiesParams) -> TiesCtx:
     """One trim threshold per task (global scope)."""
-    return TiesCtx([MagnitudePruner.prepare(inputs, t, p.k, p.scope) for t in range(inputs.tasks)], p.lam)
+    return TiesCtx(MagnitudePruner.prepare_all(inputs, p.k, p.scope), p.lam)
 
 
 def disjoint_mean(trimmed: list[torch.Tensor]) -> torch.Tensor:
-    """Elect sign = sign(Σ trimmed); mean of the nonzero entries that agree with it."""
-    stacked = torch.stack(trimmed)
-    elected = torch.sign(stacked.sum(0))
-    agree = (torch.sign(stacked) == elected) & (stacked != 0)
-    total = torch.where(agree, stacked, torch.zeros((), dtype=stacked.dtype)).sum(0)
-    count = agree.sum(0).clamp_min(1)
-    return total / count
+    """Elect sign = sign(Σ trimmed); mean of the nonzero entries that agree with it.
+
+    Sums run left to right in task order (as a loop over the tasks would; torch's
+    stacked ``sum(0)`` agrees for up to three tasks and may round differently beyond).
+
+    Computed without stacking the tasks: ``v_t = max(trimmed_t · elected, 0)`` is
+    ``|trimmed_t|`` where it agrees (same sign, nonzero; multiplying by ±1 or 0 is exact)
+    and 0 elsewhere, so the mean is ``elected · Σ v_t / #{v_t > 0}``, bit for bit the
+    direct formula's (agreeing entries share a sign, and fl(−a − b) = −fl(a + b)).
+    Consumes ``trimmed`` (the tensors are reused in place)."""
+    total = trimmed[0].clone()
+    for t in trimmed[1:]:
+        total += t
+    elected = torch.sign(total)
+    num = total  # reused as the accumulator of Σ v_t
+    count: torch.Tensor | None = None
+    for i, t in enumerate(trimmed):
+        v = t.mul_(elected).clamp_min_(0)
+        if i == 0:
+            num.copy_(v)
+            count = (v > 0).to(v.dtype)
+        else:
+            num += v
+            count += v > 0
+    assert count is not None
+    return num.mul_(elected).div_(count.clamp_min_(1))
 
 
 def trimmed(ctx: TiesCtx, chunk: Chunk) -> list[torch.Tensor]:
@@ -62,7 +81,8 @@ def trimmed(ctx: TiesCtx, chunk: Chunk) -> list[torch.Tensor]:
 
 def ties(ctx: TiesCtx, chunk: Chunk) -> torch.Tensor:
     """λ·disjoint_mean(trim(τ_t)) for one chunk."""
-    return ctx.lam * disjoint_mean(trimmed(ctx, chunk))
+    merged = disjoint_mean(trimmed(ctx, chunk))
+    return merged if ctx.lam == 1.0 else merged.mul_(ctx.lam)
 
 
 SPEC = MergeSpec(

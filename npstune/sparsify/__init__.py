@@ -11,6 +11,7 @@ from npstune.sparsify.nps import (
     PartitionCursor,
     check_weights,
     partition,
+    partitions,
     reweight,
     subspace_bounds,
 )
@@ -22,6 +23,7 @@ from npstune.sparsify.topk import (
     keep_count,
     select,
     select_many,
+    select_streams,
     topk_mask,
 )
 
@@ -36,9 +38,11 @@ __all__ = [
     "check_weights",
     "keep_count",
     "partition",
+    "partitions",
     "reweight",
     "select",
     "select_many",
+    "select_streams",
     "subspace_bounds",
     "topk_mask",
 ]

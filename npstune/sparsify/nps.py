@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from npstune.errors import ConfigError
-from npstune.sparsify.topk import Threshold, ThresholdCursor, select_many
+from npstune.sparsify.topk import Threshold, ThresholdCursor, select_streams
 
 DEFAULT_SUBSPACES = 8
 
@@ -72,11 +72,20 @@ def partition(
     chunks: Callable[[], Iterable[torch.Tensor]], n: int, subspaces: int = DEFAULT_SUBSPACES
 ) -> Partition:
     """Compute the rank partition of the scores ``chunks()`` yields (two passes)."""
+    return partitions(lambda: ((c,) for c in chunks()), n, subspaces, 1)[0]
+
+
+def partitions(
+    chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], n: int, subspaces: int, streams: int
+) -> list[Partition]:
+    """The rank partitions of several score streams read together (``chunks()`` yields
+    one tuple of chunks per step; two passes in all, see
+    :func:`~npstune.sparsify.topk.select_streams`)."""
     if not isinstance(subspaces, int) or subspaces < 1 or subspaces > 255:
         raise ConfigError(f"subspaces must be an integer in [1, 255], got {subspaces!r}")
     ks = [j * n // subspaces for j in range(1, subspaces)]
-    bounds = select_many(chunks, ks, n) if ks else []
-    return Partition(n, subspaces, tuple(bounds))
+    bounds = select_streams(chunks, [ks] * streams, n) if ks else [[]] * streams
+    return [Partition(n, subspaces, tuple(b)) for b in bounds]
 
 
 def check_weights(weights: Sequence[float], subspaces: int) -> torch.Tensor:

@@ -94,69 +94,100 @@ def select_many(
     ``chunks()`` must yield the non-negative float32 scores in position order each time it
     is called (it is called twice: one pass per 16-bit digit). NaN scores are not allowed.
     """
-    hi = None
-    total = 0
-    small: list[torch.Tensor] | None = []  # kept while the scores are few: sort instead
-    for s in chunks():
-        b = _bits(s)
-        if b.numel() == 0:
-            continue
-        total += b.numel()
-        if small is not None:
-            small.append(b)
-            if total <= SMALL:
-                continue
-            b = torch.cat(small)
-            small = None
-        h = torch.bincount(b >> 16, minlength=_HI).cpu()
-        hi = h if hi is None else hi + h
-    if n is not None and n != total:
-        raise ConfigError(f"expected {n} scores, saw {total}")
-    for K in ks:
-        if K < 0 or K > total:
-            raise ConfigError(f"cannot keep {K} of {total} entries")
-    if small is not None:
-        return _select_sorted(torch.cat([b.cpu() for b in small]) if small
-                              else torch.empty(0, dtype=torch.int32), ks)
-    hist_hi = hi.numpy()
-    # above[d] = number of scores whose high digit is > d
-    above_hi = _above(hist_hi)
-    plans: list[tuple[int, int, int] | None] = []
-    for K in ks:
-        if K == 0:
-            plans.append(None)
-            continue
-        d = _digit(above_hi, hist_hi, K)
-        plans.append((K, d, int(above_hi[d])))
-    digits = sorted({p[1] for p in plans if p is not None})
-    lo = {d: torch.zeros(_LO, dtype=torch.int64) for d in digits}
-    if lo:
-        dig = torch.tensor(digits, dtype=torch.int32)
-        for s in chunks():
-            b = _bits(s)
+    return select_streams(lambda: ((c,) for c in chunks()), [ks], n)[0]
+
+
+def select_streams(
+    chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], ks: Sequence[Sequence[int]],
+    n: int | None = None,
+) -> list[list[Threshold]]:
+    """:func:`select_many` for several score streams read together (e.g. the task vectors
+    of one merge, which share the base's reads): ``chunks()`` yields one tuple of chunks
+    per step, ``ks[s]`` are stream ``s``'s keep counts; returns one list per stream.
+    Two passes over ``chunks()`` whatever the number of streams."""
+    S = len(ks)
+    hi: list[torch.Tensor | None] = [None] * S
+    total = [0] * S
+    small: list[list[torch.Tensor] | None] = [[] for _ in range(S)]  # few scores: sort instead
+    for step in chunks():
+        for i, sc in enumerate(step):
+            b = _bits(sc)
             if b.numel() == 0:
                 continue
-            top = b >> 16
-            if len(digits) > 1:
-                inset = torch.isin(top, dig.to(b.device))
-                b, top = b[inset], top[inset]
-            for d in digits:
-                sel = b[top == d]
-                if sel.numel():
-                    lo[d] += torch.bincount(sel & 0xFFFF, minlength=_LO).cpu()
-    out = []
-    lo_np = {d: h.numpy() for d, h in lo.items()}
-    above_lo = {d: _above(h) for d, h in lo_np.items()}
-    for p in plans:
-        if p is None:
-            out.append(Threshold(math.inf, 0, 0))
+            total[i] += b.numel()
+            sm = small[i]
+            if sm is not None:
+                sm.append(b)
+                if total[i] <= SMALL:
+                    continue
+                b = torch.cat(sm)
+                small[i] = None
+            h = torch.bincount(b >> 16, minlength=_HI).cpu()
+            hi[i] = h if hi[i] is None else hi[i] + h
+    for i in range(S):
+        if n is not None and n != total[i]:
+            raise ConfigError(f"expected {n} scores, saw {total[i]}")
+        for K in ks[i]:
+            if K < 0 or K > total[i]:
+                raise ConfigError(f"cannot keep {K} of {total[i]} entries")
+    out: list[list[Threshold] | None] = [None] * S
+    plans: list[list[tuple[int, int, int] | None]] = [[] for _ in range(S)]
+    digits: list[list[int]] = [[] for _ in range(S)]
+    for i in range(S):
+        sm = small[i]
+        if sm is not None:
+            out[i] = _select_sorted(torch.cat([b.cpu() for b in sm]) if sm
+                                    else torch.empty(0, dtype=torch.int32), ks[i])
             continue
-        K, d, above = p
-        j = _digit(above_lo[d] + above, lo_np[d], K)
-        bits = (d << 16) | j
-        value = float(np.array([bits], dtype=np.int32).view(np.float32)[0])
-        out.append(Threshold(value, K - int(above_lo[d][j] + above), K))
-    return out
+        hist_hi = hi[i].numpy()
+        above_hi = _above(hist_hi)  # above[d] = number of scores whose high digit is > d
+        for K in ks[i]:
+            if K == 0:
+                plans[i].append(None)
+                continue
+            d = _digit(above_hi, hist_hi, K)
+            plans[i].append((K, d, int(above_hi[d])))
+        digits[i] = sorted({p[1] for p in plans[i] if p is not None})
+    lo = [{d: torch.zeros(_LO, dtype=torch.int64) for d in digits[i]} for i in range(S)]
+    if any(lo):
+        dig = [torch.tensor(d, dtype=torch.int32) for d in digits]
+        for step in chunks():
+            for i, sc in enumerate(step):
+                if not lo[i]:
+                    continue
+                b = _bits(sc)
+                if b.numel() == 0:
+                    continue
+                if len(digits[i]) == 1:  # one bucket: no isin
+                    d = digits[i][0]
+                    sel = b[(b >> 16) == d]
+                    if sel.numel():
+                        lo[i][d] += torch.bincount(sel & 0xFFFF, minlength=_LO).cpu()
+                    continue
+                top = b >> 16
+                inset = torch.isin(top, dig[i].to(b.device))
+                b, top = b[inset], top[inset]
+                for d in digits[i]:
+                    sel = b[top == d]
+                    if sel.numel():
+                        lo[i][d] += torch.bincount(sel & 0xFFFF, minlength=_LO).cpu()
+    for i in range(S):
+        if out[i] is not None:
+            continue
+        res = []
+        lo_np = {d: h.numpy() for d, h in lo[i].items()}
+        above_lo = {d: _above(h) for d, h in lo_np.items()}
+        for p in plans[i]:
+            if p is None:
+                res.append(Threshold(math.inf, 0, 0))
+                continue
+            K, d, above = p
+            j = _digit(above_lo[d] + above, lo_np[d], K)
+            bits = (d << 16) | j
+            value = float(np.array([bits], dtype=np.int32).view(np.float32)[0])
+            res.append(Threshold(value, K - int(above_lo[d][j] + above), K))
+        out[i] = res
+    return [r for r in out if r is not None]
 
 
 def _select_sorted(bits: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
