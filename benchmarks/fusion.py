@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import report
@@ -94,14 +95,20 @@ def run(bench: ZooBench, search: bool = True,
         per = {t: bench.test_task(tall[i].state, t) for i, t in enumerate(tasks)}
         add("tall-masks", "λ_t=" + ",".join(str(c.value) for c in tall), per, t0)
 
-    if search and not reused("nps (searched)"):
+    # the NPS row is named after its search space when --search-config picks one, so a
+    # resumed table keeps every NPS variant tried (each chosen on calibration data only)
+    label = f"nps ({Path(bench.search_config).stem})" if bench.search_config else "nps (searched)"
+    for name in reuse:
+        if name.startswith("nps (") and name != label:
+            reused(name)
+    if search and not reused(label):
         t0 = time.perf_counter()
         res = bench.nps_search()
         if res is None:
-            notes.append(f"NPS (searched) skipped: {bench.search_skipped}")
+            notes.append(f"NPS ({label}) skipped: {bench.search_skipped}")
         else:
             state, desc, _ = res
-            add("nps (searched)", desc, bench.test(state), t0)
+            add(label, desc, bench.test(state), t0)
     return rows, notes
 
 

@@ -294,6 +294,31 @@ def scale(scratch: Path, target: int = 7 * 10**9) -> tuple[list[dict[str, Any]],
     return rows, notes
 
 
+PARTS = ("candidates", "peer", "scale")
+
+
+def _notes_by_part(notes: list[str]) -> dict[str, list[str]]:
+    """Sort the flat notes of an older results file by part (targets are rewritten)."""
+    out: dict[str, list[str]] = {}
+    for n in notes:
+        label = next((p for p in PARTS if n.startswith(p + ": ")), None)
+        if label:
+            out.setdefault(label, []).append(n[len(label) + 2:])
+        elif n.startswith("candidate"):
+            out.setdefault("candidates", []).append(n)
+        elif not n.startswith("targets"):
+            out.setdefault("scale", []).append(n)
+    return out
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.speed")
     ap.add_argument("--parts", default="candidates,peer")
@@ -314,11 +339,11 @@ def main(argv: list[str] | None = None) -> None:
     name = NAME if args.device == "cpu" else f"{NAME}-{args.device.split(':')[0]}"
     previous = RESULTS / f"{name}.json"
     sections: dict[str, Any] = {}
-    notes: list[str] = []
-    if previous.exists():  # keep the sections of parts not re-run
+    part_notes: dict[str, list[str]] = {}  # part -> its notes, replaced when the part re-runs
+    if previous.exists():  # keep the sections (and notes) of parts not re-run
         old = json.loads(previous.read_text())
         sections.update(old.get("sections", {}))
-        notes.extend(n for n in old.get("notes", []) if not n.startswith("targets"))
+        part_notes = old.get("part_notes") or _notes_by_part(old.get("notes", []))
     scratch_root = Path(args.scratch or tempfile.mkdtemp(prefix="npstune-speed-", dir="/tmp"))
     scratch_root.mkdir(parents=True, exist_ok=True)
 
@@ -326,13 +351,16 @@ def main(argv: list[str] | None = None) -> None:
         """Run one part; a failure is recorded and the other parts still run."""
         if label not in parts:
             return
+        notes = part_notes[label] = [
+            f"ran {time.strftime('%Y-%m-%d %H:%M')} at commit {_git_commit()}; 1-min load "
+            f"average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores when it started"]
         try:
-            fn()
+            fn(notes)
         except Exception as exc:  # noqa: BLE001 - keep what the other parts measured
-            notes.append(f"part {label} failed: {type(exc).__name__}: {exc}")
+            notes.append(f"failed: {type(exc).__name__}: {exc}")
             print(f"part {label} failed: {exc}", flush=True)
 
-    def run_candidates() -> None:
+    def run_candidates(notes: list[str]) -> None:
         from npstune.runtime import resolve_device
 
         sizes = [int(s) for s in args.sizes.split(",")]
@@ -342,21 +370,17 @@ def main(argv: list[str] | None = None) -> None:
             title += f" on {torch.cuda.get_device_name(dev)}"
         sections[title] = candidates(sizes, str(dev))
 
-    def run_peer() -> None:
+    def run_peer(notes: list[str]) -> None:
         title = "Peer workload: Llama-shaped 440M fp32, 2 fine-tuned"
         if args.device != "cpu":
             title += f" (npstune --device {args.device})"
         sections[title] = peer(scratch_root / "peer", device=args.device)
 
-    def run_scale() -> None:
-        nonlocal notes
+    def run_scale(notes: list[str]) -> None:
         rows, scale_notes = scale(scratch_root / "scale", int(args.scale_entries))
         sections["Scale: sharded bf16, base + 2 fine-tuned"] = rows
-        notes = [n for n in notes if not n.startswith(("disk holds", "synthesized", "not enough",
-                                                       "scale run asked"))]
         notes.extend(scale_notes)
 
-    notes = [n for n in notes if not n.startswith("part ")]
     try:
         part("candidates", run_candidates)
         part("peer", run_peer)
@@ -364,9 +388,10 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if not args.keep:
             shutil.rmtree(scratch_root, ignore_errors=True)
+    notes = [f"{label}: {n}" for label in PARTS for n in part_notes.get(label, [])]
     notes.append("targets: ours ≤ 2× floor and ≥ 10× sort-per-candidate at 87M; TIES ≤ 3.4× floor "
                  "time and ≤ 1.5× floor RSS on the peer workload; 7B merge/compress ≤ 4 GB RSS")
-    report(name, sections, notes=notes, started=started)
+    report(name, sections, notes=notes, started=started, meta={"part_notes": part_notes})
 
 
 if __name__ == "__main__":
