@@ -159,6 +159,11 @@ class Chunk:
     def stop(self) -> int:
         return self.start + self.base.numel()
 
+    def slice(self, lo: int, hi: int) -> Chunk:
+        """Elements ``[lo, hi)`` of this chunk (relative offsets; views, no copies)."""
+        return Chunk(self.key, self.start + lo, self.shape, self.base[lo:hi], self.base_cd[lo:hi],
+                     [t[lo:hi] for t in self.taus], [t[lo:hi] for t in self.taus32])
+
 
 def plan_merge(
     base: LazyCheckpoint | str,

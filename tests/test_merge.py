@@ -205,6 +205,24 @@ def test_streaming_chunks_equal_whole_tensors(tmp_path, monkeypatch):
     assert all(torch.equal(whole[k], chunked[k]) for k in whole)
 
 
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"k": 0.3}), ("magnitude", {"k": 0.1, "lam": 0.7}), ("task-arithmetic", {"lam": 0.4}),
+    ("nps", {"k": 0.1, "weights": [2, 1, 1, 0.5, 1, 1, 1, 0]}), ("consensus-ties", {}),
+    ("dare", {"k": 0.3, "seed": 4}),
+])
+def test_kernel_blocks_inside_a_read_chunk_change_nothing(tmp_path, monkeypatch, method, params):
+    import npstune.merge.base as mb
+    import npstune.taskvector as tv
+
+    bp, mps, _, _ = make_set(tmp_path)
+    monkeypatch.setattr(tv, "CHUNK", 7)
+    monkeypatch.setattr(mb, "KERNEL_BLOCK", 10**9)  # one kernel call per read chunk
+    ref = merge(bp, mps, method, params).state
+    monkeypatch.setattr(mb, "KERNEL_BLOCK", 3)  # 3 + 3 + 1 elements per read chunk
+    got = merge(bp, mps, method, params).state
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
 def test_every_registered_method_loads_and_validates():
     names = method_names()
     assert {"average", "task-arithmetic", "ties", "dare", "darex", "magnitude",

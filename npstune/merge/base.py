@@ -72,6 +72,9 @@ class MergeSpec(Generic[P]):
     #: methods that rank within a tensor get whole tensors instead of chunks
     whole_tensor: Callable[[P], bool] = lambda p: False
     needs_data: bool = False
+    #: the kernel gives the same values on any split of a read chunk into consecutive
+    #: blocks (False for DARE, whose random draws are seeded per read chunk)
+    blockwise: bool = True
 
     def make_params(self, values: dict[str, Any] | MethodParams | None = None) -> P:
         """Validate ``values`` against this method's params (ConfigError on bad input)."""
@@ -120,6 +123,8 @@ def run_merge(
     ctx = spec.prepare(inputs, p)
     t_prepare = time.perf_counter() - t0
     whole = spec.whole_tensor(p)
+    on_cpu = torch.device(device).type == "cpu"
+    block = KERNEL_BLOCK if spec.blockwise and on_cpu else None
     state: dict[str, torch.Tensor] | None = None if out is not None else {}
     meta_out = {"npstune_method": spec.name, "npstune_params": p.model_dump_json()}
     meta_out.update(metadata or {})
@@ -132,7 +137,7 @@ def run_merge(
             if key not in delta_keys:
                 write(key, plan.base[key], 0)
                 continue
-            for start, _, _, merged in merged_blocks(plan, spec, ctx, key, whole, device):
+            for start, _, _, merged in merged_blocks(plan, spec, ctx, key, whole, device, block):
                 write(key, merged.cpu(), start)
 
     if out is None:
@@ -164,16 +169,26 @@ def run_merge(
     return MergeResult(state, Path(out) if out is not None else None, meta)
 
 
+#: Elements per kernel call in a merge: a 4 Mi-element read is worked through in blocks
+#: whose float64 temporaries stay in the CPU's L2 cache (the prepare passes, bound by
+#: reads and histograms, keep the big chunks).
+KERNEL_BLOCK = 1 << 18
+
+
 def merged_blocks(
     plan: MergePlan, spec: MergeSpec[Any], ctx: Any, key: str, whole: bool,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", block: int | None = None,
 ) -> Iterator[tuple[int, int, Chunk, torch.Tensor]]:
     """The merged values of one delta tensor, block by block: (start, stop, chunk,
-    θ_base + kernel(chunk) in the base's dtype, on ``device``). One block when ``whole``."""
+    θ_base + kernel(chunk) in the base's dtype, on ``device``). One block when ``whole``;
+    else one per read chunk, or per ``block`` elements of it when ``block`` is given."""
     n = plan.numel[key]
     for start, stop in [(0, n)] if whole and n else plan.chunks(key):
         chunk = plan.read_chunk(key, start, stop, device)
-        yield start, stop, chunk, (chunk.base_cd + spec.kernel(ctx, chunk)).to(chunk.base.dtype)
+        step = stop - start if whole or not block else block
+        for lo in range(0, stop - start, step):
+            c = chunk if step >= stop - start else chunk.slice(lo, lo + step)
+            yield c.start, c.stop, c, (c.base_cd + spec.kernel(ctx, c)).to(c.base.dtype)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

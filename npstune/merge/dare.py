@@ -44,8 +44,10 @@ def prepare_dare(inputs: MergeInputs, p: DareParams) -> PruneAdd:
 SPEC = MergeSpec(
     "dare", DareParams, kernel=prune_add_kernel, prepare=prepare_dare,
     paper="https://arxiv.org/abs/2311.03099", summary="random keep k, rescale 1/k",
+    blockwise=False,
 )
 DAREX_SPEC = MergeSpec(
     "darex", DarexParams, kernel=prune_add_kernel, prepare=prepare_dare,
     paper="https://arxiv.org/abs/2410.09344", summary="random keep k, rescale 1/q",
+    blockwise=False,
 )
