@@ -332,12 +332,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu",
                     help="where the candidates part runs (cpu, cuda, cuda:N); its table is "
                          "kept per device")
+    ap.add_argument("--peer-shape", default="1024,29,2816,32000",
+                    help="hidden,layers,intermediate,vocab of the peer part's Llama shapes "
+                         "(default: 438M parameters)")
+    ap.add_argument("--out-dir", type=Path, default=None, help="results dir (default benchmarks/results)")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     parts = set(args.parts.split(","))
+    unknown = parts - set(PARTS)
+    if unknown:
+        ap.error(f"unknown --parts {', '.join(sorted(unknown))} (choose from {', '.join(PARTS)})")
+    try:
+        hidden, layers, inter, vocab = (int(x) for x in args.peer_shape.split(","))
+    except ValueError:
+        ap.error(f"--peer-shape wants four integers hidden,layers,intermediate,vocab, got {args.peer_shape!r}")
+    out_dir = args.out_dir or RESULTS
     # tables of a GPU run go to speed-cuda.md: one machine's facts per results file
     name = NAME if args.device == "cpu" else f"{NAME}-{args.device.split(':')[0]}"
-    previous = RESULTS / f"{name}.json"
+    previous = out_dir / f"{name}.json"
     sections: dict[str, Any] = {}
     part_notes: dict[str, list[str]] = {}  # part -> its notes, replaced when the part re-runs
     if previous.exists():  # keep the sections (and notes) of parts not re-run
@@ -371,10 +383,15 @@ def main(argv: list[str] | None = None) -> None:
         sections[title] = candidates(sizes, str(dev))
 
     def run_peer(notes: list[str]) -> None:
-        title = "Peer workload: Llama-shaped 440M fp32, 2 fine-tuned"
+        shapes = llama_shapes(hidden=hidden, layers=layers, inter=inter, vocab=vocab)
+        params = sum(int(torch.tensor(v).prod()) for v in shapes.values())
+        title = f"Peer workload: Llama-shaped {params / 1e6:.0f}M fp32, 2 fine-tuned"
         if args.device != "cpu":
             title += f" (npstune --device {args.device})"
-        sections[title] = peer(scratch_root / "peer", device=args.device)
+        rows = peer(scratch_root / "peer", shapes, device=args.device)
+        for old_title in [t for t in sections if t.startswith("Peer workload")]:
+            del sections[old_title]  # one peer table per results file: this run's
+        sections[title] = rows
 
     def run_scale(notes: list[str]) -> None:
         rows, scale_notes = scale(scratch_root / "scale", int(args.scale_entries))
@@ -391,7 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     notes = [f"{label}: {n}" for label in PARTS for n in part_notes.get(label, [])]
     notes.append("targets: ours ≤ 2× floor and ≥ 10× sort-per-candidate at 87M; TIES ≤ 3.4× floor "
                  "time and ≤ 1.5× floor RSS on the peer workload; 7B merge/compress ≤ 4 GB RSS")
-    report(name, sections, notes=notes, started=started, meta={"part_notes": part_notes})
+    report(name, sections, notes=notes, started=started, meta={"part_notes": part_notes},
+           out_dir=out_dir)
 
 
 if __name__ == "__main__":

@@ -160,3 +160,32 @@ def test_evals_to_fraction():
     assert evals_to_fraction([]) is None
     assert evals_to_fraction([0.5, 0.6, 0.7, 0.7]) == 3
     assert evals_to_fraction([0.9, 0.5, 0.905]) == 1  # 0.9 >= 0.99 * 0.905
+
+
+# ---- speed ------------------------------------------------------------------------------
+def test_speed_candidates_and_peer_tiny(no_mlflow, tmp_path):
+    from benchmarks import speed
+
+    out = tmp_path / "out"
+    args = ["--sizes", "300000", "--peer-shape", "32,2,64,256", "--scratch", str(tmp_path / "s"),
+            "--out-dir", str(out)]
+    speed.main(["--parts", "candidates,peer", *args])
+    data = _load(out, "speed")
+    (cand,) = [v for k, v in data["sections"].items() if k.startswith("NPS candidate build")]
+    assert cand[0]["identical"] is True and cand[0]["b_over_c"] > 0 and cand[0]["c_over_a"] > 0
+    (peer,) = [v for k, v in data["sections"].items() if k.startswith("Peer workload")]
+    assert [r["tool"] for r in peer] == ["floor (read 3, write 1; safetensors)",
+                                         "npstune task-arithmetic", "npstune ties"]
+    assert all(r["rc"] == 0 and r["wall_s"] > 0 and r["rss_mib"] > 0 for r in peer)
+    assert peer[0]["time_vs_floor"] == 1
+    assert set(data["part_notes"]) == {"candidates", "peer"}
+    first = data["part_notes"]["candidates"]
+    # re-running one part replaces its notes and table, keeps the other's
+    speed.main(["--parts", "peer", *args])
+    again = _load(out, "speed")
+    assert again["part_notes"]["candidates"] == first
+    assert len(again["part_notes"]["peer"]) == 1 and again["part_notes"]["peer"][0].startswith("ran ")
+    assert sum(k.startswith("Peer workload") for k in again["sections"]) == 1
+    assert not (tmp_path / "s").exists()  # scratch removed
+    with pytest.raises(SystemExit):
+        speed.main(["--parts", "peers", *args])
