@@ -110,6 +110,8 @@ def test_joint_select_over_streams_equals_one_select_per_stream(use_radix, monke
         want = select_many(lambda: [st[s] for st in steps], ks[s], n)
         assert got[s] == want
         for K, th in zip(ks[s], got[s]):
+            if K:  # the threshold counts the scores equal to it (what lets cursors skip scans)
+                assert th.equal == int((xs[s] == th.value).sum()) and 0 < th.quota <= th.equal
             mask = apply(th, [st[s] for st in steps])
             assert int(mask.sum()) == K
             want_mask = torch.zeros(n, dtype=torch.bool)

@@ -45,26 +45,26 @@ class PartitionCursor:
     def __init__(self, partition: Partition) -> None:
         self.partition = partition
         self._cursors = [ThresholdCursor(t) for t in partition.bounds]
-        # boundary values ascending (bounds are non-increasing in j)
-        self._values = torch.tensor([t.value for t in reversed(partition.bounds)], dtype=torch.float32)
 
     def ids(self, scores: torch.Tensor) -> torch.Tensor:
         """Subspace index of every entry of ``scores`` (same shape, uint8).
 
-        s = #{j : entry not in the top ⌊j·n/M⌋}. Strict comparisons come from one
-        ``bucketize``; only entries equal to a boundary value need the tie cursors.
+        s = #{j : entry not in the top ⌊j·n/M⌋}: one comparison per boundary (``<=`` once
+        its tie quota is spent, ``<`` while it covers every equal score to come); only a
+        chunk where a quota runs out needs that boundary's position-ordered tie scan.
         """
         flat = scores.reshape(-1)
-        vals = self._values.to(flat.device)
-        # number of boundary values strictly greater than the score
-        s = (vals.numel() - torch.bucketize(flat, vals, right=True)).to(torch.uint8)
+        s = torch.zeros(flat.shape, dtype=torch.uint8, device=flat.device)
         for c in self._cursors:
-            eq = flat == c.threshold.value
-            if not bool(eq.any()):
+            v = c.threshold.value
+            rule = c.rule
+            if rule != "scan":
+                s += flat <= v if rule == ">" else flat < v
                 continue
-            if c.left > 0:  # the tie quota is spent in position order
-                eq &= ~c.mask(flat)
-            s += eq.to(torch.uint8)  # equal to the boundary but past its quota: below it
+            s += flat < v
+            eq = flat == v
+            if bool(eq.any()):
+                s += eq & ~c.mask(flat)  # equal to the boundary but past its quota: below it
         return s.reshape(scores.shape)
 
 

@@ -46,11 +46,14 @@ class Threshold:
     """Keep ``score > value``, plus the first ``quota`` entries with ``score == value``.
 
     ``keep`` is the total kept (``count_gt + quota``). ``value`` is +inf when nothing is kept.
+    ``equal`` counts the scores equal to ``value`` (None: not known); when the quota takes
+    them all, the rule is simply ``score >= value`` and needs no position bookkeeping.
     """
 
     value: float
     quota: int
     keep: int
+    equal: int | None = None
 
     def cursor(self) -> ThresholdCursor:
         """A fresh cursor, to apply this threshold over tensors in position order."""
@@ -58,24 +61,43 @@ class Threshold:
 
 
 class ThresholdCursor:
-    """Applies a :class:`Threshold` to consecutive chunks, spending the tie quota in order."""
+    """Applies a :class:`Threshold` to consecutive chunks, spending the tie quota in order.
+
+    Only chunks where the quota is partly spent need a scan of the equal scores: once it
+    is spent the rule is ``score > value``, and while it covers every equal score still
+    to come (known when the threshold counts them) it is ``score >= value``.
+    """
 
     def __init__(self, threshold: Threshold) -> None:
         self.threshold = threshold
         self.left = threshold.quota
+        #: equal scores not yet passed (None: unknown)
+        self.equal_left = threshold.equal
         self._t = torch.tensor(threshold.value, dtype=torch.float32)
+
+    @property
+    def rule(self) -> str:
+        """``">"``, ``">="`` or ``"scan"``: how the next chunk's equal scores are decided."""
+        if self.left == 0:
+            return ">"
+        return ">=" if self.left == self.equal_left else "scan"
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
         """Boolean keep-mask for the next chunk of scores (float32, any shape)."""
         t = self._t.to(scores.device)
+        rule = self.rule
+        if rule == ">=":
+            return scores >= t
         keep = scores > t
-        if self.left > 0:
+        if rule == "scan":
             eq = (scores == t).reshape(-1)
             idx = eq.nonzero().squeeze(1)
             if idx.numel():
                 take = idx[: self.left]
                 keep.view(-1)[take] = True
                 self.left -= int(take.numel())
+                if self.equal_left is not None:
+                    self.equal_left -= int(idx.numel())
         return keep
 
 
@@ -150,7 +172,11 @@ def select_streams(
         digits[i] = sorted({p[1] for p in plans[i] if p is not None})
     lo = [{d: torch.zeros(_LO, dtype=torch.int64) for d in digits[i]} for i in range(S)]
     if any(lo):
-        dig = [torch.tensor(d, dtype=torch.int32) for d in digits]
+        member = []  # per stream: lookup table of its boundary digits (cheaper than isin)
+        for ds in digits:
+            lut = torch.zeros(_HI, dtype=torch.bool)
+            lut[ds] = True
+            member.append(lut)
         for step in chunks():
             for i, sc in enumerate(step):
                 if not lo[i]:
@@ -165,7 +191,7 @@ def select_streams(
                         lo[i][d] += torch.bincount(sel & 0xFFFF, minlength=_LO).cpu()
                     continue
                 top = b >> 16
-                inset = torch.isin(top, dig[i].to(b.device))
+                inset = member[i].to(b.device)[top]
                 b, top = b[inset], top[inset]
                 for d in digits[i]:
                     sel = b[top == d]
@@ -185,7 +211,7 @@ def select_streams(
             j = _digit(above_lo[d] + above, lo_np[d], K)
             bits = (d << 16) | j
             value = float(np.array([bits], dtype=np.int32).view(np.float32)[0])
-            res.append(Threshold(value, K - int(above_lo[d][j] + above), K))
+            res.append(Threshold(value, K - int(above_lo[d][j] + above), K, int(lo_np[d][j])))
         out[i] = res
     return [r for r in out if r is not None]
 
@@ -200,8 +226,9 @@ def _select_sorted(bits: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
             continue
         v = desc[K - 1]
         gt = int(torch.searchsorted(-desc, -v, right=False))  # entries strictly greater
+        ge = int(torch.searchsorted(-desc, -v, right=True))  # entries greater or equal
         value = float(v.view(torch.float32).item() if v.dim() else v.reshape(1).view(torch.float32)[0])
-        out.append(Threshold(value, K - gt, K))
+        out.append(Threshold(value, K - gt, K, ge - gt))
     return out
 
 
