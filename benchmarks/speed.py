@@ -273,11 +273,17 @@ def scale(scratch: Path, target: int = 7 * 10**9) -> tuple[list[dict[str, Any]],
     print(f"scale workload: {total / 1e9:.2f}e9 bf16 entries per model", flush=True)
     paths = {nm: scratch / nm for nm in ("base", "ft_a", "ft_b")}
     t0 = time.perf_counter()
+    made = 0
     for i, (nm, p) in enumerate(paths.items()):
         if not (p / "model.safetensors.index.json").exists():
             _write_model(p, shapes, torch.bfloat16, seed=i, fine_tuned=nm != "base",
                          shard_bytes=4 * 2**30, noise=0.002)
-    notes.append(f"synthesized 3 × {total / 1e9:.2f}e9 bf16 entries in {time.perf_counter() - t0:.0f} s")
+            made += 1
+    if made:
+        notes.append(f"synthesized {made} × {total / 1e9:.2f}e9 bf16 entries in "
+                     f"{time.perf_counter() - t0:.0f} s")
+    if made < 3:
+        notes.append(f"reused {3 - made} synthesized model(s) found in {scratch}")
     exe = _npstune()
     rows = []
     models = [str(paths["ft_a"]), str(paths["ft_b"])]
