@@ -250,6 +250,9 @@ def peer(scratch: Path, shapes: dict[str, tuple[int, ...]] | None = None,
 def scale(scratch: Path, target: int = 7 * 10**9) -> tuple[list[dict[str, Any]], list[str]]:
     notes = []
     scratch.mkdir(parents=True, exist_ok=True)
+    paths = {nm: scratch / nm for nm in ("base", "ft_a", "ft_b")}
+    if all((p / "model.safetensors.index.json").exists() for p in paths.values()):
+        return _scale_runs(scratch, paths, _entries(paths["base"]), notes)
     free = shutil.disk_usage(scratch).free
     # base + 2 fine-tuned + one output at a time (deleted after each run) + compress store
     # (~0.15 model): ~4.3 models of bf16
@@ -270,8 +273,6 @@ def scale(scratch: Path, target: int = 7 * 10**9) -> tuple[list[dict[str, Any]],
     layers = max(1, (n - 2 * vocab * hidden - hidden) // per_layer)
     shapes = llama_shapes(hidden, layers, inter, vocab)
     total = sum(int(torch.tensor(v).prod()) for v in shapes.values())
-    print(f"scale workload: {total / 1e9:.2f}e9 bf16 entries per model", flush=True)
-    paths = {nm: scratch / nm for nm in ("base", "ft_a", "ft_b")}
     t0 = time.perf_counter()
     made = 0
     for i, (nm, p) in enumerate(paths.items()):
@@ -284,6 +285,23 @@ def scale(scratch: Path, target: int = 7 * 10**9) -> tuple[list[dict[str, Any]],
                      f"{time.perf_counter() - t0:.0f} s")
     if made < 3:
         notes.append(f"reused {3 - made} synthesized model(s) found in {scratch}")
+    return _scale_runs(scratch, paths, total, notes)
+
+
+def _entries(folder: Path) -> int:
+    from npstune.checkpoints import open_checkpoint
+
+    ck = open_checkpoint(folder)
+    return sum(ck.numel(k) for k in ck.keys())
+
+
+def _scale_runs(scratch: Path, paths: dict[str, Path], total: int, notes: list[str]
+                ) -> tuple[list[dict[str, Any]], list[str]]:
+    """TIES merge, NPS merge and compress of the synthesized models: wall time, peak RSS."""
+    if not any(n.startswith("synthesized") for n in notes):
+        notes.append(f"reused the synthesized models found in {scratch} "
+                     f"({total / 1e9:.2f}e9 bf16 entries each)")
+    print(f"scale workload: {total / 1e9:.2f}e9 bf16 entries per model", flush=True)
     exe = _npstune()
     rows = []
     models = [str(paths["ft_a"]), str(paths["ft_b"])]
