@@ -58,7 +58,8 @@ def disk_bytes(bench: ZooBench, method: str, params: dict[str, Any]) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(bench: ZooBench, search: bool = True) -> tuple[dict[str, list[dict[str, Any]]], list[str], list[Path]]:
+def run(bench: ZooBench, search: bool = True, name: str = NAME
+        ) -> tuple[dict[str, list[dict[str, Any]]], list[str], list[Path]]:
     from npstune.compress import storage_bits
     from npstune.merge.calibrate import choose_lambda, tall_models
 
@@ -107,7 +108,7 @@ def run(bench: ZooBench, search: bool = True) -> tuple[dict[str, list[dict[str, 
             curve.append({"method": method, "k": k, "paper_bits": sb.paper_bits,
                           "paper_bits_vs_ft": sb.paper_bits / (32 * T * n),
                           "normalized": mean(accs[t] / ft[t] for t in accs)})
-    plot = _plot(curve, rows, bench.out_dir or RESULTS)
+    plot = _plot(curve, rows, (bench.out_dir or RESULTS) / f"{name}_curve.png")
     return {f"Storage vs accuracy at k={K}, {bench.size} zoo": rows,
             "Accuracy-vs-storage curve": curve}, notes, [plot] if plot else []
 
@@ -119,7 +120,7 @@ def _candidate(outcome: Any) -> dict[str, Any]:
     return json.loads(Path(outcome.report.files["best_candidate"]).read_text())["candidate"]
 
 
-def _plot(curve: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) -> Path | None:
+def _plot(curve: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> Path | None:
     try:
         import matplotlib
 
@@ -138,8 +139,7 @@ def _plot(curve: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) ->
     ax.set_ylabel("normalized accuracy")
     ax.set_title("Accuracy vs storage")
     ax.legend(fontsize=8)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "compression_curve.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -153,8 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     started = time.perf_counter()
     bench = ZooBench.from_args(args)
-    sections, notes, files = run(bench, search=not args.no_search)
-    report(args.name or NAME, sections, meta=bench.meta(), notes=notes + bench.notes(),
+    name = args.name or NAME
+    sections, notes, files = run(bench, search=not args.no_search, name=name)
+    report(name, sections, meta=bench.meta(), notes=notes + bench.notes(),
            started=started, artifacts=files, out_dir=bench.out_dir)
 
 
