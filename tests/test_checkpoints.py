@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from npstune.checkpoints import open_checkpoint, write_sharded, write_state_dict
+from npstune.checkpoints import open_checkpoint, write_state_dict
 from npstune.cli import main
 from npstune.errors import CheckpointError, ConfigError, ShapeMismatchError
 from npstune.merge import merge
