@@ -105,7 +105,7 @@ def run(bench: ZooBench, search: bool = True,
         t0 = time.perf_counter()
         res = bench.nps_search()
         if res is None:
-            notes.append(f"NPS ({label}) skipped: {bench.search_skipped}")
+            notes.append(f"{label} skipped: {bench.search_skipped}")
         else:
             state, desc, _ = res
             add(label, desc, bench.test(state), t0)

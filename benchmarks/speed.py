@@ -252,7 +252,10 @@ def scale(scratch: Path, target: int = 7 * 10**9) -> tuple[list[dict[str, Any]],
     scratch.mkdir(parents=True, exist_ok=True)
     paths = {nm: scratch / nm for nm in ("base", "ft_a", "ft_b")}
     if all((p / "model.safetensors.index.json").exists() for p in paths.values()):
-        return _scale_runs(scratch, paths, _entries(paths["base"]), notes)
+        total = _entries(paths["base"])
+        notes.append(f"reused the synthesized models found in {scratch} "
+                     f"({total / 1e9:.2f}e9 bf16 entries each)")
+        return _scale_runs(scratch, paths, total, notes)
     free = shutil.disk_usage(scratch).free
     # base + 2 fine-tuned + one output at a time (deleted after each run) + compress store
     # (~0.15 model): ~4.3 models of bf16
@@ -280,9 +283,8 @@ def scale(scratch: Path, target: int = 7 * 10**9) -> tuple[list[dict[str, Any]],
             _write_model(p, shapes, torch.bfloat16, seed=i, fine_tuned=nm != "base",
                          shard_bytes=4 * 2**30, noise=0.002)
             made += 1
-    if made:
-        notes.append(f"synthesized {made} × {total / 1e9:.2f}e9 bf16 entries in "
-                     f"{time.perf_counter() - t0:.0f} s")
+    notes.append(f"synthesized {made} × {total / 1e9:.2f}e9 bf16 entries in "
+                 f"{time.perf_counter() - t0:.0f} s")
     if made < 3:
         notes.append(f"reused {3 - made} synthesized model(s) found in {scratch}")
     return _scale_runs(scratch, paths, total, notes)
@@ -298,9 +300,6 @@ def _entries(folder: Path) -> int:
 def _scale_runs(scratch: Path, paths: dict[str, Path], total: int, notes: list[str]
                 ) -> tuple[list[dict[str, Any]], list[str]]:
     """TIES merge, NPS merge and compress of the synthesized models: wall time, peak RSS."""
-    if not any(n.startswith("synthesized") for n in notes):
-        notes.append(f"reused the synthesized models found in {scratch} "
-                     f"({total / 1e9:.2f}e9 bf16 entries each)")
     print(f"scale workload: {total / 1e9:.2f}e9 bf16 entries per model", flush=True)
     exe = _npstune()
     rows = []

@@ -94,18 +94,10 @@ class MergePlan:
         taus, taus32 = [], []
         for m in self.models:
             f = m.read(key, start, stop).to(device)
-            t32 = f.float() - b32
-            if not all_finite(t32):
-                _raise_not_finite(key, ((m, f), (self.base, b)), m)
+            t32 = self._delta32(key, m, f, b, b32)
             taus32.append(t32)
             taus.append(t32 if cd == torch.float32 else f.to(cd) - bcd)
         return Chunk(key, start, self.base.shape(key), b, bcd, taus, taus32)
-
-    def score_chunks(self, task: int, keys: Sequence[str] | None = None,
-                     device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
-        """|τ_task| (float32, flat) chunk by chunk over ``keys`` (default: all delta keys)."""
-        for (s,) in self.joint_score_chunks([task], keys, device):
-            yield s
 
     def joint_score_chunks(self, tasks: Sequence[int], keys: Sequence[str] | None = None,
                            device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, ...]]:
@@ -115,15 +107,19 @@ class MergePlan:
             for start, stop in self.chunks(key):
                 b = self.base.read(key, start, stop).to(device)
                 b32 = b.float()
-                out = []
-                for t in tasks:
-                    m = self.models[t]
-                    f = m.read(key, start, stop).to(device)
-                    d = f.float() - b32
-                    if not all_finite(d):
-                        _raise_not_finite(key, ((m, f), (self.base, b)), m)
-                    out.append(d.abs_())
-                yield tuple(out)
+                yield tuple(
+                    self._delta32(key, m, m.read(key, start, stop).to(device), b, b32).abs_()
+                    for m in (self.models[t] for t in tasks)
+                )
+
+    def _delta32(self, key: str, model: LazyCheckpoint, f: torch.Tensor, b: torch.Tensor,
+                 b32: torch.Tensor) -> torch.Tensor:
+        """fl32(θ_t) − fl32(θ_pre) for one chunk (``f``, ``b`` as read; ``b32`` = b.float()),
+        refusing NaN/Inf with the checkpoint that holds it."""
+        d = f.float() - b32
+        if not all_finite(d):
+            _raise_not_finite(key, ((model, f), (self.base, b)), model)
+        return d
 
     def task_vectors(self) -> list[TaskVector]:
         """One lazy task vector per model, in the order the models were given."""

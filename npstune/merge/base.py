@@ -47,10 +47,6 @@ class MergeInputs:
     def tasks(self) -> int:
         return len(self.plan.models)
 
-    def scores(self, task: int, keys: list[str] | None = None) -> Callable[[], Iterator[torch.Tensor]]:
-        """A re-iterable source of |τ_task| chunks in position order (for select passes)."""
-        return lambda: self.plan.score_chunks(task, keys, self.device)
-
     def joint_scores(self, tasks: list[int] | None = None
                      ) -> Callable[[], Iterator[tuple[torch.Tensor, ...]]]:
         """A re-iterable source of (|τ_t| for t in ``tasks``) chunk tuples, reading the

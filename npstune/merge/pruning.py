@@ -54,10 +54,6 @@ class MagnitudePruner(Pruner):
     cursor: ThresholdCursor | None = None  # global scope
 
     @classmethod
-    def prepare(cls, inputs: MergeInputs, task: int, k: float, scope: str) -> MagnitudePruner:
-        return cls.prepare_all(inputs, k, scope, [task])[0]
-
-    @classmethod
     def prepare_all(cls, inputs: MergeInputs, k: float, scope: str,
                     tasks: list[int] | None = None) -> list[MagnitudePruner]:
         """One pruner per task (default: all), the global thresholds found in one joint
@@ -102,13 +98,6 @@ class NpsPruner(Pruner):
     subspaces: int = 8
     partition: Partition | None = None  # global scope
     cursors: tuple | None = None
-
-    @classmethod
-    def prepare(
-        cls, inputs: MergeInputs, task: int, k: float, scope: str, weights: Sequence[float],
-        subspaces: int,
-    ) -> NpsPruner:
-        return cls.prepare_all(inputs, k, scope, [weights], subspaces, [task])[0]
 
     @classmethod
     def prepare_all(

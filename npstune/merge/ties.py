@@ -56,17 +56,13 @@ def disjoint_mean(trimmed: list[torch.Tensor]) -> torch.Tensor:
     for t in trimmed[1:]:
         total += t
     elected = torch.sign(total)
-    num = total  # reused as the accumulator of Σ v_t
-    count: torch.Tensor | None = None
-    for i, t in enumerate(trimmed):
+    del total
+    num = trimmed[0].mul_(elected).clamp_min_(0)  # Σ v_t, accumulated in v_0
+    count = (num > 0).to(num.dtype)
+    for t in trimmed[1:]:
         v = t.mul_(elected).clamp_min_(0)
-        if i == 0:
-            num.copy_(v)
-            count = (v > 0).to(v.dtype)
-        else:
-            num += v
-            count += v > 0
-    assert count is not None
+        num += v
+        count += v > 0
     return num.mul_(elected).div_(count.clamp_min_(1))
 
 

@@ -152,7 +152,7 @@ def select_streams(
         for K in ks[i]:
             if K < 0 or K > total[i]:
                 raise ConfigError(f"cannot keep {K} of {total[i]} entries")
-    out: list[list[Threshold] | None] = [None] * S
+    out: dict[int, list[Threshold]] = {}  # stream -> its thresholds
     plans: list[list[tuple[int, int, int] | None]] = [[] for _ in range(S)]
     digits: list[list[int]] = [[] for _ in range(S)]
     for i in range(S):
@@ -184,21 +184,16 @@ def select_streams(
                 b = _bits(sc)
                 if b.numel() == 0:
                     continue
-                if len(digits[i]) == 1:  # one bucket: no isin
-                    d = digits[i][0]
-                    sel = b[(b >> 16) == d]
-                    if sel.numel():
-                        lo[i][d] += torch.bincount(sel & 0xFFFF, minlength=_LO).cpu()
-                    continue
                 top = b >> 16
-                inset = member[i].to(b.device)[top]
+                ds = digits[i]
+                inset = top == ds[0] if len(ds) == 1 else member[i].to(b.device)[top]
                 b, top = b[inset], top[inset]
-                for d in digits[i]:
+                for d in ds:
                     sel = b[top == d]
                     if sel.numel():
                         lo[i][d] += torch.bincount(sel & 0xFFFF, minlength=_LO).cpu()
     for i in range(S):
-        if out[i] is not None:
+        if i in out:
             continue
         res = []
         lo_np = {d: h.numpy() for d, h in lo[i].items()}
@@ -213,7 +208,7 @@ def select_streams(
             value = float(np.array([bits], dtype=np.int32).view(np.float32)[0])
             res.append(Threshold(value, K - int(above_lo[d][j] + above), K, int(lo_np[d][j])))
         out[i] = res
-    return [r for r in out if r is not None]
+    return [out[i] for i in range(S)]
 
 
 def _select_sorted(bits: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
