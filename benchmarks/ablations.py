@@ -8,12 +8,21 @@ only); the table gives, per value, mean ± std over the seeds of the best candid
 calibration and test mean accuracy, with magnitude (w = 1 at the same k, λ init) on test
 for reference. ``--quick``: one seed, one generation, population 4, 2 values per sweep.
 
-Run: ``python -m benchmarks.ablations [--zoo small|full] [--quick] [--sweep subspaces]``.
+A variant whose search config equals one already run (the default M = 8, k = 0.05, full
+calibration, cma appears in every sweep) is searched once and shared. Each finished search
+is written to ``NAME.partial.json`` at once; ``--resume`` keeps the searches found there (or
+in an earlier ``NAME.json``) whose config is the same, so a stopped run loses at most the
+search in flight.
+
+Run: ``python -m benchmarks.ablations [--zoo small|full] [--quick] [--sweep subspaces]
+[--resume]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import shutil
 import tempfile
 import time
@@ -23,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.common import report
+from benchmarks.common import RESULTS, report
 from benchmarks.zoo_setup import ZooBench
 
 NAME = "ablations"
@@ -44,6 +53,33 @@ def _get(cfg: Any, dotted: str) -> Any:
     return node
 
 
+def fingerprint(cfg: Any) -> str:
+    """Hash of a search config without the fields that only name it (name, source file,
+    output dir): two variants with one fingerprint run the same search."""
+    d = cfg.model_dump(mode="json")
+    for k in ("name", "source", "output_dir"):
+        d.pop(k, None)
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def earlier_runs(paths: list[Path], zoo_recipe: Any) -> dict[str, dict[str, Any]]:
+    """Finished searches (fingerprint -> run row) of earlier partial or final results files
+    made on the same zoo recipe; rows from other recipes or older formats are skipped."""
+    done: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        if not path.exists():
+            continue
+        old = json.loads(path.read_text())
+        if old.get("zoo_recipe") != zoo_recipe:
+            print(f"--resume: {path} was made on another zoo recipe; not reused")
+            continue
+        runs = old.get("runs") or old.get("sections", {}).get("Runs", [])
+        for r in runs:
+            if r.get("config") and r.get("calibration") is not None:
+                done.setdefault(r["config"], r)
+    return done
+
+
 def _ms(vals: list[float]) -> tuple[float, float]:
     return mean(vals), (stdev(vals) if len(vals) > 1 else 0.0)
 
@@ -59,8 +95,9 @@ def variants(bench: ZooBench, sweep: str, out: Path, seeds: int | None,
     sweep_spec = yaml.safe_load(path.read_text())["sweep"]
     values = list(sweep_spec[key])
     seed_list = list(sweep_spec.get(SEED_KEY, [1]))
-    if bench.quick:
-        values, seed_list = values[:2], seed_list[:1]
+    if bench.quick:  # quick defaults: 2 values, 1 seed (--values / --seeds override)
+        n_values = 2 if n_values is None else n_values
+        seeds = 1 if seeds is None else seeds
     if n_values is not None:
         values = values[:n_values]
     if seeds is not None:
@@ -81,9 +118,12 @@ def variants(bench: ZooBench, sweep: str, out: Path, seeds: int | None,
 
 def run(bench: ZooBench, sweeps: list[str], seeds: int | None = None,
         generations: int | None = None, population: int | None = None,
-        n_values: int | None = None
+        n_values: int | None = None, *, done: dict[str, dict[str, Any]] | None = None,
+        checkpoint: Path | None = None,
         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
-    """(summary rows: mean ± std per value, per-run rows, notes)."""
+    """(summary rows: mean ± std per value, per-run rows, notes). ``done``: finished
+    searches by config fingerprint, reused instead of run; ``checkpoint``: file that gets
+    every run row as soon as its search ends."""
     import ray
 
     from npstune.search import run_search
@@ -91,23 +131,43 @@ def run(bench: ZooBench, sweeps: list[str], seeds: int | None = None,
 
     out = Path(tempfile.mkdtemp(prefix="npstune-bench-ablations-"))
     runs: list[dict[str, Any]] = []
+    done = dict(done or {})
+    resumed = set(done)
+    recipe = bench.meta()["zoo_recipe"]
     started_ray = connect_ray(lambda m: print(f"  [ray] {m}", flush=True))  # once for all
     try:
         for sweep in sweeps:
             key = SWEEPS[sweep][1]
             for cfg in variants(bench, sweep, out, seeds, generations, population, n_values):
+                fp = fingerprint(cfg)
+                value = _get(cfg, key)
+                if fp in done:
+                    prev = done[fp]
+                    how = "resumed" if fp in resumed else \
+                        f"shared ({prev['sweep']} {prev['value']})"
+                    r = {**prev, "sweep": sweep, "value": value, "run": how}
+                    runs.append(r)
+                    print(f"{sweep:17s} {str(value):9s} seed {r['seed']}: {how}", flush=True)
+                    continue
                 t0 = time.perf_counter()
                 outcome = run_search(cfg, echo=lambda m: print(f"  [{cfg.name}] {m}", flush=True))
                 rep = outcome.report
                 nps = rep.row("nps") if rep else None
                 mag = rep.row("magnitude") if rep else None
-                r = {"sweep": sweep, "value": _get(cfg, key), "seed": cfg.search.seed,
+                r = {"sweep": sweep, "value": value, "seed": cfg.search.seed,
                      "calibration": nps.calibration.get("objective") if nps else None,
                      "test": nps.test.get("objective") if nps else None,
                      "magnitude_test": mag.test.get("objective") if mag else None,
                      "trials": outcome.trials, "generations": outcome.generations,
-                     "seconds": round(time.perf_counter() - t0, 1)}
+                     "seconds": round(time.perf_counter() - t0, 1), "run": "ran",
+                     "config": fp}
                 runs.append(r)
+                done[fp] = r
+                if checkpoint is not None:
+                    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                    checkpoint.write_text(json.dumps(  # every distinct search so far
+                        {"zoo_recipe": recipe, "runs": list(done.values())},
+                        indent=1, default=str))
                 print(f"{sweep:17s} {str(r['value']):9s} seed {r['seed']}: calib "
                       f"{r['calibration']} test {r['test']} ({r['seconds']} s)", flush=True)
     finally:
@@ -134,13 +194,17 @@ def run(bench: ZooBench, sweeps: list[str], seeds: int | None = None,
                          "test_mean": tm, "test_std": ts,
                          "magnitude_test": mean(mags) if mags else None,
                          "trials": sum(r["trials"] for r in rs),
-                         "seconds": round(sum(r["seconds"] for r in rs), 1)})
+                         "seconds": round(sum(r["seconds"] for r in rs
+                                              if not r["run"].startswith("shared")), 1)})
     notes = [
         "each value: the best candidate of each seed's search (by calibration mean "
         "accuracy); mean ± std (sample std, 0 with one seed) over seeds of its calibration "
         "and test mean accuracy; magnitude_test = w = 1 at the same k and λ init, on test",
         "searches use the calibration split only; test numbers come from the search's "
         "final report",
+        "run: ran = searched here; shared (sweep value) = the same search config as that "
+        "row, searched once; resumed = taken from an earlier run with the same config "
+        "(--resume); seconds: search time, a shared search counted once",
     ]
     return rows, runs, notes
 
@@ -153,18 +217,35 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=None, help="first N seeds of each sweep")
     ap.add_argument("--values", type=int, default=None,
                     help="first N values of each sweep (quick: 2)")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the searches of NAME.partial.json / NAME.json with the same "
+                         "config instead of running them again")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     bench = ZooBench.from_args(args)
     sweeps = args.sweep or list(SWEEPS)
-    rows, runs, notes = run(bench, sweeps, args.seeds, args.generations, args.population,
-                            args.values)
+    name = args.name or NAME
+    out_dir = bench.out_dir or RESULTS
+    checkpoint = out_dir / f"{name}.partial.json"
+    done = earlier_runs([checkpoint, out_dir / f"{name}.json"],
+                        bench.meta()["zoo_recipe"]) if args.resume else {}
+    if done:
+        print(f"--resume: {len(done)} finished searches reused", flush=True)
+    try:
+        rows, runs, notes = run(bench, sweeps, args.seeds, args.generations, args.population,
+                                args.values, done=done, checkpoint=checkpoint)
+    except BaseException:
+        if checkpoint.exists():
+            print(f"stopped; finished searches are in {checkpoint}: run again with --resume "
+                  "to keep them", flush=True)
+        raise
     metrics = {f"test_{r['sweep']}_{r['value']}": r["test_mean"] for r in rows}
     meta = {**bench.meta(), "sweeps": sweeps, "generations": args.generations,
             "population": args.population, "values": args.values, "seeds": args.seeds}
-    report(args.name or NAME,
+    report(name,
            {f"Ablations, {bench.size} zoo (mean ± std over seeds)": rows, "Runs": runs},
            meta=meta, notes=notes, started=started, metrics=metrics, out_dir=bench.out_dir)
+    checkpoint.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,63 @@ def test_ablations_quick(small_zoo, no_mlflow, tmp_path):
         assert r["trials"] == 4  # quick: one generation of 4
 
 
+def test_ablations_share_and_resume(small_zoo, no_mlflow, tmp_path, monkeypatch):
+    """A config that appears in two sweeps (M = 8 = the default, k = 0.05 = the default) is
+    searched once; a run stopped mid-way keeps its finished searches in NAME.partial.json
+    and --resume runs only the rest. run_search is replaced by a recorder (no search)."""
+    import types
+
+    import npstune.search
+    import npstune.search.runner
+    from benchmarks import ablations
+
+    calls: list[str] = []
+    fail_at = {"n": None}
+
+    def fake_search(cfg, echo=None):
+        if fail_at["n"] is not None and len(calls) == fail_at["n"]:
+            raise KeyboardInterrupt
+        calls.append(cfg.name)
+        score = 0.5 + 0.01 * cfg.nps.subspaces + cfg.nps.k  # depends on the config only
+        row = types.SimpleNamespace(calibration={"objective": score},
+                                    test={"objective": score - 0.1})
+        rep = types.SimpleNamespace(row=lambda m: row)
+        return types.SimpleNamespace(report=rep, trials=4, generations=1)
+
+    monkeypatch.setattr(npstune.search, "run_search", fake_search)
+    monkeypatch.setattr(npstune.search.runner, "connect_ray", lambda echo: False)
+    argv = [*QUICK, "--sweep", "subspaces", "--sweep", "keep-ratio", "--values", "4",
+            "--out-dir", str(tmp_path)]
+    partial = tmp_path / "ablations.partial.json"
+
+    fail_at["n"] = 3
+    with pytest.raises(KeyboardInterrupt):
+        ablations.main(argv)
+    assert len(calls) == 3 and not (tmp_path / "ablations.json").exists()
+    assert len(json.loads(partial.read_text())["runs"]) == 3
+
+    calls.clear()
+    fail_at["n"] = None
+    ablations.main([*argv, "--resume"])
+    # 4 + 4 variants, one config in both sweeps, 3 done before: 7 - 3 = 4 searches
+    assert len(calls) == 4 and not partial.exists()
+    data = _load(tmp_path, "ablations")
+    summary, runs = data["sections"].values()
+    assert [r["run"] for r in runs] == ["resumed"] * 3 + ["ran"] * 3 + [
+        "shared (subspaces 8)", "ran"]
+    by = {(r["sweep"], r["value"]): r for r in runs}
+    assert by[("keep-ratio", 0.05)]["config"] == by[("subspaces", 8)]["config"]
+    assert by[("keep-ratio", 0.05)]["test"] == by[("subspaces", 8)]["test"]
+    assert len({r["config"] for r in runs}) == 7
+    # seconds: a shared search is counted once (in the sweep that ran it)
+    srow = {(r["sweep"], r["value"]): r for r in summary}
+    assert srow[("keep-ratio", 0.05)]["seconds"] == 0
+
+    calls.clear()  # a full rerun with --resume reuses everything from NAME.json
+    ablations.main([*argv, "--resume"])
+    assert calls == []
+
+
 @pytest.mark.slow
 def test_ablation_variants_quick(small_zoo, tmp_path):
     """Every sweep file gives 2 values x 1 seed in quick mode (no search run)."""
