@@ -131,8 +131,8 @@ def run(bench: ZooBench, sweeps: list[str], seeds: int | None = None,
 
     out = Path(tempfile.mkdtemp(prefix="npstune-bench-ablations-"))
     runs: list[dict[str, Any]] = []
-    done = dict(done or {})
-    resumed = set(done)
+    done = dict(done or {})  # fingerprint -> finished search (earlier runs and this one)
+    first: dict[str, dict[str, Any]] = {}  # fingerprint -> its first row in this table
     recipe = bench.meta()["zoo_recipe"]
     started_ray = connect_ray(lambda m: print(f"  [ray] {m}", flush=True))  # once for all
     try:
@@ -141,11 +141,14 @@ def run(bench: ZooBench, sweeps: list[str], seeds: int | None = None,
             for cfg in variants(bench, sweep, out, seeds, generations, population, n_values):
                 fp = fingerprint(cfg)
                 value = _get(cfg, key)
-                if fp in done:
-                    prev = done[fp]
-                    how = "resumed" if fp in resumed else \
-                        f"shared ({prev['sweep']} {prev['value']})"
+                if fp in first or fp in done:
+                    if fp in first:  # the same search config earlier in this table
+                        prev = first[fp]
+                        how = f"shared ({prev['sweep']} {prev['value']})"
+                    else:
+                        prev, how = done[fp], "resumed"
                     r = {**prev, "sweep": sweep, "value": value, "run": how}
+                    first.setdefault(fp, r)
                     runs.append(r)
                     print(f"{sweep:17s} {str(value):9s} seed {r['seed']}: {how}", flush=True)
                     continue
@@ -162,7 +165,7 @@ def run(bench: ZooBench, sweeps: list[str], seeds: int | None = None,
                      "seconds": round(time.perf_counter() - t0, 1), "run": "ran",
                      "config": fp}
                 runs.append(r)
-                done[fp] = r
+                first[fp] = done[fp] = r
                 if checkpoint is not None:
                     checkpoint.parent.mkdir(parents=True, exist_ok=True)
                     checkpoint.write_text(json.dumps(  # every distinct search so far
@@ -209,6 +212,43 @@ def run(bench: ZooBench, sweeps: list[str], seeds: int | None = None,
     return rows, runs, notes
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """One panel per sweep: test mean ± std over seeds of the best candidate per value,
+    its calibration mean, and magnitude (w = 1) on test. None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    sweeps = list(dict.fromkeys(r["sweep"] for r in rows))
+    if not sweeps:
+        return None
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(3.6 * len(sweeps), 3.4), squeeze=False)
+    for ax, sweep in zip(axes[0], sweeps):
+        rs = [r for r in rows if r["sweep"] == sweep]
+        x = list(range(len(rs)))
+        ax.errorbar(x, [r["test_mean"] for r in rs], yerr=[r["test_std"] for r in rs],
+                    fmt="o-", capsize=3, label="NPS, test")
+        ax.plot(x, [r["calibration_mean"] for r in rs], "s:", alpha=0.7,
+                label="NPS, calibration")
+        if all(r["magnitude_test"] is not None for r in rs):
+            ax.plot(x, [r["magnitude_test"] for r in rs], "x--", label="magnitude, test")
+        ax.set_xticks(x, [str(r["value"]) for r in rs])
+        n = max(r["seeds"] for r in rs)
+        ax.set_title(f"{sweep} ({n} seed{'s' if n != 1 else ''})")
+        ax.set_xlabel(SWEEPS[sweep][1])
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean accuracy")
+    axes[0][0].legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.ablations")
     ZooBench.add_arguments(ap)
@@ -242,9 +282,11 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {f"test_{r['sweep']}_{r['value']}": r["test_mean"] for r in rows}
     meta = {**bench.meta(), "sweeps": sweeps, "generations": args.generations,
             "population": args.population, "values": args.values, "seeds": args.seeds}
+    figure = plot(rows, out_dir / f"{name}_sweeps.png")
     report(name,
            {f"Ablations, {bench.size} zoo (mean ± std over seeds)": rows, "Runs": runs},
-           meta=meta, notes=notes, started=started, metrics=metrics, out_dir=bench.out_dir)
+           meta=meta, notes=notes, started=started, metrics=metrics, out_dir=bench.out_dir,
+           artifacts=[figure] if figure else [])
     checkpoint.unlink(missing_ok=True)
 
 

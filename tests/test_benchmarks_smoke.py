@@ -169,9 +169,14 @@ def test_ablations_share_and_resume(small_zoo, no_mlflow, tmp_path, monkeypatch)
     srow = {(r["sweep"], r["value"]): r for r in summary}
     assert srow[("keep-ratio", 0.05)]["seconds"] == 0
 
+    assert (tmp_path / "ablations_sweeps.png").stat().st_size > 0
+
     calls.clear()  # a full rerun with --resume reuses everything from NAME.json
     ablations.main([*argv, "--resume"])
     assert calls == []
+    runs2 = list(_load(tmp_path, "ablations")["sections"].values())[1]
+    assert [r["run"] for r in runs2] == ["resumed"] * 6 + ["shared (subspaces 8)", "resumed"]
+    assert [(r["config"], r["test"]) for r in runs2] == [(r["config"], r["test"]) for r in runs]
 
 
 @pytest.mark.slow
