@@ -63,7 +63,7 @@ def run(bench: ZooBench, search: bool = True,
         ("dare", "dare", {"k": 0.1, "seed": 0}, "ta"),
         ("consensus-ta", "consensus-ta", {}, "ta"),
         ("consensus-ties", "consensus-ties", {}, "ties"),
-        ("magnitude", "magnitude", {"k": 0.05}, "ta"),
+        ("magnitude", "magnitude", {"k": 0.05}, "magnitude"),
     ]
     for label, method, params, grid in lam_methods:
         if reused(label):

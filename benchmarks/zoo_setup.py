@@ -22,6 +22,9 @@ State = dict[str, torch.Tensor]
 FULL_GRIDS: dict[str, Any] = {
     "ta": tuple(round(0.1 * i, 1) for i in range(1, 16)),
     "ties": tuple(round(0.8 + 0.1 * i, 1) for i in range(18)),
+    # magnitude's kept entries may need more than TA's scale: NPS reaches λ·w_1 up to 4 on
+    # the same top-k mask, so a grid that stops at 1.5 would hand NPS a wider scale range
+    "magnitude": tuple(round(0.1 * i, 1) for i in range(1, 31)),
     "tall": (0.2, 0.3, 0.4, 0.5, 0.6),
     "q_coarse": 5,
     "q_fine": 2,
@@ -29,6 +32,7 @@ FULL_GRIDS: dict[str, Any] = {
 QUICK_GRIDS: dict[str, Any] = {
     "ta": (0.3, 1.0),
     "ties": (1.0, 1.6),
+    "magnitude": (0.3, 1.0, 1.6),
     "tall": (0.2, 0.4),
     "q_coarse": 2,
     "q_fine": 1,
