@@ -101,7 +101,7 @@ def run(bench: ZooBench, search: bool = True,
     for name in reuse:
         if name.startswith("nps (") and name != label:
             reused(name)
-    if search and not reused(label):
+    if not reused(label) and search:  # reuse first: --no-search must not drop the row
         t0 = time.perf_counter()
         res = bench.nps_search()
         if res is None:

@@ -70,10 +70,21 @@ def test_fusion_quick_and_resume(small_zoo, no_mlflow, tmp_path):
         assert all(_unit(r[t]) for t in tasks)
         assert r["mean"] == pytest.approx(sum(r[t] for t in tasks) / len(tasks))
     assert rows[1]["normalized"] == pytest.approx(1.0)
-    # --resume with the same setup reuses every row (no evaluation at all)
+    from benchmarks.zoo_setup import QUICK_GRIDS  # magnitude's λ from its own (wider) grid
+    lam = float(next(r for r in rows if r["method"] == "magnitude")["choice"].split()[0][2:])
+    assert lam in QUICK_GRIDS["magnitude"]
+    # NPS rows of earlier searches (the default one and a named variant), as --resume finds them
+    path = tmp_path / "fusion.json"
+    data = json.loads(path.read_text())
+    (key,) = data["sections"]
+    nps = [dict(rows[-1], method=m, choice="earlier search") for m in
+           ("nps (searched)", "nps (nps-fusion-m16)")]
+    data["sections"][key] = rows = rows + nps
+    path.write_text(json.dumps(data))
+    # --resume with the same setup reuses every row, NPS rows too even with --no-search
     fusion.main([*QUICK, "--out-dir", str(tmp_path), "--no-search", "--resume"])
     again = _load(tmp_path, "fusion")
-    assert list(again["sections"].values())[0] == rows
+    assert sorted(map(str, list(again["sections"].values())[0])) == sorted(map(str, rows))
     assert again["calibration_evaluations"] == 0
 
 
