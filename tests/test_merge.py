@@ -85,6 +85,24 @@ def test_nps_reweighting_and_mask_hand_checked(tmp_path):
     assert torch.equal(torch.tensor(got), want)
 
 
+def test_nps_with_k_inside_the_first_subspace_is_scaled_magnitude(tmp_path):
+    # |τ| = 16 .. 1; M = 4 subspaces of 4 ranks; k = 0.125 keeps 2 entries (|τ| 16 and 15),
+    # both in subspace 1. Unless a lower subspace's weight beats w_1 by the magnitude ratio at
+    # the boundary (15 / 12 = 1.25 for subspace 2), the mask is magnitude's and NPS is
+    # magnitude pruning scaled by λ·w_1 (what the full-zoo fusion search found, README).
+    tau = [(-1.0) ** i * (16 - i) for i in range(16)]
+    nps = merged_delta(tmp_path, [tau], "nps", {"k": 0.125, "subspaces": 4,
+                                                "weights": [1.5, 1.0, 0.5, 2.0]})
+    mag = merged_delta(tmp_path, [tau], "magnitude", {"k": 0.125, "lam": 1.5})
+    assert nps == mag == [24.0, -22.5] + [0.0] * 14
+    # w_2 / w_1 = 1.3 > 1.25: |τ| 12 (first rank of subspace 2) reweighted to 15.6 beats 15
+    crossed = merged_delta(tmp_path, [tau], "nps", {"k": 0.125, "subspaces": 4,
+                                                    "weights": [1.0, 1.3, 1.0, 1.0]})
+    want = [0.0] * 16
+    want[0], want[4] = 16.0, 12.0 * 1.3
+    assert crossed == pytest.approx(want)
+
+
 def test_dare_keeps_about_k_and_rescales_by_exactly_one_over_k(tmp_path):
     n = 20_000
     tau = torch.full((n,), 0.3)
