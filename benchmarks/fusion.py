@@ -98,10 +98,10 @@ def run(bench: ZooBench, search: bool = True,
     # the NPS row is named after its search space when --search-config picks one, so a
     # resumed table keeps every NPS variant tried (each chosen on calibration data only)
     label = f"nps ({Path(bench.search_config).stem})" if bench.search_config else "nps (searched)"
-    for name in reuse:
-        if name.startswith("nps (") and name != label:
+    for name in reuse:  # every earlier NPS row, this one too, in the order they were made
+        if name.startswith("nps ("):
             reused(name)
-    if not reused(label) and search:  # reuse first: --no-search must not drop the row
+    if search and label not in reuse:
         t0 = time.perf_counter()
         res = bench.nps_search()
         if res is None:
