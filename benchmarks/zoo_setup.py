@@ -102,10 +102,10 @@ class ZooBench:
         return {k: m[k] for k in m.keys()}
 
     def zoo_data(self) -> Any:
-        from npstune.merge.data import ZooData
+        from npstune.merge.data import zoo_data
 
         if self._data is None:
-            self._data = ZooData(self.zoo, device=self.device,
+            self._data = zoo_data(self.zoo, device=self.device,
                                  examples=self.cal_n or 256)
         return self._data
 

@@ -122,10 +122,10 @@ def test_tall_models_pick_a_lambda_per_task(tmp_path):
 
 @pytest.mark.slow
 def test_fisher_and_regmean_from_the_small_zoo(small_zoo):
-    from npstune.merge.data import ZooData
+    from npstune.merge.data import zoo_data
 
     plan = plan_merge(small_zoo.base_path, [small_zoo.task(t).model_path for t in small_zoo.tasks[:2]])
-    data = ZooData(small_zoo, examples=4)
+    data = zoo_data(small_zoo, examples=4)
     assert data.task_of(plan.models[1]) == small_zoo.tasks[1]
     fis = data.fisher(plan.models[0], plan.delta_keys)
     assert set(fis) <= set(plan.delta_keys) and all(bool((f >= 0).all()) for f in fis.values())

@@ -48,3 +48,46 @@ class CallableEvaluator:
                       split: str = "test") -> dict[str, float]:
         names = list(tasks) if tasks is not None else list(self.tasks or [])
         return {t: self.evaluate(state, t, split) for t in names}
+
+
+# ---- optional parts of the protocol -------------------------------------------------
+# Kinds may also define ``metric(task) -> str`` (default "accuracy"),
+# ``report_value(task, score) -> float`` (the value people read, e.g. perplexity from
+# the searched score -log(ppl); default: the score itself) and
+# ``examples(task, split) -> int`` (how many examples a split scores).
+
+
+def metric_of(evaluator: Evaluator, task: str) -> str:
+    """The name of ``task``'s metric ("accuracy" unless the evaluator says otherwise)."""
+    fn = getattr(evaluator, "metric", None)
+    return str(fn(task)) if callable(fn) else "accuracy"
+
+
+def reported(evaluator: Evaluator, task: str, score: float) -> float:
+    """The value people read for a searched ``score`` (perplexity for -log ppl)."""
+    fn = getattr(evaluator, "report_value", None)
+    return float(fn(task, score)) if callable(fn) else float(score)
+
+
+def examples_of(evaluator: Evaluator, task: str, split: str) -> int | None:
+    """How many examples ``task``'s ``split`` scores (None if the evaluator can't say)."""
+    fn = getattr(evaluator, "examples", None)
+    return int(fn(task, split)) if callable(fn) else None
+
+
+def evaluation_report(evaluator: Evaluator, state: State, tasks: Iterable[str],
+                      split: str = "test") -> dict[str, object]:
+    """The ``npstune eval --evaluator --json`` object: scores, metrics, examples, mean.
+
+    ``scores`` holds each task's reported value (accuracy, exact match, perplexity);
+    ``mean`` is their mean.
+    """
+    names = list(tasks)
+    raw = evaluate_many(evaluator, state, names, split)
+    scores = {t: reported(evaluator, t, raw[t]) for t in names}
+    return {
+        "scores": scores,
+        "metrics": {t: metric_of(evaluator, t) for t in names},
+        "examples": {t: examples_of(evaluator, t, split) for t in names},
+        "mean": sum(scores.values()) / len(scores) if scores else float("nan"),
+    }

@@ -9,14 +9,16 @@ no-grad inference.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from npstune.errors import ConfigError
 from npstune.evaluate.base import State
+from npstune.evaluate.stats import DEFAULT_EXAMPLES, diagonal_fisher, linear_grams
 from npstune.zoo import model as zm
 from npstune.zoo.core import Zoo
 from npstune.zoo.datasets import SPLITS
@@ -116,6 +118,53 @@ class TextClassificationEvaluator:
             self.zoo.task(t)
         self.load_state(state)
         return {t: self._score(t, split) for t in names}
+
+
+    # -- calibration statistics (Fisher, RegMean; npstune.evaluate.stats) ----------------
+    def _rows(self, task: str, examples: int) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
+        b = self.batches(task, "calibration")
+        seen = 0
+        for ids, mask in b.batches:
+            if seen >= examples:
+                return
+            n = min(ids.shape[0], examples - seen)
+            yield ids[:n], mask[:n], b.labels[seen:seen + n]
+            seen += n
+
+    def fisher(self, state: State, task: str, keys: Sequence[str],
+               examples: int = DEFAULT_EXAMPLES) -> dict[str, Tensor]:
+        """Diagonal empirical Fisher of the task's cross-entropy, one batch a pass
+        (build the evaluator with ``batch_size=1`` for one example a pass)."""
+        self.zoo.task(task)
+        self.load_state(state)
+        w, b = self.head(task)
+        body = self._body
+
+        def losses() -> Iterable[Any]:
+            for ids, mask, y in self._rows(task, examples):
+                yield lambda ids=ids, mask=mask, y=y: nn.functional.cross_entropy(
+                    nn.functional.linear(zm.mean_pool(body(
+                        input_ids=ids, attention_mask=mask).last_hidden_state, mask),
+                        w, b), y, reduction="sum")
+
+        return diagonal_fisher(body, {k: k for k in keys}, losses())
+
+    def grams(self, state: State, task: str, keys: Sequence[str],
+              examples: int = DEFAULT_EXAMPLES) -> dict[str, Tensor]:
+        """Σ xᵀx of each linear layer's inputs over the non-padding tokens."""
+        self.zoo.task(task)
+        self.load_state(state)
+        body = self._body
+        runs = ((lambda ids=ids, mask=mask: body(input_ids=ids, attention_mask=mask),
+                 mask) for ids, mask, _ in self._rows(task, examples))
+        return linear_grams(body, {k: k for k in keys}, runs)
+
+    def on_device(self, device: str) -> TextClassificationEvaluator:
+        """The same evaluator on another device (tokenization is redone, once)."""
+        return TextClassificationEvaluator(self.zoo, device=device,
+                                           batch_size=self.batch_size,
+                                           max_examples=self.max_examples,
+                                           max_len=self.max_len)
 
 
 def read_body_state(path: str | Path) -> dict[str, Tensor]:

@@ -1,119 +1,99 @@
-"""Calibration statistics for the data-driven merges (Fisher, RegMean), from the zoo.
+"""Calibration statistics for the data-driven merges (Fisher, RegMean), from an evaluator.
 
-:class:`ZooData` maps each model of a merge to its zoo task, loads it into a body, and
-computes per-task statistics on at most ``examples`` calibration examples:
-
-- diagonal (empirical) Fisher: mean over examples of (∂ log p(y|x) / ∂θ)², one example
-  per backward pass, with the task's own head;
-- RegMean Gram matrices: Σ xᵀx of the inputs of every ``nn.Linear`` of the body, over
-  the non-padding tokens.
-
+The statistics themselves live in the evaluate layer, behind
+:class:`~npstune.evaluate.stats.CalibrationStats` (zoo, ``text-classification``,
+``causal-lm``). :class:`EvaluatorData` maps each model of a merge to its task and asks
+the evaluator for that model's statistics on at most ``examples`` calibration examples.
 Merges can also be given precomputed statistics (``{"fisher": [...]}`` /
 ``{"gram": [...]}``), which is how the tests pin the formulas down.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from npstune.checkpoints import LazyCheckpoint
 from npstune.errors import ConfigError
+from npstune.evaluate.stats import DEFAULT_EXAMPLES, CalibrationStats
 
-DEFAULT_EXAMPLES = 256
+
+class EvaluatorData:
+    """The ``data`` of data-driven methods: an evaluator that gives statistics.
+
+    ``task_of(model, index)`` names each model's task: by default the model's name
+    (its file stem) when it is one of the evaluator's tasks, else the task at the same
+    position when there are as many tasks as models.
+    """
+
+    def __init__(self, evaluator: Any, examples: int = DEFAULT_EXAMPLES,
+                 task_of: Callable[[LazyCheckpoint, int], str] | None = None,
+                 models: int | None = None) -> None:
+        if not isinstance(evaluator, CalibrationStats):
+            raise ConfigError(
+                f"{type(evaluator).__name__} gives no calibration statistics; fisher "
+                "and regmean need an evaluator of kind zoo, text-classification or "
+                "causal-lm")
+        self.evaluator, self.examples = evaluator, examples
+        self._task_of = task_of
+        self.models = models
+
+    def task_of(self, model: LazyCheckpoint, index: int = 0) -> str:
+        if self._task_of is not None:
+            return self._task_of(model, index)
+        tasks = list(self.evaluator.tasks)
+        if model.name in tasks:
+            return model.name
+        if self.models is not None and len(tasks) == self.models:
+            return tasks[index]
+        raise ConfigError(f"{model.path}: no task named {model.name!r} in the "
+                          f"evaluator (tasks: {', '.join(tasks)}); name each model's "
+                          "file after its task, or give one task per model, in order")
+
+    def _state(self, model: LazyCheckpoint) -> dict[str, Tensor]:
+        return {k: model[k] for k in model.keys()}
+
+    def fisher(self, model: LazyCheckpoint, keys: list[str], index: int = 0
+               ) -> dict[str, Tensor]:
+        """Diagonal empirical Fisher of ``model`` on its task's calibration examples."""
+        return self.evaluator.fisher(self._state(model), self.task_of(model, index),
+                                     keys, self.examples)
+
+    def grams(self, model: LazyCheckpoint, keys: list[str], index: int = 0
+              ) -> dict[str, Tensor]:
+        """Σ xᵀx of the inputs of each linear layer whose weight key is in ``keys``."""
+        return self.evaluator.grams(self._state(model), self.task_of(model, index),
+                                    keys, self.examples)
 
 
-class ZooData:
-    """Zoo-backed calibration data for a merge (the ``data`` of data-driven methods)."""
+def zoo_data(zoo: Any, device: str | torch.device = "cpu",
+             examples: int = DEFAULT_EXAMPLES) -> EvaluatorData:
+    """Zoo-backed statistics: one example per pass, each model's task by its path."""
+    from npstune.evaluate import TextClassificationEvaluator
 
-    def __init__(self, zoo: Any, device: str | torch.device = "cpu", examples: int = DEFAULT_EXAMPLES):
-        from npstune.evaluate import TextClassificationEvaluator
+    ev = TextClassificationEvaluator(zoo, device=device, batch_size=1,
+                                     max_examples=examples)
 
-        self.zoo = zoo
-        self.examples = examples
-        self.evaluator = TextClassificationEvaluator(zoo, device=device, batch_size=1,
-                                                     max_examples=examples)
-
-    def task_of(self, model: LazyCheckpoint) -> str:
-        """The zoo task a checkpoint was fine-tuned for (by path, then by name)."""
+    def task_of(model: LazyCheckpoint, index: int = 0) -> str:
         path = Path(model.path).resolve()
-        for name in self.zoo.tasks:
-            mp = Path(self.zoo.task(name).model_path).resolve()
+        for name in zoo.tasks:
+            mp = Path(zoo.task(name).model_path).resolve()
             if path == mp or path.is_relative_to(mp) or mp.is_relative_to(path):
                 return name
-        if model.name in self.zoo.tasks:
+        if model.name in zoo.tasks:
             return model.name
-        raise ConfigError(f"{model.path}: not a model of the {self.zoo.size} zoo "
-                          f"(tasks: {', '.join(self.zoo.tasks)})")
+        raise ConfigError(f"{model.path}: not a model of the {zoo.size} zoo "
+                          f"(tasks: {', '.join(zoo.tasks)})")
 
-    def _body(self, model: LazyCheckpoint) -> nn.Module:
-        body = self.evaluator._body
-        self.evaluator.load_state({k: model[k] for k in model.keys()}, str(model.path))
-        return body
-
-    def fisher(self, model: LazyCheckpoint, keys: list[str]) -> dict[str, Tensor]:
-        """Diagonal empirical Fisher of ``model`` on its task's calibration examples."""
-        task = self.task_of(model)
-        body = self._body(model)
-        w, b = self.evaluator.head(task)
-        batches = self.evaluator.batches(task, "calibration")
-        params = dict(body.named_parameters())
-        wanted = {k: params[k] for k in keys if k in params}
-        for p in body.parameters():
-            p.requires_grad_(False)
-        for p in wanted.values():
-            p.requires_grad_(True)
-        fisher = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in wanted.items()}
-        from npstune.zoo.model import mean_pool
-
-        count = 0
-        with torch.enable_grad():
-            for i, (ids, mask) in enumerate(batches.batches):
-                label = batches.labels[i : i + ids.shape[0]]
-                logits = nn.functional.linear(
-                    mean_pool(body(input_ids=ids, attention_mask=mask).last_hidden_state, mask), w, b)
-                loss = nn.functional.cross_entropy(logits, label, reduction="sum")
-                grads = torch.autograd.grad(loss, list(wanted.values()), allow_unused=True)
-                for (k, _), g in zip(wanted.items(), grads):
-                    if g is not None:
-                        fisher[k] += g.float() ** 2
-                count += ids.shape[0]
-        for p in wanted.values():
-            p.requires_grad_(False)
-        return {k: f / max(count, 1) for k, f in fisher.items()}
-
-    def grams(self, model: LazyCheckpoint, keys: list[str]) -> dict[str, Tensor]:
-        """Σ xᵀx of the inputs of each linear layer whose weight key is in ``keys``."""
-        task = self.task_of(model)
-        body = self._body(model)
-        batches = self.evaluator.batches(task, "calibration")
-        grams: dict[str, Tensor] = {}
-        hooks = []
-        current: dict[str, Tensor] = {}
-        for name, mod in body.named_modules():
-            key = f"{name}.weight"
-            if isinstance(mod, nn.Linear) and key in keys:
-                def hook(_m, inputs, _out, key=key):
-                    x = inputs[0].reshape(-1, inputs[0].shape[-1])[current["mask"]].double()
-                    grams[key] = grams.get(key, 0) + x.T @ x
-                hooks.append(mod.register_forward_hook(hook))
-        try:
-            with torch.no_grad():
-                for ids, mask in batches.batches:
-                    current["mask"] = mask.reshape(-1).bool()
-                    body(input_ids=ids, attention_mask=mask)
-        finally:
-            for h in hooks:
-                h.remove()
-        return grams
+    return EvaluatorData(ev, examples, task_of)
 
 
 def stats_for(data: Any, kind: str, plan: Any) -> list[Mapping[str, Tensor]]:
-    """Per-model statistics ``kind`` ("fisher"/"gram"): precomputed or from the zoo."""
+    """Per-model statistics ``kind`` ("fisher"/"gram"): precomputed or from ``data``."""
     if isinstance(data, Mapping):
         if kind not in data:
             raise ConfigError(f"data has no {kind!r} statistics")
@@ -121,14 +101,27 @@ def stats_for(data: Any, kind: str, plan: Any) -> list[Mapping[str, Tensor]]:
         if len(stats) != len(plan.models):
             raise ConfigError(f"{kind}: expected {len(plan.models)} entries, got {len(stats)}")
         return stats
+    if data is None:
+        raise ConfigError("this method needs calibration data: an evaluator or a zoo")
+    if getattr(data, "models", 0) is None:
+        data.models = len(plan.models)
     fn = data.fisher if kind == "fisher" else data.grams
-    return [fn(m, plan.delta_keys) for m in plan.models]
+    return [fn(m, plan.delta_keys, i) for i, m in enumerate(plan.models)]
 
 
-def data_for(zoo_size: str | None, device: Any = "cpu") -> ZooData:
-    """The ``--zoo SIZE`` data of ``npstune merge --method fisher|regmean``."""
+def data_for(zoo_size: str | None, device: Any = "cpu", evaluator: str | None = None,
+             base: str | None = None) -> EvaluatorData:
+    """The data of ``npstune merge --method fisher|regmean``: ``--evaluator FILE``
+    (its calibration split; architecture from ``base``) or ``--zoo SIZE``."""
+    if evaluator:
+        from npstune.evaluate.spec import load_evaluator_file
+
+        ev = load_evaluator_file(evaluator).build(model=base, device=str(device),
+                                                  batch_size=1, prepare=("calibration",))
+        return EvaluatorData(ev)
     if not zoo_size:
-        raise ConfigError("this method needs calibration data: pass --zoo small|full")
+        raise ConfigError("this method needs calibration data: pass --evaluator FILE "
+                          "or --zoo small|full")
     from npstune.zoo import load_zoo
 
-    return ZooData(load_zoo(zoo_size), device=device)
+    return zoo_data(load_zoo(zoo_size), device=device)

@@ -24,10 +24,7 @@ bitmask per task), from :func:`npstune.compress.storage_bits`.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -39,7 +36,7 @@ import torch
 
 from npstune.compress import storage_bits
 from npstune.errors import ConfigError
-from npstune.evaluate import CallableEvaluator, Evaluator, evaluate_many
+from npstune.evaluate import Evaluator, evaluate_many
 from npstune.search.space import Candidate, ParamSpace, SearchConfig
 from npstune.sparsify.ranked import RankedTaskVector, fuse
 
@@ -49,74 +46,27 @@ CALIBRATION, TEST = "calibration", "test"
 
 
 # --------------------------------------------------------------------------- evaluators
-class DottedCallable:
-    """``"module:attr"`` resolved lazily (so it pickles by name and imports in workers).
-
-    ``search_path`` (the config file's directory) is put on ``sys.path`` first.
-    """
-
-    def __init__(self, target: str, search_path: str | None = None) -> None:
-        self.target, self.search_path = target, search_path
-        self._fn: Callable[..., float] | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"target": self.target, "search_path": self.search_path, "_fn": None}
-
-    def resolve(self) -> Callable[..., float]:
-        if self._fn is None:
-            if self.search_path and self.search_path not in sys.path:
-                sys.path.insert(0, self.search_path)
-            module, attr = self.target.split(":")
-            try:
-                obj: Any = importlib.import_module(module)
-                for part in attr.split("."):
-                    obj = getattr(obj, part)
-            except (ImportError, AttributeError) as exc:
-                raise ConfigError(
-                    f"evaluator function {self.target!r} cannot be loaded: {exc}"
-                ) from None
-            if not callable(obj):
-                raise ConfigError(f"evaluator function {self.target!r} is not callable")
-            self._fn = obj
-        return self._fn
-
-    def __call__(
-        self, state: Mapping[str, torch.Tensor], task: str, split: str
-    ) -> float:
-        return float(self.resolve()(state, task, split))
-
-
 def make_evaluator(
     cfg: SearchConfig, zoo: Any, tasks: Iterable[str], split: str, device: str = "cpu"
 ) -> Evaluator:
-    """The evaluator of ``cfg`` for ``split``, with that split's data prepared.
+    """The evaluator of ``cfg`` (any registered kind) for ``split``, data prepared.
 
     Calibration uses at most ``calibration_examples`` (times ``calibration_fraction``)
-    examples per task; the test split at most ``test_examples``.
+    examples per task; the test split at most ``test_examples``. The architecture,
+    config and tokenizer come from the evaluator's ``model:`` or the search's base.
     """
-    ev_cfg = cfg.evaluator
-    tasks = list(tasks)
-    if ev_cfg.kind == "callable":
-        assert ev_cfg.function is not None
-        src = str(Path(cfg.source).resolve().parent) if cfg.source else None
-        fn = DottedCallable(ev_cfg.function, src)
-        fn.resolve()  # fail early, in the driver
-        return CallableEvaluator(fn, tasks)
-    from npstune.evaluate import TextClassificationEvaluator
-
-    if split == CALIBRATION:
-        sizes = [len(zoo.split(t, CALIBRATION)[1]) for t in tasks]
-        n = min([ev_cfg.calibration_examples or s for s in sizes] + sizes)
-        n = max(1, math.floor(n * ev_cfg.calibration_fraction + 1e-9))
-    else:
-        n = ev_cfg.test_examples
-    ev = TextClassificationEvaluator(
-        zoo, device=device, batch_size=ev_cfg.batch_size, max_examples=n
+    ev = cfg.evaluator
+    model = cfg.base or (str(zoo.base_path) if zoo is not None else None)
+    return ev.to_file().build(
+        model=model,
+        device=device,
+        batch_size=ev.batch_size,
+        max_examples={CALIBRATION: ev.calibration_examples, TEST: ev.test_examples},
+        fraction={CALIBRATION: ev.calibration_fraction},
+        zoo=zoo,
+        tasks=list(tasks),
+        prepare=(split,),
     )
-    for t in tasks:  # tokenize and load heads now: workers never touch the zoo files
-        ev.batches(t, split)
-        ev.head(t)
-    return ev
 
 
 # ------------------------------------------------------------------------------ payload

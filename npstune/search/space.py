@@ -113,27 +113,58 @@ class NpsSpec(_Frozen):
 
 
 class EvaluatorSpec(_Frozen):
-    """How a candidate is scored: the zoo's text classifier or a user callable.
+    """How a candidate is scored: any registered evaluator kind.
 
-    ``function`` (kind ``callable``) is ``"module:attr"``, called as
-    ``attr(state, task, split) -> accuracy``; the config's directory is importable.
+    Written inline (``evaluator: {kind: causal-lm, tasks: ...}``) or as the path of an
+    evaluator file (``evaluator: eval.yaml``, relative to the search file). Keys that are
+    not the search's own (below) are the kind's options, validated by the kind
+    (:mod:`npstune.evaluate.kinds`); ``root`` is the directory the kind's relative paths
+    resolve against (set by the loader). ``calibration_*``/``test_examples`` limit the
+    examples scored per task.
     """
 
-    kind: Literal["zoo", "callable"] = "zoo"
-    function: str | None = None
+    kind: str = "zoo"
+    model: str | None = None
     batch_size: int = Field(64, ge=1, le=4096)
     calibration_examples: int | None = Field(None, ge=1)
     calibration_fraction: float = Field(1.0, gt=0, le=1)
     test_examples: int | None = Field(None, ge=1)
+    file: str | None = None
+    root: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_options(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        own = set(cls.model_fields) - {"options"}
+        out = {k: v for k, v in data.items() if k in own}
+        opts = dict(data.get("options") or {})
+        opts.update({k: v for k, v in data.items() if k not in own and k != "options"})
+        out["options"] = opts
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> EvaluatorSpec:
-        if self.kind == "callable":
-            if not self.function or not re.fullmatch(r"[\w.]+:[\w.]+", self.function):
-                raise ValueError("kind callable needs function: 'module:attr'")
-        elif self.function is not None:
-            raise ValueError("function is only for kind: callable")
+        from npstune.evaluate.kinds import get_kind
+        from npstune.evaluate.spec import one_line
+
+        kind = get_kind(self.kind)  # ConfigError naming the valid kinds
+        try:
+            kind.options.model_validate(self.options)
+        except ValidationError as exc:
+            raise ValueError(one_line(exc)) from None
         return self
+
+    def to_file(self) -> Any:
+        """This section as an :class:`~npstune.evaluate.spec.EvaluatorFile`."""
+        from npstune.evaluate.spec import parse_evaluator
+
+        data: dict[str, Any] = {"kind": self.kind, **self.options}
+        if self.model:
+            data["model"] = self.model
+        return parse_evaluator(data, self.root or ".", self.file or "evaluator")
 
 
 class TransferSpec(_Frozen):
@@ -208,7 +239,8 @@ class SearchConfig(_Frozen):
             raise ValueError(
                 "missing model: give zoo: small|full, or base: and models:"
             )
-        if self.evaluator.kind == "zoo" and self.zoo is None:
+        if (self.evaluator.kind == "zoo" and self.zoo is None
+                and not self.evaluator.options.get("zoo")):
             raise ValueError("evaluator kind zoo needs zoo: small|full")
         if (self.use == "transfer") != (self.transfer is not None):
             raise ValueError(
@@ -330,6 +362,7 @@ def load_configs(path: str | Path, **overrides: Any) -> list[SearchConfig]:
     data = _read_yaml(path)
     data.setdefault("name", path.stem)
     data["source"] = str(path)
+    _resolve_evaluator(data, path)
     sweep = data.pop("sweep", None) or {}
     if not isinstance(sweep, dict) or not all(
         isinstance(v, list) and v for v in sweep.values()
@@ -369,6 +402,26 @@ def load_config(path: str | Path, **overrides: Any) -> SearchConfig:
 
 def _short(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _resolve_evaluator(data: dict[str, Any], path: Path) -> None:
+    """``evaluator: FILE`` -> the file's keys; set ``root`` for relative paths."""
+    ev = data.get("evaluator")
+    if isinstance(ev, str):
+        ev_path = (path.parent / ev).resolve()
+        try:
+            loaded = yaml.safe_load(ev_path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: evaluator file {ev_path} not found") from None
+        except (OSError, yaml.YAMLError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "error"
+            raise ConfigError(f"{ev_path}: not valid YAML ({first})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{ev_path}: expected a mapping with kind: and tasks:")
+        data["evaluator"] = {**loaded, "file": str(ev_path),
+                             "root": str(ev_path.parent)}
+    elif isinstance(ev, dict):
+        ev.setdefault("root", str(path.resolve().parent))
 
 
 def _check_paths(cfg: SearchConfig, path: Path) -> SearchConfig:
