@@ -46,7 +46,7 @@ class ZooBench:
                  test: int | None = None, device: str = "cpu", out_dir: Path | None = None,
                  search_config: str | None = None, seed: int = 0,
                  generations: int | None = None, population: int | None = None):
-        from npstune.evaluate import TextClassificationEvaluator
+        from npstune.evaluate.kinds import BuildContext, get_kind
         from npstune.taskvector import plan_merge
         from npstune.zoo import build_zoo
 
@@ -60,8 +60,12 @@ class ZooBench:
         self.grids = QUICK_GRIDS if quick else FULL_GRIDS
         cal_n = calibration or (48 if quick else None)
         test_n = test or (96 if quick else None)
-        self.cal = TextClassificationEvaluator(self.zoo, device=device, max_examples=cal_n)
-        self.tst = TextClassificationEvaluator(self.zoo, device=device, max_examples=test_n)
+        zoo_kind = get_kind("zoo")  # the benchmarks' evaluators come from the registry
+        self.cal, self.tst = (
+            zoo_kind.build(zoo_kind.options(), BuildContext(
+                device=device, batch_size=64, zoo=self.zoo, prepare=(split,),
+                max_examples={split: n}))
+            for split, n in (("calibration", cal_n), ("test", test_n)))
         self.cal_n, self.test_n = cal_n, test_n
         self.plan = plan_merge(self.zoo.base_path, [self.zoo.task(t).model_path for t in self.tasks])
         self.out_dir = out_dir

@@ -107,3 +107,71 @@ def test_text_classification_search_through_ray_and_mlflow(ray_local, tmp_path):
     _check(cfg, outcome, ["sentiment", "length"])
     ind = outcome.report.row("individual").test
     assert ind["acc/sentiment"] >= outcome.report.row("pretrained").test["acc/sentiment"]
+
+
+def _expert(base: Path, out: Path, lines: list[str], seed: int, steps: int = 15) -> Path:
+    """Fine-tune the tiny Llama ``base`` a few AdamW steps on ``lines``; save to ``out``."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    enc = tok([ln + " <eos>" for ln in lines], padding=True, return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().save_pretrained(out)
+    for f in base.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def test_causal_lm_search_through_ray_and_mlflow(ray_local, tmp_path):
+    import json
+
+    from tests.tiny_llm import make_tiny_llama
+
+    base = make_tiny_llama(tmp_path / "base", seed=0, steps=20)
+    colors = _expert(base, tmp_path / "colors", [
+        "q : what color is the sky ? a : blue", "q : what color is snow ? a : white",
+        "q : what color is the grass ? a : green"], 1)
+    sums = _expert(base, tmp_path / "sums", [
+        "one plus one is two", "two plus two is four", "one plus two is three"], 2)
+    data = tmp_path / "data"
+    data.mkdir()
+    quiz = [{"prompt": f"q : what color is {x} ? a :", "choices": ["blue", "green",
+                                                                  "white"], "answer": i}
+            for x, i in (("the sky", 0), ("the grass", 1), ("snow", 2))]
+    gen = [{"prompt": p, "answer": a} for p, a in (("one plus one is", "two"),
+                                                    ("two plus two is", "four"),
+                                                    ("one plus two is", "three"))]
+    for name, rows in (("quiz.jsonl", quiz), ("gen.jsonl", gen),
+                       ("text.jsonl", [{"text": "the cat sat on the mat"}])):
+        (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evaluator = {
+        "kind": "causal-lm",
+        "tasks": {
+            "colors": {"mode": "choice",
+                       "data": {"calibration": "quiz.jsonl", "test": "quiz.jsonl"}},
+            "sums": {"mode": "generate", "max_new_tokens": 2,
+                     "data": {"calibration": "gen.jsonl", "test": "gen.jsonl"}},
+            "text": {"mode": "perplexity",
+                     "data": {"calibration": "text.jsonl", "test": "text.jsonl"}},
+        },
+    }
+    (data / "eval.yaml").write_text(yaml.safe_dump(evaluator))
+    path = _search(tmp_path, "lm-search", base, [colors, sums], "data/eval.yaml",
+                   ["pretrained", "task-arithmetic"])
+    cfg = load_config(path)
+    assert cfg.evaluator.kind == "causal-lm"
+    outcome = run_search(cfg)
+    _check(cfg, outcome, ["colors", "sums"])

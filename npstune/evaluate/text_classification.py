@@ -28,6 +28,7 @@ the candidate's tensors in.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -95,7 +96,6 @@ class TextClassifier:
         self._full: dict[Path, nn.Module] = {}
         self._heads: dict[str, _Head] = {}
         self._batches: dict[tuple[str, str], zm.Batches] = {}
-        self._loaded: dict[int, int] = {}  # id(module) -> id(state) last loaded
         for t in ctx.tasks if ctx.tasks is not None else self.tasks:
             self._spec(t)
             self.head(t)
@@ -186,7 +186,7 @@ class TextClassifier:
         """The module that scores ``task``, with ``state`` (and its head) loaded."""
         h = self.head(task)
         if h.checkpoint is None:
-            self._load(self._body, state)
+            load_into_module(self._body, state, "state")
             return self._body
         m = self._full.get(h.checkpoint)
         if m is None:
@@ -203,12 +203,8 @@ class TextClassifier:
         body = {(k if k in own or not prefix else f"{prefix}.{k}"): v
                 for k, v in state.items()}
         body.update(h.tensors or {})
-        self._load(m, body, key=id(state))
+        load_into_module(m, body, "state")
         return m
-
-    def _load(self, module: nn.Module, state: State, key: int | None = None) -> None:
-        load_into_module(module, state, "state")
-        self._loaded[id(module)] = id(state) if key is None else key
 
     def _logits(self, module: nn.Module, task: str, ids: Tensor, mask: Tensor) -> Tensor:
         h = self.head(task)
@@ -223,6 +219,10 @@ class TextClassifier:
             pooled = zm.mean_pool(out.last_hidden_state, mask)
         assert h.weight is not None
         return nn.functional.linear(pooled, h.weight, h.bias)
+
+    def on_device(self, device: str) -> TextClassifier:
+        """The same evaluator on another device (data read and tokenized again)."""
+        return TextClassifier(self.o, dataclasses.replace(self.ctx, device=device))
 
     # -- scoring --------------------------------------------------------------------------
     @torch.inference_mode()

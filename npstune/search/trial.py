@@ -47,21 +47,18 @@ class ObjectiveHandle:
 
 
 def _on_gpu(ev: Evaluator, tasks: list[str]) -> Evaluator:
-    """A zoo evaluator rebuilt on the trial's GPU (tokenization is redone, once)."""
-    from npstune.evaluate import TextClassificationEvaluator
+    """The evaluator rebuilt on the trial's GPU when its kind can move (``on_device``;
+    data are prepared again, once per worker); as it is otherwise."""
     from npstune.search.objective import CALIBRATION
 
-    if not isinstance(ev, TextClassificationEvaluator):
+    move = getattr(ev, "on_device", None)
+    if not callable(move):
         return ev
-    gpu = TextClassificationEvaluator(
-        ev.zoo,
-        device="cuda",
-        batch_size=ev.batch_size,
-        max_examples=ev.max_examples,
-        max_len=ev.max_len,
-    )
-    for task in tasks:
-        gpu.batches(task, CALIBRATION)
+    gpu = move("cuda")
+    prepare = getattr(gpu, "batches", None)
+    if callable(prepare):
+        for task in tasks:
+            prepare(task, CALIBRATION)
     return gpu
 
 
