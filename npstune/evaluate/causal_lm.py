@@ -491,6 +491,13 @@ class CausalLMEvaluator:
                               self.device)
 
     # -- scoring -----------------------------------------------------------------------
+    def on_device(self, device: str) -> CausalLMEvaluator:
+        """The same evaluator on another device (data read and tokenized again)."""
+        import dataclasses
+
+        return CausalLMEvaluator(self.options, dataclasses.replace(self.ctx,
+                                                                   device=device))
+
     def load_state(self, state: State, source: str = "state") -> None:
         """Copy ``state`` (the checkpoint's keys; tied ``lm_head`` may be absent)."""
         load_into_module(self._model, state, source)

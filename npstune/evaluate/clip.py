@@ -4,9 +4,12 @@ Only the image tower is merged; each task's head comes from the pretrained text 
 for every class, the prompt embeddings ("a photo of a {c}." ...) are L2-normalised,
 averaged and renormalised, giving W [D, C]; logits = 100 · normalize(f_img) · W.
 
-The core works with any module that has ``encode_image`` / ``encode_text`` and a
-tokenizer returning a token tensor; :meth:`ClipZeroShotEvaluator.from_open_clip` builds
-one from open_clip (the optional ``clip`` extra, imported lazily).
+The head and scoring code lives here once: :func:`zero_shot_head` and
+:func:`zero_shot_logits` take plain callables, and :class:`ClipZeroShotEvaluator` works
+with any module that has ``encode_image`` / ``encode_text`` and a tokenizer returning a
+token tensor; :meth:`ClipZeroShotEvaluator.from_open_clip` builds one from open_clip
+(the optional ``clip`` extra, imported lazily). The ``clip`` evaluator kind
+(:mod:`npstune.evaluate.clip_kind`) subclasses it for Hugging Face ``CLIPModel`` dirs.
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ from torch import Tensor, nn
 
 from npstune.errors import CheckpointError, ConfigError, missing
 from npstune.evaluate.base import State
+from npstune.evaluate.hf import autocast_dtype
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
+#: OpenAI CLIP's pixel mean and std (RGB, on [0, 1] pixels).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def import_open_clip() -> Any:
@@ -41,8 +48,8 @@ def import_open_clip() -> Any:
     except RuntimeError as exc:
         if "torchvision::" not in str(exc):
             raise
-        for name in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm",
-                                                                   "open_clip")]:
+        roots = ("torchvision", "timm", "open_clip")
+        for name in [m for m in sys.modules if m.split(".")[0] in roots]:
             del sys.modules[name]
         lib = torch.library.Library("torchvision", "DEF")
         lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
@@ -73,12 +80,54 @@ def register_tiny_clip(directory: str | Path) -> str:
     return TINY_CLIP_NAME
 
 
+@torch.no_grad()
+def zero_shot_head(encode_prompts: Callable[[list[str]], Tensor],
+                   classnames: Sequence[str], templates: Sequence[str],
+                   batch_size: int = 256) -> Tensor:
+    """W [D, C]: per class, the mean of its L2-normalised prompt embeddings,
+    renormalised.
+
+    ``encode_prompts(texts) -> [len(texts), D]`` embeds a batch of prompts; the prompts
+    are every template formatted with every class name, ``batch_size`` at a time.
+    """
+    if not classnames or not templates:
+        raise ConfigError("a zero-shot head needs at least one class and one template")
+    prompts = [tpl.format(c) for c in classnames for tpl in templates]
+    step = max(1, batch_size)
+    emb = torch.cat([
+        nn.functional.normalize(encode_prompts(prompts[s:s + step]).float(), dim=-1)
+        for s in range(0, len(prompts), step)
+    ])
+    mean = emb.view(len(classnames), len(templates), -1).mean(1)
+    return nn.functional.normalize(mean, dim=-1).T.contiguous()
+
+
+def zero_shot_logits(features: Tensor, head: Tensor) -> Tensor:
+    """``100 · normalize(features) · W`` for image features [N, D] and a head [D, C]."""
+    return 100.0 * nn.functional.normalize(features.float(), dim=-1) @ head
+
+
+def normalize_pixels(images: Tensor, mean: Sequence[float],
+                     std: Sequence[float]) -> Tensor:
+    """uint8 images [N, 3, H, W] -> float32 on [0, 1], normalised per channel."""
+    x = images.to(torch.float32) / 255.0
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
 @dataclass
 class ClipTask:
-    """Class names, prompt templates and labelled image splits of one task."""
+    """Class names, prompt templates and labelled image splits of one task.
+
+    ``splits`` maps a split to ``(images [N, 3, H, W], labels [N])``; float images are
+    used as given, uint8 images are scaled and normalised per batch (see
+    :class:`ClipZeroShotEvaluator`'s ``pixel_norm``). Any mapping works, e.g. one that
+    loads a split on first use.
+    """
 
     classnames: Sequence[str]
-    splits: Mapping[str, tuple[Tensor, Tensor]]  # split -> (images [N,3,H,W], labels [N])
+    splits: Mapping[str, tuple[Tensor, Tensor]]
     templates: Sequence[str] = field(default_factory=lambda: DEFAULT_TEMPLATES)
 
 
@@ -86,28 +135,40 @@ class ClipZeroShotEvaluator:
     """Accuracy of an image-tower state with zero-shot heads from class-name prompts.
 
     Args:
-        model: a CLIP model with ``encode_image``, ``encode_text`` and a ``visual`` tower.
+        model: a CLIP model with ``encode_image``, ``encode_text`` and a ``visual``
+            tower.
         tokenizer: ``tokenizer(list_of_str) -> LongTensor`` (open_clip's tokenizer).
         tasks: task name -> :class:`ClipTask`.
         prefix: the key prefix of the image tower in full-model states (``"visual."``);
             states may use the prefixed keys or the tower's own.
+        pixel_norm: ``(mean, std)`` applied to uint8 images (default: OpenAI CLIP's).
+
+    Subclasses adapt other model APIs by overriding :meth:`encode_prompts`,
+    :meth:`encode_images` and :meth:`load_state`.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Callable[[list[str]], Tensor],
+    def __init__(self, model: nn.Module, tokenizer: Callable[[list[str]], Any],
                  tasks: Mapping[str, ClipTask], device: str | torch.device = "cpu",
-                 batch_size: int = 64, prefix: str = "visual."):
+                 batch_size: int = 64, prefix: str = "visual.",
+                 pixel_norm: tuple[Sequence[float], Sequence[float]] | None = None):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.tasks_ = dict(tasks)
         self.batch_size = batch_size
         self.prefix = prefix
+        mean, std = pixel_norm or (OPENAI_MEAN, OPENAI_STD)
+        self.pixel_norm = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
         self._heads: dict[str, Tensor] = {}
 
     @classmethod
     def from_open_clip(cls, model_name: str, tasks: Mapping[str, ClipTask],
-                       pretrained: str | None = None, **kw: Any) -> ClipZeroShotEvaluator:
-        """Build the model and tokenizer with open_clip (``pretrained=None``: no download)."""
+                       pretrained: str | None = None,
+                       **kw: Any) -> ClipZeroShotEvaluator:
+        """Build the model and tokenizer with open_clip (``pretrained=None``: no
+        download)."""
         open_clip = import_open_clip()
         model = open_clip.create_model(model_name, pretrained=pretrained)
         return cls(model, open_clip.get_tokenizer(model_name), tasks, **kw)
@@ -116,27 +177,53 @@ class ClipZeroShotEvaluator:
     def tasks(self) -> list[str]:
         return list(self.tasks_)
 
+    def metric(self, task: str) -> str:
+        """Every CLIP task reports top-1 accuracy."""
+        self._task(task)
+        return "accuracy"
+
+    def examples(self, task: str, split: str) -> int:
+        """How many examples ``task``'s ``split`` scores."""
+        splits = self._task(task).splits
+        if split not in splits:
+            self._split(task, split)  # raises the clear error
+        size = getattr(splits, "size", None)  # lazy splits count without loading
+        return int(size(split)) if callable(size) else len(splits[split][1])
+
     def _task(self, name: str) -> ClipTask:
         try:
             return self.tasks_[name]
         except KeyError:
-            raise ConfigError(f"unknown task {name!r}; valid: {', '.join(self.tasks_)}") from None
+            raise ConfigError(f"unknown task {name!r}; valid: "
+                              f"{', '.join(self.tasks_)}") from None
 
-    @torch.no_grad()
+    def _split(self, task: str, split: str) -> tuple[Tensor, Tensor]:
+        t = self._task(task)
+        if split not in t.splits:
+            raise ConfigError(f"task {task!r} has no {split!r} split; it has: "
+                              f"{', '.join(t.splits) or 'none'}")
+        return t.splits[split]
+
+    # -- model adapters (override for other CLIP APIs) --------------------------------
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """Text embeddings [len(prompts), D] of the (pretrained) text tower."""
+        return self.model.encode_text(self.tokenizer(prompts).to(self.device))
+
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        """Image embeddings [N, D] of preprocessed pixels [N, 3, H, W]."""
+        return self.model.encode_image(pixels)
+
     def zero_shot_head(self, task: str) -> Tensor:
-        """W [D, C]: per class, the mean of normalised prompt embeddings, renormalised."""
+        """W [D, C] of ``task``, built on first use (see :func:`zero_shot_head`)."""
         if task not in self._heads:
             t = self._task(task)
-            cols = []
-            for c in t.classnames:
-                tokens = self.tokenizer([tpl.format(c) for tpl in t.templates]).to(self.device)
-                emb = nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
-                cols.append(nn.functional.normalize(emb.mean(0), dim=-1))
-            self._heads[task] = torch.stack(cols, dim=1)
+            self._heads[task] = zero_shot_head(self.encode_prompts, list(t.classnames),
+                                               list(t.templates), self.batch_size)
         return self._heads[task]
 
     def load_state(self, state: State, source: str = "state") -> None:
-        """Load an image-tower state (keys with or without ``prefix``), checked by name."""
+        """Load an image-tower state (keys with or without ``prefix``), checked by
+        name."""
         tower = self.model.visual
         own = tower.state_dict()
         p = self.prefix
@@ -146,28 +233,44 @@ class ClipZeroShotEvaluator:
         missing_ = [k for k in own if k not in st]
         if extra or missing_:
             key = p + (extra or missing_)[0]
-            raise CheckpointError(f"{source}: key {key!r} "
-                                  f"{'is not in the image tower' if extra else 'is missing'}")
+            what = "is not in the image tower" if extra else "is missing"
+            raise CheckpointError(f"{source}: key {key!r} {what}")
         tower.load_state_dict(st, strict=True)
 
+    # -- scoring ----------------------------------------------------------------------
+    def _pixels(self, images: Tensor) -> Tensor:
+        x = images.to(self.device)
+        if x.dtype == torch.uint8:
+            return normalize_pixels(x, *self.pixel_norm)
+        return x
+
     @torch.no_grad()
-    def _score(self, task: str, split: str) -> float:
-        t = self._task(task)
-        if split not in t.splits:
-            raise ConfigError(f"task {task!r} has no {split!r} split")
-        images, labels = t.splits[split]
+    def _predict(self, task: str, split: str) -> tuple[Tensor, Tensor]:
+        images, labels = self._split(task, split)
         w = self.zero_shot_head(task)
-        correct = 0
+        amp = autocast_dtype(self.device)
+        preds = []
         for s in range(0, len(labels), self.batch_size):
-            x = images[s:s + self.batch_size].to(self.device)
-            f = nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
-            logits = 100.0 * f @ w
-            correct += int((logits.argmax(-1).cpu() == labels[s:s + self.batch_size]).sum())
-        return correct / max(1, len(labels))
+            x = self._pixels(images[s:s + self.batch_size])
+            with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+                f = self.encode_images(x)
+            preds.append(zero_shot_logits(f, w).argmax(-1).cpu())
+        empty = torch.zeros(0, dtype=torch.long)
+        return (torch.cat(preds) if preds else empty), labels
+
+    def _score(self, task: str, split: str) -> float:
+        pred, labels = self._predict(task, split)
+        return float((pred == labels.to(pred.dtype)).sum()) / max(1, len(labels))
+
+    def predictions(self, state: State, task: str, split: str = "test") -> Tensor:
+        """The predicted class index [N] of every example of ``task``'s ``split``."""
+        self.zero_shot_head(task)
+        self.load_state(state)
+        return self._predict(task, split)[0]
 
     def evaluate(self, state: State, task: str, split: str = "test") -> float:
         self._task(task)
-        self.zero_shot_head(task)  # heads come from the pretrained text tower, built first
+        self.zero_shot_head(task)  # heads come from the pretrained text tower: first
         self.load_state(state)
         return self._score(task, split)
 
