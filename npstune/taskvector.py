@@ -10,6 +10,13 @@ Numerics. Magnitudes used for ranking are float32 (``|fl32(θ_t) − fl32(θ_pre
 every checkpoint dtype. Values added back to the base are computed in :func:`compute_dtype`
 (float64 for fp32 checkpoints, so θ_pre + 1·τ reproduces θ_t bit for bit; float32 for
 fp16/bf16, where the same holds) and cast to the base's dtype at the end.
+
+LoRA adapters. A model that is a PEFT adapter
+(:class:`~npstune.checkpoints.adapter.AdapterCheckpoint`, bound to the plan's base by
+:func:`plan_merge`) gives its task vector exactly: τ = ``model.delta(...)`` (B·A·scale
+computed in float64 from the adapter's tensors), not θ_ft rounded to the base's dtype
+minus θ_pre. Keys it does not update have τ = 0 and count as frozen like bitwise-equal
+tensors.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from npstune.checkpoints import LazyCheckpoint, open_checkpoint
+from npstune.checkpoints import AdapterCheckpoint, LazyCheckpoint, open_checkpoint
 from npstune.errors import CheckpointError, ConfigError, ShapeMismatchError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -93,11 +100,21 @@ class MergePlan:
         bcd = b32 if cd == torch.float32 else b.to(cd)
         taus, taus32 = [], []
         for m in self.models:
+            ad = self._adapter(m)
+            if ad is not None:  # a LoRA adapter: τ exactly, not rounded through θ_ft
+                d = ad.delta(key, start, start + b.numel(), cd).to(device)
+                taus32.append(d if cd == torch.float32 else d.float())
+                taus.append(d)
+                continue
             f = m.read(key, start, stop).to(device)
             t32 = self._delta32(key, m, f, b, b32)
             taus32.append(t32)
             taus.append(t32 if cd == torch.float32 else f.to(cd) - bcd)
         return Chunk(key, start, self.base.shape(key), b, bcd, taus, taus32)
+
+    def _adapter(self, m: LazyCheckpoint) -> AdapterCheckpoint | None:
+        """``m`` when it is an adapter over this plan's base (τ from its factors)."""
+        return m if isinstance(m, AdapterCheckpoint) and m.is_over(self.base) else None
 
     def joint_score_chunks(self, tasks: Sequence[int], keys: Sequence[str] | None = None,
                            device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, ...]]:
@@ -108,9 +125,18 @@ class MergePlan:
                 b = self.base.read(key, start, stop).to(device)
                 b32 = b.float()
                 yield tuple(
-                    self._delta32(key, m, m.read(key, start, stop).to(device), b, b32).abs_()
-                    for m in (self.models[t] for t in tasks)
+                    self._score(key, self.models[t], start, stop, b, b32, device)
+                    for t in tasks
                 )
+
+    def _score(self, key: str, m: LazyCheckpoint, start: int, stop: int,
+               b: torch.Tensor, b32: torch.Tensor, device: str | torch.device
+               ) -> torch.Tensor:
+        """|τ| of one model's chunk in float32 (an adapter's exactly)."""
+        ad = self._adapter(m)
+        if ad is not None:
+            return ad.delta(key, start, stop, torch.float32).to(device).abs_()
+        return self._delta32(key, m, m.read(key, start, stop).to(device), b, b32).abs_()
 
     def _delta32(self, key: str, model: LazyCheckpoint, f: torch.Tensor, b: torch.Tensor,
                  b32: torch.Tensor) -> torch.Tensor:
@@ -180,7 +206,7 @@ def plan_merge(
             not count in ``n``, the entries a keep ratio refers to (DESIGN §3, §7).
     """
     base = base if isinstance(base, LazyCheckpoint) else open_checkpoint(base)
-    models = [m if isinstance(m, LazyCheckpoint) else open_checkpoint(m) for m in models]
+    models = [_open_model(m, base) for m in models]
     if not models:
         raise ConfigError("no models given: pass at least one fine-tuned checkpoint")
     filtered = bool(include) or bool(exclude)
@@ -234,11 +260,35 @@ def plan_merge(
     return MergePlan(base, list(models), delta_keys, copy_keys, filtered, numel)
 
 
+def _open_model(m: LazyCheckpoint | str, base: LazyCheckpoint) -> LazyCheckpoint:
+    """Open a model path; bind an adapter to ``base`` (its shapes are checked now)."""
+    if isinstance(m, AdapterCheckpoint):
+        return m.with_base(base)
+    if isinstance(m, LazyCheckpoint):
+        return m
+    return open_checkpoint(m, base=base)
+
+
 _PROBE = 4096
 
 
 def _is_frozen(key: str, base: LazyCheckpoint, models: Sequence[LazyCheckpoint]) -> bool:
-    """True when every model holds exactly the base's tensor (probe first, then chunks)."""
+    """True when every model holds exactly the base's tensor (probe first, then chunks).
+
+    An adapter over ``base`` answers for itself: untouched keys and zero B·A are
+    unchanged, so they need no read."""
+    rest = []
+    for m in models:
+        same = None
+        if isinstance(m, AdapterCheckpoint) and m.is_over(base):
+            same = m.unchanged(key)
+        if same is False:
+            return False
+        if same is None:
+            rest.append(m)
+    models = rest
+    if not models:
+        return True
     n = base.numel(key)
     probe = base.read(key, 0, _PROBE)
     if any(m.dtype(key) != base.dtype(key) or not torch.equal(m.read(key, 0, _PROBE), probe)
@@ -293,6 +343,8 @@ class TaskVector:
         if self._tensors is not None:
             return self._tensors[key].reshape(-1)[start:stop].to(dtype)
         assert self.base is not None and self.model is not None
+        if isinstance(self.model, AdapterCheckpoint) and self.model.is_over(self.base):
+            return self.model.delta(key, start, stop, dtype)
         d = self.model.read(key, start, stop).to(dtype) - self.base.read(key, start, stop).to(dtype)
         if not all_finite(d):
             _raise_not_finite(key, [(ck, ck.read(key, start, stop)) for ck in (self.model, self.base)],

@@ -7,9 +7,13 @@ weights). Safetensors data is read with positioned reads into fresh buffers rath
 memory map, so resident memory stays near the tensors being combined even for checkpoints
 far larger than RAM; at most one shard file per checkpoint is open at a time.
 
-Writers produce the base's form and are atomic: everything goes to a temporary sibling
-that is renamed into place only after the last tensor is written, so a failed run leaves
-nothing behind.
+A PEFT LoRA adapter directory (``adapter_config.json`` beside ``adapter_model.*``) opens
+as the fine-tuned model it describes over a base (:mod:`npstune.checkpoints.adapter`).
+
+Writers produce the form the output's name names (:func:`output_form`: ``.safetensors``,
+``.bin``/``.pt``/``.pth``, or a directory), else the base's, and are atomic: everything
+goes to a temporary sibling that is renamed into place only after the last tensor is
+written, so a failed run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -91,6 +95,9 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
             if (p / "model.safetensors").is_file():
                 self._load_weights(p / "model.safetensors")
                 return "sharded", p / "model.safetensors"
+            if (p / "adapter_config.json").is_file():
+                raise CheckpointError(f"{p}: a PEFT adapter, not a full checkpoint: "
+                                      "open it with open_checkpoint(path, base=BASE)")
             raise CheckpointError(f"{p}: directory holds no checkpoint "
                                   f"(no config.json, {SAFETENSORS_INDEX} or model.safetensors)")
         if p.name.endswith(".index.json"):
@@ -256,8 +263,21 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> LazyCheckpoint:
-    """Open any supported checkpoint form lazily."""
+def open_checkpoint(
+    path: str | os.PathLike[str],
+    base: LazyCheckpoint | str | os.PathLike[str] | None = None,
+) -> LazyCheckpoint:
+    """Open any supported checkpoint form lazily.
+
+    A PEFT LoRA adapter directory opens as an
+    :class:`~npstune.checkpoints.adapter.AdapterCheckpoint` over ``base`` (without one,
+    over the local path its ``base_model_name_or_path`` names, once it is first read;
+    merges bind it to their base). ``base`` is ignored for full checkpoints.
+    """
+    from npstune.checkpoints.adapter import AdapterCheckpoint, is_adapter_dir
+
+    if is_adapter_dir(path):
+        return AdapterCheckpoint(path, base)
     return LazyCheckpoint(path)
 
 
@@ -266,8 +286,37 @@ def _is_weight_file(p: Path) -> bool:
     return p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name.endswith(".index.json")
 
 
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def output_form(out: str | os.PathLike[str], like: LazyCheckpoint) -> str:
+    """The form ``out`` is written in: the one its name names, else ``like``'s.
+
+    ``.safetensors`` -> one safetensors file (``"safetensors"``); ``.bin``, ``.pt``,
+    ``.pth`` -> a torch state-dict file (``"torch"``); a directory (an existing one, a
+    name ending in ``/`` or a name without a suffix) -> ``"hf"`` (the base's non-weight
+    files beside the weights) when ``like`` is a Hugging Face directory, else
+    ``"sharded"`` (``like``'s shard layout when it has one, else one
+    ``model.safetensors``). Any other name (an unknown suffix, an existing file without
+    one) takes ``like``'s form.
+    """
+    text = os.fspath(out)
+    p = Path(text)
+    suffix = p.suffix.lower()
+    if suffix == ".safetensors" and not p.is_dir():
+        return "safetensors"
+    if suffix in TORCH_SUFFIXES and not p.is_dir():
+        return "torch"
+    slash = text.endswith(("/", os.sep))
+    as_dir = p.is_dir() or slash or (suffix == "" and not p.exists())
+    if as_dir:
+        return "hf" if like.form == "hf" and like.hf_dir is not None else "sharded"
+    return like.form
+
+
 class CheckpointWriter:
-    """Write a checkpoint in ``like``'s form, tensor by tensor (or chunk by chunk), atomically.
+    """Write a checkpoint tensor by tensor (or chunk by chunk), atomically, in the form
+    :func:`output_form` gives for ``out`` (the one its name names, else ``like``'s).
 
     Use as a context manager: on a clean exit the temporary output is renamed to ``out``;
     on an exception it is removed and ``out`` is left as it was.
@@ -281,10 +330,11 @@ class CheckpointWriter:
         metadata: Mapping[str, str] | None = None,
     ) -> None:
         self.out = Path(out)
+        like = getattr(like, "base_checkpoint", like)  # an adapter: its base's layout
         self.like = like
         self.specs = dict(specs)
         self.metadata = dict(metadata or {})
-        self.form = like.form
+        self.form = output_form(out, like)
         parent = self.out.parent
         if not parent.exists():
             raise CheckpointError(f"{self.out}: parent directory {parent} does not exist")
@@ -305,7 +355,8 @@ class CheckpointWriter:
         if self.form == "hf" and self.like.hf_dir is not None:
             _copy_non_weights(self.like.hf_dir, self.tmp)
         weights = self.like.weights
-        sharded = weights.name.endswith(".index.json") and bool(self.like.shard_of)
+        sharded = (self.like.form in ("sharded", "hf") and bool(self.like.shard_of)
+                   and weights.name.endswith(".index.json"))
         if not sharded:
             self._open_file(self.tmp / "model.safetensors", self.specs)
             return self

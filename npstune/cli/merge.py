@@ -3,37 +3,66 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
 from npstune.cli.options import GreedyOption, check_output, parse_floats
 
 
+class MethodOption(click.Option):
+    """``--method``: its help lists the registry's methods, looked up when shown."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        from npstune.merge.registry import method_names
+
+        self.help = "Merge method: " + ", ".join(method_names()) + "."
+        return super().get_help_record(ctx)
+
+
 @click.command("merge")
-@click.option("--method", required=True, help="average, task-arithmetic, ties, dare, darex, "
-              "magnitude, consensus-ta, consensus-ties, nps, fisher, regmean")
+@click.option("--method", required=True, cls=MethodOption, help="Merge method.")
 @click.option("--base", required=True, type=click.Path(), help="Pretrained checkpoint.")
 @click.option("--models", required=True, cls=GreedyOption, type=click.Path(),
-              help="Fine-tuned checkpoints (one or more).")
-@click.option("--out", required=True, type=click.Path(), help="Output (the base's form).")
+              help="Fine-tuned checkpoints or PEFT LoRA adapter directories (one or "
+              "more).")
+@click.option("--out", required=True, type=click.Path(),
+              help="Output: NAME.safetensors, NAME.bin/.pt/.pth, or a directory (an "
+              "existing one, DIR/ or a name without suffix); else the base's form.")
+@click.option("--out-format", type=click.Choice(["model", "adapter"]), default="model",
+              show_default=True, help="adapter: write a LoRA adapter directory "
+              "(average or task-arithmetic of LoRA adapters; exact, ranks "
+              "concatenated).")
 @click.option("--k", "k", type=float, help="Keep ratio in (0, 1].")
 @click.option("--lam", type=float, help="Scaling λ.")
-@click.option("--scope", type=click.Choice(["global", "tensor"]), help="Top-k ranking scope.")
+@click.option("--scope", type=click.Choice(["global", "tensor"]),
+              help="Top-k ranking scope.")
 @click.option("--subspaces", type=int, help="NPS subspace count M.")
 @click.option("--weights", help="NPS weights: M values, or T·M values task-major.")
 @click.option("--seed", type=int, help="Seed for random masks (DARE).")
 @click.option("--q", type=float, help="DAREx rescaling denominator q in [k, 1].")
 @click.option("--tall-lam", type=float, help="TALL mask λ (consensus).")
-@click.option("--consensus", type=int, help="Masks that must agree (consensus, default 2).")
-@click.option("--include", multiple=True, help="Glob of keys that take part (repeatable).")
-@click.option("--exclude", multiple=True, help="Glob of keys copied from the base (repeatable).")
-@click.option("--zoo", "zoo_size", help="Zoo size for data-driven methods (fisher, regmean).")
+@click.option("--consensus", type=int,
+              help="Masks that must agree (consensus, default 2).")
+@click.option("--include", multiple=True,
+              help="Glob of keys that take part (repeatable).")
+@click.option("--exclude", multiple=True,
+              help="Glob of keys copied from the base (repeatable).")
+@click.option("--zoo", "zoo_size",
+              help="Zoo size for data-driven methods (fisher, regmean).")
+@click.option("--evaluator", "evaluator_file", type=click.Path(),
+              help="Evaluator YAML giving the calibration data of data-driven methods.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def merge(method, base, models, out, k, lam, scope, subspaces, weights, seed, q, tall_lam,
-          consensus, include, exclude, zoo_size, device, quiet) -> None:
+def merge(method: str, base: str, models: tuple[str, ...], out: str, out_format: str,
+          k: float | None, lam: float | None, scope: str | None,
+          subspaces: int | None, weights: str | None, seed: int | None,
+          q: float | None, tall_lam: float | None, consensus: int | None,
+          include: tuple[str, ...], exclude: tuple[str, ...], zoo_size: str | None,
+          evaluator_file: str | None, device: str, quiet: bool) -> None:
     """Merge MODELS onto BASE with METHOD and write OUT."""
     from npstune.merge import get_method, run_merge
+    from npstune.merge.base import adapter_weights
     from npstune.runtime import resolve_device
     from npstune.taskvector import plan_merge
 
@@ -42,14 +71,18 @@ def merge(method, base, models, out, k, lam, scope, subspaces, weights, seed, q,
              "weights": parse_floats(weights, "--weights"), "seed": seed, "q": q,
              "tall_lam": tall_lam, "consensus": consensus}
     params = spec.make_params({n: v for n, v in given.items() if v is not None})
+    if out_format == "adapter":
+        adapter_weights(spec.name, params, len(models))  # refuse other methods first
     check_output(out, [base, *models])
     dev = resolve_device(device)
-    data = None
+    data: Any = None
     if spec.needs_data:
         from npstune.merge.data import data_for
 
-        data = data_for(zoo_size, dev)
+        data = data_for(zoo_size, dev, evaluator=evaluator_file, base=base)
     plan = plan_merge(base, list(models), include or None, exclude or None)
-    result = run_merge(plan, spec, params, out, device=dev, data=data, progress=not quiet)
-    summary = {k: v for k, v in result.meta.items() if k in ("method", "tasks", "n", "kept", "total_s")}
+    result = run_merge(plan, spec, params, out, device=dev, data=data,
+                       progress=not quiet, out_format=out_format)
+    keep = ("method", "tasks", "n", "kept", "rank", "total_s")
+    summary = {k: v for k, v in result.meta.items() if k in keep}
     click.echo(f"wrote {out}  " + json.dumps(summary, default=str))

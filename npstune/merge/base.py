@@ -71,6 +71,9 @@ class MergeSpec(Generic[P]):
     #: the kernel gives the same values on any split of a read chunk into consecutive
     #: blocks (False for DARE, whose random draws are seeded per read chunk)
     blockwise: bool = True
+    #: a method with outputs of its own (EMR: one model per task) replaces the engine:
+    #: ``runner(plan, params, out, device=, progress=, metadata=) -> MergeResult``
+    runner: Callable[..., MergeResult] | None = None
 
     def make_params(self, values: dict[str, Any] | MethodParams | None = None) -> P:
         """Validate ``values`` against this method's params (ConfigError on bad input)."""
@@ -109,11 +112,30 @@ def run_merge(
     data: Any = None,
     progress: bool = False,
     metadata: dict[str, str] | None = None,
+    out_format: OutFormat = "model",
 ) -> MergeResult:
-    """Merge ``plan``'s models with ``spec`` into ``out`` (or into memory when ``out`` is None)."""
+    """Merge ``plan``'s models with ``spec`` into ``out`` (or into memory when ``out`` is None).
+
+    ``out_format="adapter"`` (``average``/``task-arithmetic`` of LoRA adapters only)
+    writes the merge as one exact PEFT LoRA adapter directory instead of a full model.
+    """
     p = spec.make_params(params)
+    if out_format not in OUT_FORMATS:
+        raise ConfigError(f"--out-format {out_format!r}: expected one of "
+                          f"{', '.join(OUT_FORMATS)}")
+    if out_format == "adapter":
+        adapter_weights(spec.name, p, len(plan.models))  # refuse other methods first
+        if out is None:
+            raise ConfigError("--out-format adapter needs an output directory "
+                              "(out=...)")
+        from npstune.checkpoints.adapter import check_adapter_out, check_combinable
+
+        check_adapter_out(out)
+        check_combinable(plan.models)
     if spec.needs_data and data is None:
         raise ConfigError(f"{spec.name} needs calibration data: pass --zoo SIZE (or data=...)")
+    if spec.runner is not None:
+        return spec.runner(plan, p, out, device=device, progress=progress, metadata=metadata)
     t0 = time.perf_counter()
     inputs = MergeInputs(plan, device, data)
     ctx = spec.prepare(inputs, p)
@@ -149,11 +171,14 @@ def run_merge(
                 full.view(-1)[start : start + t.numel()] = t.reshape(-1)
 
         produce(to_memory)
+    elif out_format == "adapter":
+        rank = _write_adapter(plan, spec, p, ctx, out, whole, device, block, meta_out)
     else:
         with CheckpointWriter(out, plan.base, plan.specs, meta_out) as writer:
             produce(writer.write)
     meta = {
         "method": spec.name,
+        "out_format": out_format,
         "params": p.model_dump(),
         "tasks": [m.name for m in plan.models],
         "n": plan.n,
@@ -162,7 +187,53 @@ def run_merge(
     }
     if hasattr(ctx, "report"):
         meta.update(ctx.report())
+    if out_format == "adapter":
+        meta["rank"] = rank
     return MergeResult(state, Path(out) if out is not None else None, meta)
+
+
+OutFormat = Literal["model", "adapter"]
+OUT_FORMATS: tuple[str, ...] = ("model", "adapter")
+
+#: methods whose merge of LoRA adapters is again low rank: each task's weight on B·A
+ADAPTER_METHODS: dict[str, Callable[[Any, int], list[float]]] = {
+    "average": lambda p, tasks: [1.0 / tasks] * tasks,
+    "task-arithmetic": lambda p, tasks: [float(p.lam)] * tasks,
+}
+
+
+def adapter_weights(method: str, params: Any, tasks: int) -> list[float]:
+    """Per-task weights w_t of Σ_t w_t·B_t·A_t for ``--out-format adapter``."""
+    if method not in ADAPTER_METHODS:
+        raise ConfigError(f"--out-format adapter: method {method!r} does not keep a "
+                          f"low-rank result; allowed: {', '.join(ADAPTER_METHODS)}")
+    return ADAPTER_METHODS[method](params, tasks)
+
+
+def _write_adapter(plan: MergePlan, spec: MergeSpec[Any], p: MethodParams, ctx: Any,
+                   out: str | Path, whole: bool, device: str | torch.device,
+                   block: int | None, metadata: dict[str, str]) -> dict[str, int]:
+    """Write the merge as one LoRA adapter; full tensors (``modules_to_save``) get the
+    method's merged values, exactly as the full-model output holds them."""
+    from npstune.checkpoints.adapter import check_combinable, write_combined_adapter
+
+    adapters = check_combinable(plan.models)
+    delta = set(plan.delta_keys)
+
+    def full_value(key: str) -> torch.Tensor:
+        if key not in delta:
+            return plan.base[key]
+        shape, dtype = plan.base.shape(key), plan.base.dtype(key)
+        t = torch.empty(plan.numel[key], dtype=dtype)
+        blocks = merged_blocks(plan, spec, ctx, key, whole, device, block)
+        for start, stop, _, merged in blocks:
+            t[start:stop] = merged.cpu()
+        return t.reshape(shape)
+
+    weights = adapter_weights(spec.name, p, len(adapters))
+    cfg = write_combined_adapter(out, adapters, weights, delta, full_value,
+                                 str(plan.base.path), metadata)
+    return {"r": int(cfg["r"]), **{k: int(v) for k, v in cfg["rank_pattern"].items()}}
 
 
 #: Elements per kernel call in a merge: a 4 Mi-element read is worked through in blocks

@@ -25,6 +25,12 @@ METHODS: dict[str, str] = {
     "nps": "npstune.merge.nps:SPEC",
     "fisher": "npstune.merge.fisher:SPEC",
     "regmean": "npstune.merge.regmean:SPEC",
+    "tsv-m": "npstune.merge.tsv_m:SPEC",
+    "iso-c": "npstune.merge.iso:C_SPEC",
+    "iso-cts": "npstune.merge.iso:CTS_SPEC",
+    "wudi": "npstune.merge.wudi:SPEC",
+    "emr": "npstune.merge.emr:SPEC",
+    "pcb": "npstune.merge.pcb:SPEC",
 }
 
 

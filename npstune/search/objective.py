@@ -340,7 +340,7 @@ class Objective:
         ev = evaluator or self.p.evaluator
         accs: dict[str, float] = {}
         for task, path in zip(self.p.vector_tasks, self.p.model_paths):
-            ck = open_checkpoint(path)
+            ck = open_checkpoint(path, base=self.p.base_path)
             state = {k: ck[k] for k in ck.keys()}
             tasks = self.p.eval_tasks if self.p.use == "transfer" else [task]
             accs.update(evaluate_many(ev, state, tasks, split))
