@@ -107,7 +107,7 @@ def variants(bench: ZooBench, sweep: str, out: Path, seeds: int | None,
         "output_dir": str(out / sweep),
         "evaluator.calibration_examples": bench.cal_n,
         "evaluator.test_examples": bench.test_n,
-        "report.baselines": ["magnitude"],
+        "report.baselines": ["nps-w1"],
         "report.save_model": False,
         "tracking.experiment": "npstune-benchmarks-ablations",
     }
@@ -156,7 +156,7 @@ def run(bench: ZooBench, sweeps: list[str], seeds: int | None = None,
                 outcome = run_search(cfg, echo=lambda m: print(f"  [{cfg.name}] {m}", flush=True))
                 rep = outcome.report
                 nps = rep.row("nps") if rep else None
-                mag = rep.row("magnitude") if rep else None
+                mag = rep.row("nps-w1") if rep else None
                 r = {"sweep": sweep, "value": value, "seed": cfg.search.seed,
                      "calibration": nps.calibration.get("objective") if nps else None,
                      "test": nps.test.get("objective") if nps else None,

@@ -60,7 +60,7 @@ def run(bench: ZooBench, direct: int, generations: int | None = None,
     o: dict[str, Any] = {"zoo": bench.size, "output_dir": str(out / "search"),
                          "evaluator.calibration_examples": bench.cal_n,
                          "evaluator.test_examples": bench.test_n,
-                         "report.save_model": False, "report.baselines": ["magnitude"],
+                         "report.save_model": False, "report.baselines": ["nps-w1"],
                          "tracking.experiment": "npstune-benchmarks"}
     o.update(bench.search_budget(generations, population, quick_generations=2))
     path = bench.search_config_path("fusion")

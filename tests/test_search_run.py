@@ -53,7 +53,7 @@ def test_tiny_search_end_to_end(ray_local, tmp_path):
 
     # beats NPS with w = 1 (plain magnitude) on calibration, and on test here too
     rep = outcome.report
-    mag, nps = rep.row("magnitude"), rep.row("nps")
+    mag, nps = rep.row("nps-w1"), rep.row("nps")
     assert nps.calibration["objective"] > mag.calibration["objective"]
     assert nps.test["objective"] > mag.test["objective"]
     assert outcome.best.value == pytest.approx(nps.calibration["objective"])
@@ -232,7 +232,7 @@ def test_transfer_use_scores_h_score(ray_local, tmp_path):
         transfer={"target": "task0", "pre_tasks": ["task1", "task2"]},
         nps={"subspaces": 4, "k": 0.5, "lam": {"low": 0.2, "high": 2.0, "init": 1.0}},
         search={"generations": 2},
-        report={"baselines": ["pretrained", "individual", "magnitude"]},
+        report={"baselines": ["pretrained", "individual", "nps-w1"]},
     )
     cfg = load_config(path)
     outcome = run_search(cfg)
@@ -261,7 +261,7 @@ def test_compression_use_writes_a_sparse_store(ray_local, tmp_path):
         use="compression",
         nps={"subspaces": 2, "k": 0.3, "weights": {"per_task": True}},
         search={"generations": 2},
-        report={"baselines": ["individual", "magnitude"]},
+        report={"baselines": ["individual", "nps-w1"]},
     )
     cfg = load_config(path)
     outcome = run_search(cfg)

@@ -36,7 +36,7 @@ def test_minimal_zoo_config_defaults(tmp_path):
         "individual",
         "task-arithmetic",
         "ties",
-        "magnitude",
+        "nps-w1",
     ]
 
 

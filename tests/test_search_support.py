@@ -78,11 +78,13 @@ def write_tiny_search(
         "search": {"generations": 3, "population": 4, "seed": 7},
         "resources": {"cpus_per_trial": 1},
         "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"},
-        "report": {"baselines": ["pretrained", "task-arithmetic", "magnitude"]},
+        "report": {"baselines": ["pretrained", "task-arithmetic", "nps-w1"]},
         "output_dir": str(tmp / "out"),
     }
     for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+        if value is None:  # drop a section (e.g. nps: for a method search)
+            cfg.pop(key, None)
+        elif isinstance(value, dict) and isinstance(cfg.get(key), dict):
             cfg[key] = {**cfg[key], **value}
         else:
             cfg[key] = value

@@ -118,3 +118,20 @@ def test_log_benchmark(tmp_path):
         parents[0].data.metrics == {"t": 1.5} and parents[0].info.status == "FINISHED"
     )
     assert parents[0].data.tags["npstune.kind"] == "benchmark"
+
+
+def test_experiments_open_on_the_runs_view(tmp_path):
+    """MLflow 3's UI opens an experiment without mlflow.experimentKind on its GenAI
+    (traces) overview; ours carry the tag for the runs table, also when the experiment
+    was made before (by another tool)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    old = client.create_experiment("made-elsewhere")
+    MlflowTracker(uri, "made-elsewhere", "run")
+    MlflowTracker(uri, "new", "run")
+    for name in ("made-elsewhere", "new"):
+        exp = client.get_experiment_by_name(name)
+        assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    assert client.get_experiment_by_name("made-elsewhere").experiment_id == old

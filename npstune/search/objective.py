@@ -29,7 +29,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +37,7 @@ from npstune.compress import storage_bits
 from npstune.errors import ConfigError
 from npstune.evaluate import Evaluator, evaluate_many
 from npstune.search.space import Candidate, ParamSpace, SearchConfig
+from npstune.search.uses import get_use
 from npstune.sparsify.ranked import RankedTaskVector, fuse
 
 logger = logging.getLogger(__name__)
@@ -70,27 +70,49 @@ def make_evaluator(
 
 
 # ------------------------------------------------------------------------------ payload
-@dataclass
-class ObjectivePayload:
-    """What every trial needs, built once in the driver (see module docstring)."""
+@dataclass(kw_only=True)
+class Payload:
+    """What every trial of any search needs, built once in the driver."""
 
-    use: str
-    space: ParamSpace
+    use: str  # a name of npstune.search.uses.USES
+    space: Any  # ParamSpace (NPS) or MethodSpace
     vector_tasks: list[str]  # the task of each task vector, in order
     eval_tasks: list[str]  # tasks scored by a shared state (fusion, transfer)
-    ranked: list[RankedTaskVector]
-    base_flat: torch.Tensor  # float32 θ_pre over the delta keys, in ranked order
-    base_rest: dict[str, torch.Tensor]  # every other key of the base, as stored
-    dtypes: dict[str, torch.dtype]  # the base's dtype of each delta key
     evaluator: Evaluator
     transfer: tuple[list[str], str] | None = None  # (pre tasks, target)
     references: dict[str, dict[str, float]] = field(
         default_factory=dict
     )  # split -> task -> acc
     n: int = 0
-    frozen: int = 0
     base_path: str = ""
     model_paths: list[str] = field(default_factory=list)
+
+    def objective(self) -> BaseObjective:
+        raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class MethodPayload(Payload):
+    """A search over any registered method's parameters (no per-entry state)."""
+
+    method: str = "nps"
+
+    def objective(self) -> MethodObjective:
+        return MethodObjective(self)
+
+
+@dataclass(kw_only=True)
+class ObjectivePayload(Payload):
+    """The NPS fast path: every task vector ranked once (see module docstring)."""
+
+    ranked: list[RankedTaskVector]
+    base_flat: torch.Tensor  # float32 θ_pre over the delta keys, in ranked order
+    base_rest: dict[str, torch.Tensor]  # every other key of the base, as stored
+    dtypes: dict[str, torch.dtype]  # the base's dtype of each delta key
+    frozen: int = 0
+
+    def objective(self) -> Objective:
+        return Objective(self)
 
     # Pickled as numpy arrays: Ray then maps them straight out of its shared object
     # store (zero copy), so a fresh trial actor gets a full-size payload in well under a
@@ -148,58 +170,49 @@ class _Arrays:
 
 def build_payload(
     cfg: SearchConfig, zoo: Any = None, echo: Callable[[str], None] | None = None
-) -> ObjectivePayload:
-    """Read the checkpoints, rank every task vector once, prepare the evaluator."""
+) -> Payload:
+    """Everything a trial needs, built once: the NPS fast path (every task vector
+    ranked once) for ``method: nps``, the generic in-memory merge otherwise."""
     from npstune.taskvector import plan_merge
 
     say = echo or (lambda s: None)
     t0 = time.perf_counter()
+    use = get_use(cfg.use)
     base, models, names = resolve_models(cfg, zoo)
-    if cfg.use == "transfer":
-        assert cfg.transfer is not None
-        tgt = cfg.transfer.target
-        if tgt not in names:
-            raise ConfigError(
-                f"transfer.target {tgt!r} is not one of the models: {', '.join(names)}"
-            )
-        i = names.index(tgt)
-        models, names = [models[i]], [tgt]
-        eval_tasks = [*cfg.transfer.pre_tasks, tgt]
-        transfer = (list(cfg.transfer.pre_tasks), tgt)
-    else:
-        eval_tasks, transfer = list(names), None
-    plan = plan_merge(base, models)
-    ranked = []
-    for t, tv in enumerate(plan.task_vectors()):
-        ranked.append(RankedTaskVector(tv.to_dict(), cfg.nps.subspaces))
-        say(
-            f"ranked task vector {t + 1}/{len(models)} ({names[t]}, n={ranked[-1].n:,})"
-        )
-    keys = ranked[0].keys
-    base_flat = torch.cat([plan.base[k].reshape(-1).float() for k in keys])
-    dtypes = {k: plan.base.dtype(k) for k in keys}
-    rest = {k: plan.base[k].clone() for k in plan.base.keys() if k not in set(keys)}
-    frozen = sum(v.numel() for v in rest.values() if v.is_floating_point())
-    evaluator = make_evaluator(cfg, zoo, eval_tasks, CALIBRATION)
-    payload = ObjectivePayload(
-        use=cfg.use,
-        space=ParamSpace(cfg.nps, len(models)),
-        vector_tasks=names,
-        eval_tasks=eval_tasks,
-        ranked=ranked,
-        base_flat=base_flat,
-        base_rest=rest,
-        dtypes=dtypes,
-        evaluator=evaluator,
-        transfer=transfer,
-        n=plan.n,
-        frozen=frozen,
-        base_path=str(base),
+    sel = use.select(cfg, names)
+    models, names = [models[i] for i in sel.vectors], [names[i] for i in sel.vectors]
+    evaluator = make_evaluator(cfg, zoo, sel.eval_tasks, CALIBRATION)
+    common: dict[str, Any] = dict(
+        use=cfg.use, vector_tasks=names, eval_tasks=sel.eval_tasks,
+        evaluator=evaluator, transfer=sel.transfer, base_path=str(base),
         model_paths=[str(m) for m in models],
     )
-    if cfg.use == "compression":  # normalization reference: each fine-tuned model
-        obj = Objective(payload)
-        payload.references[CALIBRATION] = obj.individual(CALIBRATION)
+    plan = plan_merge(base, models)
+    if cfg.method != "nps":
+        from npstune.search.params import MethodSpace
+
+        space = MethodSpace(cfg.method, cfg.params, cfg.per_task, len(models),
+                            cfg.source or "search")
+        payload: Payload = MethodPayload(space=space, method=cfg.method, n=plan.n,
+                                         **common)
+    else:
+        ranked = []
+        for t, tv in enumerate(plan.task_vectors()):
+            ranked.append(RankedTaskVector(tv.to_dict(), cfg.nps.subspaces))
+            say(f"ranked task vector {t + 1}/{len(models)} ({names[t]}, "
+                f"n={ranked[-1].n:,})")
+        keys = ranked[0].keys
+        base_flat = torch.cat([plan.base[k].reshape(-1).float() for k in keys])
+        dtypes = {k: plan.base.dtype(k) for k in keys}
+        rest = {k: plan.base[k].clone() for k in plan.base.keys()
+                if k not in set(keys)}
+        frozen = sum(v.numel() for v in rest.values() if v.is_floating_point())
+        payload = ObjectivePayload(
+            space=ParamSpace(cfg.nps, len(models)), ranked=ranked,
+            base_flat=base_flat, base_rest=rest, dtypes=dtypes, n=plan.n,
+            frozen=frozen, **common)
+    if use.needs_references:  # normalization reference: each fine-tuned model
+        payload.references[CALIBRATION] = payload.objective().individual(CALIBRATION)
     say(f"objective ready in {time.perf_counter() - t0:.1f} s")
     return payload
 
@@ -226,53 +239,27 @@ def _stem(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------- objective
-class Objective:
-    """Scores candidates on a payload; holds the reusable candidate buffers."""
+class BaseObjective:
+    """What every search's objective shares: the use's scoring of states."""
 
-    def __init__(self, payload: ObjectivePayload) -> None:
+    p: Any
+
+    def __init__(self, payload: Any) -> None:
         self.p = payload
         self.space = payload.space
-        n = payload.base_flat.numel()
-        self._delta = torch.zeros(n, dtype=torch.float32)
-        self._theta = torch.empty(n, dtype=torch.float32)
+        self.use = get_use(payload.use)
 
-    # -- states
-    # --------------------------------------------------------------------------
-    def state_from_delta(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
-        """θ_pre + delta on the delta keys, every other key from the base (views)."""
-        torch.add(self.p.base_flat, delta, out=self._theta)
-        state = dict(self.p.base_rest)
-        for k, v in self.p.ranked[0].unflatten(self._theta).items():
-            dt = self.p.dtypes[k]
-            state[k] = v if dt == torch.float32 else v.to(dt)
-        return state
+    def states(self, cand: Any) -> Iterable[tuple[list[str], Mapping[str, torch.Tensor]]]:
+        """(tasks to score, state) pairs of a candidate, one at a time."""
+        raise NotImplementedError
 
-    def states(
-        self, cand: Candidate
-    ) -> Iterable[tuple[list[str], dict[str, torch.Tensor]]]:
-        """(tasks to score, state) pairs of a candidate, one at a time.
+    def bits(self, cand: Any) -> int:
+        """The paper's storage bits of what a candidate keeps."""
+        raise NotImplementedError
 
-        Every state is a view of one reused buffer: use each before asking for the next.
-        """
-        r = self.p.ranked
-        if self.p.use == "compression":
-            for t, task in enumerate(self.p.vector_tasks):
-                fuse([r[t]], [cand.weights[t]], cand.k, cand.lam[t], out=self._delta)
-                yield [task], self.state_from_delta(self._delta)
-        else:
-            fuse(r, cand.weights, cand.k, list(cand.lam), out=self._delta)
-            yield self.p.eval_tasks, self.state_from_delta(self._delta)
-
-    def bits(self, k: float | None, method: str = "nps") -> int:
-        return storage_bits(
-            method, len(self.p.ranked), self.p.n, k, frozen=0
-        ).paper_bits
-
-    # -- scores
-    # --------------------------------------------------------------------------
     def score(
         self,
-        cand: Candidate,
+        cand: Any,
         split: str = CALIBRATION,
         evaluator: Evaluator | None = None,
     ) -> dict[str, float]:
@@ -288,34 +275,18 @@ class Objective:
             t0 = time.perf_counter()
             t_eval += t0 - t1
         out = self.aggregate(accs, split)
-        out.update(
-            storage_bits=float(self.bits(cand.k)),
-            k=cand.k,
-            build_s=t_build,
-            eval_s=t_eval,
-        )
+        out.update(storage_bits=float(self.bits(cand)), build_s=t_build, eval_s=t_eval)
+        k = getattr(cand, "k", None)
+        if k is None and hasattr(cand, "params"):
+            k = cand.params.get("k")
+        if isinstance(k, (int, float)):
+            out["k"] = float(k)
         return out
 
     def aggregate(self, accs: Mapping[str, float], split: str) -> dict[str, float]:
         """Per-task accuracies -> the use's objective plus its parts."""
-        out = {f"acc/{t}": float(a) for t, a in accs.items()}
-        vals = list(accs.values())
-        out["accuracy"] = sum(vals) / len(vals) if vals else float("nan")
-        if self.p.use == "transfer":
-            assert self.p.transfer is not None
-            pre_tasks, tgt = self.p.transfer
-            pre = sum(accs[t] for t in pre_tasks) / len(pre_tasks)
-            a_t = accs[tgt]
-            h = 2 * pre * a_t / (pre + a_t) if pre + a_t > 0 else 0.0
-            out.update(pre_accuracy=pre, target_accuracy=a_t, h_score=h, objective=h)
-        elif self.p.use == "compression":
-            ref = self.p.references.get(split, {})
-            norm = [accs[t] / ref[t] for t in accs if ref.get(t)]
-            out["normalized_accuracy"] = sum(norm) / len(norm) if norm else float("nan")
-            out["objective"] = out["normalized_accuracy"]
-        else:
-            out["objective"] = out["accuracy"]
-        return out
+        return self.use.aggregate(accs, self.p.references.get(split, {}),
+                                  self.p.transfer)
 
     def score_state(
         self,
@@ -324,9 +295,7 @@ class Objective:
         evaluator: Evaluator | None = None,
     ) -> dict[str, float]:
         """One shared state (pretrained, a merge) scored on every task of the use."""
-        tasks = (
-            self.p.vector_tasks if self.p.use == "compression" else self.p.eval_tasks
-        )
+        tasks = self.use.scored_tasks(self.p.vector_tasks, self.p.eval_tasks)
         return self.aggregate(
             evaluate_many(evaluator or self.p.evaluator, state, tasks, split), split
         )
@@ -342,6 +311,78 @@ class Objective:
         for task, path in zip(self.p.vector_tasks, self.p.model_paths):
             ck = open_checkpoint(path, base=self.p.base_path)
             state = {k: ck[k] for k in ck.keys()}
-            tasks = self.p.eval_tasks if self.p.use == "transfer" else [task]
-            accs.update(evaluate_many(ev, state, tasks, split))
+            accs.update(evaluate_many(ev, state,
+                                      self.use.individual_tasks(task, self.p.eval_tasks),
+                                      split))
         return accs
+
+
+class Objective(BaseObjective):
+    """NPS candidates on the ranked payload; holds the reusable candidate buffers."""
+
+    def __init__(self, payload: ObjectivePayload) -> None:
+        super().__init__(payload)
+        n = payload.base_flat.numel()
+        self._delta = torch.zeros(n, dtype=torch.float32)
+        self._theta = torch.empty(n, dtype=torch.float32)
+
+    def state_from_delta(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """θ_pre + delta on the delta keys, every other key from the base (views)."""
+        torch.add(self.p.base_flat, delta, out=self._theta)
+        state = dict(self.p.base_rest)
+        for k, v in self.p.ranked[0].unflatten(self._theta).items():
+            dt = self.p.dtypes[k]
+            state[k] = v if dt == torch.float32 else v.to(dt)
+        return state
+
+    def states(
+        self, cand: Candidate
+    ) -> Iterable[tuple[list[str], dict[str, torch.Tensor]]]:
+        """Every state is a view of one reused buffer: use each before asking for the
+        next."""
+        r = self.p.ranked
+        if self.use.per_vector_states:
+            for t, task in enumerate(self.p.vector_tasks):
+                fuse([r[t]], [cand.weights[t]], cand.k, cand.lam[t], out=self._delta)
+                yield [task], self.state_from_delta(self._delta)
+        else:
+            fuse(r, cand.weights, cand.k, list(cand.lam), out=self._delta)
+            yield self.p.eval_tasks, self.state_from_delta(self._delta)
+
+    def bits(self, cand: Any) -> int:
+        k = cand.k if isinstance(cand, Candidate) else cand
+        return storage_bits("nps", len(self.p.ranked), self.p.n, k, frozen=0).paper_bits
+
+
+class MethodObjective(BaseObjective):
+    """Candidates of any registered method: an in-memory merge per state.
+
+    Workers open the checkpoints by path (on a cluster: shared storage).
+    """
+
+    def _merge(self, models: list[str], params: dict[str, Any]) -> Mapping[str, Any]:
+        from npstune.merge import merge
+
+        state = merge(self.p.base_path, models, self.p.method, params).state
+        if state is None:
+            raise ConfigError(f"method {self.p.method} returns no single model")
+        return state
+
+    def _per_task(self, params: dict[str, Any], t: int) -> dict[str, Any]:
+        return {k: (v[t:t + 1] if k in self.space.per_task else v)
+                for k, v in params.items()}
+
+    def states(self, cand: Any) -> Iterable[tuple[list[str], Mapping[str, Any]]]:
+        if self.use.per_vector_states:
+            for t, (task, path) in enumerate(zip(self.p.vector_tasks,
+                                                 self.p.model_paths)):
+                yield [task], self._merge([path], self._per_task(cand.params, t))
+        else:
+            yield self.p.eval_tasks, self._merge(self.p.model_paths, cand.params)
+
+    def bits(self, cand: Any) -> int:
+        from npstune.compress import FAMILIES
+
+        fam = self.p.method if self.p.method in FAMILIES else "merged"
+        k = cand.params.get("k") if FAMILIES.get(self.p.method) == "sparse" else None
+        return storage_bits(fam, len(self.p.model_paths), self.p.n, k).paper_bits

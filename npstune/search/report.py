@@ -22,16 +22,16 @@ from typing import Any
 import torch
 
 from npstune.compress import FAMILIES, storage_bits
-from npstune.errors import NpstuneError
+from npstune.errors import ConfigError, NpstuneError
 from npstune.search.monitor import Ledger, TrialRecord
 from npstune.search.objective import (
     CALIBRATION,
     TEST,
-    Objective,
-    ObjectivePayload,
+    Payload,
     make_evaluator,
 )
 from npstune.search.space import Candidate, SearchConfig
+from npstune.search.uses import get_use
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +64,7 @@ class Report:
 
     def markdown(self) -> str:
         """The table as GitHub markdown (accuracies in %, test split unless marked)."""
-        extra = {
-            "transfer": ["pre_accuracy", "target_accuracy"],
-            "compression": ["accuracy"],
-        }.get(self.use, [])
+        extra = list(get_use(self.use).extra_columns)
         head = [
             "method",
             f"calib {self.metric_label}",
@@ -104,16 +101,9 @@ def _pct(v: float | None) -> str:
     return "–" if v is None or not math.isfinite(v) else f"{100 * v:.2f}"
 
 
-METRIC_LABELS = {
-    "fusion": "mean acc",
-    "transfer": "H-score",
-    "compression": "norm. acc",
-}
-
-
 def final_report(
     cfg: SearchConfig,
-    payload: ObjectivePayload,
+    payload: Payload,
     ledger: Ledger,
     zoo: Any,
     out: Path,
@@ -122,11 +112,11 @@ def final_report(
     """Evaluate the best candidate and the baselines; write results and the best
     model."""
     say = echo or (lambda s: None)
-    obj = Objective(payload)
-    tasks = payload.vector_tasks if payload.use == "compression" else payload.eval_tasks
+    obj = payload.objective()
+    use = obj.use
+    tasks = use.scored_tasks(payload.vector_tasks, payload.eval_tasks)
     test_ev = make_evaluator(cfg, zoo, tasks, TEST)
-    T, n = len(payload.ranked), payload.n
-    if payload.use == "compression":
+    if use.needs_references:
         payload.references[TEST] = obj.individual(TEST, test_ev)
     rows: list[Row] = []
     for name in cfg.baselines:
@@ -146,18 +136,11 @@ def final_report(
         say("best candidate on the test split ...")
         cand = obj.space.candidate(best.params)
         test = obj.score(cand, TEST, test_ev)
-        rows.append(
-            Row(
-                "nps",
-                "NPS (searched)",
-                dict(best.metrics),
-                test,
-                storage_bits("nps", T, n, cand.k).paper_bits,
-                cand.as_dict(),
-            )
-        )
+        label = "NPS (searched)" if cfg.method == "nps" else f"{cfg.method} (searched)"
+        rows.append(Row(cfg.method, label, dict(best.metrics), test, obj.bits(cand),
+                        cand.as_dict()))
         best_info = _best_info(cfg, payload, best, cand, test)
-    report = Report(payload.use, METRIC_LABELS[payload.use], tasks, rows, best_info)
+    report = Report(payload.use, use.metric_label, tasks, rows, best_info)
     out.mkdir(parents=True, exist_ok=True)
     if best is not None and best_info is not None:
         (out / "best_candidate.json").write_text(json.dumps(best_info, indent=2) + "\n")
@@ -166,7 +149,7 @@ def final_report(
             say("writing the best model ...")
             report.files["best_model"] = str(_save_model(cfg, payload, obj, cand, out))
     (out / "results.md").write_text(
-        f"# {cfg.name}: NPS {cfg.use} search ({cfg.search.backend})\n\n"
+        f"# {cfg.name}: {cfg.method} {cfg.use} search ({cfg.search.backend})\n\n"
         f"calibration: the search's split; test: held out (DESIGN §1).\n\n"
         + report.markdown()
         + "\n"
@@ -179,12 +162,14 @@ def final_report(
     return report
 
 
-def _baseline(name: str, cfg: SearchConfig, obj: Objective, test_ev: Any) -> Row:
+def _baseline(name: str, cfg: SearchConfig, obj: Any, test_ev: Any) -> Row:
     p = obj.p
-    T, n = len(p.ranked), p.n
+    T, n = len(p.model_paths), p.n
     fam = name if name in FAMILIES else "merged"
     if name == "pretrained":
-        state = obj.state_from_delta(torch.zeros_like(p.base_flat))
+        from npstune.evaluate.hf import read_state
+
+        state = read_state(p.base_path)
         return Row(
             name,
             "pretrained (zero-shot heads)",
@@ -193,26 +178,23 @@ def _baseline(name: str, cfg: SearchConfig, obj: Objective, test_ev: Any) -> Row
             storage_bits(fam, T, n).paper_bits,
         )
     if name == "individual":
-        label = (
-            "fine-tuned (target)" if p.use == "transfer" else "fine-tuned (individual)"
-        )
         return Row(
             name,
-            label,
+            obj.use.individual_label,
             obj.aggregate(obj.individual(CALIBRATION), CALIBRATION),
             obj.aggregate(obj.individual(TEST, test_ev), TEST),
             storage_bits("finetuned", T, n).paper_bits,
         )
-    if name == "magnitude":
+    if name in ("nps-w1", "defaults"):
+        if (name == "nps-w1") != (cfg.method == "nps"):
+            raise ConfigError(f"report.baselines: {name} is for "
+                              f"{'method nps' if name == 'nps-w1' else 'method searches'}"
+                              f" (this search's method is {cfg.method})")
         cand = obj.space.baseline()
-        return Row(
-            name,
-            f"magnitude (NPS w=1, k={cand.k:g})",
-            obj.score(cand),
-            obj.score(cand, TEST, test_ev),
-            storage_bits("nps", T, n, cand.k).paper_bits,
-            cand.as_dict(),
-        )
+        label = (f"NPS w=1 (magnitude pruning, k={cand.k:g})" if name == "nps-w1"
+                 else f"{cfg.method} (defaults)")
+        return Row(name, label, obj.score(cand), obj.score(cand, TEST, test_ev),
+                   obj.bits(cand), cand.as_dict())
     from npstune.merge import get_method, merge
 
     spec = get_method(name)
@@ -238,7 +220,7 @@ def _baseline(name: str, cfg: SearchConfig, obj: Objective, test_ev: Any) -> Row
 
 def _best_info(
     cfg: SearchConfig,
-    payload: ObjectivePayload,
+    payload: Payload,
     best: TrialRecord,
     cand: Candidate,
     test: dict[str, float],
@@ -246,15 +228,18 @@ def _best_info(
     info: dict[str, Any] = {
         "search": cfg.name,
         "use": cfg.use,
+        "method": cfg.method,
         "trial_id": best.trial_id,
         "generation": best.generation + 1,
         "params": best.params,
         "candidate": cand.as_dict(),
         "tasks": payload.vector_tasks,
-        "subspaces": cfg.nps.subspaces,
         "calibration": best.metrics,
         "test": test,
     }
+    if not isinstance(cand, Candidate):  # a method search: the merge's parameters
+        return info
+    info["subspaces"] = cfg.nps.subspaces
     if len(set(cand.lam)) == 1:
         rows = cand.weights if cfg.nps.weights.per_task else cand.weights[:1]
         weights = ",".join(repr(float(w)) for row in rows for w in row)
@@ -277,14 +262,25 @@ def _best_info(
 
 def _save_model(
     cfg: SearchConfig,
-    payload: ObjectivePayload,
-    obj: Objective,
+    payload: Payload,
+    obj: Any,
     cand: Candidate,
     out: Path,
 ) -> Path:
     from npstune.checkpoints import CheckpointWriter, open_checkpoint
 
-    if payload.use == "compression":
+    base = open_checkpoint(payload.base_path)
+    suffix = {"safetensors": ".safetensors", "torch": ".pt"}.get(base.form, "")
+    dest = out / f"best_model{suffix}"  # the base's form: HF dir, sharded dir or file
+    if not isinstance(cand, Candidate):  # a method search: run the merge once more
+        from npstune.merge import merge
+
+        if obj.use.per_vector_states:
+            logger.warning("method search for %s: no single model to write", cfg.use)
+            return out
+        merge(base, payload.model_paths, cfg.method, cand.params, out=dest)
+        return dest
+    if obj.use.per_vector_states:
         from npstune.compress import compress
 
         if len(set(cand.lam)) != 1:
@@ -306,13 +302,8 @@ def _save_model(
             names=payload.vector_tasks,  # zoo models are all directories named "model"
         )
         return dest
-    base = open_checkpoint(payload.base_path)
     _, state = next(iter(obj.states(cand)))
     specs = {k: (base.shape(k), base.dtype(k)) for k in base.keys()}
-    suffix = {"safetensors": ".safetensors", "torch": ".pt"}.get(base.form, "")
-    dest = (
-        out / f"best_model{suffix}"
-    )  # the base's form: HF dir, sharded dir or one file
     meta = {
         "npstune_method": "nps-search",
         "npstune_candidate": json.dumps(cand.as_dict()),

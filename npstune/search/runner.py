@@ -42,7 +42,7 @@ except ImportError:
 
 from npstune.search.backends import make_searcher  # noqa: E402
 from npstune.search.monitor import Ledger, SearchMonitor, TrialRecord  # noqa: E402
-from npstune.search.objective import ObjectivePayload, build_payload  # noqa: E402
+from npstune.search.objective import Payload, build_payload  # noqa: E402
 from npstune.search.report import Report, final_report  # noqa: E402
 from npstune.search.space import SearchConfig  # noqa: E402
 from npstune.search.trial import ObjectiveHandle, run_trial  # noqa: E402
@@ -221,7 +221,7 @@ def _tracker(cfg: SearchConfig, run: RunInfo, say: Echo) -> Any:
 
 
 def _parent_params(
-    cfg: SearchConfig, payload: ObjectivePayload, population: int, concurrency: int
+    cfg: SearchConfig, payload: Payload, population: int, concurrency: int
 ) -> dict[str, Any]:
     return {
         "use": cfg.use,
@@ -231,12 +231,8 @@ def _parent_params(
         "seed": cfg.search.seed,
         "sigma0": cfg.search.sigma0,
         "penalty": cfg.search.penalty,
-        "subspaces": cfg.nps.subspaces,
-        "weights_per_task": cfg.nps.weights.per_task,
-        "k": cfg.nps.k if isinstance(cfg.nps.k, float) else cfg.nps.k.model_dump_json(),
-        "lam": cfg.nps.lam
-        if isinstance(cfg.nps.lam, float)
-        else cfg.nps.lam.model_dump_json(),
+        "method": cfg.method,
+        **_space_params(cfg),
         "dim": payload.space.dim,
         "tasks": ",".join(payload.vector_tasks),
         "n": payload.n,
@@ -244,6 +240,21 @@ def _parent_params(
         "zoo": cfg.zoo,
         "cpus_per_trial": cfg.resources.cpus_per_trial,
         "source": cfg.source,
+    }
+
+
+def _space_params(cfg: SearchConfig) -> dict[str, Any]:
+    """The search space as MLflow parameters (the nps: section, or params:)."""
+    if cfg.method != "nps":
+        return {"params": json.dumps(cfg.params, sort_keys=True),
+                "per_task": ",".join(cfg.per_task)}
+    return {
+        "subspaces": cfg.nps.subspaces,
+        "weights_per_task": cfg.nps.weights.per_task,
+        "k": cfg.nps.k if isinstance(cfg.nps.k, float) else cfg.nps.k.model_dump_json(),
+        "lam": cfg.nps.lam
+        if isinstance(cfg.nps.lam, float)
+        else cfg.nps.lam.model_dump_json(),
     }
 
 
@@ -269,14 +280,23 @@ def connect_ray(say: Echo | None = None) -> bool:
             f"{ray.cluster_resources().get('GPU', 0):g} GPUs)"
         )
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(
-            address="local",
-            num_cpus=os.cpu_count() or 1,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
+        # The embedded local instance (its processes start now and inherit this)
+        # runs without token auth unless the user chose a mode; the variable is put
+        # back at once, so nothing else in this process (a cluster, a job client) sees
+        # a changed auth mode.
+        chosen = os.environ.get("RAY_AUTH_MODE")
+        os.environ["RAY_AUTH_MODE"] = chosen or "disabled"
+        try:
+            ray.init(
+                address="local",
+                num_cpus=os.cpu_count() or 1,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
+        finally:
+            if chosen is None:
+                os.environ.pop("RAY_AUTH_MODE", None)
         say(f"Ray: started a local instance on {os.cpu_count()} CPUs")
     return True
 
@@ -309,7 +329,7 @@ def trial_resources(cfg: SearchConfig, concurrency: int) -> dict[str, float]:
 
 def _tune(
     cfg: SearchConfig,
-    payload: ObjectivePayload,
+    payload: Payload,
     searcher: Any,
     ledger: Ledger,
     population: int,

@@ -27,26 +27,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from npstune.errors import ConfigError
 from npstune.sparsify import DEFAULT_SUBSPACES
 
-Use = Literal["fusion", "transfer", "compression"]
-Backend = Literal["cma", "nevergrad"]
+from npstune.search.backends import BACKENDS  # noqa: E402 - light: a name table
+from npstune.search.params import Param, UnitBox  # noqa: E402
+from npstune.search.uses import USES  # noqa: E402
+
+# The file's choices come from their registries (a new use or backend is one entry).
+Use = Literal[tuple(USES)]  # type: ignore[valid-type]
+Backend = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
 
 #: The one metric every trial reports and every backend optimises (mode "max").
 METRIC = "objective"
 MODE = "max"
 
 #: Baselines in the final table when a file names none (params: DESIGN §8 defaults).
+#: ``nps-w1`` is NPS with every weight 1 at the start k and λ (magnitude pruning at the
+#: search's own scale); ``defaults`` is the searched method at its declared defaults;
+#: any other name is a registered merge method.
 DEFAULT_BASELINES: dict[str, list[str]] = {
-    "fusion": ["pretrained", "individual", "task-arithmetic", "ties", "magnitude"],
-    "transfer": ["pretrained", "individual", "magnitude"],
-    "compression": ["pretrained", "individual", "magnitude"],
+    "fusion": ["pretrained", "individual", "task-arithmetic", "ties"],
+    "transfer": ["pretrained", "individual"],
+    "compression": ["pretrained", "individual"],
 }
+
+
+def default_baselines(use: str, method: str) -> list[str]:
+    """The default baseline rows of a search over ``method`` for ``use``."""
+    return [*DEFAULT_BASELINES[use], "nps-w1" if method == "nps" else "defaults"]
 
 
 class _Frozen(BaseModel):
@@ -103,12 +115,20 @@ class NpsSpec(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> NpsSpec:
-        for name, v, lo, hi in (("k", self.k, 0.0, 1.0), ("lam", self.lam, 0.0, 10.0)):
+        # the ranges are the nps method's own declaration (npstune.merge.nps)
+        from npstune.merge import get_method
+        from npstune.search.params import declared
+
+        decl = declared(get_method("nps").params)
+        for name, v in (("k", self.k), ("lam", self.lam)):
+            d = decl[name]
             vals = [v] if isinstance(v, (int, float)) else [v.low, v.high]
-            if any(not (lo < x <= hi if name == "k" else lo <= x <= hi) for x in vals):
-                raise ValueError(
-                    f"{name} must lie in {'(0, 1]' if name == 'k' else '[0, 10]'}"
-                )
+            for x in vals:
+                if ((d.low is not None and (x < d.low or (d.low_open and x == d.low)))
+                        or (d.high is not None and x > d.high)):
+                    raise ValueError(
+                        f"{name} must lie in {'(' if d.low_open else '['}{d.low:g}, "
+                        f"{d.high:g}]")
         return self
 
 
@@ -225,6 +245,9 @@ class SearchConfig(_Frozen):
     models: list[str] | None = None
     evaluator: EvaluatorSpec = EvaluatorSpec()
     transfer: TransferSpec | None = None
+    method: str = "nps"
+    params: dict[str, Any] = Field(default_factory=dict)
+    per_task: list[str] = Field(default_factory=list)
     nps: NpsSpec = NpsSpec()
     search: SearchSettings = SearchSettings()
     resources: ResourcesSpec = ResourcesSpec()
@@ -250,6 +273,22 @@ class SearchConfig(_Frozen):
             raise ValueError("missing model: models is empty")
         if self.nps.lam_per_task and isinstance(self.nps.lam, (int, float)):
             raise ValueError("lam_per_task needs lam bounds {low, high}")
+        from npstune.merge.registry import method_names
+
+        if self.method not in method_names():
+            raise ValueError(f"method: unknown method {self.method!r}; valid: "
+                             f"{', '.join(method_names())}")
+        if self.method == "nps" and (self.params or self.per_task):
+            raise ValueError("method nps: its search space is the nps: section, not "
+                             "params:/per_task:")
+        if self.method != "nps":
+            if "nps" in self.model_fields_set:
+                raise ValueError(f"method {self.method}: the nps: section is for "
+                                 "method nps; give params: bounds instead")
+            from npstune.search.params import MethodSpace
+
+            MethodSpace(self.method, self.params, self.per_task, 2,
+                        "params")  # names, types and ranges checked now
         return self
 
     @property
@@ -272,7 +311,7 @@ class SearchConfig(_Frozen):
 
     @property
     def baselines(self) -> list[str]:
-        return list(self.report.baselines or DEFAULT_BASELINES[self.use])
+        return list(self.report.baselines or default_baselines(self.use, self.method))
 
     def with_overrides(self, **values: Any) -> SearchConfig:
         """A copy with dotted keys replaced (``search.backend="nevergrad"``),
@@ -433,16 +472,6 @@ def _check_paths(cfg: SearchConfig, path: Path) -> SearchConfig:
 
 # -------------------------------------------------------------------------- the vector
 @dataclass(frozen=True)
-class Param:
-    """One searched scalar, with natural bounds and start value."""
-
-    name: str
-    low: float
-    high: float
-    init: float
-
-
-@dataclass(frozen=True)
 class Candidate:
     """One NPS candidate: a weight row per task vector, keep ratio, λ per task
     vector."""
@@ -459,7 +488,7 @@ class Candidate:
         }
 
 
-class ParamSpace:
+class ParamSpace(UnitBox):
     """The searched quantities of ``nps`` over ``tasks`` task vectors as a flat vector.
 
     Names: ``w{m}`` (shared) or ``t{t}_w{m}`` (per task), ``k``, ``lam`` or
@@ -482,34 +511,7 @@ class ParamSpace:
             lam = nps.lam
             names = [f"t{t}_lam" for t in range(tasks)] if nps.lam_per_task else ["lam"]
             params += [Param(n, lam.low, lam.high, lam.start) for n in names]
-        self.params = params
-        self.names = [p.name for p in params]
-        self._low = np.array([p.low for p in params])
-        self._span = np.array([p.high - p.low for p in params])
-
-    @property
-    def dim(self) -> int:
-        return len(self.params)
-
-    def default_population(self) -> int:
-        """CMA-ES's default λ = 4 + ⌊3 ln n⌋."""
-        return 4 + int(3 * math.log(max(self.dim, 1)))
-
-    def x0(self) -> np.ndarray:
-        """The start point in the unit box."""
-        return self.to_unit({p.name: p.init for p in self.params})
-
-    def to_unit(self, config: Mapping[str, float]) -> np.ndarray:
-        x = np.array([float(config[n]) for n in self.names])
-        span = np.where(self._span > 0, self._span, 1.0)
-        return np.clip((x - self._low) / span, 0.0, 1.0)
-
-    def from_unit(self, x: Sequence[float]) -> dict[str, float]:
-        x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
-        return {n: float(v) for n, v in zip(self.names, self._low + x * self._span)}
-
-    def init_config(self) -> dict[str, float]:
-        return {p.name: p.init for p in self.params}
+        super().__init__(params)
 
     def candidate(self, config: Mapping[str, Any]) -> Candidate:
         """Natural values (a trial's config) -> the candidate they describe."""
@@ -539,6 +541,4 @@ class ParamSpace:
             tuple((1.0,) * self.nps.subspaces for _ in range(self.tasks)), c.k, c.lam
         )
 
-    def params_of(self, config: Mapping[str, Any]) -> dict[str, float]:
-        """Only the searched values of a trial config (drops bookkeeping keys)."""
-        return {n: float(config[n]) for n in self.names if n in config}
+

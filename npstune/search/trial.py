@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from npstune.evaluate import Evaluator
-    from npstune.search.objective import Objective
+    from npstune.search.objective import BaseObjective as Objective
 
 _CACHE: dict[str, Objective] = {}
 
@@ -36,13 +36,11 @@ class ObjectiveHandle:
             import ray
             import torch
 
-            from npstune.search.objective import Objective
-
             payload = ray.get(self.refs[0])
             if torch.cuda.is_available() and ray.get_gpu_ids():
                 payload.evaluator = _on_gpu(payload.evaluator, payload.eval_tasks)
             _CACHE.clear()  # one search per worker at a time: bound memory
-            obj = _CACHE[self.search_id] = Objective(payload)
+            obj = _CACHE[self.search_id] = payload.objective()
         return obj
 
 

@@ -57,6 +57,12 @@ class MlflowTracker:
                 if exp is not None
                 else self.client.create_experiment(experiment)
             )
+            if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                # MLflow 3's UI opens an untagged experiment on its GenAI overview
+                # (traces); this tag makes it open the runs table users compare in
+                self.client.set_experiment_tag(
+                    self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+                )
         except Exception as exc:  # MLflow raises many types for a bad store
             raise SearchError(
                 f"MLflow tracking store {uri}: {exc}".splitlines()[0]
@@ -181,6 +187,11 @@ class MlflowTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+#: The experiment tag MLflow 3's UI reads to choose an experiment's first page.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def log_benchmark(

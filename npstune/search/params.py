@@ -1,0 +1,230 @@
+"""Search spaces over any registered merge method's declared parameters.
+
+The method's pydantic Params class is the one source of names, types and ranges: a
+search file names ``method:`` and gives, per parameter, a fixed value or bounds
+``{low, high, init}`` (defaults: the declared range when both ends are inclusive, and
+the declared default as the start). ``per_task: [name, ...]`` searches one value per
+task for parameters the method accepts as a per-task list. Integers are rounded.
+
+:class:`UnitBox` is the flat-vector view every backend uses (CMA-ES works in
+``[0, 1]^n`` so one ``sigma0`` fits every parameter; trials get natural values).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from annotated_types import Ge, Gt, Le, Lt
+
+from npstune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched scalar, with natural bounds and start value."""
+
+    name: str
+    low: float
+    high: float
+    init: float
+    integer: bool = False
+
+
+class UnitBox:
+    """A list of :class:`Param` as a flat vector in the unit box."""
+
+    def __init__(self, params: list[Param]) -> None:
+        self.params = params
+        self.names = [p.name for p in params]
+        self._low = np.array([p.low for p in params])
+        self._span = np.array([p.high - p.low for p in params])
+
+    @property
+    def dim(self) -> int:
+        return len(self.params)
+
+    def default_population(self) -> int:
+        """CMA-ES's default λ = 4 + ⌊3 ln n⌋."""
+        return 4 + int(3 * math.log(max(self.dim, 1)))
+
+    def x0(self) -> np.ndarray:
+        """The start point in the unit box."""
+        return self.to_unit(self.init_config())
+
+    def to_unit(self, config: Mapping[str, float]) -> np.ndarray:
+        x = np.array([float(config[n]) for n in self.names])
+        span = np.where(self._span > 0, self._span, 1.0)
+        return np.clip((x - self._low) / span, 0.0, 1.0)
+
+    def from_unit(self, x: Sequence[float]) -> dict[str, float]:
+        x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
+        return {n: float(v) for n, v in zip(self.names, self._low + x * self._span)}
+
+    def init_config(self) -> dict[str, float]:
+        return {p.name: p.init for p in self.params}
+
+    def params_of(self, config: Mapping[str, Any]) -> dict[str, float]:
+        """Only the searched values of a trial config (drops bookkeeping keys)."""
+        return {n: float(config[n]) for n in self.names if n in config}
+
+
+# ---------------------------------------------------------------- declared parameters
+@dataclass(frozen=True)
+class Declared:
+    """What a method declares about one parameter."""
+
+    name: str
+    numeric: bool
+    integer: bool
+    per_task: bool  # accepts a per-task list
+    low: float | None
+    high: float | None
+    low_open: bool
+    high_open: bool
+    default: Any
+
+
+def _types(ann: Any) -> set[Any]:
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_types(a) for a in typing.get_args(ann)))
+    if origin in (list, tuple, Sequence):
+        return {list}
+    if origin is typing.Annotated:
+        return _types(typing.get_args(ann)[0])
+    return {ann}
+
+
+def declared(params_cls: type) -> dict[str, Declared]:
+    """Each field of a method's Params class: type, range, per-task, default."""
+    out = {}
+    for name, f in params_cls.model_fields.items():  # type: ignore[attr-defined]
+        kinds = _types(f.annotation)
+        low = high = None
+        lo_open = hi_open = False
+        for m in f.metadata:
+            if isinstance(m, Ge):
+                low = float(m.ge)
+            elif isinstance(m, Gt):
+                low, lo_open = float(m.gt), True
+            elif isinstance(m, Le):
+                high = float(m.le)
+            elif isinstance(m, Lt):
+                high, hi_open = float(m.lt), True
+        numeric = bool(kinds & {float, int}) and bool not in kinds
+        out[name] = Declared(name, numeric, int in kinds and float not in kinds,
+                             list in kinds, low, high, lo_open, hi_open, f.default)
+    return out
+
+
+@dataclass(frozen=True)
+class MethodCandidate:
+    """One candidate of a method search: the method's full parameter values."""
+
+    params: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+
+class MethodSpace(UnitBox):
+    """The searched parameters of ``method`` over ``tasks`` task vectors.
+
+    Names: ``NAME`` (shared) or ``t{t}_NAME`` (per task).
+    """
+
+    def __init__(self, method: str, params: Mapping[str, Any],
+                 per_task: Sequence[str], tasks: int, where: str = "search") -> None:
+        from npstune.merge import get_method
+
+        self.method, self.tasks = method, tasks
+        self.spec = get_method(method)
+        decl = declared(self.spec.params)
+        self.fixed: dict[str, Any] = {}
+        searched: list[Param] = []
+        self.per_task = set(per_task)
+        for name in [*params, *per_task]:
+            if name not in decl:
+                raise ConfigError(f"{where}: method {method} has no parameter "
+                                  f"{name!r}; valid: {', '.join(decl) or '(none)'}")
+        for name in self.per_task:
+            if not decl[name].per_task:
+                raise ConfigError(f"{where}: per_task: {method}'s {name} takes one "
+                                  "value, not one per task")
+        for name, value in params.items():
+            d = decl[name]
+            if isinstance(value, Mapping):
+                searched += self._bounds(d, value, where)
+            elif name in self.per_task:
+                raise ConfigError(f"{where}: params.{name}: per_task needs bounds "
+                                  "{low, high}")
+            else:
+                self.fixed[name] = value
+        for name in self.per_task - set(params):  # per-task with declared bounds
+            searched += self._bounds(decl[name], {}, where)
+        if not searched:
+            raise ConfigError(f"{where}: params: give bounds {{low, high}} for at least "
+                              f"one of {method}'s parameters "
+                              f"({', '.join(n for n, d in decl.items() if d.numeric)})")
+        super().__init__(searched)
+        self.spec.make_params(self._values(self.init_config()))  # the start is valid
+
+    def _bounds(self, d: Declared, value: Mapping[str, Any], where: str) -> list[Param]:
+        if not d.numeric:
+            raise ConfigError(f"{where}: params.{d.name}: not a numeric parameter of "
+                              f"{self.method}; give a fixed value")
+        extra = set(value) - {"low", "high", "init"}
+        if extra:
+            raise ConfigError(f"{where}: params.{d.name}: unknown key "
+                              f"{sorted(extra)[0]!r} (expected low, high, init)")
+        rng = (f"{'(' if d.low_open else '['}{d.low}, {d.high}"
+               f"{')' if d.high_open else ']'}")
+        low = value.get("low", None if d.low_open else d.low)
+        high = value.get("high", None if d.high_open else d.high)
+        if low is None or high is None:
+            raise ConfigError(f"{where}: params.{d.name}: give low and high (declared "
+                              f"range {rng})")
+        low, high = float(low), float(high)
+        if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+            raise ConfigError(f"{where}: params.{d.name}: bounds [{low}, {high}] are "
+                              "not finite with low <= high")
+        for v in (low, high):
+            if ((d.low is not None and (v < d.low or (d.low_open and v == d.low)))
+                    or (d.high is not None and (v > d.high
+                                                 or (d.high_open and v == d.high)))):
+                raise ConfigError(f"{where}: params.{d.name}: bound {v:g} is outside "
+                                  f"{self.method}'s declared range {rng}")
+        init = value.get("init")
+        if init is None:
+            init = d.default if isinstance(d.default, (int, float)) and \
+                low <= float(d.default) <= high else (low + high) / 2
+        init = float(init)
+        if not low <= init <= high:
+            raise ConfigError(f"{where}: params.{d.name}: init {init:g} outside "
+                              f"[{low:g}, {high:g}]")
+        names = ([f"t{t}_{d.name}" for t in range(self.tasks)]
+                 if d.name in self.per_task else [d.name])
+        return [Param(n, low, high, init, d.integer) for n in names]
+
+    def _values(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        vals: dict[str, Any] = dict(self.fixed)
+        for p in self.params:
+            v: Any = float(config[p.name])
+            vals[p.name] = int(round(v)) if p.integer else v
+        for name in self.per_task:
+            vals[name] = [vals.pop(f"t{t}_{name}") for t in range(self.tasks)]
+        return vals
+
+    def candidate(self, config: Mapping[str, Any]) -> MethodCandidate:
+        """Natural values (a trial's config) -> the method's parameter values."""
+        return MethodCandidate(self._values(config))
+
+    def baseline(self) -> MethodCandidate:
+        """The method at its declared defaults (and the file's fixed values)."""
+        return MethodCandidate(self.spec.make_params(self.fixed).model_dump())
