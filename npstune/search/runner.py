@@ -416,7 +416,7 @@ def _log_final(
             v = vals.get("objective")
             if v is not None:
                 metrics[f"{split}_objective/{row.method}"] = v
-    nps = report.row("nps")
+    nps = report.row(cfg.method)  # the searched row
     if nps is not None:
         metrics.update(
             {

@@ -12,7 +12,6 @@ global RNG.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,7 +21,13 @@ import numpy as np
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from npstune.errors import SearchError
-from npstune.search.backends.state import STATE_VERSION, check_state, read_state, write_state
+from npstune.search.backends.state import (
+    STATE_VERSION,
+    check_state,
+    read_state,
+    value_or_penalty,
+    write_state,
+)
 from npstune.search.space import METRIC, MODE, ParamSpace
 
 
@@ -136,11 +141,7 @@ class CmaSearcher(Searcher):
 
     def value_of(self, raw: Any) -> float:
         """A reported metric, or the penalty when it is missing, NaN or infinite."""
-        try:
-            v = float(raw)
-        except (TypeError, ValueError):
-            return self.penalty
-        return v if math.isfinite(v) else self.penalty
+        return value_or_penalty(raw, self.penalty)
 
     def _loss(self, value: float) -> float:
         return -value if self._mode == "max" else value

@@ -11,7 +11,6 @@ tags, natural values in trial configs, and a versioned state. It is wrapped in a
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import nevergrad as ng
@@ -20,7 +19,13 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.nevergrad import NevergradSearch
 
 from npstune.errors import SearchError
-from npstune.search.backends.state import STATE_VERSION, check_state, read_state, write_state
+from npstune.search.backends.state import (
+    STATE_VERSION,
+    check_state,
+    read_state,
+    value_or_penalty,
+    write_state,
+)
 from npstune.search.space import METRIC, MODE, ParamSpace
 
 
@@ -90,12 +95,7 @@ class GenerationalNevergradSearch(NevergradSearch):
         if trial_id not in self._live_trial_mapping:
             return
         raw = None if error or not result else result.get(self._metric)
-        try:
-            value = float(raw)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            value = self.penalty
-        if not math.isfinite(value):
-            value = self.penalty
+        value = value_or_penalty(raw, self.penalty)
         candidate = self._live_trial_mapping.pop(trial_id)
         self._index.pop(trial_id, None)
         self._nevergrad_opt.tell(candidate, self._metric_op * value)

@@ -8,6 +8,7 @@ population, so ``--resume`` never continues a different search.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from pathlib import Path
@@ -16,6 +17,16 @@ from typing import Any
 from npstune.errors import SearchError
 
 STATE_VERSION = 1
+
+
+def value_or_penalty(raw: Any, penalty: float) -> float:
+    """A reported metric, or ``penalty`` when it is missing, NaN or infinite (both
+    backends: a failed trial is never dropped, so a generation always completes)."""
+    try:
+        v = float(raw)
+    except (TypeError, ValueError):
+        return float(penalty)
+    return v if math.isfinite(v) else float(penalty)
 
 
 def check_state(state: dict[str, Any], backend: str, names: list[str], population: int) -> None:
