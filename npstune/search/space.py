@@ -45,20 +45,14 @@ Backend = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
 METRIC = "objective"
 MODE = "max"
 
-#: Baselines in the final table when a file names none (params: DESIGN §8 defaults).
-#: ``nps-w1`` is NPS with every weight 1 at the start k and λ (magnitude pruning at the
-#: search's own scale); ``defaults`` is the searched method at its declared defaults;
-#: any other name is a registered merge method.
-DEFAULT_BASELINES: dict[str, list[str]] = {
-    "fusion": ["pretrained", "individual", "task-arithmetic", "ties"],
-    "transfer": ["pretrained", "individual"],
-    "compression": ["pretrained", "individual"],
-}
-
-
 def default_baselines(use: str, method: str) -> list[str]:
-    """The default baseline rows of a search over ``method`` for ``use``."""
-    return [*DEFAULT_BASELINES[use], "nps-w1" if method == "nps" else "defaults"]
+    """Baselines in the final table when a file names none (params: DESIGN §8
+    defaults): the use's own, then ``nps-w1`` (NPS with every weight 1 at the start k
+    and λ: magnitude pruning at the search's own scale) or ``defaults`` (the searched
+    method at its declared defaults). Other names are registered merge methods."""
+    from npstune.search.uses import get_use
+
+    return [*get_use(use).baselines, "nps-w1" if method == "nps" else "defaults"]
 
 
 class _Frozen(BaseModel):
@@ -226,7 +220,7 @@ class TrackingSpec(_Frozen):
 
 class ReportSpec(_Frozen):
     """The final table: baselines (registered merge methods or the names in
-    :data:`DEFAULT_BASELINES`) with their params, evaluated on the test split."""
+    :func:`default_baselines`) with their params, evaluated on the test split."""
 
     baselines: list[str] | None = None
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -265,7 +259,9 @@ class SearchConfig(_Frozen):
         if (self.evaluator.kind == "zoo" and self.zoo is None
                 and not self.evaluator.options.get("zoo")):
             raise ValueError("evaluator kind zoo needs zoo: small|full")
-        if (self.use == "transfer") != (self.transfer is not None):
+        from npstune.search.uses import get_use
+
+        if get_use(self.use).needs_section != (self.transfer is not None):
             raise ValueError(
                 "use transfer needs a transfer: section (and only it does)"
             )

@@ -38,6 +38,8 @@ class Use:
     per_vector_states = False  # compression: one state per task vector
     needs_references = False  # compression: normalized by the fine-tuned scores
     individual_label = "fine-tuned (individual)"
+    baselines: tuple[str, ...] = ("pretrained", "individual", "task-arithmetic", "ties")
+    needs_section = False  # transfer: a transfer: section names target and pre-tasks
 
     def select(self, cfg: Any, names: Sequence[str]) -> Selection:
         return Selection(list(range(len(names))), list(names))
@@ -66,6 +68,8 @@ class Transfer(Use):
     metric_label = "H-score"
     extra_columns = ("pre_accuracy", "target_accuracy")
     individual_label = "fine-tuned (target)"
+    baselines = ("pretrained", "individual")
+    needs_section = True
 
     def select(self, cfg: Any, names: Sequence[str]) -> Selection:
         t = cfg.transfer
@@ -96,6 +100,7 @@ class Compression(Use):
     extra_columns = ("accuracy",)
     per_vector_states = True
     needs_references = True
+    baselines = ("pretrained", "individual")
 
     def scored_tasks(self, vector_tasks: Sequence[str], eval_tasks: Sequence[str]
                      ) -> list[str]:
