@@ -78,7 +78,9 @@ class ZooBench:
     # ------------------------------------------------------------------ args
     @staticmethod
     def add_arguments(ap: argparse.ArgumentParser) -> None:
-        ap.add_argument("--zoo", default="small", choices=["small", "full"])
+        from npstune.zoo.recipe import ZOO_SIZES
+
+        ap.add_argument("--zoo", default="small", choices=sorted(ZOO_SIZES))
         ap.add_argument("--quick", action="store_true", help="coarse grids, few examples (smoke)")
         ap.add_argument("--calibration", type=int, default=None, help="calibration examples per task")
         ap.add_argument("--test", type=int, default=None, help="test examples per task (default all)")

@@ -93,3 +93,80 @@ def test_bench_help_lists_the_table_and_unknown_names_are_one_line(monkeypatch, 
     err = capsys.readouterr().err.strip()
     assert err == ("error: unknown benchmark 'nope'; valid: "
                    + ", ".join(benchmarks.BENCHMARKS))
+
+
+# ---- choices and help lists from the registries -------------------------------------------
+def test_merge_methods_follow_the_merge_registry(monkeypatch):
+    from npstune.merge import registry
+
+    assert _choices("merge", "method") == registry.method_names()
+    # a method added to the registry (as a plugin would be) is offered with no CLI edit
+    monkeypatch.setitem(registry.METHODS, "x-fisher", "npstune.merge.fisher:SPEC")
+    assert "x-fisher" in _choices("merge", "method")
+    data = [n for n in registry.method_names() if registry.get_method(n).needs_data]
+    assert "x-fisher" in data
+    for opt in ("zoo_size", "evaluator_file"):
+        assert _help_of("merge", opt).endswith("Methods: " + ", ".join(data) + ".")
+    for opt, field in (("k", "k"), ("lam", "lam"), ("q", "q"), ("seed", "seed"),
+                       ("subspaces", "subspaces"), ("tall_lam", "tall_lam"),
+                       ("consensus", "consensus"), ("weights", "weights")):
+        users = [n for n in registry.method_names()
+                 if field in registry.get_method(n).params.model_fields]
+        assert users and _help_of("merge", opt).endswith(
+            "Used by: " + ", ".join(users) + "."), opt
+    from npstune.merge.base import ADAPTER_METHODS
+
+    assert _help_of("merge", "out_format").endswith(
+        "Methods: " + ", ".join(ADAPTER_METHODS) + ". [default: model]")
+
+
+def test_compress_methods_follow_the_store_table(monkeypatch):
+    from npstune.compress import store
+    from npstune.compress.manifest import DTYPES
+
+    assert _choices("compress", "method") == list(store.SPARSE_METHODS)
+    monkeypatch.setitem(store.SPARSE_METHODS, "x-nps", "nps")
+    assert _choices("compress", "method")[-1] == "x-nps"
+    assert _help_of("compress", "subspaces").endswith("Used by: nps, x-nps.")
+    assert _choices("compress", "value_dtype") == [
+        n for n, d in DTYPES.items() if d.itemsize == 2]
+
+
+def test_search_backends_follow_the_backend_table(monkeypatch):
+    from npstune.search import backends
+
+    assert _choices("search", "backend") == sorted(backends.BACKENDS)
+    monkeypatch.setitem(backends.BACKENDS, "x-backend", ("x:make", ()))
+    assert "x-backend" in _choices("search", "backend")
+
+
+def test_zoo_sizes_and_splits_follow_their_tables():
+    from npstune.evaluate.kinds import SPLITS
+    from npstune.zoo.recipe import ZOO_SIZES
+
+    for cmd, opt in (("eval", "size"), ("merge", "zoo_size"), ("bench", "zoo_size")):
+        assert _choices(cmd, opt) == sorted(ZOO_SIZES), cmd
+    zoo = cli.get_command(click.Context(cli), "zoo")
+    build = zoo.get_command(click.Context(zoo), "build")
+    assert list(next(p for p in build.params if p.name == "size").type.choices) == sorted(
+        ZOO_SIZES)
+    assert _choices("eval", "split") == list(SPLITS)
+
+
+def test_an_unknown_choice_is_a_usage_error_naming_the_valid_ones():
+    res = CliRunner().invoke(cli, ["merge", "--method", "tie", "--base", "b", "--models",
+                                   "m", "--out", "o"])
+    assert res.exit_code == 2 and "'tie' is not one of" in res.output
+    assert "'ties'" in res.output
+
+
+def test_top_level_help_imports_no_torch():
+    """`npstune --help` imports every command module (for the short help), so no module
+    may import a registry (or torch) at import time."""
+    code = ("import sys\nfrom npstune.cli import main\ntry:\n    main(['--help'])\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'ray', 'npstune.merge', 'npstune.zoo',"
+            " 'npstune.search.backends', 'benchmarks') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]", out
