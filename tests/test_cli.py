@@ -170,3 +170,25 @@ def test_top_level_help_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
     assert out.splitlines()[-1] == "[]", out
+
+
+# ---- methods --kinds ------------------------------------------------------------------------
+def test_methods_kinds_lists_every_evaluator_kind_with_its_options_schema():
+    from npstune.evaluate.kinds import get_kind, kind_names
+
+    rows = json.loads(_invoke("methods", "--kinds", "--json").output)
+    assert [r["name"] for r in rows] == kind_names()
+    for r in rows:
+        kind = get_kind(r["name"])
+        assert r["options"] == kind.options.model_json_schema()
+        assert r["summary"] == kind.summary and r["needs_model"] == kind.needs_model
+    text = _invoke("methods", "--kinds").output
+    assert all(n in text for n in kind_names()) and "function=<required>" in text
+
+
+def test_methods_json_is_still_the_method_list():
+    from npstune.merge import method_names
+
+    rows = json.loads(_invoke("methods", "--json").output)
+    assert [r["name"] for r in rows] == method_names()
+    assert set(rows[0]) == {"name", "summary", "paper", "needs_data", "params"}
