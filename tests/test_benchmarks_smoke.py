@@ -197,6 +197,7 @@ def test_ablation_variants_quick(small_zoo, tmp_path):
     from benchmarks.zoo_setup import ZooBench
 
     bench = ZooBench("small", quick=True, calibration=32, test=64)
+    assert bench.meta()["zoo_ready_s"] >= 0  # reported in every zoo benchmark's JSON
     for sweep, (_, key) in SWEEPS.items():
         cfgs = variants(bench, sweep, tmp_path, None, None, None)
         assert len(cfgs) == 2, sweep

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 
 import pytest
 
@@ -192,9 +191,7 @@ def test_second_build_reuses_cache(micro_cache, monkeypatch):
         raise AssertionError("retrained a cached task")
 
     monkeypatch.setattr(zbuild, "_build_task", boom)
-    t0 = time.perf_counter()
     z = build_zoo(MICRO, cache_dir=micro_cache, progress=False)
-    assert time.perf_counter() - t0 < 10
     assert z.tasks == list(MICRO.tasks)
 
 
@@ -271,11 +268,12 @@ def test_small_zoo_finetuning_beats_base_with_head(small_zoo):
 
 
 @pytest.mark.slow
-def test_small_zoo_second_build_is_instant(small_zoo, monkeypatch):
+def test_small_zoo_second_build_reuses_every_task(small_zoo, monkeypatch):
+    """A second build trains nothing (its time, ``zoo_ready_s``, is in every zoo
+    benchmark's JSON, not asserted here)."""
     monkeypatch.setattr(zbuild, "_build_task", lambda *a, **k: pytest.fail("retrained"))
-    t0 = time.perf_counter()
     z = build_zoo("small", cache_dir=small_zoo.root.parent, progress=False)
-    assert time.perf_counter() - t0 < 15 and z.root == small_zoo.root
+    assert z.root == small_zoo.root and z.tasks == small_zoo.tasks
 
 
 @pytest.mark.slow
