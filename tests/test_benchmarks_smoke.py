@@ -128,6 +128,7 @@ def test_ablations_quick(small_zoo, no_mlflow, tmp_path):
         assert r["trials"] == 4  # quick: one generation of 4
 
 
+@pytest.mark.slow
 def test_ablations_share_and_resume(small_zoo, no_mlflow, tmp_path, monkeypatch):
     """A config that appears in two sweeps (M = 8 = the default, k = 0.05 = the default) is
     searched once; a run stopped mid-way keeps its finished searches in NAME.partial.json

@@ -33,6 +33,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow  # zoo_sources downloads the pinned archives on first use
 @pytest.mark.parametrize("task", list(TASKS))
 def test_parse_real_archive(task, zoo_sources):
     if task == "fine-foods":
@@ -48,6 +49,7 @@ def test_parse_real_archive(task, zoo_sources):
     assert min(counts) > 0
 
 
+@pytest.mark.slow  # zoo_sources downloads the pinned archives on first use
 def test_cleaning_rules(zoo_sources):
     url = re.compile(r"https?:|www\.|\bhttp\b")
     el = load_task_data("election", zoo_sources)
@@ -72,6 +74,7 @@ def test_fortunes_drops_attributions(monkeypatch):
                          ("Second one.", "computers")]
 
 
+@pytest.mark.slow  # zoo_sources downloads the pinned archives on first use
 def test_fine_foods_cleaning(zoo_sources):
     pytest.importorskip("pandas")
     ff = load_task_data("fine-foods", zoo_sources)
@@ -134,6 +137,7 @@ def test_failed_download_says_how_to_fix(tmp_path, monkeypatch):
         zsrc.fetch_sources(tmp_path, ["fortunes"])
 
 
+@pytest.mark.slow  # zoo_sources downloads the pinned archives on first use
 def test_deb_reader_reads_members(zoo_sources):
     files = zsrc.read_deb_members(zoo_sources["fortunes"],
                                   lambda m: m == "usr/share/games/fortunes/zippy")
