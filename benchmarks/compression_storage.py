@@ -177,11 +177,12 @@ def stream_rows(root: Path, target_mb: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.compression_storage",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--skip-stream", action="store_true", help="Only the ratio table.")
     ap.add_argument("--stream-mb", type=int, default=1024, help="Size of the streaming set.")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     started = time.perf_counter()
     sections, meta = {}, {}
     with tempfile.TemporaryDirectory(prefix="npstune-bench-", dir="/tmp") as tmp:

@@ -180,6 +180,7 @@ def _trainable(config, attempts_dir):
     tune.report({"objective": f(config) if value is None else value})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ALL)
 def test_tune_run_with_failing_trials(ray_local, backend, tmp_path):
     from ray import tune

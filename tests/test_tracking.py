@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 pytest.importorskip("mlflow")
@@ -28,8 +30,26 @@ def summary(g: int, best: float) -> GenerationSummary:
     return GenerationSummary(g, best, best, best / 2, 2, 0, 1.0, f"t{g}0")
 
 
-def test_parent_children_curve_and_resume(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+@pytest.fixture(scope="module")
+def _migrated_store(tmp_path_factory):
+    """An MLflow sqlite store whose tables are created once (4-5 s per new store)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "template.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, _migrated_store):
+    """A fresh, empty sqlite store of this test's own (a copy of the migrated one)."""
+    path = tmp_path / "m.db"
+    shutil.copyfile(_migrated_store, path)
+    return f"sqlite:///{path}"
+
+
+def test_parent_children_curve_and_resume(tmp_path, store):
+    uri = store
     tr = MlflowTracker(uri, "exp", "search-1")
     assert not tr.continued
     tr.log_params({"backend": "cma", "population": 2})
@@ -67,9 +87,8 @@ def test_parent_children_curve_and_resume(tmp_path):
     assert [a.path for a in again.client.list_artifacts(tr.run_id)] == ["results.md"]
 
 
-def test_unknown_run_id_starts_a_new_run(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    tr = MlflowTracker(uri, "exp", "s", run_id="0" * 32)
+def test_unknown_run_id_starts_a_new_run(store):
+    tr = MlflowTracker(store, "exp", "s", run_id="0" * 32)
     assert not tr.continued and tr.run_id != "0" * 32
 
 
@@ -100,10 +119,10 @@ def test_plots_write_pngs(tmp_path):
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000
 
 
-def test_log_benchmark(tmp_path):
+def test_log_benchmark(tmp_path, store):
     from npstune.tracking import log_benchmark
 
-    uri = f"sqlite:///{tmp_path / 'b.db'}"
+    uri = store
     (tmp_path / "r.md").write_text("x")
     rid = log_benchmark(
         "speed",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 
 import pytest
 
@@ -34,6 +33,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow  # zoo_sources downloads the pinned archives on first use
 @pytest.mark.parametrize("task", list(TASKS))
 def test_parse_real_archive(task, zoo_sources):
     if task == "fine-foods":
@@ -49,6 +49,7 @@ def test_parse_real_archive(task, zoo_sources):
     assert min(counts) > 0
 
 
+@pytest.mark.slow  # zoo_sources downloads the pinned archives on first use
 def test_cleaning_rules(zoo_sources):
     url = re.compile(r"https?:|www\.|\bhttp\b")
     el = load_task_data("election", zoo_sources)
@@ -73,6 +74,7 @@ def test_fortunes_drops_attributions(monkeypatch):
                          ("Second one.", "computers")]
 
 
+@pytest.mark.slow  # zoo_sources downloads the pinned archives on first use
 def test_fine_foods_cleaning(zoo_sources):
     pytest.importorskip("pandas")
     ff = load_task_data("fine-foods", zoo_sources)
@@ -135,6 +137,7 @@ def test_failed_download_says_how_to_fix(tmp_path, monkeypatch):
         zsrc.fetch_sources(tmp_path, ["fortunes"])
 
 
+@pytest.mark.slow  # zoo_sources downloads the pinned archives on first use
 def test_deb_reader_reads_members(zoo_sources):
     files = zsrc.read_deb_members(zoo_sources["fortunes"],
                                   lambda m: m == "usr/share/games/fortunes/zippy")
@@ -192,9 +195,7 @@ def test_second_build_reuses_cache(micro_cache, monkeypatch):
         raise AssertionError("retrained a cached task")
 
     monkeypatch.setattr(zbuild, "_build_task", boom)
-    t0 = time.perf_counter()
     z = build_zoo(MICRO, cache_dir=micro_cache, progress=False)
-    assert time.perf_counter() - t0 < 10
     assert z.tasks == list(MICRO.tasks)
 
 
@@ -271,11 +272,12 @@ def test_small_zoo_finetuning_beats_base_with_head(small_zoo):
 
 
 @pytest.mark.slow
-def test_small_zoo_second_build_is_instant(small_zoo, monkeypatch):
+def test_small_zoo_second_build_reuses_every_task(small_zoo, monkeypatch):
+    """A second build trains nothing (its time, ``zoo_ready_s``, is in every zoo
+    benchmark's JSON, not asserted here)."""
     monkeypatch.setattr(zbuild, "_build_task", lambda *a, **k: pytest.fail("retrained"))
-    t0 = time.perf_counter()
     z = build_zoo("small", cache_dir=small_zoo.root.parent, progress=False)
-    assert time.perf_counter() - t0 < 15 and z.root == small_zoo.root
+    assert z.root == small_zoo.root and z.tasks == small_zoo.tasks
 
 
 @pytest.mark.slow

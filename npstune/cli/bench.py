@@ -1,4 +1,8 @@
-"""``npstune bench NAME [--zoo SIZE]``: run a benchmark module from ``benchmarks/``."""
+"""``npstune bench NAME [--zoo SIZE] [ARGS...]``: run a benchmark module from ``benchmarks/``.
+
+NAME is one of ``benchmarks.BENCHMARKS``; everything after NAME (``--help`` too) goes to
+the module's own ``main(argv)``.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +10,45 @@ import importlib
 
 import click
 
+from npstune.cli.names import benchmarks, zoo_sizes
+from npstune.cli.options import RegistryChoice
 from npstune.errors import ConfigError
 
-BENCHMARKS = ("fusion", "transfer", "compression", "ablations", "search_cost", "speed",
-              "compression_storage", "search_overhead")
+
+class BenchCommand(click.Command):
+    """Its help lists the benchmark table, read when the help is shown."""
+
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_help_text(ctx, formatter)
+        try:
+            from benchmarks import BENCHMARKS
+        except ModuleNotFoundError:
+            return
+        with formatter.section("Benchmarks"):
+            formatter.write_dl(list(BENCHMARKS.items()))
 
 
-@click.command("bench", context_settings={"ignore_unknown_options": True})
+@click.command("bench", cls=BenchCommand,
+               context_settings={"ignore_unknown_options": True,
+                                 "allow_interspersed_args": False})
+@click.option("--zoo", "zoo_size", default=None, type=RegistryChoice(zoo_sizes),
+              help="Zoo size, passed on as the benchmark's --zoo.")
 @click.argument("name")
-@click.option("--zoo", "zoo_size", default=None, help="Zoo size (small or full).")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
-def bench(name: str, zoo_size: str | None, extra: tuple[str, ...]) -> None:
-    """Run benchmark NAME; it prints a table and writes benchmarks/results/NAME.md/.json."""
+def bench(zoo_size: str | None, name: str, extra: tuple[str, ...]) -> None:
+    """Run benchmark NAME; it prints a table and writes benchmarks/results/NAME.md/.json.
+
+    Arguments after NAME go to the benchmark (`npstune bench NAME --help` lists them).
+    """
     mod_name = name.replace("-", "_")
-    if mod_name not in BENCHMARKS:
-        raise ConfigError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
     try:
-        module = importlib.import_module(f"benchmarks.{mod_name}")
+        valid = benchmarks()
     except ModuleNotFoundError as exc:
-        raise ConfigError(f"benchmark {name!r} is not available ({exc}); run from a source "
+        raise ConfigError(f"the benchmarks are not available ({exc}); run from a source "
                           "checkout installed with `pip install -e .`") from exc
+    if mod_name not in valid:
+        raise ConfigError(f"unknown benchmark {name!r}; valid: {', '.join(valid)}")
+    module = importlib.import_module(f"benchmarks.{mod_name}")
     argv = list(extra)
     if zoo_size:
         argv += ["--zoo", zoo_size]

@@ -6,7 +6,20 @@ import json
 
 import click
 
-from npstune.cli.options import GreedyOption, check_output, parse_floats
+from npstune.cli import names
+from npstune.cli.options import (
+    GreedyOption,
+    HelpFromRegistry,
+    RegistryChoice,
+    check_output,
+    parse_floats,
+)
+
+
+def _used_by(field: str) -> dict:
+    """Option settings whose help ends with the compress methods that take ``field``."""
+    return {"cls": HelpFromRegistry,
+            "help_names": ("Used by: ", lambda: names.sparse_methods_with(field))}
 
 
 @click.command("compress")
@@ -15,15 +28,20 @@ from npstune.cli.options import GreedyOption, check_output, parse_floats
               help="Fine-tuned checkpoints (one task each; NAME = file stem).")
 @click.option("--out", required=True, type=click.Path(), help="Store directory to write.")
 @click.option("--method", default="nps", show_default=True,
-              type=click.Choice(["nps", "magnitude", "dare", "darex", "ties-trim"]))
-@click.option("--k", "k", type=float, help="Keep ratio in (0, 1] (NPS default 0.05).")
-@click.option("--weights", help="NPS weights: M values, or T·M values task-major (default 1).")
-@click.option("--lam", type=float, help="Scaling λ (default 1).")
-@click.option("--scope", type=click.Choice(["global", "tensor"]), help="Top-k ranking scope.")
-@click.option("--subspaces", type=int, help="NPS subspace count M.")
-@click.option("--seed", type=int, help="Seed of the random masks (dare, darex).")
-@click.option("--q", type=float, help="DAREx rescaling denominator q in [k, 1].")
-@click.option("--value-dtype", type=click.Choice(["fp16", "bf16"]),
+              type=RegistryChoice(names.sparse_methods),
+              help="How each task vector is pruned.")
+@click.option("--k", "k", type=float, help="Keep ratio in (0, 1] (NPS default 0.05).",
+              **_used_by("k"))
+@click.option("--weights", help="NPS weights: M values, or T·M values task-major (default 1).",
+              **_used_by("weights"))
+@click.option("--lam", type=float, help="Scaling λ (default 1).", **_used_by("lam"))
+@click.option("--scope", type=click.Choice(["global", "tensor"]), help="Top-k ranking scope.",
+              **_used_by("scope"))
+@click.option("--subspaces", type=int, help="NPS subspace count M.", **_used_by("subspaces"))
+@click.option("--seed", type=int, help="Seed of the random masks.", **_used_by("seed"))
+@click.option("--q", type=float, help="DAREx rescaling denominator q in [k, 1].",
+              **_used_by("q"))
+@click.option("--value-dtype", type=RegistryChoice(names.value_dtypes),
               help="Store values in 16 bits (lossy). Default: each tensor's dtype, lossless.")
 @click.option("--copy-base", is_flag=True, help="Copy the base into the store.")
 @click.option("--include", multiple=True, help="Glob of keys that take part (repeatable).")

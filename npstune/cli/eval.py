@@ -11,17 +11,18 @@ import json
 
 import click
 
-from npstune.zoo.recipe import ZOO_SIZES
+from npstune.cli import names
+from npstune.cli.options import RegistryChoice
 
 
 @click.command(name="eval")
-@click.option("--zoo", "size", type=click.Choice(sorted(ZOO_SIZES)), default=None,
+@click.option("--zoo", "size", type=RegistryChoice(names.zoo_sizes), default=None,
               help="Which built zoo supplies tasks, heads and data.")
 @click.option("--evaluator", "evaluator", type=click.Path(dir_okay=False), default=None,
               help="An evaluator file (YAML): kind, tasks and their data.")
 @click.option("--model", "model", type=click.Path(exists=True), required=True,
               help="Checkpoint: a .safetensors file, a torch file or an HF model dir.")
-@click.option("--split", type=click.Choice(["test", "calibration"]), default="test",
+@click.option("--split", type=RegistryChoice(names.splits), default="test",
               show_default=True)
 @click.option("--tasks", default=None, help="Comma-separated subset of the tasks.")
 @click.option("--device", default="cpu", show_default=True)

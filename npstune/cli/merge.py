@@ -7,21 +7,25 @@ from typing import Any
 
 import click
 
-from npstune.cli.options import GreedyOption, check_output, parse_floats
+from npstune.cli import names
+from npstune.cli.options import (
+    GreedyOption,
+    HelpFromRegistry,
+    RegistryChoice,
+    check_output,
+    parse_floats,
+)
 
 
-class MethodOption(click.Option):
-    """``--method``: its help lists the registry's methods, looked up when shown."""
-
-    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
-        from npstune.merge.registry import method_names
-
-        self.help = "Merge method: " + ", ".join(method_names()) + "."
-        return super().get_help_record(ctx)
+def _used_by(field: str) -> dict[str, Any]:
+    """Option settings whose help ends with the methods that take parameter ``field``."""
+    return {"cls": HelpFromRegistry,
+            "help_names": ("Used by: ", lambda: names.methods_with(field))}
 
 
 @click.command("merge")
-@click.option("--method", required=True, cls=MethodOption, help="Merge method.")
+@click.option("--method", required=True, type=RegistryChoice(names.merge_methods),
+              help="Merge method (`npstune methods` lists their parameters).")
 @click.option("--base", required=True, type=click.Path(), help="Pretrained checkpoint.")
 @click.option("--models", required=True, cls=GreedyOption, type=click.Path(),
               help="Fine-tuned checkpoints or PEFT LoRA adapter directories (one or "
@@ -30,28 +34,34 @@ class MethodOption(click.Option):
               help="Output: NAME.safetensors, NAME.bin/.pt/.pth, or a directory (an "
               "existing one, DIR/ or a name without suffix); else the base's form.")
 @click.option("--out-format", type=click.Choice(["model", "adapter"]), default="model",
-              show_default=True, help="adapter: write a LoRA adapter directory "
-              "(average or task-arithmetic of LoRA adapters; exact, ranks "
-              "concatenated).")
-@click.option("--k", "k", type=float, help="Keep ratio in (0, 1].")
-@click.option("--lam", type=float, help="Scaling λ.")
+              show_default=True, cls=HelpFromRegistry,
+              help="adapter: write a LoRA adapter directory (of LoRA adapters; exact, "
+              "ranks concatenated).",
+              help_names=("Methods: ", names.adapter_methods))
+@click.option("--k", "k", type=float, help="Keep ratio in (0, 1].", **_used_by("k"))
+@click.option("--lam", type=float, help="Scaling λ.", **_used_by("lam"))
 @click.option("--scope", type=click.Choice(["global", "tensor"]),
-              help="Top-k ranking scope.")
-@click.option("--subspaces", type=int, help="NPS subspace count M.")
-@click.option("--weights", help="NPS weights: M values, or T·M values task-major.")
-@click.option("--seed", type=int, help="Seed for random masks (DARE).")
-@click.option("--q", type=float, help="DAREx rescaling denominator q in [k, 1].")
-@click.option("--tall-lam", type=float, help="TALL mask λ (consensus).")
-@click.option("--consensus", type=int,
-              help="Masks that must agree (consensus, default 2).")
+              help="Top-k ranking scope.", **_used_by("scope"))
+@click.option("--subspaces", type=int, help="NPS subspace count M.",
+              **_used_by("subspaces"))
+@click.option("--weights", help="NPS weights: M values, or T·M values task-major.",
+              **_used_by("weights"))
+@click.option("--seed", type=int, help="Seed for random masks.", **_used_by("seed"))
+@click.option("--q", type=float, help="DAREx rescaling denominator q in [k, 1].",
+              **_used_by("q"))
+@click.option("--tall-lam", type=float, help="TALL mask λ.", **_used_by("tall_lam"))
+@click.option("--consensus", type=int, help="Masks that must agree (default 2).",
+              **_used_by("consensus"))
 @click.option("--include", multiple=True,
               help="Glob of keys that take part (repeatable).")
 @click.option("--exclude", multiple=True,
               help="Glob of keys copied from the base (repeatable).")
-@click.option("--zoo", "zoo_size",
-              help="Zoo size for data-driven methods (fisher, regmean).")
-@click.option("--evaluator", "evaluator_file", type=click.Path(),
-              help="Evaluator YAML giving the calibration data of data-driven methods.")
+@click.option("--zoo", "zoo_size", type=RegistryChoice(names.zoo_sizes),
+              cls=HelpFromRegistry, help="Zoo whose calibration data feeds a data-driven "
+              "method.", help_names=("Methods: ", names.data_methods))
+@click.option("--evaluator", "evaluator_file", type=click.Path(), cls=HelpFromRegistry,
+              help="Evaluator YAML giving the calibration data of data-driven methods.",
+              help_names=("Methods: ", names.data_methods))
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def merge(method: str, base: str, models: tuple[str, ...], out: str, out_format: str,

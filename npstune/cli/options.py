@@ -1,7 +1,9 @@
-"""Shared CLI pieces: a greedy multi-value option and input/output path checks."""
+"""Shared CLI pieces: a greedy multi-value option, input/output path checks, and choices
+and help lists read from the registries when they are shown."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +55,35 @@ def check_output(out: str | Path, inputs: list[str | Path]) -> Path:
         if o == p or p.is_relative_to(o) or (p.is_dir() and o.is_relative_to(p)):
             raise ConfigError(f"--out {out}: would overwrite the input {i}; choose another path")
     return o
+
+
+class RegistryChoice(click.Choice):
+    """A :class:`click.Choice` whose choices a registry's name function gives each time
+    they are needed (a help page, a value to check), never at import: the command line
+    retypes no registry name, follows plugins, and ``npstune --help`` imports no
+    registry."""
+
+    def __init__(self, names: Callable[[], Iterable[str]], case_sensitive: bool = True) -> None:
+        self._names = names
+        self.case_sensitive = case_sensitive
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._names())
+
+
+class HelpFromRegistry(click.Option):
+    """An option whose help ends with a list a registry gives when the help is shown:
+    ``help_names=(prefix, function)`` appends ``prefix + ", ".join(function()) + "."``."""
+
+    def __init__(self, *args: Any, help_names: tuple[str, Callable[[], Iterable[str]]],
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._base_help = self.help or ""
+        self._help_names = help_names
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        prefix, names = self._help_names
+        listed = ", ".join(names()) or "none"
+        self.help = f"{self._base_help} {prefix}{listed}.".strip()
+        return super().get_help_record(ctx)

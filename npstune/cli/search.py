@@ -1,8 +1,12 @@
-"""``npstune search CONFIG.yaml [--resume] [--backend cma|nevergrad]`` (DESIGN §8)."""
+"""``npstune search CONFIG.yaml [--resume] [--backend NAME]`` (DESIGN §8); NAME is one of
+``npstune.search.backends.BACKENDS``."""
 
 from __future__ import annotations
 
 import click
+
+from npstune.cli import names
+from npstune.cli.options import RegistryChoice
 
 
 @click.command("search")
@@ -15,7 +19,7 @@ import click
 )
 @click.option(
     "--backend",
-    type=click.Choice(["cma", "nevergrad"]),
+    type=RegistryChoice(names.search_backends),
     help="Optimizer backend (overrides the file's search.backend).",
 )
 def search(config: str, resume: bool, backend: str | None) -> None:

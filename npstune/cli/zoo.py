@@ -7,7 +7,8 @@ import time
 
 import click
 
-from npstune.zoo.recipe import ZOO_SIZES
+from npstune.cli import names
+from npstune.cli.options import RegistryChoice
 
 _CACHE = click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
                       help="Zoo cache (default: $NPSTUNE_ZOO_DIR or ~/.cache/npstune/zoo).")
@@ -19,7 +20,8 @@ def zoo() -> None:
 
 
 @zoo.command()
-@click.option("--size", type=click.Choice(sorted(ZOO_SIZES)), default="small", show_default=True)
+@click.option("--size", type=RegistryChoice(names.zoo_sizes), default="small",
+              show_default=True)
 @_CACHE
 @click.option("--threads", type=int, default=None, help="Torch threads (default: all cores).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -39,6 +41,7 @@ def build(size: str, cache_dir: str | None, threads: int | None, quiet: bool) ->
 def list_(cache_dir: str | None, as_json: bool) -> None:
     """Show each zoo size: built or not, its tasks and accuracies."""
     from npstune.zoo.core import read_manifest, resolve_cache_dir, zoo_dir
+    from npstune.zoo.recipe import ZOO_SIZES
 
     cache = resolve_cache_dir(cache_dir)
     out = {}
