@@ -2,8 +2,10 @@
 
 Compression runs, per task, exactly the single-task merge ``npstune merge --method M
 --base B --models T`` (same plan, same pruner passes, same chunks, same kernel) and, for
-each chunk, keeps the entries where the merge output ``o`` may differ from the base: the
-pruner's mask (plus, defensively, any entry whose output bits differ from ``base + 0``).
+each block the engine merges, keeps the entries where the merge output ``o`` may differ
+from the base: the keep mask the engine gives with the block
+(:class:`~npstune.merge.masks.Block`; plus, defensively, any entry whose output bits
+differ from ``base + 0``).
 Rather than τ̂ itself it stores, per kept entry, ``s = (o − θ_pre)`` rounded to the value
 dtype: ``(θ_pre + s)`` cast to the checkpoint dtype rebuilds ``o``. Where it does not, bit
 for bit (rare: catastrophic cancellation, fp16 overflow), a lossless store adds ``o`` as
@@ -57,22 +59,6 @@ logger = logging.getLogger(__name__)
 #: compress method name -> merge method whose single-task output the store rebuilds
 SPARSE_METHODS = {"nps": "nps", "magnitude": "magnitude", "dare": "dare", "darex": "darex",
                   "ties-trim": "ties"}
-
-
-class _MaskRecorder:
-    """Wraps a pruner and remembers the mask of its last call (the kernel calls it once)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.last: torch.Tensor | None = None
-
-    def __call__(self, chunk: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        mask, values = self.inner(chunk)
-        self.last = mask
-        return mask, values
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 class _TaskFile:
@@ -194,11 +180,6 @@ def _compress_task(
     value_dtype: str | None, tmp: Path, cctx: zstandard.ZstdCompressor, progress: bool,
 ) -> TaskEntry:
     ctx = spec.prepare(MergeInputs(plan), p)
-    pruners = getattr(ctx, "pruners", None)
-    if not pruners or len(pruners) != 1:
-        raise ConfigError(f"compress: {spec.name} has no single-task pruner to record")
-    rec = _MaskRecorder(pruners[0])
-    pruners[0] = rec
     whole = spec.whole_tensor(p)
     rel = f"tasks/{name}.npsz"
     f = _TaskFile(tmp / rel)
@@ -209,11 +190,13 @@ def _compress_task(
             vdt = DTYPES[value_dtype] if value_dtype else dtype
             lossless &= vdt == dtype
             blocks, t_kept = [], 0
-            for start, stop, chunk, out in merged_blocks(plan, spec, ctx, key, whole):
-                enc = _encode_block(chunk.base_cd, out, rec.last, vdt, cctx)
+            for blk in merged_blocks(plan, spec, ctx, key, whole):
+                if len(blk.masks) != 1:  # the engine's mask output: this task's keep mask
+                    raise ConfigError(f"compress: {spec.name} gives no keep mask per task")
+                enc = _encode_block(blk.chunk.base_cd, blk.merged, blk.masks[0], vdt, cctx)
                 digest = f.add(enc.pos, enc.vals, enc.exc)
-                blocks.append((start, stop, enc.kept, enc.codec, len(enc.pos), len(enc.vals),
-                               enc.exc_count, len(enc.exc), digest))
+                blocks.append((blk.start, blk.stop, enc.kept, enc.codec, len(enc.pos),
+                               len(enc.vals), enc.exc_count, len(enc.exc), digest))
                 t_kept += enc.kept
                 exceptions += enc.exc_count
             kept += t_kept

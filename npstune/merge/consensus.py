@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 
 from npstune.merge.base import MergeInputs, MergeSpec, MethodParams
+from npstune.merge.masks import KernelOut
 from npstune.merge.ties import TiesCtx, disjoint_mean, trimmed
 from npstune.merge.ties import prepare as prepare_ties
 from npstune.taskvector import Chunk
@@ -60,15 +61,19 @@ class ConsensusCtx:
         return {"kept": [self.kept]}
 
 
-def _kernel(ctx: ConsensusCtx, chunk: Chunk) -> torch.Tensor:
+def _kernel(ctx: ConsensusCtx, chunk: Chunk) -> KernelOut:
+    """λ·(τ_MTL where at least C TALL masks are on) for one chunk, with each task's
+    TALL mask."""
     taus = chunk.taus
     if ctx.ties is None:
         mtl = torch.stack(taus).sum(0)
     else:
-        mtl = disjoint_mean(trimmed(ctx.ties, chunk))
-    keep = consensus_keep(tall_masks(taus, mtl, [ctx.p.tall_lam] * len(taus)), ctx.p.consensus)
+        mtl = disjoint_mean(trimmed(ctx.ties, chunk)[0])
+    masks = tall_masks(taus, mtl, [ctx.p.tall_lam] * len(taus))
+    keep = consensus_keep(masks, ctx.p.consensus)
     ctx.kept += int(torch.count_nonzero(keep))
-    return ctx.p.lam * torch.where(keep, mtl, torch.zeros((), dtype=mtl.dtype))
+    return KernelOut(ctx.p.lam * torch.where(keep, mtl, torch.zeros((), dtype=mtl.dtype)),
+                     tuple(masks))
 
 
 def _prepare_ta(inputs: MergeInputs, p: ConsensusTaParams) -> ConsensusCtx:

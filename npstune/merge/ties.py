@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 
 from npstune.merge.base import MergeInputs, MergeSpec, MethodParams
+from npstune.merge.masks import KernelOut
 from npstune.merge.pruning import MagnitudePruner, Pruner
 from npstune.taskvector import Chunk
 
@@ -29,11 +30,10 @@ class TiesParams(MethodParams):
 
 @dataclass
 class TiesCtx:
+    """One trim pruner per task (plan order) and λ."""
+
     pruners: list[Pruner]
     lam: float
-
-    def report(self) -> dict[str, list[int]]:
-        return {"kept": [p.kept for p in self.pruners]}
 
 
 def prepare(inputs: MergeInputs, p: TiesParams) -> TiesCtx:
@@ -66,19 +66,21 @@ def disjoint_mean(trimmed: list[torch.Tensor]) -> torch.Tensor:
     return num.mul_(elected).div_(count.clamp_min_(1))
 
 
-def trimmed(ctx: TiesCtx, chunk: Chunk) -> list[torch.Tensor]:
-    """Each task's chunk with the untrimmed entries zeroed."""
-    out = []
+def trimmed(ctx: TiesCtx, chunk: Chunk) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """Each task's chunk with the untrimmed entries zeroed, and each task's trim mask."""
+    out, masks = [], []
     for pr in ctx.pruners:
         mask, values = pr(chunk)
         out.append(torch.where(mask, values, torch.zeros((), dtype=values.dtype)))
-    return out
+        masks.append(mask)
+    return out, tuple(masks)
 
 
-def ties(ctx: TiesCtx, chunk: Chunk) -> torch.Tensor:
-    """λ·disjoint_mean(trim(τ_t)) for one chunk."""
-    merged = disjoint_mean(trimmed(ctx, chunk))
-    return merged if ctx.lam == 1.0 else merged.mul_(ctx.lam)
+def ties(ctx: TiesCtx, chunk: Chunk) -> KernelOut:
+    """λ·disjoint_mean(trim(τ_t)) for one chunk, with each task's trim mask."""
+    kept, masks = trimmed(ctx, chunk)
+    merged = disjoint_mean(kept)
+    return KernelOut(merged if ctx.lam == 1.0 else merged.mul_(ctx.lam), masks)
 
 
 SPEC = MergeSpec(
