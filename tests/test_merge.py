@@ -118,6 +118,49 @@ def test_dare_keeps_about_k_and_rescales_by_exactly_one_over_k(tmp_path):
         merge(bp, mps, "darex", {"k": 0.3, "q": 0.2})
 
 
+@pytest.mark.parametrize("method", ["dare", "darex"])
+def test_dare_masks_belong_to_the_task_not_its_position_or_the_chunk_size(tmp_path, monkeypatch,
+                                                                         method):
+    import npstune.taskvector as tv
+    from npstune.merge import MaskCollector, run_merge
+
+    bp, mps, _, _ = make_set(tmp_path, tasks=3)
+    params = {"k": 0.5, "seed": 11}
+
+    def masks(models):
+        plan = plan_merge(bp, models)
+        sink = MaskCollector({k: plan.base.shape(k) for k in plan.delta_keys}, plan.task_names)
+        state = run_merge(plan, get_method(method), params, masks=sink).state
+        return sink.masks, state
+
+    multi, state = masks(mps)
+    names = ["task0", "task1", "task2"]
+    for i, name in enumerate(names):  # task B alone gets B's mask of the multi-task plan
+        alone, _ = masks([mps[i]])
+        assert all(torch.equal(alone[name][k], multi[name][k]) for k in FLOAT_KEYS), name
+    swapped, _ = masks([mps[2], mps[0]])  # and in any position among the models
+    assert all(torch.equal(swapped["task2"][k], multi["task2"][k]) for k in FLOAT_KEYS)
+    for a, b in [(0, 1), (0, 2), (1, 2)]:  # every task draws its own mask
+        assert any(not torch.equal(multi[names[a]][k], multi[names[b]][k]) for k in FLOAT_KEYS)
+    monkeypatch.setattr(tv, "CHUNK", 7)  # read chunks of 7: same masks, same output
+    multi7, state7 = masks(mps)
+    assert all(torch.equal(multi7[n][k], multi[n][k]) for n in names for k in FLOAT_KEYS)
+    assert all(torch.equal(state7[k], state[k]) for k in state)
+
+
+def test_bernoulli_masks_do_not_depend_on_the_range_asked_for():
+    from npstune.sparsify.random import DRAW_BLOCK, bernoulli_mask
+
+    n = 2 * DRAW_BLOCK + 123
+    whole = bernoulli_mask(n, 0.3, seed=5, task="sst", key="w")
+    for lo, hi in [(0, 7), (DRAW_BLOCK - 3, DRAW_BLOCK + 3), (1000, n), (n - 1, n)]:
+        part = bernoulli_mask(hi - lo, 0.3, seed=5, task="sst", key="w", start=lo)
+        assert torch.equal(part, whole[lo:hi])
+    assert not torch.equal(whole, bernoulli_mask(n, 0.3, seed=5, task="topic", key="w"))
+    assert not torch.equal(whole, bernoulli_mask(n, 0.3, seed=5, task="sst", key="v"))
+    assert not torch.equal(whole, bernoulli_mask(n, 0.3, seed=6, task="sst", key="w"))
+
+
 # ------------------------------------------------------------- oracle on tiny models
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("scope", ["global", "tensor"])

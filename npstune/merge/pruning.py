@@ -73,16 +73,21 @@ class MagnitudePruner(Pruner):
 
 @dataclass
 class RandomPruner(Pruner):
-    """DARE: keep with probability k (seeded), rescale kept values by 1/rescale."""
+    """DARE: keep with probability k (seeded), rescale kept values by 1/rescale.
+
+    The draws are keyed by (seed, ``name`` — the task's identity, not its position in
+    the plan —, key, fixed element block): each task gets its own mask, the same in a
+    plan of its own as in a plan of many, whatever the read chunk size."""
 
     k: float = 0.1
     rescale: float = 0.1
     seed: int = 0
+    name: str = ""
 
     def mask_values(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         tau = chunk.taus[self.task]
         mask = bernoulli_mask(
-            tau.numel(), self.k, seed=self.seed, task=self.task, key=chunk.key, start=chunk.start
+            tau.numel(), self.k, seed=self.seed, task=self.name, key=chunk.key, start=chunk.start
         ).to(tau.device)
         return mask, tau / self.rescale
 
