@@ -68,7 +68,7 @@ def _kernel(ctx: ConsensusCtx, chunk: Chunk) -> KernelOut:
     if ctx.ties is None:
         mtl = torch.stack(taus).sum(0)
     else:
-        mtl = disjoint_mean(trimmed(ctx.ties, chunk)[0])
+        mtl = disjoint_mean(trimmed(ctx.ties, chunk)[0], ctx.ties.majority)
     masks = tall_masks(taus, mtl, [ctx.p.tall_lam] * len(taus))
     keep = consensus_keep(masks, ctx.p.consensus)
     ctx.kept += int(torch.count_nonzero(keep))
