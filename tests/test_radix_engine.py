@@ -103,7 +103,7 @@ def test_magnitude_masks_and_output_equal_the_dense_oracle(models, small_chunks,
     got, masks = run(models, "magnitude", {"k": K, "lam": 0.7, "scope": scope})
     total = torch.zeros_like(t32[0])
     for t, tau in enumerate(t32):
-        want = per_scope(lambda lo, hi: oracle.topk_mask(tau[lo:hi].abs(), K), scope, b.numel())
+        want = per_scope(lambda lo, hi, tau=tau: oracle.topk_mask(tau[lo:hi].abs(), K), scope, b.numel())
         assert torch.equal(masks[t], want), t
         total += torch.where(want, tau, torch.zeros(()))
     assert torch.equal(got.view(torch.int16), finish(b, 0.7 * total).view(torch.int16))
@@ -116,7 +116,7 @@ def test_nps_masks_and_output_equal_the_dense_oracle(models, small_chunks, scope
     got, masks = run(models, "nps", {"k": K, "scope": scope, "weights": w})
     total = torch.zeros_like(t32[0])
     for t, tau in enumerate(t32):
-        mask, vals = per_scope(lambda lo, hi: oracle.nps_prune(tau[lo:hi], tau[lo:hi], K, w, 8),
+        mask, vals = per_scope(lambda lo, hi, tau=tau: oracle.nps_prune(tau[lo:hi], tau[lo:hi], K, w, 8),
                                scope, b.numel())
         assert torch.equal(masks[t], mask), t
         total += torch.where(mask, vals, torch.zeros(()))

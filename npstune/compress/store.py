@@ -43,15 +43,14 @@ from npstune.compress.manifest import (
     dumps,
     hash_checkpoint,
     read_manifest,
-    sha256_file,
     verify_base,
     weight_files,
 )
 from npstune.errors import CheckpointError, ConfigError
+from npstune.fsutil import atomic_write_text, sha256_file
 from npstune.merge.base import MergeInputs, MergeSpec, MethodParams, merged_blocks, progress_bar
-from npstune.merge.pruning import per_task_weights
 from npstune.merge.registry import get_method
-from npstune.sparsify import keep_count
+from npstune.sparsify import keep_count, task_weight_rows
 from npstune.taskvector import MergePlan, compute_dtype, plan_merge
 
 logger = logging.getLogger(__name__)
@@ -158,7 +157,7 @@ def compress(
             zstd_level=zstd_level, base=base_ref,
             keys={k: base_ck.numel(k) for k in sorted(base_ck.keys())}, tasks=tasks,
         )
-        (tmp / MANIFEST).write_text(dumps(manifest.model_dump(mode="json")) + "\n")
+        atomic_write_text(tmp / MANIFEST, dumps(manifest.model_dump(mode="json")) + "\n")
     except BaseException:
         remove_path(tmp)
         raise
@@ -171,7 +170,7 @@ def _per_task_params(spec: MergeSpec[Any], shared: MethodParams, tasks: int) -> 
     weights = getattr(shared, "weights", None)
     if weights is None:
         return [shared] * tasks
-    rows = per_task_weights(weights, tasks, shared.subspaces)  # type: ignore[attr-defined]
+    rows = task_weight_rows(weights, tasks, shared.subspaces)  # type: ignore[attr-defined]
     return [spec.make_params({**shared.model_dump(), "weights": row}) for row in rows]
 
 

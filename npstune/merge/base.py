@@ -13,6 +13,7 @@ whatever the model size.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -185,7 +186,7 @@ def run_merge(
 
         def to_memory(key: str, t: torch.Tensor, start: int) -> None:
             shape, dtype = shapes[key]
-            if start == 0 and t.numel() == _numel(shape):
+            if start == 0 and t.numel() == math.prod(shape):
                 state[key] = t.reshape(shape).clone()
             else:
                 full = state.setdefault(key, torch.empty(shape, dtype=dtype))
@@ -285,13 +286,6 @@ def merged_blocks(
             out = spec.kernel(ctx, c)
             delta, masks = (out.delta, out.masks) if isinstance(out, KernelOut) else (out, ())
             yield Block(c.start, c.stop, c, (c.base_cd + delta).to(c.base.dtype), masks)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def progress_bar(items: list[str], enabled: bool, desc: str) -> Any:

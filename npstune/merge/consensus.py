@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from pydantic import Field
 
-from npstune.merge.base import MergeInputs, MergeSpec, MethodParams
+from npstune.merge.base import MergeInputs, MergeSpec, MethodParams, Scope
 from npstune.merge.masks import KernelOut
 from npstune.merge.ties import TiesCtx, disjoint_mean, trimmed
 from npstune.merge.ties import prepare as prepare_ties
@@ -37,7 +36,7 @@ class ConsensusTiesParams(ConsensusTaParams):
 
     lam: float = Field(1.0, ge=0, le=10)
     k: float = Field(0.2, gt=0, le=1)
-    scope: Literal["global", "tensor"] = "global"
+    scope: Scope = "global"
 
 
 def tall_masks(taus: Sequence[torch.Tensor], mtl: torch.Tensor, lams: Sequence[float]) -> list[torch.Tensor]:

@@ -164,20 +164,3 @@ def prune_add_kernel(ctx: PruneAdd, chunk: Chunk) -> KernelOut:
         total += torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
         masks.append(mask)
     return KernelOut(ctx.lam * total, tuple(masks))
-
-
-def per_task_weights(weights: Sequence[float] | None, tasks: int, subspaces: int) -> list[list[float]]:
-    """Expand NPS weights: none (all 1), M values (shared) or T·M values (task-major)."""
-    from npstune.errors import ConfigError
-
-    if weights is None:
-        return [[1.0] * subspaces for _ in range(tasks)]
-    w = [float(x) for x in weights]
-    if len(w) == subspaces:
-        return [list(w) for _ in range(tasks)]
-    if len(w) == tasks * subspaces:
-        return [w[t * subspaces : (t + 1) * subspaces] for t in range(tasks)]
-    raise ConfigError(
-        f"--weights: expected {subspaces} values (shared) or {tasks}·{subspaces} = "
-        f"{tasks * subspaces} (one row per task, task-major), got {len(w)}"
-    )
