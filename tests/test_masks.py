@@ -69,7 +69,7 @@ def test_ties_reports_trim_masks_and_consensus_reports_tall_masks(tmp_path):
 
 
 def test_dare_masks_are_where_the_merge_keeps_entries(tmp_path):
-    res, sink, plan, base, fts = collect(tmp_path, "dare", {"k": 0.4, "seed": 3}, tasks=1)
+    res, sink, plan, base, _ = collect(tmp_path, "dare", {"k": 0.4, "seed": 3}, tasks=1)
     for k in FLOAT_KEYS:  # one task, τ nonzero everywhere: kept ⇔ output ≠ base
         assert torch.equal(sink.masks[plan.task_names[0]][k], res.state[k] != base[k]), k
 

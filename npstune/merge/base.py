@@ -14,6 +14,7 @@ whatever the model size.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -116,7 +117,7 @@ def run_merge(
     plan: MergePlan,
     spec: MergeSpec[Any],
     params: dict[str, Any] | MethodParams | None = None,
-    out: str | Path | None = None,
+    out: str | os.PathLike[str] | None = None,
     *,
     device: str | torch.device = "cpu",
     data: Any = None,
@@ -238,7 +239,7 @@ def adapter_weights(method: str, params: Any, tasks: int) -> list[float]:
 
 
 def _write_adapter(plan: MergePlan, spec: MergeSpec[Any], p: MethodParams, ctx: Any,
-                   out: str | Path, whole: bool, device: str | torch.device,
+                   out: str | os.PathLike[str], whole: bool, device: str | torch.device,
                    block: int | None, metadata: dict[str, str]) -> dict[str, int]:
     """Write the merge as one LoRA adapter; full tensors (``modules_to_save``) get the
     method's merged values, exactly as the full-model output holds them."""

@@ -39,24 +39,29 @@ class ConsensusTiesParams(ConsensusTaParams):
     scope: Scope = "global"
 
 
-def tall_masks(taus: Sequence[torch.Tensor], mtl: torch.Tensor, lams: Sequence[float]) -> list[torch.Tensor]:
-    """TALL mask per task: |τ_t| ≥ λ_t·|τ_MTL − τ_t|."""
+def tall_masks(taus: Sequence[torch.Tensor], mtl: torch.Tensor,
+               lams: Sequence[float]) -> list[torch.Tensor]:
+    """TALL mask per task (bool, τ's shape): |τ_t| ≥ λ_t·|τ_MTL − τ_t|."""
     return [tau.abs() >= lam * (mtl - tau).abs() for tau, lam in zip(taus, lams)]
 
 
 def consensus_keep(masks: Sequence[torch.Tensor], at_least: int) -> torch.Tensor:
-    """Entries where at least ``at_least`` masks are on."""
+    """Entries (bool) where at least ``at_least`` of the boolean ``masks`` are on."""
     count = torch.stack([m.to(torch.int16) for m in masks]).sum(0)
     return count >= at_least
 
 
 @dataclass
 class ConsensusCtx:
-    p: ConsensusTaParams
+    """The params (TA's or TIES's), the TIES context of Consensus TIES (None: TA), and
+    the count of consensus entries kept so far."""
+
+    p: ConsensusTaParams | ConsensusTiesParams
     ties: TiesCtx | None = None
     kept: int = 0
 
-    def report(self) -> dict[str, int]:
+    def report(self) -> dict[str, list[int]]:
+        """``{"kept": [consensus entries kept]}`` (one figure: the merged vector's)."""
         return {"kept": [self.kept]}
 
 
@@ -76,10 +81,12 @@ def _kernel(ctx: ConsensusCtx, chunk: Chunk) -> KernelOut:
 
 
 def _prepare_ta(inputs: MergeInputs, p: ConsensusTaParams) -> ConsensusCtx:
+    """No global pass: τ_MTL = Σ_t τ_t is computed chunk by chunk."""
     return ConsensusCtx(p)
 
 
 def _prepare_ties(inputs: MergeInputs, p: ConsensusTiesParams) -> ConsensusCtx:
+    """TIES's passes (trim thresholds, majority sign) for τ_MTL = the TIES vector."""
     from npstune.merge.ties import TiesParams
 
     return ConsensusCtx(p, prepare_ties(inputs, TiesParams(k=p.k, lam=1.0, scope=p.scope)))

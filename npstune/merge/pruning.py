@@ -151,7 +151,7 @@ class PruneAdd:
     """Context of prune-then-add methods: θ_pre + λ·Σ_t mask_t ⊙ values_t (one pruner
     per task, in plan order)."""
 
-    pruners: list[Pruner]
+    pruners: Sequence[Pruner]
     lam: float
 
 

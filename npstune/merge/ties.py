@@ -13,6 +13,7 @@ of the trimmed entries whose sign equals the elected one (zeros ignored); θ = �
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -37,7 +38,7 @@ class TiesCtx:
     """One trim pruner per task (plan order), λ, and the majority sign of the global
     scope (None: per tensor, each kernel call sees a whole tensor and finds its own)."""
 
-    pruners: list[Pruner]
+    pruners: Sequence[Pruner]
     lam: float
     majority: int | None = None
 
@@ -64,7 +65,7 @@ def _sign_balance(total: torch.Tensor) -> int:
     return int(torch.count_nonzero(total > 0)) - int(torch.count_nonzero(total < 0))
 
 
-def majority_sign(inputs: MergeInputs, pruners: list[Pruner]) -> int:
+def majority_sign(inputs: MergeInputs, pruners: Sequence[Pruner]) -> int:
     """sign(Σ over every entry in scope of sign(Σ_t trimmed τ_t)): the elected sign
     that zero sums take, from one streaming pass over the plan (fresh copies of the
     pruners, whose tie quotas are spent in position order). One task needs no pass: its
