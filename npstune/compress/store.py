@@ -109,7 +109,10 @@ def compress(
         value_dtype: None (each tensor's own dtype: lossless) or ``fp16``/``bf16`` (lossy).
         copy_base: keep a copy of the base inside the store instead of a reference.
         names: each model's task name in the store (default: its file stem, or its
-            directory's name for a directory).
+            directory's name for a directory). DARE's random draws follow the model's
+            own name (its stem), not this one, so that a task rebuilds exactly what
+            ``npstune merge`` writes for that model alone (two models with one stem
+            draw the same DARE mask).
     """
     if method not in SPARSE_METHODS:
         raise ConfigError(f"compress: method {method!r} does not produce a sparse task "
