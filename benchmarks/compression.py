@@ -32,13 +32,13 @@ K_CURVE = (0.01, 0.03, 0.05, 0.1, 0.2, 0.3)
 def per_task_sparse(bench: ZooBench, method: str, params: dict[str, Any]) -> dict[str, float]:
     """Each task's own pruned model θ_pre + τ̂_t on its own test split."""
     from npstune.merge import merge
+    from npstune.sparsify import task_weight_rows
 
     accs = {}
     for t, task in enumerate(bench.tasks):
         p = dict(params)
         if p.get("weights") and "subspaces" in p:  # T·M task-major rows: task t's own row
-            M = p["subspaces"]
-            p["weights"] = p["weights"][t * M:(t + 1) * M]
+            p["weights"] = task_weight_rows(p["weights"], len(bench.tasks), p["subspaces"])[t]
         st = merge(bench.plan.base, [bench.plan.models[t]], method, p).state
         accs[task] = bench.test_task(st, task)
     return accs

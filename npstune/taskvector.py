@@ -86,6 +86,18 @@ class MergePlan:
         return {k: (self.base.shape(k), self.base.dtype(k)) for k in self.keys}
 
     @property
+    def task_names(self) -> list[str]:
+        """Each model's task NAME, its identity (its file stem or directory name, as
+        DESIGN §8 says), in model order; a name given twice gets ``#2``, ``#3`` … on its
+        later occurrences so that the names stay unique."""
+        seen: dict[str, int] = {}
+        out = []
+        for m in self.models:
+            seen[m.name] = seen.get(m.name, 0) + 1
+            out.append(m.name if seen[m.name] == 1 else f"{m.name}#{seen[m.name]}")
+        return out
+
+    @property
     def n(self) -> int:
         """Entries in scope of a task vector (all delta keys)."""
         return sum(self.numel[k] for k in self.delta_keys)

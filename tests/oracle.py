@@ -68,8 +68,12 @@ def finish(b: torch.Tensor, delta64: torch.Tensor, dtype: torch.dtype) -> torch.
 
 
 def ties_vector(trimmed: list[torch.Tensor]) -> torch.Tensor:
+    """TIES over one flat scope: elected = sign(Σ); a zero sum with a kept entry takes the
+    majority sign sign(Σ elected) (reference TIES' resolve_zero_signs); disjoint mean."""
     st = torch.stack(trimmed)
     el = torch.sign(st.sum(0))
+    majority = math.copysign(1.0, float(el.sum())) if float(el.sum()) else 0.0
+    el[(st.sum(0) == 0) & (st != 0).any(0)] = majority
     out = torch.zeros(st.shape[1], dtype=st.dtype)
     for i in range(st.shape[1]):
         vals = [float(st[t, i]) for t in range(st.shape[0])

@@ -139,6 +139,34 @@ def test_many_blocks_per_tensor(tmp_path, monkeypatch):
     assert len(m.tasks[0].tensors[1].blocks) == 5  # encoder.0.weight: 30 entries
 
 
+def _kept_positions(store: Path, task: str, out: Path, base: dict) -> dict[str, torch.Tensor]:
+    """Where a task's rebuilt model differs from the base (its kept entries)."""
+    got = open_checkpoint(decompress(store, task, out))
+    return {k: got[k] != v for k, v in base.items() if v.is_floating_point()}
+
+
+def test_dare_store_gives_each_task_its_own_mask_for_any_chunk_size(tmp_path, monkeypatch):
+    import npstune.taskvector as tv
+
+    # τ is nonzero everywhere, so a rebuilt entry differs from the base iff it was kept
+    bp, mps, base, _ = make_set(tmp_path, tasks=2)
+    params = {"k": 0.5, "seed": 3}
+    m = compress(bp, mps, tmp_path / "store", "dare", params)
+    a = _kept_positions(tmp_path / "store", "task0", tmp_path / "a.safetensors", base)
+    b = _kept_positions(tmp_path / "store", "task1", tmp_path / "b.safetensors", base)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # two tasks, two masks
+    # the read chunk size changes the store's blocks, never the masks or the rebuilt bytes
+    monkeypatch.setattr(tv, "CHUNK", 7)
+    m7 = compress(bp, mps, tmp_path / "store7", "dare", params)
+    assert len(m7.tasks[0].tensors[1].blocks) == 5  # encoder.0.weight: 30 entries
+    for t in ("task0", "task1"):
+        one = decompress(tmp_path / "store", t, tmp_path / f"{t}_1.safetensors")
+        seven = decompress(tmp_path / "store7", t, tmp_path / f"{t}_7.safetensors")
+        assert one.read_bytes() == seven.read_bytes(), t
+    assert [[x.kept for x in t.tensors] for t in m.tasks] == \
+        [[x.kept for x in t.tensors] for t in m7.tasks]
+
+
 def test_frozen_and_empty_tensors(tmp_path):
     base = {"a": torch.randn(20), "frozen": torch.randn(6), "empty": torch.zeros(0, 3)}
     ft = {"a": base["a"] + torch.randn(20), "frozen": base["frozen"].clone(),

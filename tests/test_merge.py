@@ -42,8 +42,10 @@ def test_average_and_task_arithmetic_hand_checked(tmp_path):
 
 def test_ties_sign_election_and_disjoint_mean_hand_checked(tmp_path):
     taus = [[1.0, -2.0, 3.0, 0.0], [-1.0, -1.0, 1.0, 2.0]]
-    # no trim: Σ = [0, -3, 4, 2]; sign 0 elects nothing; zeros are ignored in the mean
-    assert merged_delta(tmp_path, taus, "ties", {"k": 1.0}) == [0.0, -1.5, 2.0, 2.0]
+    # no trim: Σ = [0, -3, 4, 2], elected signs [0, -, +, +]; the zero sum takes the
+    # majority sign, sign(0 - 1 + 1 + 1) = + (reference TIES' resolve_zero_signs; it was
+    # 0 here before, which merged pos 0 to 0): pos 0 keeps τ1's 1; zeros ignored in the mean
+    assert merged_delta(tmp_path, taus, "ties", {"k": 1.0}) == [1.0, -1.5, 2.0, 2.0]
     # k = 0.5 keeps 2 of 4 per task: τ1 -> [0,-2,3,0]; τ2 |.| = [1,1,1,2] -> pos 3 and
     # the earliest 1 (pos 0) -> [-1,0,0,2]; Σ = [-1,-2,3,2]
     assert merged_delta(tmp_path, taus, "ties", {"k": 0.5}) == [-1.0, -2.0, 3.0, 2.0]
@@ -51,9 +53,61 @@ def test_ties_sign_election_and_disjoint_mean_hand_checked(tmp_path):
 
 
 def test_disjoint_mean_kernel():
-    t = [torch.tensor([2.0, -1.0, 0.0]), torch.tensor([4.0, 3.0, 0.0]), torch.tensor([-6.0, 1.0, 5.0])]
-    # Σ = [0, 3, 5]: pos0 sign 0 -> 0; pos1 positive: mean(3, 1) = 2; pos2: 5
-    assert disjoint_mean(t).tolist() == [0.0, 2.0, 5.0]
+    def t():
+        return [torch.tensor([2.0, -1.0, 0.0]), torch.tensor([4.0, 3.0, 0.0]),
+                torch.tensor([-6.0, 1.0, 5.0])]
+
+    # Σ = [0, 3, 5]: pos1 positive: mean(3, 1) = 2; pos2: 5; pos0's zero sum takes the
+    # majority sign of this input, sign(0 + 1 + 1) = + (it was 0 before the majority
+    # rule): mean(2, 4) = 3
+    assert disjoint_mean(t()).tolist() == [3.0, 2.0, 5.0]
+    assert disjoint_mean(t(), majority=-1).tolist() == [-6.0, 2.0, 5.0]  # a given majority
+    assert disjoint_mean(t(), majority=0).tolist() == [0.0, 2.0, 5.0]  # none: stays 0
+
+
+def write_states(tmp_path, base, taus):
+    """Checkpoints from dicts of vectors: base and base + τ_t (float32)."""
+    b = {k: torch.tensor(v) for k, v in base.items()}
+    bp = write_state_dict(tmp_path / "b.safetensors", b)
+    mps = [write_state_dict(tmp_path / f"m{i}.safetensors",
+                            {k: b[k] + torch.tensor(t[k]) for k in b})
+           for i, t in enumerate(taus)]
+    return bp, mps
+
+
+@pytest.mark.parametrize("method", ["ties", "consensus-ties"])
+def test_ties_zero_sum_takes_the_majority_sign_of_its_scope_hand_checked(tmp_path, method):
+    # no trim (k = 1). Σ: a = [2, 3, 4, 0] (signs + + + 0), b = [-2, -3, 0] (- - 0).
+    # global scope: Σ signs = 3 - 2 = 1 > 0, so both zero sums elect +; per tensor: a's
+    # majority is + (3), b's is - (-2). Then the disjoint mean keeps the agreeing entries:
+    # a[3] ∈ {-1, +1} -> +1; b[2] ∈ {2, -2} -> 2 (global) or -2 (per tensor).
+    taus = [{"a": [1.0, 2.0, 3.0, -1.0], "b": [-1.0, -2.0, 2.0]},
+            {"a": [1.0, 1.0, 1.0, 1.0], "b": [-1.0, -1.0, -2.0]}]
+    bp, mps = write_states(tmp_path, {"a": [0.0] * 4, "b": [0.0] * 3}, taus)
+    params = {"k": 1.0} if method == "ties" else {"k": 1.0, "tall_lam": 0.0, "consensus": 0}
+    g = merge(bp, mps, method, {**params, "scope": "global"}).state
+    assert g["a"].tolist() == [1.0, 1.5, 2.0, 1.0]
+    assert g["b"].tolist() == [-1.0, -1.5, 2.0]
+    t = merge(bp, mps, method, {**params, "scope": "tensor"}).state
+    assert t["a"].tolist() == [1.0, 1.5, 2.0, 1.0]
+    assert t["b"].tolist() == [-1.0, -1.5, -2.0]
+
+
+def test_ties_majority_over_trimmed_entries_and_a_tied_majority_hand_checked(tmp_path):
+    # k = 0.5 keeps 4 of 8 per task (global). |τ1| = [4,4,3,1,1,1,1,1]: pos 0-2 and the
+    # earliest 1 (pos 3) -> τ1' = [4,-4,3,-1,0,0,0,0]; |τ2| = [0,4,5,1,1,6,1,1] -> pos 5,
+    # 2, 1, then pos 3 -> τ2' = [0,4,-5,1,0,6,0,0]. Σ = [4,0,-2,0,0,6,0,0]: signs + 0 - 0
+    # 0 + 0 0, majority sign(2 - 1) = +. Zero sums with kept entries (pos 1: -4|4, pos 3:
+    # -1|1) take +; pos 4, 6, 7 kept nothing and stay 0.
+    taus = [[4.0, -4.0, 3.0, -1.0, 1.0, 1.0, 1.0, 1.0],
+            [0.0, 4.0, -5.0, 1.0, 1.0, 6.0, 1.0, 1.0]]
+    assert merged_delta(tmp_path, taus, "ties", {"k": 0.5}) == \
+        [4.0, 4.0, -5.0, 1.0, 0.0, 6.0, 0.0, 0.0]
+    # a majority sum of 0 elects nothing: Σ = [2, -2, 0], signs balance -> pos 2 is 0
+    (tmp_path / "tied").mkdir()
+    got = merged_delta(tmp_path / "tied", [[1.0, -1.0, 1.0], [1.0, -1.0, -1.0]], "ties",
+                       {"k": 1.0})
+    assert got == [1.0, -1.0, 0.0]
 
 
 def test_consensus_counting_hand_checked(tmp_path):
@@ -116,6 +170,49 @@ def test_dare_keeps_about_k_and_rescales_by_exactly_one_over_k(tmp_path):
     assert torch.allclose(out_q[kept], torch.tensor(1.5))
     with pytest.raises(ConfigError, match="q must be in"):
         merge(bp, mps, "darex", {"k": 0.3, "q": 0.2})
+
+
+@pytest.mark.parametrize("method", ["dare", "darex"])
+def test_dare_masks_belong_to_the_task_not_its_position_or_the_chunk_size(tmp_path, monkeypatch,
+                                                                         method):
+    import npstune.taskvector as tv
+    from npstune.merge import MaskCollector, run_merge
+
+    bp, mps, _, _ = make_set(tmp_path, tasks=3)
+    params = {"k": 0.5, "seed": 11}
+
+    def masks(models):
+        plan = plan_merge(bp, models)
+        sink = MaskCollector({k: plan.base.shape(k) for k in plan.delta_keys}, plan.task_names)
+        state = run_merge(plan, get_method(method), params, masks=sink).state
+        return sink.masks, state
+
+    multi, state = masks(mps)
+    names = ["task0", "task1", "task2"]
+    for i, name in enumerate(names):  # task B alone gets B's mask of the multi-task plan
+        alone, _ = masks([mps[i]])
+        assert all(torch.equal(alone[name][k], multi[name][k]) for k in FLOAT_KEYS), name
+    swapped, _ = masks([mps[2], mps[0]])  # and in any position among the models
+    assert all(torch.equal(swapped["task2"][k], multi["task2"][k]) for k in FLOAT_KEYS)
+    for a, b in [(0, 1), (0, 2), (1, 2)]:  # every task draws its own mask
+        assert any(not torch.equal(multi[names[a]][k], multi[names[b]][k]) for k in FLOAT_KEYS)
+    monkeypatch.setattr(tv, "CHUNK", 7)  # read chunks of 7: same masks, same output
+    multi7, state7 = masks(mps)
+    assert all(torch.equal(multi7[n][k], multi[n][k]) for n in names for k in FLOAT_KEYS)
+    assert all(torch.equal(state7[k], state[k]) for k in state)
+
+
+def test_bernoulli_masks_do_not_depend_on_the_range_asked_for():
+    from npstune.sparsify.random import DRAW_BLOCK, bernoulli_mask
+
+    n = 2 * DRAW_BLOCK + 123
+    whole = bernoulli_mask(n, 0.3, seed=5, task="sst", key="w")
+    for lo, hi in [(0, 7), (DRAW_BLOCK - 3, DRAW_BLOCK + 3), (1000, n), (n - 1, n)]:
+        part = bernoulli_mask(hi - lo, 0.3, seed=5, task="sst", key="w", start=lo)
+        assert torch.equal(part, whole[lo:hi])
+    assert not torch.equal(whole, bernoulli_mask(n, 0.3, seed=5, task="topic", key="w"))
+    assert not torch.equal(whole, bernoulli_mask(n, 0.3, seed=5, task="sst", key="v"))
+    assert not torch.equal(whole, bernoulli_mask(n, 0.3, seed=6, task="sst", key="w"))
 
 
 # ------------------------------------------------------------- oracle on tiny models
@@ -291,13 +388,20 @@ def test_disjoint_mean_matches_stacked_formula_bit_for_bit(tasks, dtype):
     for _ in range(tasks):
         t = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
         t[torch.rand(n, generator=g) < 0.4] = 0.0  # trimmed entries
-        t[:50] = torch.tensor([1.0, -1.0], dtype=dtype).repeat(25)  # sums that cancel to 0
+        t[:50] = torch.tensor([1.0, -1.0], dtype=dtype).repeat(25)
         ts.append(t)
+    if tasks > 1:  # sums that cancel to exactly 0: they take the majority sign
+        ts[1][50:100] = -ts[0][50:100]
+        for t in ts[2:]:
+            t[50:100] = 0.0
     # the documented formula, summed left to right in task order
     total = ts[0].clone()
     for t in ts[1:]:
         total = total + t
     elected = torch.sign(total)
+    balance = int((elected > 0).sum()) - int((elected < 0).sum())
+    any_kept = torch.stack(ts).ne(0).any(0)
+    elected[(total == 0) & any_kept] = float((balance > 0) - (balance < 0))
     num = torch.zeros(n, dtype=dtype)
     cnt = torch.zeros(n, dtype=torch.int64)
     for t in ts:

@@ -54,6 +54,7 @@ import torch
 from npstune.checkpoints.io import LazyCheckpoint, remove_path, replace_path
 from npstune.checkpoints.safetensors_format import StreamingSafetensorsWriter
 from npstune.errors import CheckpointError, ConfigError
+from npstune.fsutil import atomic_write_text
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -731,7 +732,7 @@ def write_combined_adapter(
                 writer.write(fk, full_value(key).to(dt).contiguous())
         writer.close()
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-        (tmp / ADAPTER_CONFIG).write_text(text)
+        atomic_write_text(tmp / ADAPTER_CONFIG, text)
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -18,7 +18,9 @@ written, so a failed run leaves nothing behind.
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -36,6 +38,12 @@ from npstune.checkpoints.safetensors_format import (
     read_header,
 )
 from npstune.errors import CheckpointError, ConfigError
+from npstune.fsutil import (
+    atomic_write_bytes,
+    atomic_write_text,
+    fsync_dir,
+    replace_durably,
+)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
@@ -186,10 +194,7 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
 
     def numel(self, key: str) -> int:
         """Element count of ``key``."""
-        n = 1
-        for s in self.shape(key):
-            n *= s
-        return n
+        return math.prod(self.shape(key))
 
     def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Elements ``[start, stop)`` of ``key`` in row-major order, as a flat tensor."""
@@ -374,7 +379,7 @@ class CheckpointWriter:
             "metadata": {"total_size": total},
             "weight_map": {k: self._route[k] for k in sorted(self._route)},
         }
-        (self.tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+        atomic_write_text(self.tmp / SAFETENSORS_INDEX, json.dumps(index, indent=2))
         return self
 
     def _open_file(self, path: Path, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
@@ -387,7 +392,7 @@ class CheckpointWriter:
         """Write a whole tensor, or a flat row-major chunk beginning at element ``start``."""
         if self._torch_state is not None:
             shape, dtype = self.specs[key]
-            if start == 0 and tensor.numel() == _numel(shape):
+            if start == 0 and tensor.numel() == math.prod(shape):
                 self._torch_state[key] = tensor.detach().to(dtype).reshape(shape).clone()
                 return
             full = self._torch_state.setdefault(key, torch.empty(shape, dtype=dtype))
@@ -412,15 +417,8 @@ class CheckpointWriter:
         replace_path(self.tmp, self.out)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _nbytes(spec: tuple[tuple[int, ...], torch.dtype]) -> int:
-    return _numel(spec[0]) * torch.empty((), dtype=spec[1]).element_size()
+    return math.prod(spec[0]) * torch.empty((), dtype=spec[1]).element_size()
 
 
 def _copy_non_weights(src: Path, dst: Path) -> None:
@@ -443,15 +441,21 @@ def remove_path(p: Path) -> None:
 
 
 def replace_path(tmp: Path, out: Path) -> None:
-    """Move ``tmp`` to ``out``, replacing an existing file or directory only at the end."""
+    """Move the finished ``tmp`` (a file or a directory whose files are synced) to ``out``,
+    replacing an existing file or directory only at the end; the rename is made durable
+    (:func:`~npstune.fsutil.replace_durably` for a file; the parent fsynced)."""
     if out.is_dir() and not out.is_symlink():
         old = out.parent / f".{out.name}.npstune-old-{os.getpid()}"
         remove_path(old)
         out.rename(old)
         tmp.rename(out)
         remove_path(old)
-    else:
+        fsync_dir(out.parent)
+    elif tmp.is_dir():
         os.replace(tmp, out)
+        fsync_dir(out.parent)
+    else:
+        replace_durably(tmp, out)
 
 
 def write_state_dict(
@@ -479,12 +483,12 @@ def write_state_dict(
                 w.abort()
                 remove_path(tmp)
                 raise
-            os.replace(tmp, out)
+            replace_durably(tmp, out)
             return out
         if out.suffix in (".pt", ".pth", ".bin"):
-            tmp = out.parent / f".{out.name}.npstune-tmp-{os.getpid()}"
-            torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
-            os.replace(tmp, out)
+            buf = io.BytesIO()
+            torch.save({k: v.contiguous() for k, v in state.items()}, buf)
+            atomic_write_bytes(out, buf.getvalue())
             return out
         raise ConfigError(f"{out}: cannot infer a checkpoint form from the name; pass like=")
     with CheckpointWriter(out, like, specs, metadata) as w:
@@ -519,5 +523,5 @@ def write_sharded(
         weight_map.update({k: name for k in shard})
     index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
              "weight_map": weight_map}
-    (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+    atomic_write_text(out / SAFETENSORS_INDEX, json.dumps(index, indent=2))
     return out

@@ -15,7 +15,6 @@ file, in block order, so offsets are running sums and the file size is their tot
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from npstune.checkpoints import LazyCheckpoint
 from npstune.errors import CheckpointError
+from npstune.fsutil import sha256_file
 
 FORMAT = "npstune-sparse-task-vectors"
 VERSION = 1
@@ -140,20 +140,6 @@ def dumps(obj: Any, indent: int = 0) -> str:
     if isinstance(obj, (list, tuple)) and any(isinstance(x, (dict, list, tuple)) for x in obj):
         return "[\n" + ",\n".join(inner + dumps(x, indent + 1) for x in obj) + "\n" + pad + "]"
     return json.dumps(obj, separators=(",", ":"))
-
-
-def sha256_file(path: Path, bufsize: int = 1 << 23) -> str:
-    """Hex sha256 of a file, read in 8 MiB pieces."""
-    h = hashlib.sha256()
-    buf = bytearray(bufsize)
-    view = memoryview(buf)
-    try:
-        with open(path, "rb") as f:
-            while n := f.readinto(buf):
-                h.update(view[:n])
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc})") from exc
-    return h.hexdigest()
 
 
 def weight_files(ck: LazyCheckpoint) -> list[tuple[str, Path]]:

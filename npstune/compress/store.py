@@ -2,8 +2,10 @@
 
 Compression runs, per task, exactly the single-task merge ``npstune merge --method M
 --base B --models T`` (same plan, same pruner passes, same chunks, same kernel) and, for
-each chunk, keeps the entries where the merge output ``o`` may differ from the base: the
-pruner's mask (plus, defensively, any entry whose output bits differ from ``base + 0``).
+each block the engine merges, keeps the entries where the merge output ``o`` may differ
+from the base: the keep mask the engine gives with the block
+(:class:`~npstune.merge.masks.Block`; plus, defensively, any entry whose output bits
+differ from ``base + 0``).
 Rather than τ̂ itself it stores, per kept entry, ``s = (o − θ_pre)`` rounded to the value
 dtype: ``(θ_pre + s)`` cast to the checkpoint dtype rebuilds ``o``. Where it does not, bit
 for bit (rare: catastrophic cancellation, fp16 overflow), a lossless store adds ``o`` as
@@ -41,15 +43,14 @@ from npstune.compress.manifest import (
     dumps,
     hash_checkpoint,
     read_manifest,
-    sha256_file,
     verify_base,
     weight_files,
 )
 from npstune.errors import CheckpointError, ConfigError
+from npstune.fsutil import atomic_write_text, sha256_file
 from npstune.merge.base import MergeInputs, MergeSpec, MethodParams, merged_blocks, progress_bar
-from npstune.merge.pruning import per_task_weights
 from npstune.merge.registry import get_method
-from npstune.sparsify import keep_count
+from npstune.sparsify import keep_count, task_weight_rows
 from npstune.taskvector import MergePlan, compute_dtype, plan_merge
 
 logger = logging.getLogger(__name__)
@@ -57,22 +58,6 @@ logger = logging.getLogger(__name__)
 #: compress method name -> merge method whose single-task output the store rebuilds
 SPARSE_METHODS = {"nps": "nps", "magnitude": "magnitude", "dare": "dare", "darex": "darex",
                   "ties-trim": "ties"}
-
-
-class _MaskRecorder:
-    """Wraps a pruner and remembers the mask of its last call (the kernel calls it once)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.last: torch.Tensor | None = None
-
-    def __call__(self, chunk: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        mask, values = self.inner(chunk)
-        self.last = mask
-        return mask, values
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 class _TaskFile:
@@ -124,7 +109,10 @@ def compress(
         value_dtype: None (each tensor's own dtype: lossless) or ``fp16``/``bf16`` (lossy).
         copy_base: keep a copy of the base inside the store instead of a reference.
         names: each model's task name in the store (default: its file stem, or its
-            directory's name for a directory).
+            directory's name for a directory). DARE's random draws follow the model's
+            own name (its stem), not this one, so that a task rebuilds exactly what
+            ``npstune merge`` writes for that model alone (two models with one stem
+            draw the same DARE mask).
     """
     if method not in SPARSE_METHODS:
         raise ConfigError(f"compress: method {method!r} does not produce a sparse task "
@@ -172,7 +160,7 @@ def compress(
             zstd_level=zstd_level, base=base_ref,
             keys={k: base_ck.numel(k) for k in sorted(base_ck.keys())}, tasks=tasks,
         )
-        (tmp / MANIFEST).write_text(dumps(manifest.model_dump(mode="json")) + "\n")
+        atomic_write_text(tmp / MANIFEST, dumps(manifest.model_dump(mode="json")) + "\n")
     except BaseException:
         remove_path(tmp)
         raise
@@ -185,7 +173,7 @@ def _per_task_params(spec: MergeSpec[Any], shared: MethodParams, tasks: int) -> 
     weights = getattr(shared, "weights", None)
     if weights is None:
         return [shared] * tasks
-    rows = per_task_weights(weights, tasks, shared.subspaces)  # type: ignore[attr-defined]
+    rows = task_weight_rows(weights, tasks, shared.subspaces)  # type: ignore[attr-defined]
     return [spec.make_params({**shared.model_dump(), "weights": row}) for row in rows]
 
 
@@ -194,11 +182,6 @@ def _compress_task(
     value_dtype: str | None, tmp: Path, cctx: zstandard.ZstdCompressor, progress: bool,
 ) -> TaskEntry:
     ctx = spec.prepare(MergeInputs(plan), p)
-    pruners = getattr(ctx, "pruners", None)
-    if not pruners or len(pruners) != 1:
-        raise ConfigError(f"compress: {spec.name} has no single-task pruner to record")
-    rec = _MaskRecorder(pruners[0])
-    pruners[0] = rec
     whole = spec.whole_tensor(p)
     rel = f"tasks/{name}.npsz"
     f = _TaskFile(tmp / rel)
@@ -209,11 +192,13 @@ def _compress_task(
             vdt = DTYPES[value_dtype] if value_dtype else dtype
             lossless &= vdt == dtype
             blocks, t_kept = [], 0
-            for start, stop, chunk, out in merged_blocks(plan, spec, ctx, key, whole):
-                enc = _encode_block(chunk.base_cd, out, rec.last, vdt, cctx)
+            for blk in merged_blocks(plan, spec, ctx, key, whole):
+                if len(blk.masks) != 1:  # the engine's mask output: this task's keep mask
+                    raise ConfigError(f"compress: {spec.name} gives no keep mask per task")
+                enc = _encode_block(blk.chunk.base_cd, blk.merged, blk.masks[0], vdt, cctx)
                 digest = f.add(enc.pos, enc.vals, enc.exc)
-                blocks.append((start, stop, enc.kept, enc.codec, len(enc.pos), len(enc.vals),
-                               enc.exc_count, len(enc.exc), digest))
+                blocks.append((blk.start, blk.stop, enc.kept, enc.codec, len(enc.pos),
+                               len(enc.vals), enc.exc_count, len(enc.exc), digest))
                 t_kept += enc.kept
                 exceptions += enc.exc_count
             kept += t_kept

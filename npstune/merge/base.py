@@ -2,14 +2,19 @@
 
 A method's ``prepare(inputs, params)`` runs the streaming statistics passes a global method
 needs (thresholds, partitions) and returns a context; its ``kernel(ctx, chunk)`` maps one
-chunk of every task vector to the merged delta of that chunk (compute dtype). The engine
-walks keys in sorted order and chunks in row-major order — the position order every
-tie-break uses — adds the delta to the base, casts to the base's dtype and writes it, so
-memory stays near a chunk per checkpoint whatever the model size.
+chunk of every task vector to the merged delta of that chunk (compute dtype), and a
+pruning method returns each task's keep mask of the chunk with it
+(:class:`~npstune.merge.masks.KernelOut`). The engine walks keys in sorted order and
+chunks in row-major order — the position order every tie-break uses — adds the delta to
+the base, casts to the base's dtype and writes it, and streams the masks to an optional
+sink (``run_merge(..., masks=sink)``), so memory stays near a chunk per checkpoint
+whatever the model size.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from npstune.checkpoints import CheckpointWriter
 from npstune.errors import ConfigError
+from npstune.merge.masks import Block, KernelOut, MaskCounts, MaskSink, tee
 from npstune.taskvector import Chunk, MergePlan
 
 Scope = Literal["global", "tensor"]
@@ -61,7 +67,7 @@ class MergeSpec(Generic[P]):
 
     name: str
     params: type[P]
-    kernel: Callable[[Any, Chunk], torch.Tensor]
+    kernel: Callable[[Any, Chunk], torch.Tensor | KernelOut]
     prepare: Callable[[MergeInputs, P], Any] = lambda inputs, p: p
     paper: str = ""
     summary: str = ""
@@ -69,10 +75,10 @@ class MergeSpec(Generic[P]):
     whole_tensor: Callable[[P], bool] = lambda p: False
     needs_data: bool = False
     #: the kernel gives the same values on any split of a read chunk into consecutive
-    #: blocks (False for DARE, whose random draws are seeded per read chunk)
+    #: blocks (so the engine may work through a read chunk in cache-sized blocks)
     blockwise: bool = True
     #: a method with outputs of its own (EMR: one model per task) replaces the engine:
-    #: ``runner(plan, params, out, device=, progress=, metadata=) -> MergeResult``
+    #: ``runner(plan, params, out, device=, progress=, metadata=, masks=) -> MergeResult``
     runner: Callable[..., MergeResult] | None = None
 
     def make_params(self, values: dict[str, Any] | MethodParams | None = None) -> P:
@@ -95,29 +101,38 @@ class MergeSpec(Generic[P]):
 
 @dataclass
 class MergeResult:
-    """What a merge returns: the merged state (in memory) or the path written, plus meta."""
+    """What a merge returns: the merged state (in memory) or the path written, plus meta.
+
+    ``masks`` summarises the keep masks of a pruning method: ``{task name: {key: kept
+    entries}}`` (task names as ``plan.task_names``); None for methods that keep no mask.
+    The masks themselves stream to ``run_merge(..., masks=sink)``."""
 
     state: dict[str, torch.Tensor] | None
     path: Path | None
     meta: dict[str, Any] = field(default_factory=dict)
+    masks: dict[str, dict[str, int]] | None = None
 
 
 def run_merge(
     plan: MergePlan,
     spec: MergeSpec[Any],
     params: dict[str, Any] | MethodParams | None = None,
-    out: str | Path | None = None,
+    out: str | os.PathLike[str] | None = None,
     *,
     device: str | torch.device = "cpu",
     data: Any = None,
     progress: bool = False,
     metadata: dict[str, str] | None = None,
     out_format: OutFormat = "model",
+    masks: MaskSink | None = None,
 ) -> MergeResult:
     """Merge ``plan``'s models with ``spec`` into ``out`` (or into memory when ``out`` is None).
 
     ``out_format="adapter"`` (``average``/``task-arithmetic`` of LoRA adapters only)
     writes the merge as one exact PEFT LoRA adapter directory instead of a full model.
+    ``masks``: a :class:`~npstune.merge.masks.MaskSink` that receives every task's keep
+    mask of every merged block, in position order (pruning methods; see
+    :mod:`npstune.merge.masks` for which mask each method reports).
     """
     p = spec.make_params(params)
     if out_format not in OUT_FORMATS:
@@ -135,7 +150,8 @@ def run_merge(
     if spec.needs_data and data is None:
         raise ConfigError(f"{spec.name} needs calibration data: pass --zoo SIZE (or data=...)")
     if spec.runner is not None:
-        return spec.runner(plan, p, out, device=device, progress=progress, metadata=metadata)
+        return spec.runner(plan, p, out, device=device, progress=progress, metadata=metadata,
+                           masks=masks)
     t0 = time.perf_counter()
     inputs = MergeInputs(plan, device, data)
     ctx = spec.prepare(inputs, p)
@@ -146,8 +162,12 @@ def run_merge(
     state: dict[str, torch.Tensor] | None = None if out is not None else {}
     meta_out = {"npstune_method": spec.name, "npstune_params": p.model_dump_json()}
     meta_out.update(metadata or {})
+    counts = MaskCounts(len(plan.models))
+    sink = tee(counts, masks)
+    seen_masks = False
 
     def produce(write: Callable[[str, torch.Tensor, int], None]) -> None:
+        nonlocal seen_masks
         keys = plan.keys
         bar = progress_bar(keys, progress, f"merge {spec.name}")
         delta_keys = set(plan.delta_keys)
@@ -155,8 +175,11 @@ def run_merge(
             if key not in delta_keys:
                 write(key, plan.base[key], 0)
                 continue
-            for start, _, _, merged in merged_blocks(plan, spec, ctx, key, whole, device, block):
-                write(key, merged.cpu(), start)
+            for blk in merged_blocks(plan, spec, ctx, key, whole, device, block):
+                write(key, blk.merged.cpu(), blk.start)
+                for t, m in enumerate(blk.masks):
+                    sink(t, key, blk.start, m)
+                seen_masks |= bool(blk.masks)
 
     if out is None:
         assert state is not None
@@ -164,7 +187,7 @@ def run_merge(
 
         def to_memory(key: str, t: torch.Tensor, start: int) -> None:
             shape, dtype = shapes[key]
-            if start == 0 and t.numel() == _numel(shape):
+            if start == 0 and t.numel() == math.prod(shape):
                 state[key] = t.reshape(shape).clone()
             else:
                 full = state.setdefault(key, torch.empty(shape, dtype=dtype))
@@ -185,11 +208,16 @@ def run_merge(
         "prepare_s": t_prepare,
         "total_s": time.perf_counter() - t0,
     }
-    if hasattr(ctx, "report"):
+    if hasattr(ctx, "report"):  # a method's own figures (consensus: the kept consensus)
         meta.update(ctx.report())
+    elif seen_masks:  # kept entries per task, from the masks the engine streamed
+        kept = counts.totals()
+        meta["kept"] = kept
+        meta["density"] = [k / plan.n if plan.n else 0.0 for k in kept]
     if out_format == "adapter":
         meta["rank"] = rank
-    return MergeResult(state, Path(out) if out is not None else None, meta)
+    return MergeResult(state, Path(out) if out is not None else None, meta,
+                       counts.summary(plan.task_names) if seen_masks else None)
 
 
 OutFormat = Literal["model", "adapter"]
@@ -211,7 +239,7 @@ def adapter_weights(method: str, params: Any, tasks: int) -> list[float]:
 
 
 def _write_adapter(plan: MergePlan, spec: MergeSpec[Any], p: MethodParams, ctx: Any,
-                   out: str | Path, whole: bool, device: str | torch.device,
+                   out: str | os.PathLike[str], whole: bool, device: str | torch.device,
                    block: int | None, metadata: dict[str, str]) -> dict[str, int]:
     """Write the merge as one LoRA adapter; full tensors (``modules_to_save``) get the
     method's merged values, exactly as the full-model output holds them."""
@@ -226,8 +254,8 @@ def _write_adapter(plan: MergePlan, spec: MergeSpec[Any], p: MethodParams, ctx: 
         shape, dtype = plan.base.shape(key), plan.base.dtype(key)
         t = torch.empty(plan.numel[key], dtype=dtype)
         blocks = merged_blocks(plan, spec, ctx, key, whole, device, block)
-        for start, stop, _, merged in blocks:
-            t[start:stop] = merged.cpu()
+        for blk in blocks:
+            t[blk.start:blk.stop] = blk.merged.cpu()
         return t.reshape(shape)
 
     weights = adapter_weights(spec.name, p, len(adapters))
@@ -245,24 +273,20 @@ KERNEL_BLOCK = 1 << 18
 def merged_blocks(
     plan: MergePlan, spec: MergeSpec[Any], ctx: Any, key: str, whole: bool,
     device: str | torch.device = "cpu", block: int | None = None,
-) -> Iterator[tuple[int, int, Chunk, torch.Tensor]]:
-    """The merged values of one delta tensor, block by block: (start, stop, chunk,
-    θ_base + kernel(chunk) in the base's dtype, on ``device``). One block when ``whole``;
-    else one per read chunk, or per ``block`` elements of it when ``block`` is given."""
+) -> Iterator[Block]:
+    """The merged values of one delta tensor, block by block, in position order: a
+    :class:`~npstune.merge.masks.Block` (start, stop, chunk, θ_base + delta in the base's
+    dtype on ``device``, the per-task keep masks). One block when ``whole``; else one per
+    read chunk, or per ``block`` elements of it when ``block`` is given."""
     n = plan.numel[key]
     for start, stop in [(0, n)] if whole and n else plan.chunks(key):
         chunk = plan.read_chunk(key, start, stop, device)
         step = stop - start if whole or not block else block
         for lo in range(0, stop - start, step):
             c = chunk if step >= stop - start else chunk.slice(lo, lo + step)
-            yield c.start, c.stop, c, (c.base_cd + spec.kernel(ctx, c)).to(c.base.dtype)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+            out = spec.kernel(ctx, c)
+            delta, masks = (out.delta, out.masks) if isinstance(out, KernelOut) else (out, ())
+            yield Block(c.start, c.stop, c, (c.base_cd + delta).to(c.base.dtype), masks)
 
 
 def progress_bar(items: list[str], enabled: bool, desc: str) -> Any:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from pydantic import Field
 
-from npstune.merge.base import MergeInputs, MergeSpec, MethodParams
+from npstune.merge.base import MergeInputs, MergeSpec, MethodParams, Scope
+from npstune.merge.masks import KernelOut
 from npstune.merge.ties import TiesCtx, disjoint_mean, trimmed
 from npstune.merge.ties import prepare as prepare_ties
 from npstune.taskvector import Chunk
@@ -36,46 +36,57 @@ class ConsensusTiesParams(ConsensusTaParams):
 
     lam: float = Field(1.0, ge=0, le=10)
     k: float = Field(0.2, gt=0, le=1)
-    scope: Literal["global", "tensor"] = "global"
+    scope: Scope = "global"
 
 
-def tall_masks(taus: Sequence[torch.Tensor], mtl: torch.Tensor, lams: Sequence[float]) -> list[torch.Tensor]:
-    """TALL mask per task: |τ_t| ≥ λ_t·|τ_MTL − τ_t|."""
+def tall_masks(taus: Sequence[torch.Tensor], mtl: torch.Tensor,
+               lams: Sequence[float]) -> list[torch.Tensor]:
+    """TALL mask per task (bool, τ's shape): |τ_t| ≥ λ_t·|τ_MTL − τ_t|."""
     return [tau.abs() >= lam * (mtl - tau).abs() for tau, lam in zip(taus, lams)]
 
 
 def consensus_keep(masks: Sequence[torch.Tensor], at_least: int) -> torch.Tensor:
-    """Entries where at least ``at_least`` masks are on."""
+    """Entries (bool) where at least ``at_least`` of the boolean ``masks`` are on."""
     count = torch.stack([m.to(torch.int16) for m in masks]).sum(0)
     return count >= at_least
 
 
 @dataclass
 class ConsensusCtx:
-    p: ConsensusTaParams
+    """The params (TA's or TIES's), the TIES context of Consensus TIES (None: TA), and
+    the count of consensus entries kept so far."""
+
+    p: ConsensusTaParams | ConsensusTiesParams
     ties: TiesCtx | None = None
     kept: int = 0
 
-    def report(self) -> dict[str, int]:
+    def report(self) -> dict[str, list[int]]:
+        """``{"kept": [consensus entries kept]}`` (one figure: the merged vector's)."""
         return {"kept": [self.kept]}
 
 
-def _kernel(ctx: ConsensusCtx, chunk: Chunk) -> torch.Tensor:
+def _kernel(ctx: ConsensusCtx, chunk: Chunk) -> KernelOut:
+    """λ·(τ_MTL where at least C TALL masks are on) for one chunk, with each task's
+    TALL mask."""
     taus = chunk.taus
     if ctx.ties is None:
         mtl = torch.stack(taus).sum(0)
     else:
-        mtl = disjoint_mean(trimmed(ctx.ties, chunk))
-    keep = consensus_keep(tall_masks(taus, mtl, [ctx.p.tall_lam] * len(taus)), ctx.p.consensus)
+        mtl = disjoint_mean(trimmed(ctx.ties, chunk)[0], ctx.ties.majority)
+    masks = tall_masks(taus, mtl, [ctx.p.tall_lam] * len(taus))
+    keep = consensus_keep(masks, ctx.p.consensus)
     ctx.kept += int(torch.count_nonzero(keep))
-    return ctx.p.lam * torch.where(keep, mtl, torch.zeros((), dtype=mtl.dtype))
+    return KernelOut(ctx.p.lam * torch.where(keep, mtl, torch.zeros((), dtype=mtl.dtype)),
+                     tuple(masks))
 
 
 def _prepare_ta(inputs: MergeInputs, p: ConsensusTaParams) -> ConsensusCtx:
+    """No global pass: τ_MTL = Σ_t τ_t is computed chunk by chunk."""
     return ConsensusCtx(p)
 
 
 def _prepare_ties(inputs: MergeInputs, p: ConsensusTiesParams) -> ConsensusCtx:
+    """TIES's passes (trim thresholds, majority sign) for τ_MTL = the TIES vector."""
     from npstune.merge.ties import TiesParams
 
     return ConsensusCtx(p, prepare_ties(inputs, TiesParams(k=p.k, lam=1.0, scope=p.scope)))

@@ -3,7 +3,9 @@
 DARE (Yu et al., https://arxiv.org/abs/2311.03099) rescales by 1/k; DAREx-q
 (Deng et al., https://arxiv.org/abs/2410.09344) rescales by 1/q, q ∈ [k, 1] chosen on
 calibration data (see ``npstune.merge.calibrate``; the CLI default is q = k). Masks are
-seeded per (seed, task, tensor chunk). Then θ_pre + λ·Σ_t. Scope: per entry.
+drawn per (seed, task name, tensor key, fixed block of elements): a task's mask does not
+depend on its position among the models nor on the read chunk size
+(:mod:`npstune.sparsify.random`). Then θ_pre + λ·Σ_t. Scope: per entry.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from npstune.merge.base import MergeInputs, MergeSpec, MethodParams
-from npstune.merge.pruning import PruneAdd, RandomPruner, prune_add_kernel
+from npstune.merge.pruning import Pruner, PruneAdd, RandomPruner, prune_add_kernel
 
 
 class DareParams(MethodParams):
@@ -35,19 +37,21 @@ class DarexParams(DareParams):
 
 
 def prepare_dare(inputs: MergeInputs, p: DareParams) -> PruneAdd:
-    """No global pass: one seeded Bernoulli pruner per task, rescale 1/k (or 1/q)."""
+    """No global pass: one seeded Bernoulli pruner per task (keyed by the task's name),
+    rescale 1/k (or 1/q)."""
     q = getattr(p, "q", None) or p.k
-    pruners = [RandomPruner(task=t, k=p.k, rescale=q, seed=p.seed) for t in range(inputs.tasks)]
+    pruners: list[Pruner] = [
+        RandomPruner(task=t, k=p.k, rescale=q, seed=p.seed, name=name)
+        for t, name in enumerate(inputs.plan.task_names)
+    ]
     return PruneAdd(pruners, p.lam)
 
 
 SPEC = MergeSpec(
     "dare", DareParams, kernel=prune_add_kernel, prepare=prepare_dare,
     paper="https://arxiv.org/abs/2311.03099", summary="random keep k, rescale 1/k",
-    blockwise=False,
 )
 DAREX_SPEC = MergeSpec(
     "darex", DarexParams, kernel=prune_add_kernel, prepare=prepare_dare,
     paper="https://arxiv.org/abs/2410.09344", summary="random keep k, rescale 1/q",
-    blockwise=False,
 )

@@ -24,6 +24,7 @@ import torch
 from npstune.checkpoints import CheckpointWriter
 from npstune.errors import CheckpointError, ConfigError
 from npstune.merge.base import MergeResult, MergeSpec, MethodParams, progress_bar
+from npstune.merge.masks import MaskCollector, MaskCounts, MaskSink, tee
 from npstune.merge.tsv_m import taus64
 from npstune.taskvector import Chunk, MergePlan
 
@@ -116,21 +117,28 @@ class _Memory:
 
 def emr_merge(plan: MergePlan, out: str | Path | None = None, *,
               device: str | torch.device = "cpu", progress: bool = False,
-              metadata: dict[str, str] | None = None) -> MergeResult:
+              metadata: dict[str, str] | None = None,
+              masks: MaskSink | None = None) -> MergeResult:
     """Write one EMR model per task into directory ``out`` (or keep them in memory).
 
-    The meta holds ``rescalers`` and ``kept`` (mask sizes) per task and ``storage``; in
-    memory (``out`` None) also ``states``, ``masks`` (bool, per task and key) and
-    ``unified`` (τ_uni, float64). ``state`` is None: there are T models, not one."""
+    The masks M_t stream to ``masks`` (a :class:`~npstune.merge.masks.MaskSink`) chunk
+    by chunk, as the merge engine streams a pruning method's; ``MergeResult.masks``
+    counts them per task and key. The meta holds ``rescalers`` and ``kept`` (mask sizes)
+    per task and ``storage``; in memory (``out`` None) also ``states``, ``masks`` (bool,
+    per task and key) and ``unified`` (τ_uni, float64). ``state`` is None: there are T
+    models, not one."""
     t0 = time.perf_counter()
     lams = rescalers(plan, device)
     t_prepare = time.perf_counter() - t0
     names, specs = [m.name for m in plan.models], plan.specs
     meta_out = {"npstune_method": "emr", "npstune_params": "{}", **(metadata or {})}
-    kept = [0] * len(names)
     delta_keys = set(plan.delta_keys)
     paths = None if out is None else task_paths(plan, out)
-    masks = [_Memory(specs, torch.bool) for _ in names]
+    counts = MaskCounts(len(names))
+    collector = None
+    if paths is None:  # in memory: keep the masks too
+        collector = MaskCollector({k: specs[k][0] for k in plan.delta_keys}, plan.task_names)
+    sink = tee(counts, collector, masks)
     unified = _Memory(specs, torch.float64)
     with ExitStack() as stack:
         writers: list[Any] = [_Memory(specs) for _ in names] if paths is None else [
@@ -146,24 +154,24 @@ def emr_merge(plan: MergePlan, out: str | Path | None = None, *,
                 chunk = plan.read_chunk(key, start, stop, device)
                 uni, ms = elect(taus64(chunk))
                 for t, (w, m) in enumerate(zip(writers, ms)):
-                    kept[t] += int(torch.count_nonzero(m))
                     upd = torch.where(m, uni, 0.0).mul_(lams[t]).add_(chunk.base_cd)
                     w.write(key, upd.to(chunk.base.dtype).cpu(), start)
-                    if paths is None:  # in memory: keep the masks and τ_uni too
-                        masks[t].write(key, m.cpu(), start)
+                    sink(t, key, start, m)
                 if paths is None:
                     unified.write(key, uni.cpu(), start)
     meta: dict[str, Any] = {
         "method": "emr", "params": {}, "tasks": names, "n": plan.n,
-        "rescalers": dict(zip(names, lams)), "kept": kept, "storage": storage(plan),
+        "rescalers": dict(zip(names, lams)), "kept": counts.totals(), "storage": storage(plan),
         "paths": None if paths is None else [str(p) for p in paths],
         "prepare_s": t_prepare, "total_s": time.perf_counter() - t0,
     }
     if paths is None:
         meta["states"] = {n: w.state for n, w in zip(names, writers)}
-        meta["masks"] = {n: m.state for n, m in zip(names, masks)}
+        assert collector is not None
+        meta["masks"] = {n: collector.masks[u] for n, u in zip(names, plan.task_names)}
         meta["unified"] = unified.state
-    return MergeResult(None, None if out is None else Path(out), meta)
+    return MergeResult(None, None if out is None else Path(out), meta,
+                       counts.summary(plan.task_names))
 
 
 def _runner(plan: MergePlan, p: EmrParams, out: str | Path | None,

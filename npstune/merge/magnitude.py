@@ -6,11 +6,9 @@ DESIGN §2 (⌈k·n⌉ kept, ties to the earlier position). CLI defaults k = 0.0
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
-from npstune.merge.base import MergeInputs, MergeSpec, MethodParams
+from npstune.merge.base import MergeInputs, MergeSpec, MethodParams, Scope
 from npstune.merge.pruning import MagnitudePruner, PruneAdd, prune_add_kernel
 
 
@@ -19,7 +17,7 @@ class MagnitudeParams(MethodParams):
 
     k: float = Field(0.05, gt=0, le=1)
     lam: float = Field(1.0, ge=0, le=10)
-    scope: Literal["global", "tensor"] = "global"
+    scope: Scope = "global"
 
 
 def prepare(inputs: MergeInputs, p: MagnitudeParams) -> PruneAdd:

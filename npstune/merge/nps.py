@@ -9,13 +9,12 @@ The search (``npstune.search``) finds w; this method applies given weights.
 
 from __future__ import annotations
 
-from typing import Literal
 
 from pydantic import Field
 
-from npstune.merge.base import MergeInputs, MergeSpec, MethodParams
-from npstune.merge.pruning import NpsPruner, PruneAdd, per_task_weights, prune_add_kernel
-from npstune.sparsify import DEFAULT_SUBSPACES
+from npstune.merge.base import MergeInputs, MergeSpec, MethodParams, Scope
+from npstune.merge.pruning import NpsPruner, PruneAdd, prune_add_kernel
+from npstune.sparsify import DEFAULT_SUBSPACES, task_weight_rows
 
 
 class NpsParams(MethodParams):
@@ -23,14 +22,14 @@ class NpsParams(MethodParams):
 
     k: float = Field(0.05, gt=0, le=1)
     lam: float = Field(1.0, ge=0, le=10)
-    scope: Literal["global", "tensor"] = "global"
+    scope: Scope = "global"
     subspaces: int = Field(DEFAULT_SUBSPACES, ge=1, le=255)
     weights: list[float] | None = None
 
 
 def prepare(inputs: MergeInputs, p: NpsParams) -> PruneAdd:
     """Partition and reweighted threshold per task (4 joint streaming passes, global scope)."""
-    rows = per_task_weights(p.weights, inputs.tasks, p.subspaces)
+    rows = task_weight_rows(p.weights, inputs.tasks, p.subspaces)
     return PruneAdd(NpsPruner.prepare_all(inputs, p.k, p.scope, rows, p.subspaces), p.lam)
 
 

@@ -2,7 +2,8 @@
 
 A pruner is prepared once (its global pass, if any) and then called chunk by chunk in
 position order; it returns the keep-mask and the (rescaled / reweighted) values of that
-chunk of τ_t. Each counts what it kept, so a merge reports its exact density.
+chunk of τ_t. The kernels hand the masks on to the engine (:mod:`npstune.merge.masks`),
+which counts them (a merge's exact ``kept`` and ``density``) and streams them to its sink.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from npstune.merge.base import MergeInputs
+from npstune.merge.masks import KernelOut
 from npstune.sparsify import (
     Partition,
     ThresholdCursor,
@@ -32,14 +34,10 @@ class Pruner:
     """Base pruner: keeps everything. Subclasses override :meth:`mask_values`."""
 
     task: int
-    kept: int = 0
-    seen: int = 0
 
     def __call__(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
-        mask, values = self.mask_values(chunk)
-        self.kept += int(torch.count_nonzero(mask))
-        self.seen += mask.numel()
-        return mask, values
+        """(keep mask, values) of task ``self.task``'s part of ``chunk`` (flat)."""
+        return self.mask_values(chunk)
 
     def mask_values(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         tau = chunk.taus[self.task]
@@ -75,16 +73,21 @@ class MagnitudePruner(Pruner):
 
 @dataclass
 class RandomPruner(Pruner):
-    """DARE: keep with probability k (seeded), rescale kept values by 1/rescale."""
+    """DARE: keep with probability k (seeded), rescale kept values by 1/rescale.
+
+    The draws are keyed by (seed, ``name`` — the task's identity, not its position in
+    the plan —, key, fixed element block): each task gets its own mask, the same in a
+    plan of its own as in a plan of many, whatever the read chunk size."""
 
     k: float = 0.1
     rescale: float = 0.1
     seed: int = 0
+    name: str = ""
 
     def mask_values(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         tau = chunk.taus[self.task]
         mask = bernoulli_mask(
-            tau.numel(), self.k, seed=self.seed, task=self.task, key=chunk.key, start=chunk.start
+            tau.numel(), self.k, seed=self.seed, task=self.name, key=chunk.key, start=chunk.start
         ).to(tau.device)
         return mask, tau / self.rescale
 
@@ -145,39 +148,19 @@ class NpsPruner(Pruner):
 
 @dataclass
 class PruneAdd:
-    """Context of prune-then-add methods: θ_pre + λ·Σ_t mask_t ⊙ values_t."""
+    """Context of prune-then-add methods: θ_pre + λ·Σ_t mask_t ⊙ values_t (one pruner
+    per task, in plan order)."""
 
-    pruners: list[Pruner]
+    pruners: Sequence[Pruner]
     lam: float
 
-    def report(self) -> dict[str, list[float] | list[int]]:
-        return {
-            "kept": [p.kept for p in self.pruners],
-            "density": [p.kept / p.seen if p.seen else 0.0 for p in self.pruners],
-        }
 
-
-def prune_add_kernel(ctx: PruneAdd, chunk: Chunk) -> torch.Tensor:
-    """Σ_t λ·mask_t ⊙ values_t for one chunk."""
+def prune_add_kernel(ctx: PruneAdd, chunk: Chunk) -> KernelOut:
+    """Σ_t λ·mask_t ⊙ values_t for one chunk, with each task's mask."""
     total = torch.zeros_like(chunk.base_cd)
+    masks = []
     for pr in ctx.pruners:
         mask, values = pr(chunk)
         total += torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    return ctx.lam * total
-
-
-def per_task_weights(weights: Sequence[float] | None, tasks: int, subspaces: int) -> list[list[float]]:
-    """Expand NPS weights: none (all 1), M values (shared) or T·M values (task-major)."""
-    from npstune.errors import ConfigError
-
-    if weights is None:
-        return [[1.0] * subspaces for _ in range(tasks)]
-    w = [float(x) for x in weights]
-    if len(w) == subspaces:
-        return [list(w) for _ in range(tasks)]
-    if len(w) == tasks * subspaces:
-        return [w[t * subspaces : (t + 1) * subspaces] for t in range(tasks)]
-    raise ConfigError(
-        f"--weights: expected {subspaces} values (shared) or {tasks}·{subspaces} = "
-        f"{tasks * subspaces} (one row per task, task-major), got {len(w)}"
-    )
+        masks.append(mask)
+    return KernelOut(ctx.lam * total, tuple(masks))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from typing import Any, Protocol
 
 from ray.tune import Callback
 
+from npstune.fsutil import atomic_write_text
 from npstune.search.space import METRIC, ParamSpace
 
 #: Result keys kept per trial (besides ``acc/<task>``).
@@ -87,13 +87,11 @@ class Ledger:
         )
 
     def save(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
         data = {
             "records": [asdict(r) for r in self.records],
             "generations": [asdict(g) for g in self.generations],
         }
-        tmp.write_text(json.dumps(data, default=float))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(data, default=float))
 
     def truncate(self, generations: int) -> None:
         """Forget everything from generation ``generations`` on (an unfinished one)."""

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from npstune.errors import ConfigError, SearchError, missing
+from npstune.fsutil import atomic_write_text
 
 try:  # the search extra: fail with the install hint, not a traceback
     import ray  # noqa: F401
@@ -84,9 +85,7 @@ class RunInfo:
             return None
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.__dict__))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.__dict__))
 
 
 def run_search(

@@ -14,6 +14,7 @@ from npstune.sparsify.nps import (
     partitions,
     reweight,
     subspace_bounds,
+    task_weight_rows,
 )
 from npstune.sparsify.random import bernoulli_mask
 from npstune.sparsify.topk import (
@@ -44,5 +45,6 @@ __all__ = [
     "select_many",
     "select_streams",
     "subspace_bounds",
+    "task_weight_rows",
     "topk_mask",
 ]

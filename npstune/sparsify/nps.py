@@ -98,6 +98,24 @@ def check_weights(weights: Sequence[float], subspaces: int) -> torch.Tensor:
     return w
 
 
+def task_weight_rows(weights: Sequence[float] | None, tasks: int, subspaces: int
+                     ) -> list[list[float]]:
+    """One row of M subspace weights per task from NPS ``--weights``: None (all 1), M
+    values (shared by every task) or T·M values, task-major (row t is values
+    ``t·M … t·M + M − 1``). ConfigError for any other count."""
+    if weights is None:
+        return [[1.0] * subspaces for _ in range(tasks)]
+    w = [float(x) for x in weights]
+    if len(w) == subspaces:
+        return [list(w) for _ in range(tasks)]
+    if len(w) == tasks * subspaces:
+        return [w[t * subspaces : (t + 1) * subspaces] for t in range(tasks)]
+    raise ConfigError(
+        f"--weights: expected {subspaces} values (shared) or {tasks}·{subspaces} = "
+        f"{tasks * subspaces} (one row per task, task-major), got {len(w)}"
+    )
+
+
 def reweight(tau: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """τ' = w[subspace] · τ, in τ's dtype."""
     return weights.to(device=tau.device, dtype=tau.dtype)[ids.long()] * tau

@@ -19,6 +19,7 @@ Results are identical, bit for bit, to the streaming reference path
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -181,7 +182,7 @@ class RankedTaskVector:
         """Split a flat vector over this task vector's keys (views, no copy)."""
         out, pos = {}, 0
         for k in self.keys:
-            size = int(np.prod(self.shapes[k], dtype=np.int64))
+            size = math.prod(self.shapes[k])
             out[k] = flat[pos : pos + size].view(self.shapes[k])
             pos += size
         return out

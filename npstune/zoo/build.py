@@ -23,6 +23,8 @@ from typing import Any
 import torch
 
 from npstune.errors import CheckpointError
+from npstune.fsutil import atomic_write_json as write_json_atomic
+from npstune.fsutil import sha256_file
 from npstune.zoo import model as zm
 from npstune.zoo.core import (
     Zoo,
@@ -30,7 +32,6 @@ from npstune.zoo.core import (
     file_record,
     read_manifest,
     resolve_cache_dir,
-    write_json_atomic,
     zoo_dir,
     MANIFEST,
 )
@@ -42,7 +43,6 @@ from npstune.zoo.sources import (
     BASE_MODEL_SHA256,
     fetch_sources,
     read_wheel_member,
-    sha256_file,
 )
 
 logger = logging.getLogger(__name__)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from npstune.errors import CheckpointError, ConfigError
+from npstune.fsutil import sha256_file
 from npstune.zoo.datasets import SPLITS
 from npstune.zoo.recipe import ZooRecipe, get_recipe
-from npstune.zoo.sources import sha256_file
 
 ENV_VAR = "NPSTUNE_ZOO_DIR"
 MANIFEST = "manifest.json"
@@ -31,22 +30,6 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
 
 def zoo_dir(recipe: ZooRecipe, cache_dir: Path) -> Path:
     return cache_dir / f"{recipe.size}-{recipe.hash}"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file in the same dir, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:

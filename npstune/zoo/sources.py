@@ -10,7 +10,6 @@ imported from these packages.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import io
 import logging
 import os
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from npstune.errors import CheckpointError, MissingDependencyError
+from npstune.fsutil import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +98,6 @@ BASE_MODEL_FILES = (
 )
 
 _FIX_CORRUPT = "delete it and run `npstune zoo build` again to fetch a fresh copy"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """The hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sources_dir(cache_dir: Path) -> Path:

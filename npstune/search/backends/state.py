@@ -9,12 +9,12 @@ population, so ``--resume`` never continues a different search.
 from __future__ import annotations
 
 import math
-import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 from npstune.errors import SearchError
+from npstune.fsutil import atomic_write_bytes
 
 STATE_VERSION = 1
 
@@ -53,10 +53,4 @@ def read_state(checkpoint_path: str) -> dict[str, Any]:
 
 def write_state(checkpoint_path: str, state: dict[str, Any]) -> None:
     """Pickle ``state`` to ``checkpoint_path`` atomically (a kill leaves the old file)."""
-    path = Path(checkpoint_path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(pickle.dumps(state))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(checkpoint_path, pickle.dumps(state))
