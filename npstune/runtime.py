@@ -18,7 +18,9 @@ def resolve_device(device: str | None) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {name}: CUDA is not available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)"
+            )
     elif dev.type != "cpu":
         raise ConfigError(f"--device {name!r}: expected cpu, cuda or cuda:N")
     return dev

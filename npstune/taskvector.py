@@ -50,8 +50,12 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _raise_not_finite(key: str, read: Sequence[tuple[LazyCheckpoint, torch.Tensor]],
-                      model: LazyCheckpoint, dtype: torch.dtype = torch.float32) -> None:
+def _raise_not_finite(
+    key: str,
+    read: Sequence[tuple[LazyCheckpoint, torch.Tensor]],
+    model: LazyCheckpoint,
+    dtype: torch.dtype = torch.float32,
+) -> None:
     """Raise for a task-vector chunk that is not finite: name the checkpoint holding NaN/Inf
     (``read``: (checkpoint, its chunk) pairs), else say the difference overflows."""
     for ck, x in read:
@@ -103,7 +107,11 @@ class MergePlan:
         return sum(self.numel[k] for k in self.delta_keys)
 
     def read_chunk(
-        self, key: str, start: int = 0, stop: int | None = None, device: str | torch.device = "cpu"
+        self,
+        key: str,
+        start: int = 0,
+        stop: int | None = None,
+        device: str | torch.device = "cpu",
     ) -> Chunk:
         """Read ``[start, stop)`` of ``key`` from the base and every model, once each."""
         b = self.base.read(key, start, stop).to(device)
@@ -128,8 +136,12 @@ class MergePlan:
         """``m`` when it is an adapter over this plan's base (τ from its factors)."""
         return m if isinstance(m, AdapterCheckpoint) and m.is_over(self.base) else None
 
-    def joint_score_chunks(self, tasks: Sequence[int], keys: Sequence[str] | None = None,
-                           device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, ...]]:
+    def joint_score_chunks(
+        self,
+        tasks: Sequence[int],
+        keys: Sequence[str] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
         """One tuple (|τ_t| for t in ``tasks``, float32, flat) per chunk, in position order:
         the base is read once per chunk for all the tasks."""
         for key in self.delta_keys if keys is None else keys:
@@ -141,17 +153,30 @@ class MergePlan:
                     for t in tasks
                 )
 
-    def _score(self, key: str, m: LazyCheckpoint, start: int, stop: int,
-               b: torch.Tensor, b32: torch.Tensor, device: str | torch.device
-               ) -> torch.Tensor:
+    def _score(
+        self,
+        key: str,
+        m: LazyCheckpoint,
+        start: int,
+        stop: int,
+        b: torch.Tensor,
+        b32: torch.Tensor,
+        device: str | torch.device,
+    ) -> torch.Tensor:
         """|τ| of one model's chunk in float32 (an adapter's exactly)."""
         ad = self._adapter(m)
         if ad is not None:
             return ad.delta(key, start, stop, torch.float32).to(device).abs_()
         return self._delta32(key, m, m.read(key, start, stop).to(device), b, b32).abs_()
 
-    def _delta32(self, key: str, model: LazyCheckpoint, f: torch.Tensor, b: torch.Tensor,
-                 b32: torch.Tensor) -> torch.Tensor:
+    def _delta32(
+        self,
+        key: str,
+        model: LazyCheckpoint,
+        f: torch.Tensor,
+        b: torch.Tensor,
+        b32: torch.Tensor,
+    ) -> torch.Tensor:
         """fl32(θ_t) − fl32(θ_pre) for one chunk (``f``, ``b`` as read; ``b32`` = b.float()),
         refusing NaN/Inf with the checkpoint that holds it."""
         d = f.float() - b32
@@ -195,8 +220,15 @@ class Chunk:
 
     def slice(self, lo: int, hi: int) -> Chunk:
         """Elements ``[lo, hi)`` of this chunk (relative offsets; views, no copies)."""
-        return Chunk(self.key, self.start + lo, self.shape, self.base[lo:hi], self.base_cd[lo:hi],
-                     [t[lo:hi] for t in self.taus], [t[lo:hi] for t in self.taus32])
+        return Chunk(
+            self.key,
+            self.start + lo,
+            self.shape,
+            self.base[lo:hi],
+            self.base_cd[lo:hi],
+            [t[lo:hi] for t in self.taus],
+            [t[lo:hi] for t in self.taus32],
+        )
 
 
 def plan_merge(
@@ -244,14 +276,18 @@ def plan_merge(
     mergeable = 0
     for key in sorted(base_keys):
         numel[key] = base.numel(key)
-        in_scope = (not include or _matches(key, include)) and not _matches(key, exclude)
+        in_scope = (not include or _matches(key, include)) and not _matches(
+            key, exclude
+        )
         bdt = base.dtype(key)
         if not in_scope:
             copy_keys.append(key)
             continue
         for m in models:
             if key not in m:
-                raise CheckpointError(f"{m.path}:{key}: key missing (present in base {base.path})")
+                raise CheckpointError(
+                    f"{m.path}:{key}: key missing (present in base {base.path})"
+                )
             if m.shape(key) != base.shape(key):
                 raise ShapeMismatchError(
                     f"{m.path}:{key}: shape {tuple(m.shape(key))} does not match base "
@@ -268,7 +304,9 @@ def plan_merge(
         else:
             delta_keys.append(key)
     if not mergeable:
-        raise ConfigError(f"{base.path}: no floating tensors to merge (check --include/--exclude)")
+        raise ConfigError(
+            f"{base.path}: no floating tensors to merge (check --include/--exclude)"
+        )
     return MergePlan(base, list(models), delta_keys, copy_keys, filtered, numel)
 
 
@@ -284,7 +322,9 @@ def _open_model(m: LazyCheckpoint | str, base: LazyCheckpoint) -> LazyCheckpoint
 _PROBE = 4096
 
 
-def _is_frozen(key: str, base: LazyCheckpoint, models: Sequence[LazyCheckpoint]) -> bool:
+def _is_frozen(
+    key: str, base: LazyCheckpoint, models: Sequence[LazyCheckpoint]
+) -> bool:
     """True when every model holds exactly the base's tensor (probe first, then chunks).
 
     An adapter over ``base`` answers for itself: untouched keys and zero B·A are
@@ -303,8 +343,11 @@ def _is_frozen(key: str, base: LazyCheckpoint, models: Sequence[LazyCheckpoint])
         return True
     n = base.numel(key)
     probe = base.read(key, 0, _PROBE)
-    if any(m.dtype(key) != base.dtype(key) or not torch.equal(m.read(key, 0, _PROBE), probe)
-           for m in models):
+    if any(
+        m.dtype(key) != base.dtype(key)
+        or not torch.equal(m.read(key, 0, _PROBE), probe)
+        for m in models
+    ):
         return False
     for start in range(_PROBE, n, CHUNK):
         b = base.read(key, start, start + CHUNK)
@@ -349,7 +392,11 @@ class TaskVector:
         return plan.task_vectors()[0]
 
     def values(
-        self, key: str, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32
+        self,
+        key: str,
+        start: int = 0,
+        stop: int | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Flat chunk ``[start, stop)`` of τ[key] in ``dtype``; NaN/Inf is an error."""
         if self._tensors is not None:
@@ -357,10 +404,16 @@ class TaskVector:
         assert self.base is not None and self.model is not None
         if isinstance(self.model, AdapterCheckpoint) and self.model.is_over(self.base):
             return self.model.delta(key, start, stop, dtype)
-        d = self.model.read(key, start, stop).to(dtype) - self.base.read(key, start, stop).to(dtype)
+        d = self.model.read(key, start, stop).to(dtype) - self.base.read(
+            key, start, stop
+        ).to(dtype)
         if not all_finite(d):
-            _raise_not_finite(key, [(ck, ck.read(key, start, stop)) for ck in (self.model, self.base)],
-                              self.model, dtype)
+            _raise_not_finite(
+                key,
+                [(ck, ck.read(key, start, stop)) for ck in (self.model, self.base)],
+                self.model,
+                dtype,
+            )
         return d
 
     def delta(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -387,9 +440,17 @@ class TaskVector:
         for k in self.keys:
             a, b = self.delta(k), other.delta(k)
             if a.shape != b.shape:
-                raise ShapeMismatchError(f"{k}: shapes {self.shape(k)} and {other.shape(k)}")
+                raise ShapeMismatchError(
+                    f"{k}: shapes {self.shape(k)} and {other.shape(k)}"
+                )
             tensors[k] = (a + sign * b).reshape(self.shape(k))
-        return TaskVector(self.base, None, self.keys, f"{self.name}{'+-'[sign < 0]}{other.name}", tensors)
+        return TaskVector(
+            self.base,
+            None,
+            self.keys,
+            f"{self.name}{'+-'[sign < 0]}{other.name}",
+            tensors,
+        )
 
     def __add__(self, other: TaskVector) -> TaskVector:
         return self._combine(other, 1.0)
@@ -398,7 +459,9 @@ class TaskVector:
         return self._combine(other, -1.0)
 
     def __mul__(self, scale: float) -> TaskVector:
-        tensors = {k: self.delta(k).reshape(self.shape(k)) * float(scale) for k in self.keys}
+        tensors = {
+            k: self.delta(k).reshape(self.shape(k)) * float(scale) for k in self.keys
+        }
         return TaskVector(self.base, None, self.keys, self.name, tensors)
 
     __rmul__ = __mul__

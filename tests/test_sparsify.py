@@ -101,7 +101,10 @@ def test_joint_select_over_streams_equals_one_select_per_stream(use_radix, monke
         monkeypatch.setattr(topk_mod, "SMALL", 0)
     g = torch.Generator().manual_seed(5)
     n, streams = 3000, 3
-    xs = [(torch.randn(n, generator=g) * (2 + s)).round().abs() / 4 for s in range(streams)]  # ties
+    xs = [
+        (torch.randn(n, generator=g) * (2 + s)).round().abs() / 4
+        for s in range(streams)
+    ]  # ties
     xs[2][:] = 0.5  # one stream all ties
     steps = [tuple(x[i : i + 250] for x in xs) for i in range(0, n, 250)]
     ks = [[0, 30, 1500], [1, n], [7, 2999]]
@@ -111,11 +114,16 @@ def test_joint_select_over_streams_equals_one_select_per_stream(use_radix, monke
         assert got[s] == want
         for K, th in zip(ks[s], got[s]):
             if K:  # the threshold counts the scores equal to it (what lets cursors skip scans)
-                assert th.equal == int((xs[s] == th.value).sum()) and 0 < th.quota <= th.equal
+                assert (
+                    th.equal == int((xs[s] == th.value).sum())
+                    and 0 < th.quota <= th.equal
+                )
             mask = apply(th, [st[s] for st in steps])
             assert int(mask.sum()) == K
             want_mask = torch.zeros(n, dtype=torch.bool)
-            want_mask[torch.sort(-xs[s], stable=True).indices[:K]] = True  # earlier wins ties
+            want_mask[torch.sort(-xs[s], stable=True).indices[:K]] = (
+                True  # earlier wins ties
+            )
             assert torch.equal(mask, want_mask)
 
 

@@ -47,7 +47,12 @@ from npstune.fsutil import (
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
-HF_WEIGHT_FILES = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", TORCH_INDEX)
+HF_WEIGHT_FILES = (
+    "model.safetensors",
+    SAFETENSORS_INDEX,
+    "pytorch_model.bin",
+    TORCH_INDEX,
+)
 FORMS = ("safetensors", "sharded", "torch", "hf")
 
 
@@ -56,7 +61,11 @@ def checkpoint_name(path: str | os.PathLike[str]) -> str:
     p = Path(path)
     if p.name.endswith(".index.json"):
         p = p.parent
-    return p.stem if p.is_file() or p.suffix in (".safetensors", ".pt", ".bin", ".pth") else p.name
+    return (
+        p.stem
+        if p.is_file() or p.suffix in (".safetensors", ".pt", ".bin", ".pth")
+        else p.name
+    )
 
 
 class LazyCheckpoint(Mapping[str, torch.Tensor]):
@@ -81,8 +90,10 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
         self._lock = threading.Lock()
         self._open: tuple[Path, Any] | None = None
         self.form, self.weights = self._detect()
-        self._keys = sorted(self._infos) if self._torch_state is None else sorted(
-            self._torch_state
+        self._keys = (
+            sorted(self._infos)
+            if self._torch_state is None
+            else sorted(self._torch_state)
         )
 
     # ------------------------------------------------------------------ detection
@@ -95,8 +106,10 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
                         self.hf_dir = p
                         self._load_weights(p / name)
                         return "hf", p / name
-                raise CheckpointError(f"{p}: Hugging Face directory without weights "
-                                      f"(looked for {', '.join(HF_WEIGHT_FILES)})")
+                raise CheckpointError(
+                    f"{p}: Hugging Face directory without weights "
+                    f"(looked for {', '.join(HF_WEIGHT_FILES)})"
+                )
             if (p / SAFETENSORS_INDEX).is_file():
                 self._load_weights(p / SAFETENSORS_INDEX)
                 return "sharded", p / SAFETENSORS_INDEX
@@ -104,10 +117,14 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
                 self._load_weights(p / "model.safetensors")
                 return "sharded", p / "model.safetensors"
             if (p / "adapter_config.json").is_file():
-                raise CheckpointError(f"{p}: a PEFT adapter, not a full checkpoint: "
-                                      "open it with open_checkpoint(path, base=BASE)")
-            raise CheckpointError(f"{p}: directory holds no checkpoint "
-                                  f"(no config.json, {SAFETENSORS_INDEX} or model.safetensors)")
+                raise CheckpointError(
+                    f"{p}: a PEFT adapter, not a full checkpoint: "
+                    "open it with open_checkpoint(path, base=BASE)"
+                )
+            raise CheckpointError(
+                f"{p}: directory holds no checkpoint "
+                f"(no config.json, {SAFETENSORS_INDEX} or model.safetensors)"
+            )
         if p.name.endswith(".index.json"):
             self._load_weights(p)
             return "sharded", p
@@ -124,7 +141,9 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
                 weight_map: dict[str, str] = index["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{f}: unreadable shard index ({exc})") from exc
-            self.metadata = {str(k): str(v) for k, v in (index.get("metadata") or {}).items()}
+            self.metadata = {
+                str(k): str(v) for k, v in (index.get("metadata") or {}).items()
+            }
             self.shard_of = dict(weight_map)
             if f.name == TORCH_INDEX:
                 state: dict[str, torch.Tensor] = {}
@@ -142,8 +161,10 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
                     self._file_of[key] = (sp, start)
             missing = set(weight_map) - set(self._infos)
             if missing:
-                raise CheckpointError(f"{f}: index names tensors no shard holds: "
-                                      f"{', '.join(sorted(missing)[:3])}")
+                raise CheckpointError(
+                    f"{f}: index names tensors no shard holds: "
+                    f"{', '.join(sorted(missing)[:3])}"
+                )
             return
         if f.suffix == ".safetensors":
             infos, meta, start = read_header(f)
@@ -259,7 +280,11 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable torch file ({exc})") from exc
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+    if (
+        isinstance(obj, Mapping)
+        and "state_dict" in obj
+        and isinstance(obj["state_dict"], Mapping)
+    ):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
@@ -288,7 +313,9 @@ def open_checkpoint(
 
 # ---------------------------------------------------------------------- writing
 def _is_weight_file(p: Path) -> bool:
-    return p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name.endswith(".index.json")
+    return p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name.endswith(
+        ".index.json"
+    )
 
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -342,7 +369,9 @@ class CheckpointWriter:
         self.form = output_form(out, like)
         parent = self.out.parent
         if not parent.exists():
-            raise CheckpointError(f"{self.out}: parent directory {parent} does not exist")
+            raise CheckpointError(
+                f"{self.out}: parent directory {parent} does not exist"
+            )
         self.tmp = parent / f".{self.out.name}.npstune-tmp-{os.getpid()}"
         self._writers: dict[str, StreamingSafetensorsWriter] = {}
         self._route: dict[str, str] = {}
@@ -360,8 +389,11 @@ class CheckpointWriter:
         if self.form == "hf" and self.like.hf_dir is not None:
             _copy_non_weights(self.like.hf_dir, self.tmp)
         weights = self.like.weights
-        sharded = (self.like.form in ("sharded", "hf") and bool(self.like.shard_of)
-                   and weights.name.endswith(".index.json"))
+        sharded = (
+            self.like.form in ("sharded", "hf")
+            and bool(self.like.shard_of)
+            and weights.name.endswith(".index.json")
+        )
         if not sharded:
             self._open_file(self.tmp / "model.safetensors", self.specs)
             return self
@@ -370,7 +402,10 @@ class CheckpointWriter:
         for key, spec in self.specs.items():
             shard = self.like.shard_of.get(key, first)
             if shard.endswith(".bin"):
-                shard = shard[: -len(".bin")].replace("pytorch_model", "model") + ".safetensors"
+                shard = (
+                    shard[: -len(".bin")].replace("pytorch_model", "model")
+                    + ".safetensors"
+                )
             groups.setdefault(shard, {})[key] = spec
         for shard, specs in groups.items():
             self._open_file(self.tmp / shard, specs)
@@ -382,7 +417,9 @@ class CheckpointWriter:
         atomic_write_text(self.tmp / SAFETENSORS_INDEX, json.dumps(index, indent=2))
         return self
 
-    def _open_file(self, path: Path, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    def _open_file(
+        self, path: Path, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+    ) -> None:
         w = StreamingSafetensorsWriter(path, specs, self.metadata)
         self._writers[path.name] = w
         for key in specs:
@@ -393,7 +430,9 @@ class CheckpointWriter:
         if self._torch_state is not None:
             shape, dtype = self.specs[key]
             if start == 0 and tensor.numel() == math.prod(shape):
-                self._torch_state[key] = tensor.detach().to(dtype).reshape(shape).clone()
+                self._torch_state[key] = (
+                    tensor.detach().to(dtype).reshape(shape).clone()
+                )
                 return
             full = self._torch_state.setdefault(key, torch.empty(shape, dtype=dtype))
             full.view(-1)[start : start + tensor.numel()] = tensor.reshape(-1)
@@ -490,7 +529,9 @@ def write_state_dict(
             torch.save({k: v.contiguous() for k, v in state.items()}, buf)
             atomic_write_bytes(out, buf.getvalue())
             return out
-        raise ConfigError(f"{out}: cannot infer a checkpoint form from the name; pass like=")
+        raise ConfigError(
+            f"{out}: cannot infer a checkpoint form from the name; pass like="
+        )
     with CheckpointWriter(out, like, specs, metadata) as w:
         for k in sorted(state):
             w.write(k, state[k])
@@ -521,7 +562,11 @@ def write_sharded(
         name = f"model-{i:05d}-of-{total:05d}.safetensors"
         write_state_dict(out / name, shard, metadata=metadata)
         weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-             "weight_map": weight_map}
+    index = {
+        "metadata": {
+            "total_size": sum(v.numel() * v.element_size() for v in state.values())
+        },
+        "weight_map": weight_map,
+    }
     atomic_write_text(out / SAFETENSORS_INDEX, json.dumps(index, indent=2))
     return out

@@ -14,9 +14,9 @@ import json
 import math
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -68,7 +68,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file (file too short)")
+                raise CheckpointError(
+                    f"{path}: not a safetensors file (file too short)"
+                )
             (hlen,) = struct.unpack("<Q", raw)
             if hlen > MAX_HEADER or 8 + hlen > size:
                 raise CheckpointError(
@@ -89,10 +91,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
             begin, end = (int(x) for x in entry["data_offsets"])
             shape = tuple(int(s) for s in entry["shape"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}:{key}: malformed header entry ({exc})") from exc
+            raise CheckpointError(
+                f"{path}:{key}: malformed header entry ({exc})"
+            ) from exc
         info = TensorInfo(shape, dtype, begin, end)
         if end - begin != info.numel * _itemsize(dtype):
-            raise CheckpointError(f"{path}:{key}: byte range does not match shape {shape}")
+            raise CheckpointError(
+                f"{path}:{key}: byte range does not match shape {shape}"
+            )
         if end > data_len:
             raise CheckpointError(
                 f"{path}:{key}: file is truncated (tensor ends at byte {end} of the data "
@@ -163,7 +169,9 @@ class StreamingSafetensorsWriter:
         flat = tensor.detach().reshape(-1).contiguous().cpu()
         item = flat.element_size()
         if start * item + flat.numel() * item > nbytes:
-            raise CheckpointError(f"{self.path}:{key}: chunk runs past the tensor's end")
+            raise CheckpointError(
+                f"{self.path}:{key}: chunk runs past the tensor's end"
+            )
         self._fh.seek(self._data_start + off + start * item)
         if flat.numel():
             self._fh.write(flat.view(torch.uint8).numpy().data)

@@ -41,7 +41,9 @@ class LazyGroup(click.Group):
         module, attr = target.split(":")
         try:
             return getattr(importlib.import_module(module), attr)
-        except ModuleNotFoundError as exc:  # a subcommand not built yet, or a missing extra
+        except (
+            ModuleNotFoundError
+        ) as exc:  # a subcommand not built yet, or a missing extra
             if exc.name and exc.name.startswith("npstune"):
                 return None
             raise

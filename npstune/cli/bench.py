@@ -18,7 +18,9 @@ from npstune.errors import ConfigError
 class BenchCommand(click.Command):
     """Its help lists the benchmark table, read when the help is shown."""
 
-    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_help_text(
+        self, ctx: click.Context, formatter: click.HelpFormatter
+    ) -> None:
         super().format_help_text(ctx, formatter)
         try:
             from benchmarks import BENCHMARKS
@@ -28,11 +30,18 @@ class BenchCommand(click.Command):
             formatter.write_dl(list(BENCHMARKS.items()))
 
 
-@click.command("bench", cls=BenchCommand,
-               context_settings={"ignore_unknown_options": True,
-                                 "allow_interspersed_args": False})
-@click.option("--zoo", "zoo_size", default=None, type=RegistryChoice(zoo_sizes),
-              help="Zoo size, passed on as the benchmark's --zoo.")
+@click.command(
+    "bench",
+    cls=BenchCommand,
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.option(
+    "--zoo",
+    "zoo_size",
+    default=None,
+    type=RegistryChoice(zoo_sizes),
+    help="Zoo size, passed on as the benchmark's --zoo.",
+)
 @click.argument("name")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 def bench(zoo_size: str | None, name: str, extra: tuple[str, ...]) -> None:
@@ -44,8 +53,10 @@ def bench(zoo_size: str | None, name: str, extra: tuple[str, ...]) -> None:
     try:
         valid = benchmarks()
     except ModuleNotFoundError as exc:
-        raise ConfigError(f"the benchmarks are not available ({exc}); run from a source "
-                          "checkout installed with `pip install -e .`") from exc
+        raise ConfigError(
+            f"the benchmarks are not available ({exc}); run from a source "
+            "checkout installed with `pip install -e .`"
+        ) from exc
     if mod_name not in valid:
         raise ConfigError(f"unknown benchmark {name!r}; valid: {', '.join(valid)}")
     module = importlib.import_module(f"benchmarks.{mod_name}")

@@ -23,14 +23,29 @@ from npstune.sparsify import keep_count
 
 #: Accounting family of every method name the CLI, the benchmarks and the paper use.
 FAMILIES: dict[str, str] = {
-    "finetuned": "finetuned", "fine-tuned": "finetuned", "individual": "finetuned",
-    "merged": "merged", "zero-shot": "merged", "pretrained": "merged",
-    "average": "merged", "averaging": "merged", "task-arithmetic": "merged",
-    "ties": "merged", "fisher": "merged", "regmean": "merged",
-    "consensus-ta": "merged", "consensus-ties": "merged",
-    "tall-ties": "tall", "tall": "tall", "tall-masks": "tall",
-    "nps": "sparse", "magnitude": "sparse", "dare": "sparse", "darex": "sparse",
-    "ties-trim": "sparse", "sparse": "sparse",
+    "finetuned": "finetuned",
+    "fine-tuned": "finetuned",
+    "individual": "finetuned",
+    "merged": "merged",
+    "zero-shot": "merged",
+    "pretrained": "merged",
+    "average": "merged",
+    "averaging": "merged",
+    "task-arithmetic": "merged",
+    "ties": "merged",
+    "fisher": "merged",
+    "regmean": "merged",
+    "consensus-ta": "merged",
+    "consensus-ties": "merged",
+    "tall-ties": "tall",
+    "tall": "tall",
+    "tall-masks": "tall",
+    "nps": "sparse",
+    "magnitude": "sparse",
+    "dare": "sparse",
+    "darex": "sparse",
+    "ties-trim": "sparse",
+    "sparse": "sparse",
 }
 
 
@@ -67,10 +82,17 @@ class StorageBits:
     def as_dict(self) -> dict[str, object]:
         """JSON-ready numbers (every bit count an exact integer)."""
         return {
-            "method": self.method, "family": self.family, "tasks": self.tasks, "n": self.n,
-            "k": self.k, "frozen": self.frozen, "paper_bits": self.paper_bits,
-            "frozen_bits": self.frozen_bits, "total_bits": self.total_bits,
-            "disk_bytes": self.disk_bytes, "ratio": self.ratio,
+            "method": self.method,
+            "family": self.family,
+            "tasks": self.tasks,
+            "n": self.n,
+            "k": self.k,
+            "frozen": self.frozen,
+            "paper_bits": self.paper_bits,
+            "frozen_bits": self.frozen_bits,
+            "total_bits": self.total_bits,
+            "disk_bytes": self.disk_bytes,
+            "ratio": self.ratio,
         }
 
 
@@ -95,11 +117,15 @@ def storage_bits(
     """
     family = FAMILIES.get(method)
     if family is None:
-        raise ConfigError(f"storage accounting: unknown method {method!r}; "
-                          f"valid: {', '.join(sorted(FAMILIES))}")
+        raise ConfigError(
+            f"storage accounting: unknown method {method!r}; "
+            f"valid: {', '.join(sorted(FAMILIES))}"
+        )
     if tasks < 1 or n < 0 or frozen < 0:
-        raise ConfigError(f"storage accounting: need tasks >= 1, n >= 0, frozen >= 0; "
-                          f"got tasks={tasks}, n={n}, frozen={frozen}")
+        raise ConfigError(
+            f"storage accounting: need tasks >= 1, n >= 0, frozen >= 0; "
+            f"got tasks={tasks}, n={n}, frozen={frozen}"
+        )
     if family == "finetuned":
         bits = 32 * tasks * n
     elif family == "merged":

@@ -31,7 +31,10 @@ VERSION = 1
 MANIFEST = "manifest.json"
 
 DTYPES: dict[str, torch.dtype] = {
-    "fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+    "fp64": torch.float64,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -99,7 +102,9 @@ class Manifest(_Model):
     value_dtype: str | None
     zstd_level: int
     base: BaseRef
-    keys: dict[str, int]  # every base key -> numel (decides frozen vs merged accounting)
+    keys: dict[
+        str, int
+    ]  # every base key -> numel (decides frozen vs merged accounting)
     tasks: list[TaskEntry]
 
     def task(self, name: str) -> TaskEntry:
@@ -120,25 +125,43 @@ def read_manifest(store: Path) -> Manifest:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: unreadable ({exc}; corrupted?)") from exc
-    if isinstance(raw, dict) and raw.get("format") == FORMAT and raw.get("version") != VERSION:
-        raise CheckpointError(f"{path}: store format version {raw.get('version')} is not "
-                              f"supported (this npstune reads version {VERSION})")
+    if (
+        isinstance(raw, dict)
+        and raw.get("format") == FORMAT
+        and raw.get("version") != VERSION
+    ):
+        raise CheckpointError(
+            f"{path}: store format version {raw.get('version')} is not "
+            f"supported (this npstune reads version {VERSION})"
+        )
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(x) for x in first["loc"])
-        raise CheckpointError(f"{path}: malformed manifest at {loc}: {first['msg']}") from None
+        raise CheckpointError(
+            f"{path}: malformed manifest at {loc}: {first['msg']}"
+        ) from None
 
 
 def dumps(obj: Any, indent: int = 0) -> str:
     """JSON with one level of indentation per nesting, lists of scalars on one line."""
     pad, inner = " " * indent, " " * (indent + 1)
     if isinstance(obj, dict) and obj:
-        items = [f"{inner}{json.dumps(k)}: {dumps(v, indent + 1)}" for k, v in obj.items()]
+        items = [
+            f"{inner}{json.dumps(k)}: {dumps(v, indent + 1)}" for k, v in obj.items()
+        ]
         return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    if isinstance(obj, (list, tuple)) and any(isinstance(x, (dict, list, tuple)) for x in obj):
-        return "[\n" + ",\n".join(inner + dumps(x, indent + 1) for x in obj) + "\n" + pad + "]"
+    if isinstance(obj, (list, tuple)) and any(
+        isinstance(x, (dict, list, tuple)) for x in obj
+    ):
+        return (
+            "[\n"
+            + ",\n".join(inner + dumps(x, indent + 1) for x in obj)
+            + "\n"
+            + pad
+            + "]"
+        )
     return json.dumps(obj, separators=(",", ":"))
 
 
@@ -151,15 +174,19 @@ def weight_files(ck: LazyCheckpoint) -> list[tuple[str, Path]]:
 
 def hash_checkpoint(ck: LazyCheckpoint) -> list[FileRef]:
     """Size and sha256 of every weight file of ``ck``."""
-    return [FileRef(name=name, size=f.stat().st_size, sha256=sha256_file(f))
-            for name, f in weight_files(ck)]
+    return [
+        FileRef(name=name, size=f.stat().st_size, sha256=sha256_file(f))
+        for name, f in weight_files(ck)
+    ]
 
 
 def verify_base(ck: LazyCheckpoint, ref: BaseRef) -> None:
     """Refuse a base whose form, file sizes or sha256 differ from the manifest's."""
     files = weight_files(ck)
     want = sorted((f.size, f.sha256) for f in ref.files)
-    if ck.form != ref.form or sorted(f.stat().st_size for _, f in files) != [s for s, _ in want]:
+    if ck.form != ref.form or sorted(f.stat().st_size for _, f in files) != [
+        s for s, _ in want
+    ]:
         raise CheckpointError(
             f"{ck.path}: base does not match the store (expected a {ref.form} checkpoint of "
             f"{len(ref.files)} weight file(s), sizes {[s for s, _ in want]}); refusing to use it"

@@ -67,8 +67,13 @@ def read_records(path: Path, task: str = "", split: str = "") -> list[dict[str, 
     return [dict(r) for r in rows]
 
 
-def require(rows: Iterable[Mapping[str, Any]], fields: Iterable[str], path: Path,
-            task: str = "", split: str = "") -> None:
+def require(
+    rows: Iterable[Mapping[str, Any]],
+    fields: Iterable[str],
+    path: Path,
+    task: str = "",
+    split: str = "",
+) -> None:
     """ConfigError naming the first record that lacks one of ``fields``."""
     need = list(fields)
     for i, r in enumerate(rows, 1):

@@ -70,8 +70,16 @@ def merge(
     from npstune.taskvector import plan_merge
 
     paths = [m if isinstance(m, LazyCheckpoint) else str(m) for m in models]
-    plan = plan_merge(base if isinstance(base, LazyCheckpoint) else str(base), paths,
-                      include, exclude)
-    return run_merge(plan, get_method(method), dict(params) if isinstance(params, Mapping)
-                     else params, out, device=device, data=data, progress=progress,
-                     masks=masks)
+    plan = plan_merge(
+        base if isinstance(base, LazyCheckpoint) else str(base), paths, include, exclude
+    )
+    return run_merge(
+        plan,
+        get_method(method),
+        dict(params) if isinstance(params, Mapping) else params,
+        out,
+        device=device,
+        data=data,
+        progress=progress,
+        masks=masks,
+    )

@@ -85,7 +85,9 @@ class MaskCollector:
         names: task names in plan order (``plan.task_names``); :attr:`masks` is keyed by them.
     """
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], names: Sequence[str]) -> None:
+    def __init__(
+        self, shapes: Mapping[str, tuple[int, ...]], names: Sequence[str]
+    ) -> None:
         self.shapes = dict(shapes)
         self.names = list(names)
         self.masks: dict[str, dict[str, torch.Tensor]] = {n: {} for n in self.names}

@@ -35,7 +35,9 @@ class RegMeanCtx:
     p: RegMeanParams
 
 
-def regmean_solve(grams: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
+def regmean_solve(
+    grams: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], alpha: float
+) -> torch.Tensor:
     """Closed-form RegMean weight (out × in) from per-task Grams and weights (float64)."""
     lhs = 0
     rhs = 0
@@ -64,7 +66,12 @@ def regmean(ctx: RegMeanCtx, chunk: Chunk) -> torch.Tensor:
 
 
 SPEC = MergeSpec(
-    "regmean", RegMeanParams, kernel=regmean, prepare=prepare, needs_data=True,
+    "regmean",
+    RegMeanParams,
+    kernel=regmean,
+    prepare=prepare,
+    needs_data=True,
     whole_tensor=lambda p: True,
-    paper="https://arxiv.org/abs/2212.09849", summary="closed-form linear-layer merge from Gram matrices",
+    paper="https://arxiv.org/abs/2212.09849",
+    summary="closed-form linear-layer merge from Gram matrices",
 )

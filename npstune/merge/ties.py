@@ -72,9 +72,12 @@ def majority_sign(inputs: MergeInputs, pruners: Sequence[Pruner]) -> int:
     sum is 0 only where its trimmed entry is, which merges to 0 whatever the sign."""
     if len(pruners) < 2:
         return 0
-    fresh = [replace(p, cursor=p.cursor.threshold.cursor())
-             if isinstance(p, MagnitudePruner) and p.cursor is not None else p
-             for p in pruners]
+    fresh = [
+        replace(p, cursor=p.cursor.threshold.cursor())
+        if isinstance(p, MagnitudePruner) and p.cursor is not None
+        else p
+        for p in pruners
+    ]
     ctx = TiesCtx(fresh, 1.0)
     plan, balance = inputs.plan, 0
     for key in plan.delta_keys:
@@ -84,7 +87,9 @@ def majority_sign(inputs: MergeInputs, pruners: Sequence[Pruner]) -> int:
     return (balance > 0) - (balance < 0)
 
 
-def elect_signs(trimmed: list[torch.Tensor], majority: int | None = None) -> torch.Tensor:
+def elect_signs(
+    trimmed: list[torch.Tensor], majority: int | None = None
+) -> torch.Tensor:
     """sign(Σ_t trimmed_t), with ``majority`` where the sum is exactly 0 and some trimmed
     entry is not (where all are 0 the sign is left 0: those entries merge to 0 anyway).
     ``majority`` None: the majority sign of this input itself (its scope)."""
@@ -102,7 +107,9 @@ def elect_signs(trimmed: list[torch.Tensor], majority: int | None = None) -> tor
     return elected
 
 
-def disjoint_mean(trimmed: list[torch.Tensor], majority: int | None = None) -> torch.Tensor:
+def disjoint_mean(
+    trimmed: list[torch.Tensor], majority: int | None = None
+) -> torch.Tensor:
     """Elect sign (:func:`elect_signs`: sign(Σ trimmed), a zero sum taking the majority
     sign ``majority``, or this input's own when None); mean of the nonzero entries that
     agree with it.
@@ -125,7 +132,9 @@ def disjoint_mean(trimmed: list[torch.Tensor], majority: int | None = None) -> t
     return num.mul_(elected).div_(count.clamp_min_(1))
 
 
-def trimmed(ctx: TiesCtx, chunk: Chunk) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+def trimmed(
+    ctx: TiesCtx, chunk: Chunk
+) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
     """Each task's chunk with the untrimmed entries zeroed, and each task's trim mask."""
     out, masks = [], []
     for pr in ctx.pruners:
@@ -143,7 +152,11 @@ def ties(ctx: TiesCtx, chunk: Chunk) -> KernelOut:
 
 
 SPEC = MergeSpec(
-    "ties", TiesParams, kernel=ties, prepare=prepare,
+    "ties",
+    TiesParams,
+    kernel=ties,
+    prepare=prepare,
     whole_tensor=lambda p: p.scope == "tensor",
-    paper="https://arxiv.org/abs/2306.01708", summary="trim top-k, elect sign, disjoint mean",
+    paper="https://arxiv.org/abs/2306.01708",
+    summary="trim top-k, elect sign, disjoint mean",
 )

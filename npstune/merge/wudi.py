@@ -91,7 +91,11 @@ def prepare(inputs: MergeInputs, p: WudiParams) -> MatrixCtx:
 
 
 SPEC = MergeSpec(
-    "wudi", WudiParams, kernel=wudi, prepare=prepare, whole_tensor=lambda p: True,
+    "wudi",
+    WudiParams,
+    kernel=wudi,
+    prepare=prepare,
+    whole_tensor=lambda p: True,
     paper="https://arxiv.org/abs/2503.08099",
     summary="per matrix: Adam steps on Σ_t ‖(X − τ_t)τ_tᵀ‖²/‖τ_t‖² from Σ τ_t",
 )

@@ -245,8 +245,10 @@ def _parent_params(
 def _space_params(cfg: SearchConfig) -> dict[str, Any]:
     """The search space as MLflow parameters (the nps: section, or params:)."""
     if cfg.method != "nps":
-        return {"params": json.dumps(cfg.params, sort_keys=True),
-                "per_task": ",".join(cfg.per_task)}
+        return {
+            "params": json.dumps(cfg.params, sort_keys=True),
+            "per_task": ",".join(cfg.per_task),
+        }
     return {
         "subspaces": cfg.nps.subspaces,
         "weights_per_task": cfg.nps.weights.per_task,
@@ -383,7 +385,9 @@ def _tune(
                 failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
             ),
         )
-        with keep_idle_actors(concurrency):  # no actor restarts at generation boundaries
+        with keep_idle_actors(
+            concurrency
+        ):  # no actor restarts at generation boundaries
             tuner.fit()
     finally:
         if started:

@@ -63,12 +63,16 @@ class RankedTaskVector:
         device: str | torch.device = "cpu",
     ) -> None:
         if not isinstance(subspaces, int) or not 1 <= subspaces <= 255:
-            raise ConfigError(f"subspaces must be an integer in [1, 255], got {subspaces!r}")
+            raise ConfigError(
+                f"subspaces must be an integer in [1, 255], got {subspaces!r}"
+            )
         self.keys = sorted(taus)
         self.shapes = {k: tuple(taus[k].shape) for k in self.keys}
         self.subspaces = subspaces
         self.device = torch.device(device)
-        flat = torch.cat([taus[k].reshape(-1).float() for k in self.keys]).to(self.device)
+        flat = torch.cat([taus[k].reshape(-1).float() for k in self.keys]).to(
+            self.device
+        )
         self.n = flat.numel()
         mags = flat.abs()
         # stable descending sort: equal magnitudes keep position order (rank rule)
@@ -94,7 +98,9 @@ class RankedTaskVector:
             if wm == 0:
                 counts.append(0)
                 continue
-            x = np.float32(t / wm)  # smallest |τ| whose product reaches t, up to rounding
+            x = np.float32(
+                t / wm
+            )  # smallest |τ| whose product reaches t, up to rounding
             while x > 0 and np.float32(wm * np.nextafter(x, np.float32(0))) >= t:
                 x = np.nextafter(x, np.float32(0))
             while np.isfinite(x) and np.float32(wm * x) < t:
@@ -123,7 +129,9 @@ class RankedTaskVector:
         return Threshold(float(t), K - gt, K)
 
     # ---------------------------------------------------------------- candidates
-    def _kept(self, weights: Sequence[float] | torch.Tensor, k: float) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _kept(
+        self, weights: Sequence[float] | torch.Tensor, k: float
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The kept entries as (positions, τ values, w_m) parts: one prefix per subspace,
         plus the tied entries at the threshold that win by position."""
         w = check_weights(list(map(float, weights)), self.subspaces)
@@ -138,7 +146,9 @@ class RankedTaskVector:
             g, e = gt_counts[m], ge_counts[m]
             wm = w[m].to(self.device)
             if g:
-                parts.append((self.positions[lo : lo + g], self.sorted_tau[lo : lo + g], wm))
+                parts.append(
+                    (self.positions[lo : lo + g], self.sorted_tau[lo : lo + g], wm)
+                )
             if e > g:
                 tie_pos.append(self.positions[lo + g : lo + e])
                 tie_val.append(wm * self.sorted_tau[lo + g : lo + e])
@@ -154,12 +164,19 @@ class RankedTaskVector:
         if not parts:
             empty = torch.empty(0, dtype=torch.int64, device=self.device)
             return SparseDelta(empty, empty.float(), self.n)
-        return SparseDelta(torch.cat([p for p, _, _ in parts]),
-                           torch.cat([wm * v for _, v, wm in parts]), self.n)
+        return SparseDelta(
+            torch.cat([p for p, _, _ in parts]),
+            torch.cat([wm * v for _, v, wm in parts]),
+            self.n,
+        )
 
     def scatter_into(
-        self, out: torch.Tensor, weights: Sequence[float] | torch.Tensor, k: float,
-        lam: float = 1.0, accumulate: bool = False,
+        self,
+        out: torch.Tensor,
+        weights: Sequence[float] | torch.Tensor,
+        k: float,
+        lam: float = 1.0,
+        accumulate: bool = False,
     ) -> int:
         """Write (or, with ``accumulate``, add) λ·τ̂ into the flat float32 ``out``.
 

@@ -37,7 +37,11 @@ def keep_count(k: float, n: int) -> int:
 
 def check_ratio(k: float, name: str = "k") -> None:
     """Raise ConfigError unless ``0 < k <= 1``."""
-    if not isinstance(k, (int, float)) or isinstance(k, bool) or not (0.0 < float(k) <= 1.0):
+    if (
+        not isinstance(k, (int, float))
+        or isinstance(k, bool)
+        or not (0.0 < float(k) <= 1.0)
+    ):
         raise ConfigError(f"{name} must be in (0, 1], got {k!r}")
 
 
@@ -109,7 +113,9 @@ def _bits(scores: torch.Tensor) -> torch.Tensor:
 
 
 def select_many(
-    chunks: Callable[[], Iterable[torch.Tensor]], ks: Sequence[int], n: int | None = None
+    chunks: Callable[[], Iterable[torch.Tensor]],
+    ks: Sequence[int],
+    n: int | None = None,
 ) -> list[Threshold]:
     """Exact thresholds keeping the top ``ks[i]`` scores, for several ``ks`` at once.
 
@@ -120,7 +126,8 @@ def select_many(
 
 
 def select_streams(
-    chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], ks: Sequence[Sequence[int]],
+    chunks: Callable[[], Iterable[Sequence[torch.Tensor]]],
+    ks: Sequence[Sequence[int]],
     n: int | None = None,
 ) -> list[list[Threshold]]:
     """:func:`select_many` for several score streams read together (e.g. the task vectors
@@ -130,7 +137,9 @@ def select_streams(
     S = len(ks)
     hi: list[torch.Tensor | None] = [None] * S
     total = [0] * S
-    small: list[list[torch.Tensor] | None] = [[] for _ in range(S)]  # few scores: sort instead
+    small: list[list[torch.Tensor] | None] = [
+        [] for _ in range(S)
+    ]  # few scores: sort instead
     for step in chunks():
         for i, sc in enumerate(step):
             b = _bits(sc)
@@ -158,11 +167,17 @@ def select_streams(
     for i in range(S):
         sm = small[i]
         if sm is not None:
-            out[i] = _select_sorted(torch.cat([b.cpu() for b in sm]) if sm
-                                    else torch.empty(0, dtype=torch.int32), ks[i])
+            out[i] = _select_sorted(
+                torch.cat([b.cpu() for b in sm])
+                if sm
+                else torch.empty(0, dtype=torch.int32),
+                ks[i],
+            )
             continue
         hist_hi = hi[i].numpy()
-        above_hi = _above(hist_hi)  # above[d] = number of scores whose high digit is > d
+        above_hi = _above(
+            hist_hi
+        )  # above[d] = number of scores whose high digit is > d
         for K in ks[i]:
             if K == 0:
                 plans[i].append(None)
@@ -206,7 +221,9 @@ def select_streams(
             j = _digit(above_lo[d] + above, lo_np[d], K)
             bits = (d << 16) | j
             value = float(np.array([bits], dtype=np.int32).view(np.float32)[0])
-            res.append(Threshold(value, K - int(above_lo[d][j] + above), K, int(lo_np[d][j])))
+            res.append(
+                Threshold(value, K - int(above_lo[d][j] + above), K, int(lo_np[d][j]))
+            )
         out[i] = res
     return [out[i] for i in range(S)]
 
@@ -222,7 +239,11 @@ def _select_sorted(bits: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
         v = desc[K - 1]
         gt = int(torch.searchsorted(-desc, -v, right=False))  # entries strictly greater
         ge = int(torch.searchsorted(-desc, -v, right=True))  # entries greater or equal
-        value = float(v.view(torch.float32).item() if v.dim() else v.reshape(1).view(torch.float32)[0])
+        value = float(
+            v.view(torch.float32).item()
+            if v.dim()
+            else v.reshape(1).view(torch.float32)[0]
+        )
         out.append(Threshold(value, K - gt, K, ge - gt))
     return out
 

@@ -31,7 +31,6 @@ from npstune.search.backends.state import (
 from npstune.search.space import METRIC, MODE, ParamSpace
 
 
-
 @contextmanager
 def seeded(seed: int, generation: int) -> Iterator[None]:
     """Seed numpy's global RNG (pycma samples from it) and restore it afterwards."""

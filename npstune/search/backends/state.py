@@ -29,7 +29,9 @@ def value_or_penalty(raw: Any, penalty: float) -> float:
     return v if math.isfinite(v) else float(penalty)
 
 
-def check_state(state: dict[str, Any], backend: str, names: list[str], population: int) -> None:
+def check_state(
+    state: dict[str, Any], backend: str, names: list[str], population: int
+) -> None:
     """Refuse a saved searcher state of another backend, version, space or population."""
     if state.get("version") != STATE_VERSION or state.get("backend") != backend:
         raise SearchError(
@@ -48,7 +50,9 @@ def read_state(checkpoint_path: str) -> dict[str, Any]:
     try:
         return pickle.loads(Path(checkpoint_path).read_bytes())
     except (OSError, pickle.UnpicklingError, EOFError) as exc:
-        raise SearchError(f"{checkpoint_path}: unreadable searcher state ({exc})") from exc
+        raise SearchError(
+            f"{checkpoint_path}: unreadable searcher state ({exc})"
+        ) from exc
 
 
 def write_state(checkpoint_path: str, state: dict[str, Any]) -> None:
