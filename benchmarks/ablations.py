@@ -179,7 +179,8 @@ def run(
                     continue
                 t0 = time.perf_counter()
                 outcome = run_search(
-                    cfg, echo=lambda m: print(f"  [{cfg.name}] {m}", flush=True)
+                    cfg,
+                    echo=lambda m, name=cfg.name: print(f"  [{name}] {m}", flush=True),
                 )
                 rep = outcome.report
                 nps = rep.row("nps") if rep else None

@@ -92,15 +92,22 @@ def candidates(sizes: list[int], device: str = "cpu") -> list[dict[str, Any]]:
         for m, (lo, hi) in enumerate(r.bounds):
             ids[r.positions[lo:hi]] = m
         w = torch.rand(M, generator=g) * 2
-        floor = timeit(lambda: out.copy_(tau), repeat=5, sync=sync)
-        ours = timeit(lambda: _our_build(r, w, K_RATIO, out), repeat=5, sync=sync)
+        # the lambdas bind this iteration's tensors: the loop ends with ``del`` of them
+        floor = timeit(lambda out=out, tau=tau: out.copy_(tau), repeat=5, sync=sync)
+        ours = timeit(
+            lambda r=r, w=w, out=out: _our_build(r, w, K_RATIO, out),
+            repeat=5,
+            sync=sync,
+        )
         mine = out.clone()
-        thresh = timeit(lambda: r.threshold(w, K_RATIO), repeat=5, sync=sync)
+        thresh = timeit(lambda r=r, w=w: r.threshold(w, K_RATIO), repeat=5, sync=sync)
         on_cpu = (
             dev.type == "cpu"
         )  # a CPU sort of >1e8 entries takes a minute: time it once
         ref = timeit(
-            lambda: _sort_per_candidate(tau, ids, w.to(dev), K_RATIO, out),
+            lambda tau=tau, ids=ids, w=w, out=out: _sort_per_candidate(
+                tau, ids, w.to(dev), K_RATIO, out
+            ),
             repeat=1 if on_cpu and n > 10**8 else 3,
             warmup=0 if on_cpu else 1,
             sync=sync,

@@ -487,7 +487,7 @@ def test_grams_match_hand_computation(llm, hand, data):
     ):
         seen = []
         h = mods[key.rsplit(".", 1)[0]].register_forward_hook(
-            lambda m, i, o: seen.append(i[0][0].double())
+            lambda m, i, o, seen=seen: seen.append(i[0][0].double())
         )
         want = torch.zeros(width, width, dtype=torch.float64)
         with torch.no_grad():

@@ -102,7 +102,7 @@ def test_masks_stream_block_by_block_in_position_order(tmp_path, monkeypatch):
     for task, key, start, m in rec.calls:
         per.setdefault((task, key), []).append((start, m))
     plan = plan_merge(bp, mps)
-    for (task, key), parts in per.items():  # the blocks tile each tensor exactly
+    for (_task, key), parts in per.items():  # the blocks tile each tensor exactly
         assert [s for s, _ in parts] == [s for s, _ in plan.chunks(key)]
         assert sum(m.numel() for _, m in parts) == plan.numel[key]
     assert set(per) == {(t, k) for t in range(3) for k in plan.delta_keys}

@@ -68,7 +68,7 @@ def test_fast_fusion_equals_the_merge_engine(tmp_path):
     got = ranked[0].unflatten(delta)
     for k in base:
         torch.testing.assert_close(base[k] + got[k], ref[k], rtol=1e-6, atol=1e-6)
-    for t, f in enumerate(fts):
+    for t in range(len(fts)):
         single = merge(
             bp, [mps[t]], "nps", {"k": 0.2, "subspaces": 4, "weights": ws[t]}
         ).state

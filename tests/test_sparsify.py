@@ -69,7 +69,7 @@ def test_global_threshold_matches_brute_force_sort(use_radix, dtype, monkeypatch
             parts = [torch.round(p * 2) / 2 for p in parts]
         flat = torch.cat([p.reshape(-1) for p in parts])
         k = [0.01, 0.05, 0.3, 0.5, 0.99, 1.0][trial % 6]
-        th = select(lambda: parts, keep_count(k, flat.numel()))
+        th = select(lambda parts=parts: parts, keep_count(k, flat.numel()))
         got = apply(th, [p.reshape(-1) for p in parts])
         want = oracle.topk_mask(flat, k)
         assert torch.equal(got, want)
@@ -110,7 +110,7 @@ def test_joint_select_over_streams_equals_one_select_per_stream(use_radix, monke
     ks = [[0, 30, 1500], [1, n], [7, 2999]]
     got = select_streams(lambda: iter(steps), ks, n)
     for s in range(streams):
-        want = select_many(lambda: [st[s] for st in steps], ks[s], n)
+        want = select_many(lambda s=s: [st[s] for st in steps], ks[s], n)
         assert got[s] == want
         for K, th in zip(ks[s], got[s]):
             if K:  # the threshold counts the scores equal to it (what lets cursors skip scans)
