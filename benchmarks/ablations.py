@@ -1,18 +1,19 @@
 """Ablations of the NPS fusion search: Ray Tune sweeps over one setting at a time.
 
-The sweeps are the files in ``searchspaces/ablations/`` (each extends nps-fusion.yaml and
-sweeps one key plus ``search.seed``): subspace count M ∈ {1, 2, 4, 8, 16}, calibration
-size {1/4, 1/2, 1} of the calibration examples, keep ratio k ∈ {0.01 .. 0.3}, backend cma
-vs nevergrad. Every variant is one :func:`npstune.search.run_search` (calibration split
-only); the table gives, per value, mean ± std over the seeds of the best candidate's
-calibration and test mean accuracy, with magnitude (w = 1 at the same k, λ init) on test
-for reference. ``--quick``: one seed, one generation, population 4, 2 values per sweep.
+The sweeps are the files in ``searchspaces/ablations/`` (each extends nps-fusion.yaml
+and sweeps one key plus ``search.seed``): subspace count M ∈ {1, 2, 4, 8, 16},
+calibration size {1/4, 1/2, 1} of the calibration examples, keep ratio k ∈ {0.01 ..
+0.3}, backend cma vs nevergrad. Every variant is one :func:`npstune.search.run_search`
+(calibration split only); the table gives, per value, mean ± std over the seeds of the
+best candidate's calibration and test mean accuracy, with magnitude (w = 1 at the same
+k, λ init) on test for reference. ``--quick``: one seed, one generation, population 4, 2
+values per sweep.
 
 A variant whose search config equals one already run (the default M = 8, k = 0.05, full
-calibration, cma appears in every sweep) is searched once and shared. Each finished search
-is written to ``NAME.partial.json`` at once; ``--resume`` keeps the searches found there (or
-in an earlier ``NAME.json``) whose config is the same, so a stopped run loses at most the
-search in flight.
+calibration, cma appears in every sweep) is searched once and shared. Each finished
+search is written to ``NAME.partial.json`` at once; ``--resume`` keeps the searches
+found there (or in an earlier ``NAME.json``) whose config is the same, so a stopped run
+loses at most the search in flight.
 
 Run: ``python -m benchmarks.ablations [--zoo small|full] [--quick] [--sweep subspaces]
 [--resume]``.
@@ -65,8 +66,9 @@ def fingerprint(cfg: Any) -> str:
 
 
 def earlier_runs(paths: list[Path], zoo_recipe: Any) -> dict[str, dict[str, Any]]:
-    """Finished searches (fingerprint -> run row) of earlier partial or final results files
-    made on the same zoo recipe; rows from other recipes or older formats are skipped."""
+    """Finished searches (fingerprint -> run row) of earlier partial or final results
+    files made on the same zoo recipe; rows from other recipes or older formats are
+    skipped."""
     done: dict[str, dict[str, Any]] = {}
     for path in paths:
         if not path.exists():
@@ -138,8 +140,8 @@ def run(
     checkpoint: Path | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """(summary rows: mean ± std per value, per-run rows, notes). ``done``: finished
-    searches by config fingerprint, reused instead of run; ``checkpoint``: file that gets
-    every run row as soon as its search ends."""
+    searches by config fingerprint, reused instead of run; ``checkpoint``: file that
+    gets every run row as soon as its search ends."""
     import ray
 
     from npstune.search import run_search
@@ -262,13 +264,14 @@ def run(
             )
     notes = [
         "each value: the best candidate of each seed's search (by calibration mean "
-        "accuracy); mean ± std (sample std, 0 with one seed) over seeds of its calibration "
-        "and test mean accuracy; magnitude_test = w = 1 at the same k and λ init, on test",
+        "accuracy); mean ± std (sample std, 0 with one seed) over seeds of its "
+        "calibration and test mean accuracy; magnitude_test = w = 1 at the same k and "
+        "λ init, on test",
         "searches use the calibration split only; test numbers come from the search's "
         "final report",
-        "run: ran = searched here; shared (sweep value) = the same search config as that "
-        "row, searched once; resumed = taken from an earlier run with the same config "
-        "(--resume); seconds: search time, a shared search counted once",
+        "run: ran = searched here; shared (sweep value) = the same search config as "
+        "that row, searched once; resumed = taken from an earlier run with the same "
+        "config (--resume); seconds: search time, a shared search counted once",
     ]
     return rows, runs, notes
 
@@ -377,8 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException:
         if checkpoint.exists():
             print(
-                f"stopped; finished searches are in {checkpoint}: run again with --resume "
-                "to keep them",
+                f"stopped; finished searches are in {checkpoint}: run again with "
+                "--resume to keep them",
                 flush=True,
             )
         raise

@@ -1,9 +1,10 @@
 """What every benchmark shares: the results table, machine facts, files and MLflow.
 
 A benchmark builds a list of row dicts and calls :func:`report`, which prints a Markdown
-table, writes ``benchmarks/results/NAME.md`` and ``NAME.json`` (rows + machine, versions,
-seeds, wall time) and logs the run to MLflow (the working directory's ``sqlite:///mlflow.db``
-unless ``MLFLOW_TRACKING_URI`` says otherwise) when MLflow is installed.
+table, writes ``benchmarks/results/NAME.md`` and ``NAME.json`` (rows + machine,
+versions, seeds, wall time) and logs the run to MLflow (the working directory's
+``sqlite:///mlflow.db`` unless ``MLFLOW_TRACKING_URI`` says otherwise) when MLflow is
+installed.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def report(
     artifacts: Sequence[Path] = (),
     out_dir: Path | None = None,
 ) -> Path:
-    """Print the tables, write NAME.md / NAME.json, log to MLflow. Returns the .md path."""
+    """Print the tables, write NAME.md / NAME.json,
+    log to MLflow. Returns the .md path."""
     out_dir = out_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     wall = time.perf_counter() - started if started is not None else None
@@ -160,8 +162,9 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def timeit(fn, repeat: int = 5, warmup: int = 1, sync=None) -> float:
-    """Median wall time of ``fn()`` in seconds; ``sync`` (e.g. ``torch.cuda.synchronize``)
-    is called before the clock starts and before it stops, for asynchronous devices."""
+    """Median wall time of ``fn()`` in seconds; ``sync`` (e.g.
+    ``torch.cuda.synchronize``) is called before the clock starts and before it stops,
+    for asynchronous devices."""
     sync = sync or (lambda: None)
     for _ in range(warmup):
         fn()

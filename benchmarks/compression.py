@@ -51,7 +51,8 @@ def per_task_sparse(
 
 
 def disk_bytes(bench: ZooBench, method: str, params: dict[str, Any]) -> int:
-    """Bytes of the task files + manifest ``npstune compress`` writes (lossless values)."""
+    """Bytes of the task files + manifest ``npstune compress`` writes
+    (lossless values)."""
     from npstune.compress import compress, inspect_store
 
     tmp = Path(tempfile.mkdtemp(prefix="npstune-bench-store-"))
@@ -104,7 +105,8 @@ def run(
             }
         )
         print(
-            f"{method:16s} bits {sb.paper_bits:.3e} normalized {rows[-1]['normalized']:.4f}",
+            f"{method:16s} bits {sb.paper_bits:.3e} normalized "
+            f"{rows[-1]['normalized']:.4f}",
             flush=True,
         )
 

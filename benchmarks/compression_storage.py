@@ -1,18 +1,19 @@
 """Compression storage: bytes on disk vs the paper's NPS bits, and streaming memory.
 
-Part 1 (ratio): a synthetic fp32 transformer-shaped model (~4.5M params) and 2 tasks whose
-fine-tuning deltas are heavy-tailed (Student-t, ν = 3, per-tensor scales), the fine-tuned
-checkpoints stored in fp32 as real ones are (so deltas carry the base's rounding). For
-k ∈ {0.01, 0.05, 0.1, 0.3} and values lossless / bf16 / fp16, NPS (w = 1) compresses them
-and the table gives on-disk / paper bits for the per-task part, T·(32·k·N + N), counting
-the task files and the whole manifest; targets at k = 0.05: ≤ 0.70 lossless, ≤ 0.42 with
-16-bit values. ``bound`` is the entropy of the mask plus raw values (32 or 16 bits).
+Part 1 (ratio): a synthetic fp32 transformer-shaped model (~4.5M params) and 2 tasks
+whose fine-tuning deltas are heavy-tailed (Student-t, ν = 3, per-tensor scales), the
+fine-tuned checkpoints stored in fp32 as real ones are (so deltas carry the base's
+rounding). For k ∈ {0.01, 0.05, 0.1, 0.3} and values lossless / bf16 / fp16, NPS (w = 1)
+compresses them and the table gives on-disk / paper bits for the per-task part,
+T·(32·k·N + N), counting the task files and the whole manifest; targets at k = 0.05: ≤
+0.70 lossless, ≤ 0.42 with 16-bit values. ``bound`` is the entropy of the mask plus raw
+values (32 or 16 bits).
 
 Part 2 (streaming): compress → decompress of a ~1 GB set (base + 2 tasks, generated on
 disk tensor by tensor under a scratch dir in /tmp, deleted afterwards), each step in its
-own ``npstune`` process whose peak RSS is read from the OS (``getrusage`` of a child), set
-against the largest tensor's size; the decompressed task is compared byte for byte with
-``npstune merge`` of that task.
+own ``npstune`` process whose peak RSS is read from the OS (``getrusage`` of a child),
+set against the largest tensor's size; the decompressed task is compared byte for byte
+with ``npstune merge`` of that task.
 
 Run: ``python -m benchmarks.compression_storage [--skip-stream] [--stream-mb 1024]``.
 """
@@ -84,7 +85,8 @@ def make_tensors(
 
 
 def write_set(root: Path, shapes: dict[str, tuple[int, ...]], tasks: int) -> list[Path]:
-    """Write base + task checkpoints tensor by tensor (never a whole model in memory)."""
+    """Write base + task checkpoints tensor by tensor
+    (never a whole model in memory)."""
     paths = [root / "base.safetensors"] + [
         root / f"task{t}.safetensors" for t in range(tasks)
     ]
@@ -150,7 +152,8 @@ def ratio_rows(root: Path) -> tuple[list[dict], dict]:
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float]:
-    """Run ``cmd`` in a child of a fresh wrapper; (wall s, peak RSS MiB of that child)."""
+    """Run ``cmd`` in a child of a fresh wrapper; (wall s,
+    peak RSS MiB of that child)."""
     wrapper = (
         "import resource, subprocess, sys, json, time; t = time.perf_counter(); "
         "rc = subprocess.call(sys.argv[1:]); "
@@ -278,19 +281,20 @@ def main(argv: list[str] | None = None) -> None:
 
     meta |= {"zstandard": zstandard.__version__, "zstd_level": 3, "tasks": 2}
     notes = [
-        "ratio = 8·(task files + manifest bytes) / (T·(32·⌈k·N⌉ + N)); the base is stored "
-        "once by every method and is left out; 'ratio incl. base' adds it (32·N paper bits, "
-        "the base file's bytes).",
+        "ratio = 8·(task files + manifest bytes) / (T·(32·⌈k·N⌉ + N)); the base is "
+        "stored once by every method and is left out; 'ratio incl. base' adds it (32·N "
+        "paper bits, the base file's bytes).",
         "bound = (H(k) + b·k) / (32·k + 1): mask entropy plus raw b-bit values.",
-        "Values are ~25 bits per kept fp32 entry, not 32, because fine-tuned fp32 weights "
-        "carry the base's rounding: a kept delta is a multiple of the base entry's ulp.",
-        "Peak RSS is the OS's (ru_maxrss of the child process); the first row is the cost of "
-        "the imports alone. Compress runs the merge engine's own passes, so its peak is close "
-        "to the merge's (561-662 MiB across runs): chunk temporaries (4 Mi entries per "
-        "chunk, float64 compute for fp32), "
-        "independent of the model's size (a 519 MiB set gave the same peak as this one).",
-        "Wall times are noisy: 2 CPU cores shared with other jobs (the same compress took "
-        "2-65 s across runs).",
+        "Values are ~25 bits per kept fp32 entry, not 32, because fine-tuned fp32 "
+        "weights carry the base's rounding: a kept delta is a multiple of the base "
+        "entry's ulp.",
+        "Peak RSS is the OS's (ru_maxrss of the child process); the first row is the "
+        "cost of the imports alone. Compress runs the merge engine's own passes, so "
+        "its peak is close to the merge's (561-662 MiB across runs): chunk temporaries "
+        "(4 Mi entries per chunk, float64 compute for fp32), independent of the "
+        "model's size (a 519 MiB set gave the same peak as this one).",
+        "Wall times are noisy: 2 CPU cores shared with other jobs (the same compress "
+        "took 2-65 s across runs).",
     ]
     metrics = {
         f"ratio_k{r['k']}_{r['values'].split()[0]}": r["ratio"]

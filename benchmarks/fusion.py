@@ -2,10 +2,12 @@
 
 Rows: pretrained + heads, individual fine-tuned, averaging, Task Arithmetic, TIES, DARE,
 DAREx-q, Fisher, RegMean, Consensus TA, Consensus TIES, TALL masks (one model per task),
-magnitude (= NPS with w = 1) and NPS (searched). Every choice (λ, q, λ_t, NPS weights) is
-made on the calibration split; the numbers are on the test split, which no choice sees.
+magnitude (= NPS with w = 1) and NPS (searched). Every choice (λ, q, λ_t, NPS weights)
+is made on the calibration split; the numbers are on the test split, which no choice
+sees.
 
-Run: ``python -m benchmarks.fusion [--zoo small|full] [--quick]`` or ``npstune bench fusion``.
+Run: ``python -m benchmarks.fusion [--zoo small|full] [--quick]`` or ``npstune bench
+fusion``.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def run(
         if name in reuse:
             rows.append(reuse[name])
             print(
-                f"{name:18s} {reuse[name]['choice']:28s} mean {reuse[name]['mean']:.4f} "
-                "(earlier run)",
+                f"{name:18s} {reuse[name]['choice']:28s} mean "
+                f"{reuse[name]['mean']:.4f} (earlier run)",
                 flush=True,
             )
         return name in reuse

@@ -1,12 +1,13 @@
 """Search cost: where an NPS fusion search spends its time (DESIGN §4).
 
-One NPS fusion search (``nps-fusion-small`` on the small zoo, ``nps-fusion`` on the full)
-through Ray Tune. From its ledger: time per candidate split into build (fuse + add onto the
-base, ``build_s``) and evaluate (``eval_s``) as each trial measured them, the trial's wall
-time with Ray's overhead (``time_total_s``), evaluations to reach 99 % of the final best
-calibration score, generations, and total wall time. A second measurement scores N random
-candidates in this process (no Ray) with :class:`npstune.search.Objective` on the same
-payload, so build / evaluate are also timed without trial overhead.
+One NPS fusion search (``nps-fusion-small`` on the small zoo, ``nps-fusion`` on the
+full) through Ray Tune. From its ledger: time per candidate split into build (fuse + add
+onto the base, ``build_s``) and evaluate (``eval_s``) as each trial measured them, the
+trial's wall time with Ray's overhead (``time_total_s``), evaluations to reach 99 % of
+the final best calibration score, generations, and total wall time. A second measurement
+scores N random candidates in this process (no Ray) with
+:class:`npstune.search.Objective` on the same payload, so build / evaluate are also
+timed without trial overhead.
 
 Run: ``python -m benchmarks.search_cost [--zoo small|full] [--quick]``.
 """
@@ -165,12 +166,13 @@ def run(
     }
     notes = [
         f"search file {Path(path).name} with overrides {o}",
-        "build = fuse (subspace thresholds, top-k, scatter) + add onto the base; evaluate = "
-        "calibration accuracy of every task; both as the trial measured them",
-        "evals_to_99pct: evaluations (in generation order) until the running best reaches "
-        "99 % of the final best calibration score",
-        "total_wall_s includes Ray start, payload build (ranking), the search and the final "
-        "test report (baselines cut to magnitude; no best model written)",
+        "build = fuse (subspace thresholds, top-k, scatter) + add onto the base; "
+        "evaluate = calibration accuracy of every task; both as the trial measured "
+        "them",
+        "evals_to_99pct: evaluations (in generation order) until the running best "
+        "reaches 99 % of the final best calibration score",
+        "total_wall_s includes Ray start, payload build (ranking), the search and the "
+        "final test report (baselines cut to magnitude; no best model written)",
     ]
     if bench.size == "small" and not o.get("search.generations"):
         verdict = "met" if total <= 300 else "NOT met"

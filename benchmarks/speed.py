@@ -1,7 +1,8 @@
-"""Speed and scale: NPS candidates against the memory-copy floor, merges of big checkpoints.
+"""Speed and scale: NPS candidates against the memory-copy floor, merges of big
+checkpoints.
 
-Parts (``--parts``, default ``candidates,peer``; ``scale`` takes tens of minutes and ~60 GB
-of disk):
+Parts (``--parts``, default ``candidates,peer``; ``scale`` takes tens of minutes and ~60
+GB of disk):
 
 - ``candidates``: at 22M, 87M (ViT-B/32 scale) and 350M entries, on the same τ, time
   (a) the floor: one memory copy of τ into the output buffer; (b) the straightforward
@@ -9,15 +10,16 @@ of disk):
   (:class:`~npstune.sparsify.ranked.RankedTaskVector`: O(M log n) threshold + scatter).
   Reports b/c and c/a.
 - ``peer``: a Llama-shaped fp32 checkpoint (~440M parameters, 500 MB shards, random init
-  written tensor by tensor) + two noisy fine-tuned copies; ``npstune merge --method ties``
-  (global) and ``task-arithmetic`` against a floor that reads the three models and writes
-  one with safetensors, tensor by tensor; mergekit when installed. Wall time and peak RSS
-  of each child process.
+  written tensor by tensor) + two noisy fine-tuned copies; ``npstune merge --method
+  ties`` (global) and ``task-arithmetic`` against a floor that reads the three models
+  and writes one with safetensors, tensor by tensor; mergekit when installed. Wall time
+  and peak RSS of each child process.
 - ``scale``: a sharded bf16 checkpoint set of up to 7·10⁹ entries per model (base + 2
   fine-tuned; the largest size the disk holds, at least 2·10⁹), then ``npstune merge
   --method ties``, ``--method nps`` and ``npstune compress``; wall time and peak RSS.
 
-Run: ``python -m benchmarks.speed [--parts candidates,peer,scale]`` or ``npstune bench speed``.
+Run: ``python -m benchmarks.speed [--parts candidates,peer,scale]`` or ``npstune bench
+speed``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ M = 8
 K_RATIO = 0.05
 
 
-# ----------------------------------------------------------------------------- candidates
+# --------------------------------------------------------------------------- candidates
 def _sort_per_candidate(
     tau: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, k: float, out: torch.Tensor
 ) -> torch.Tensor:
@@ -69,7 +71,8 @@ def _our_build(
 
 
 def candidates(sizes: list[int], device: str = "cpu") -> list[dict[str, Any]]:
-    """Rows of the candidate-build table on ``device`` (τ drawn on the CPU, then moved)."""
+    """Rows of the candidate-build table on ``device`` (τ drawn on the CPU,
+    then moved)."""
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     rows = []
@@ -132,7 +135,7 @@ def candidates(sizes: list[int], device: str = "cpu") -> list[dict[str, Any]]:
     return rows
 
 
-# ----------------------------------------------------------------------------- subprocess runs
+# ---------------------------------------------------------------------- subprocess runs
 def _run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd`` as a child, return wall time and its peak RSS (from the OS)."""
     wrapper = (
@@ -159,7 +162,8 @@ def _run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str
 
 
 def _npstune() -> list[str]:
-    """The npstune command: the console script beside this Python, else ``python -m npstune``."""
+    """The npstune command: the console script beside this Python,
+    else ``python -m npstune``."""
     exe = Path(sys.executable).parent / "npstune"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "npstune"]
 
@@ -174,7 +178,11 @@ idx = json.loads((base / "model.safetensors.index.json").read_text())["weight_ma
 out.mkdir(exist_ok=True)
 for shard in sorted(set(idx.values())):
     res = {}
-    with safe_open(base / shard, "pt") as fb, safe_open(a / shard, "pt") as fa, safe_open(b / shard, "pt") as fc:
+    with (
+        safe_open(base / shard, "pt") as fb,
+        safe_open(a / shard, "pt") as fa,
+        safe_open(b / shard, "pt") as fc,
+    ):
         for k in fb.keys():
             x = fb.get_tensor(k); y = fa.get_tensor(k); z = fc.get_tensor(k)
             res[k] = x + 0.5 * ((y - x) + (z - x))
@@ -192,7 +200,8 @@ def _write_model(
     shard_bytes: int,
     noise: float = 0.01,
 ) -> None:
-    """Write a sharded safetensors model tensor by tensor (fine-tuned = base + noise)."""
+    """Write a sharded safetensors model tensor by tensor
+    (fine-tuned = base + noise)."""
     from npstune.checkpoints.io import SAFETENSORS_INDEX
     from npstune.checkpoints.safetensors_format import StreamingSafetensorsWriter
 
@@ -237,7 +246,8 @@ def _write_model(
 def llama_shapes(
     hidden: int, layers: int, inter: int, vocab: int
 ) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of a Llama-architecture model (what transformers' LlamaConfig builds)."""
+    """Tensor shapes of a Llama-architecture model
+    (what transformers' LlamaConfig builds)."""
     s: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (vocab, hidden),
         "model.norm.weight": (hidden,),
@@ -315,8 +325,10 @@ def peer(
         cfg = scratch / "mk.yaml"
         cfg.write_text(
             f"merge_method: ties\nbase_model: {paths['base']}\nmodels:\n"
-            f"  - model: {paths['ft_a']}\n    parameters: {{density: 0.2, weight: 1.0}}\n"
-            f"  - model: {paths['ft_b']}\n    parameters: {{density: 0.2, weight: 1.0}}\n"
+            f"  - model: {paths['ft_a']}\n"
+            "    parameters: {density: 0.2, weight: 1.0}\n"
+            f"  - model: {paths['ft_b']}\n"
+            "    parameters: {density: 0.2, weight: 1.0}\n"
             "parameters: {normalize: true}\ndtype: float32\n"
         )
         info = _run_measured(
@@ -349,8 +361,8 @@ def scale(
         )
         return _scale_runs(scratch, paths, total, notes)
     free = shutil.disk_usage(scratch).free
-    # base + 2 fine-tuned + one output at a time (deleted after each run) + compress store
-    # (~0.15 model): ~4.3 models of bf16
+    # base + 2 fine-tuned + one output at a time (deleted after each run) + compress
+    # store (~0.15 model): ~4.3 models of bf16
     fits = int(free * 0.85 / (4.3 * 2))
     n = min(target, fits)
     if target < 7 * 10**9:
@@ -405,7 +417,8 @@ def _entries(folder: Path) -> int:
 def _scale_runs(
     scratch: Path, paths: dict[str, Path], total: int, notes: list[str]
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """TIES merge, NPS merge and compress of the synthesized models: wall time, peak RSS."""
+    """TIES merge, NPS merge and compress of the synthesized models: wall time,
+    peak RSS."""
     print(f"scale workload: {total / 1e9:.2f}e9 bf16 entries per model", flush=True)
     exe = _npstune()
     rows = []
@@ -527,13 +540,15 @@ def main(argv: list[str] | None = None) -> None:
     unknown = parts - set(PARTS)
     if unknown:
         ap.error(
-            f"unknown --parts {', '.join(sorted(unknown))} (choose from {', '.join(PARTS)})"
+            f"unknown --parts {', '.join(sorted(unknown))} (choose from "
+            f"{', '.join(PARTS)})"
         )
     try:
         hidden, layers, inter, vocab = (int(x) for x in args.peer_shape.split(","))
     except ValueError:
         ap.error(
-            f"--peer-shape wants four integers hidden,layers,intermediate,vocab, got {args.peer_shape!r}"
+            "--peer-shape wants four integers hidden,layers,intermediate,vocab, got "
+            f"{args.peer_shape!r}"
         )
     out_dir = args.out_dir or RESULTS
     # tables of a GPU run go to speed-cuda.md: one machine's facts per results file
@@ -557,8 +572,9 @@ def main(argv: list[str] | None = None) -> None:
         if label not in parts:
             return
         notes = part_notes[label] = [
-            f"ran {time.strftime('%Y-%m-%d %H:%M')} at commit {_git_commit()}; 1-min load "
-            f"average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores when it started"
+            f"ran {time.strftime('%Y-%m-%d %H:%M')} at commit {_git_commit()}; 1-min "
+            f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores when it "
+            "started"
         ]
         try:
             fn(notes)
@@ -601,8 +617,9 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(scratch_root, ignore_errors=True)
     notes = [f"{label}: {n}" for label in PARTS for n in part_notes.get(label, [])]
     notes.append(
-        "targets: ours ≤ 2× floor and ≥ 10× sort-per-candidate at 87M; TIES ≤ 3.4× floor "
-        "time and ≤ 1.5× floor RSS on the peer workload; 7B merge/compress ≤ 4 GB RSS"
+        "targets: ours ≤ 2× floor and ≥ 10× sort-per-candidate at 87M; TIES ≤ 3.4× "
+        "floor time and ≤ 1.5× floor RSS on the peer workload; 7B merge/compress ≤ 4 "
+        "GB RSS"
     )
     report(
         name,

@@ -1,19 +1,21 @@
-"""Transfer table (the NPS paper's LLaVA table, in small): prune a new task's vector on top
-of a model that already knows other tasks, and keep both.
+"""Transfer table (the NPS paper's LLaVA table, in small): prune a new task's vector on
+top of a model that already knows other tasks, and keep both.
 
-"Pretrained" θ_pre' = TIES (k 0.2, λ 1) of every zoo task but the last, scored with those
-tasks' zoo heads. θ_pre' is fine-tuned on the last task's train split (the zoo recipe's
-hyperparameters, a fresh head) -> θ_new; τ = θ_new − θ_pre'. Each method applies
-θ_pre' + λ·prune(τ) at k = 0.05, λ (and DAREx's q, NPS's w) chosen on the calibration
-split's H-score = 2·A_old·A_new / (A_old + A_new); numbers are on the test split.
+"Pretrained" θ_pre' = TIES (k 0.2, λ 1) of every zoo task but the last, scored with
+those tasks' zoo heads. θ_pre' is fine-tuned on the last task's train split (the zoo
+recipe's hyperparameters, a fresh head) -> θ_new; τ = θ_new − θ_pre'. Each method
+applies θ_pre' + λ·prune(τ) at k = 0.05, λ (and DAREx's q, NPS's w) chosen on the
+calibration split's H-score = 2·A_old·A_new / (A_old + A_new); numbers are on the test
+split.
 
 Rows: θ_pre', full fine-tuning (θ_new), magnitude, DARE, DAREx-q and NPS searched (w and
 λ by CMA-ES on the calibration H-score). The NPS search runs in this process (the
-``nps-transfer.yaml`` space, :class:`npstune.search.Objective` and the cma backend driven
-directly), not through Ray Tune: the search's zoo evaluator would score the new task with
-the zoo's head, while here it must use the head trained with θ_new.
+``nps-transfer.yaml`` space, :class:`npstune.search.Objective` and the cma backend
+driven directly), not through Ray Tune: the search's zoo evaluator would score the new
+task with the zoo's head, while here it must use the head trained with θ_new.
 
-Run: ``python -m benchmarks.transfer [--zoo small|full] [--quick]`` or ``npstune bench transfer``.
+Run: ``python -m benchmarks.transfer [--zoo small|full] [--quick]`` or ``npstune bench
+transfer``.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def h_score(a: float, b: float) -> float:
 def finetune_target(
     bench: ZooBench, pre: dict[str, torch.Tensor], target: str, quick: bool, seed: int
 ) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
-    """θ_pre' fine-tuned on ``target``'s train split with the zoo recipe and a new head."""
+    """θ_pre' fine-tuned on ``target``'s train split with the zoo recipe and a new
+    head."""
     from transformers import AutoTokenizer
 
     from npstune.zoo import model as zm
@@ -292,17 +295,19 @@ def run(
         shutil.rmtree(tmp, ignore_errors=True)
 
     notes += [
-        f"θ_pre' = TIES (k 0.2, λ 1) of {', '.join(old)} with their zoo heads; new task "
-        f"{target} fine-tuned from θ_pre' ({info['epochs']} epoch(s), "
-        f"{info['train_examples']} train examples, zoo recipe, fresh head); τ = θ_new − θ_pre'",
-        f"every pruned row is θ_pre' + λ·prune(τ) at k = {k}; λ, q and NPS's w chosen by "
-        "the calibration H-score; the numbers are test accuracy",
-        "old_acc = mean over the old tasks (zoo heads); new_acc = the new task with its new "
-        "head; average = (old_acc + new_acc)/2; h_score = 2·old·new/(old + new)",
+        f"θ_pre' = TIES (k 0.2, λ 1) of {', '.join(old)} with their zoo heads; new "
+        f"task {target} fine-tuned from θ_pre' ({info['epochs']} epoch(s), "
+        f"{info['train_examples']} train examples, zoo recipe, fresh head); τ = θ_new "
+        "− θ_pre'",
+        f"every pruned row is θ_pre' + λ·prune(τ) at k = {k}; λ, q and NPS's w chosen "
+        "by the calibration H-score; the numbers are test accuracy",
+        "old_acc = mean over the old tasks (zoo heads); new_acc = the new task with "
+        "its new head; average = (old_acc + new_acc)/2; h_score = "
+        "2·old·new/(old + new)",
         "NPS (searched): CMA-ES over the 8 subspace weights and λ (nps-transfer.yaml "
         "bounds) on the calibration H-score, run in-process with the new head (the Ray "
-        "search's zoo evaluator would use the zoo's head for the new task); magnitude = "
-        "NPS with w = 1",
+        "search's zoo evaluator would use the zoo's head for the new task); magnitude "
+        "= NPS with w = 1",
     ]
     facts = {
         "target": target,

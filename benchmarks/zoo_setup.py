@@ -23,8 +23,9 @@ State = dict[str, torch.Tensor]
 FULL_GRIDS: dict[str, Any] = {
     "ta": tuple(round(0.1 * i, 1) for i in range(1, 16)),
     "ties": tuple(round(0.8 + 0.1 * i, 1) for i in range(18)),
-    # magnitude's kept entries may need more than TA's scale: NPS reaches λ·w_1 up to 4 on
-    # the same top-k mask, so a grid that stops at 1.5 would hand NPS a wider scale range
+    # magnitude's kept entries may need more than TA's scale: NPS reaches λ·w_1 up to 4
+    # on the same top-k mask, so a grid that stops at 1.5 would hand NPS a wider scale
+    # range
     "magnitude": tuple(round(0.1 * i, 1) for i in range(1, 31)),
     "tall": (0.2, 0.3, 0.4, 0.5, 0.6),
     "q_coarse": 5,
@@ -252,9 +253,9 @@ class ZooBench:
     ) -> tuple[State, str, Any] | None:
         """Run the NPS search (calibration split only) and load its best model.
 
-        Returns (best state ({} for ``use="compression"``, whose best is a sparse store),
-        a description of the candidate, the SearchOutcome), or None when the search extra
-        is not installed (``self.search_skipped`` says why).
+        Returns (best state ({} for ``use="compression"``, whose best is a sparse
+        store), a description of the candidate, the SearchOutcome), or None when the
+        search extra is not installed (``self.search_skipped`` says why).
         """
         try:
             from npstune.search import load_config, run_search
@@ -291,7 +292,8 @@ class ZooBench:
 
     def earlier_rows(self, name: str) -> dict[str, dict[str, Any]]:
         """Rows (method -> row) of an earlier results file ``name``.json made on this
-        zoo recipe with the same splits and seed; {} when there is none or it differs."""
+        zoo recipe with the same splits and seed; {} when there is none or it
+        differs."""
         import json
 
         from benchmarks.common import RESULTS
@@ -337,6 +339,6 @@ class ZooBench:
         return [
             "test split only for the reported numbers; every λ, q, λ_t and NPS weight "
             "was chosen on the calibration split",
-            f"normalized = accuracy / the task's own fine-tuned accuracy; n = {self.plan.n} "
-            "task-vector entries (embeddings frozen)",
+            "normalized = accuracy / the task's own fine-tuned accuracy; n = "
+            f"{self.plan.n} task-vector entries (embeddings frozen)",
         ]

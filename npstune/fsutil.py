@@ -1,8 +1,9 @@
 """File helpers shared by every package: durable atomic writes and file hashes.
 
 An atomic write goes to a temporary sibling, which is flushed and fsynced, then renamed
-over the target (``os.replace``), then the directory is fsynced so that the rename itself
-survives a crash: a reader sees the old file or the new one, never a part of either.
+over the target (``os.replace``), then the directory is fsynced so that the rename
+itself survives a crash: a reader sees the old file or the new one, never a part of
+either.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def replace_durably(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically and durably (see the module docstring)."""
     path = Path(path)
-    # a unique sibling, created with the usual permissions (0666 & ~umask, as open() gives;
-    # mkstemp would make it 0600)
+    # a unique sibling, created with the usual permissions (0666 & ~umask, as open()
+    # gives; mkstemp would make it 0600)
     tmp = (
         path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.npstune-tmp"
     )

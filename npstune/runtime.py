@@ -8,7 +8,8 @@ from npstune.errors import ConfigError
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N`` -> torch.device; a clear error if CUDA is absent."""
+    """``cpu``, ``cuda`` or ``cuda:N`` -> torch.device;
+    a clear error if CUDA is absent."""
     name = (device or "cpu").strip()
     try:
         dev = torch.device(name)

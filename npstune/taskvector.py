@@ -1,15 +1,17 @@
 """Task vectors: τ_t = θ_t − θ_pre, per tensor, read lazily.
 
 :func:`plan_merge` checks keys, shapes and dtypes across all checkpoints before any
-arithmetic (DESIGN §1): only floating tensors present in every checkpoint with equal shapes
-take part; integer buffers are copied from the base; a key in one checkpoint only, a shape
-mismatch or a float/non-float clash is an error naming the file and key, unless the user
-gave an include/exclude filter (then keys outside it are copied from the base).
+arithmetic (DESIGN §1): only floating tensors present in every checkpoint with equal
+shapes take part; integer buffers are copied from the base; a key in one checkpoint
+only, a shape mismatch or a float/non-float clash is an error naming the file and key,
+unless the user gave an include/exclude filter (then keys outside it are copied from the
+base).
 
 Numerics. Magnitudes used for ranking are float32 (``|fl32(θ_t) − fl32(θ_pre)|``) for
-every checkpoint dtype. Values added back to the base are computed in :func:`compute_dtype`
-(float64 for fp32 checkpoints, so θ_pre + 1·τ reproduces θ_t bit for bit; float32 for
-fp16/bf16, where the same holds) and cast to the base's dtype at the end.
+every checkpoint dtype. Values added back to the base are computed in
+:func:`compute_dtype` (float64 for fp32 checkpoints, so θ_pre + 1·τ reproduces θ_t bit
+for bit; float32 for fp16/bf16, where the same holds) and cast to the base's dtype at
+the end.
 
 LoRA adapters. A model that is a PEFT adapter
 (:class:`~npstune.checkpoints.adapter.AdapterCheckpoint`, bound to the plan's base by
@@ -42,8 +44,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """True when ``t`` holds no NaN or Inf. One ``aminmax`` (NaN propagates to both ends,
-    ±Inf shows at one): ~30× cheaper than ``isfinite(t).all()`` on CPU."""
+    """True when ``t`` holds no NaN or Inf. One ``aminmax`` (NaN propagates to both
+    ends, ±Inf shows at one): ~30× cheaper than ``isfinite(t).all()`` on CPU."""
     if t.numel() == 0:
         return True
     lo, hi = torch.aminmax(t.reshape(-1))
@@ -56,8 +58,9 @@ def _raise_not_finite(
     model: LazyCheckpoint,
     dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Raise for a task-vector chunk that is not finite: name the checkpoint holding NaN/Inf
-    (``read``: (checkpoint, its chunk) pairs), else say the difference overflows."""
+    """Raise for a task-vector chunk that is not finite: name the checkpoint holding
+    NaN/Inf (``read``: (checkpoint, its chunk) pairs), else say the difference
+    overflows."""
     for ck, x in read:
         if not all_finite(x):
             raise CheckpointError(f"{ck.path}:{key}: tensor holds NaN or Inf")
@@ -113,7 +116,8 @@ class MergePlan:
         stop: int | None = None,
         device: str | torch.device = "cpu",
     ) -> Chunk:
-        """Read ``[start, stop)`` of ``key`` from the base and every model, once each."""
+        """Read ``[start, stop)`` of ``key`` from the base and every model,
+        once each."""
         b = self.base.read(key, start, stop).to(device)
         cd = compute_dtype(b.dtype)
         b32 = b.float()
@@ -142,8 +146,8 @@ class MergePlan:
         keys: Sequence[str] | None = None,
         device: str | torch.device = "cpu",
     ) -> Iterator[tuple[torch.Tensor, ...]]:
-        """One tuple (|τ_t| for t in ``tasks``, float32, flat) per chunk, in position order:
-        the base is read once per chunk for all the tasks."""
+        """One tuple (|τ_t| for t in ``tasks``, float32, flat) per chunk, in position
+        order: the base is read once per chunk for all the tasks."""
         for key in self.delta_keys if keys is None else keys:
             for start, stop in self.chunks(key):
                 b = self.base.read(key, start, stop).to(device)
@@ -177,8 +181,8 @@ class MergePlan:
         b: torch.Tensor,
         b32: torch.Tensor,
     ) -> torch.Tensor:
-        """fl32(θ_t) − fl32(θ_pre) for one chunk (``f``, ``b`` as read; ``b32`` = b.float()),
-        refusing NaN/Inf with the checkpoint that holds it."""
+        """fl32(θ_t) − fl32(θ_pre) for one chunk (``f``, ``b`` as read; ``b32`` =
+        b.float()), refusing NaN/Inf with the checkpoint that holds it."""
         d = f.float() - b32
         if not all_finite(d):
             _raise_not_finite(key, ((model, f), (self.base, b)), model)
@@ -189,7 +193,8 @@ class MergePlan:
         return [TaskVector(self.base, m, self.delta_keys) for m in self.models]
 
     def chunks(self, key: str, chunk: int | None = None) -> Iterator[tuple[int, int]]:
-        """Row-major element ranges ``[start, stop)`` covering ``key`` (``CHUNK`` each)."""
+        """Row-major element ranges ``[start, stop)`` covering ``key``
+        (``CHUNK`` each)."""
         chunk = chunk or CHUNK
         n = self.numel[key]
         if n == 0:
@@ -202,8 +207,9 @@ class MergePlan:
 class Chunk:
     """One row-major element range of one key, read from every checkpoint.
 
-    ``base`` is in the checkpoint's dtype, ``base_cd`` and ``taus`` in the compute dtype,
-    ``taus32`` in float32 (the values every ranking uses; ``abs()`` gives the scores).
+    ``base`` is in the checkpoint's dtype, ``base_cd`` and ``taus`` in the compute
+    dtype, ``taus32`` in float32 (the values every ranking uses; ``abs()`` gives the
+    scores).
     """
 
     key: str
@@ -361,8 +367,8 @@ class TaskVector:
 
     ``delta(key, start, stop)`` returns a flat float32 chunk; ``values(key, start, stop,
     dtype)`` the same in another dtype (see :func:`compute_dtype`). Arithmetic (``+``,
-    ``-``, ``*`` by a scalar) materialises a new in-memory task vector, which suits small
-    models and tests; the merge pipeline never needs it.
+    ``-``, ``*`` by a scalar) materialises a new in-memory task vector, which suits
+    small models and tests; the merge pipeline never needs it.
     """
 
     def __init__(

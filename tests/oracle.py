@@ -72,8 +72,9 @@ def finish(b: torch.Tensor, delta64: torch.Tensor, dtype: torch.dtype) -> torch.
 
 
 def ties_vector(trimmed: list[torch.Tensor]) -> torch.Tensor:
-    """TIES over one flat scope: elected = sign(Σ); a zero sum with a kept entry takes the
-    majority sign sign(Σ elected) (reference TIES' resolve_zero_signs); disjoint mean."""
+    """TIES over one flat scope: elected = sign(Σ); a zero sum with a kept entry takes
+    the majority sign sign(Σ elected) (reference TIES' resolve_zero_signs); disjoint
+    mean."""
     st = torch.stack(trimmed)
     el = torch.sign(st.sum(0))
     majority = math.copysign(1.0, float(el.sum())) if float(el.sum()) else 0.0

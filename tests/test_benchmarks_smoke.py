@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark modules on the small zoo: ``--quick`` runs whose written
-JSON tables are checked for shape and invariants (never timings). One test per module."""
+JSON tables are checked for shape and invariants (never timings). One test per
+module."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _unit(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v) and 0.0 <= v <= 1.0
 
 
-# ---- transfer ---------------------------------------------------------------------------
+# ---- transfer ------------------------------------------------------------------------
 @pytest.mark.slow
 def test_transfer_quick(small_zoo, no_mlflow, tmp_path):
     from benchmarks import transfer
@@ -61,7 +62,7 @@ def test_transfer_quick(small_zoo, no_mlflow, tmp_path):
         assert r["calibration_h"] is None or _unit(r["calibration_h"])
 
 
-# ---- fusion -----------------------------------------------------------------------------
+# ---- fusion --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_fusion_quick_and_resume(small_zoo, no_mlflow, tmp_path):
     from benchmarks import fusion
@@ -96,7 +97,8 @@ def test_fusion_quick_and_resume(small_zoo, no_mlflow, tmp_path):
         next(r for r in rows if r["method"] == "magnitude")["choice"].split()[0][2:]
     )
     assert lam in QUICK_GRIDS["magnitude"]
-    # NPS rows of earlier searches (the default one and a named variant), as --resume finds them
+    # NPS rows of earlier searches (the default one and a named variant), as --resume
+    # finds them
     path = tmp_path / "fusion.json"
     data = json.loads(path.read_text())
     (key,) = data["sections"]
@@ -113,7 +115,7 @@ def test_fusion_quick_and_resume(small_zoo, no_mlflow, tmp_path):
     assert again["calibration_evaluations"] == 0
 
 
-# ---- compression ------------------------------------------------------------------------
+# ---- compression ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_compression_quick(small_zoo, no_mlflow, tmp_path):
     from benchmarks import compression
@@ -137,7 +139,7 @@ def test_compression_quick(small_zoo, no_mlflow, tmp_path):
     assert len(curve) >= 2 and (tmp_path / "compression_curve.png").is_file()
 
 
-# ---- ablations --------------------------------------------------------------------------
+# ---- ablations -----------------------------------------------------------------------
 @pytest.mark.slow
 def test_ablations_quick(small_zoo, no_mlflow, tmp_path):
     from benchmarks import ablations
@@ -159,9 +161,10 @@ def test_ablations_quick(small_zoo, no_mlflow, tmp_path):
 
 @pytest.mark.slow
 def test_ablations_share_and_resume(small_zoo, no_mlflow, tmp_path, monkeypatch):
-    """A config that appears in two sweeps (M = 8 = the default, k = 0.05 = the default) is
-    searched once; a run stopped mid-way keeps its finished searches in NAME.partial.json
-    and --resume runs only the rest. run_search is replaced by a recorder (no search)."""
+    """A config that appears in two sweeps (M = 8 = the default, k = 0.05 = the default)
+    is searched once; a run stopped mid-way keeps its finished searches in
+    NAME.partial.json and --resume runs only the rest. run_search is replaced by a
+    recorder (no search)."""
     import types
 
     import npstune.search
@@ -259,7 +262,7 @@ def test_ablation_variants_quick(small_zoo, tmp_path):
         assert all(c.evaluator.calibration_examples == 32 for c in cfgs)
 
 
-# ---- search_cost ------------------------------------------------------------------------
+# ---- search_cost ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_search_cost_quick(small_zoo, no_mlflow, tmp_path):
     from benchmarks import search_cost
@@ -291,7 +294,7 @@ def test_evals_to_fraction():
     assert evals_to_fraction([0.9, 0.5, 0.905]) == 1  # 0.9 >= 0.99 * 0.905
 
 
-# ---- speed ------------------------------------------------------------------------------
+# ---- speed ---------------------------------------------------------------------------
 def test_speed_candidates_and_peer_tiny(no_mlflow, tmp_path):
     from benchmarks import speed
 
@@ -326,8 +329,9 @@ def test_speed_candidates_and_peer_tiny(no_mlflow, tmp_path):
     assert peer[0]["time_vs_floor"] == 1
     assert set(data["part_notes"]) == {"candidates", "peer"}
     first = data["part_notes"]["peer"]
-    # re-running one part replaces its notes and table, keeps the other's (the in-process
-    # part is re-run: the peer part's three subprocesses are the slow half of this test)
+    # re-running one part replaces its notes and table, keeps the other's (the
+    # in-process part is re-run: the peer part's three subprocesses are the slow half of
+    # this test)
     speed.main(["--parts", "candidates", *args])
     again = _load(out, "speed")
     assert again["part_notes"]["peer"] == first

@@ -1,4 +1,5 @@
-"""Checkpoint forms round-trip; bad input fails with one line naming file/key; nothing written."""
+"""Checkpoint forms round-trip; bad input fails with one line naming file/key;
+nothing written."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def _help_of(command: str, option: str) -> str:
     return " ".join(p.get_help_record(click.Context(cmd))[1].split())
 
 
-# ---- bench ------------------------------------------------------------------------------
+# ---- bench ---------------------------------------------------------------------------
 def _benchmark_names() -> list[str]:
     from benchmarks import BENCHMARKS
 
@@ -98,7 +98,7 @@ def test_bench_help_lists_the_table_and_unknown_names_are_one_line(monkeypatch, 
     )
 
 
-# ---- choices and help lists from the registries -------------------------------------------
+# ---- choices and help lists from the registries --------------------------------------
 def test_merge_methods_follow_the_merge_registry(monkeypatch):
     from npstune.merge import registry
 
@@ -197,7 +197,7 @@ def test_top_level_help_imports_no_torch():
     assert out.splitlines()[-1] == "[]", out
 
 
-# ---- methods --kinds ------------------------------------------------------------------------
+# ---- methods --kinds -----------------------------------------------------------------
 def test_methods_kinds_lists_every_evaluator_kind_with_its_options_schema():
     from npstune.evaluate.kinds import get_kind, kind_names
 

@@ -1,4 +1,5 @@
-"""The sparse task-vector store: exact rebuilds, integrity checks, storage accounting, CLI."""
+"""The sparse task-vector store: exact rebuilds, integrity checks,
+storage accounting, CLI."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ SUFFIX = {"safetensors": ".safetensors", "sharded": "", "torch": ".pt", "hf": ""
 
 
 def run_cli(args, capsys):
-    """Run ``npstune ARGS`` in-process through the real entry point; (code, out, err)."""
+    """Run ``npstune ARGS`` in-process through the real entry point; (code,
+    out, err)."""
     code = 0
     try:
         main([str(a) for a in args])
@@ -64,7 +66,8 @@ def tensors_bytes(path: Path) -> dict[str, bytes]:
 
 
 def assert_same_output(a: Path, b: Path) -> None:
-    """Same keys, dtypes, shapes and bytes; single safetensors files: identical files."""
+    """Same keys, dtypes, shapes and bytes; single safetensors files:
+    identical files."""
     ca, cb = open_checkpoint(a), open_checkpoint(b)
     assert sorted(ca) == sorted(cb)
     for k in cb:
@@ -82,7 +85,8 @@ def assert_same_output(a: Path, b: Path) -> None:
 
 
 def roundtrip(tmp: Path, bp, mps, method="nps", params=None, merge_method=None, **kw):
-    """Compress, then check every task rebuilds exactly what a single-task merge writes."""
+    """Compress, then check every task rebuilds exactly what a single-task merge
+    writes."""
     store = tmp / "store"
     m = compress(bp, mps, store, method, params, **kw)
     suffix = SUFFIX[open_checkpoint(bp).form]
@@ -191,7 +195,8 @@ def test_dare_store_gives_each_task_its_own_mask_for_any_chunk_size(
     a = _kept_positions(tmp_path / "store", "task0", tmp_path / "a.safetensors", base)
     b = _kept_positions(tmp_path / "store", "task1", tmp_path / "b.safetensors", base)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # two tasks, two masks
-    # the read chunk size changes the store's blocks, never the masks or the rebuilt bytes
+    # the read chunk size changes the store's blocks, never the masks or the rebuilt
+    # bytes
     monkeypatch.setattr(tv, "CHUNK", 7)
     m7 = compress(bp, mps, tmp_path / "store7", "dare", params)
     assert len(m7.tasks[0].tensors[1].blocks) == 5  # encoder.0.weight: 30 entries

@@ -1,4 +1,5 @@
-"""Evaluators: the text evaluator against a hand-written loop, key checks, CLIP heads."""
+"""Evaluators: the text evaluator against a hand-written loop, key checks,
+CLIP heads."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from npstune.evaluate import CallableEvaluator, Evaluator, evaluate_many
 from npstune.zoo import model as zm
 
 
-# ---- fast: interface, pooling, key checks ----------------------------------------------------
+# ---- fast: interface, pooling, key checks --------------------------------------------
 def test_callable_evaluator_is_an_evaluator():
     calls = []
 
@@ -81,9 +82,10 @@ def test_load_into_checks_keys_by_name(tiny_bert):
         zm.load_into(tiny_bert, bad, "m")
 
 
-# ---- fast: CLIP zero-shot logic on a stand-in model ---------------------------------------------
+# ---- fast: CLIP zero-shot logic on a stand-in model ----------------------------------
 class FakeClip(nn.Module):
-    """encode_text: bag of token embeddings; encode_image: a linear map (the 'visual' tower)."""
+    """encode_text: bag of token embeddings; encode_image: a linear map
+    (the 'visual' tower)."""
 
     def __init__(self):
         super().__init__()
@@ -183,9 +185,10 @@ def test_clip_missing_extra_is_clear(monkeypatch):
         import_open_clip()
 
 
-# ---- slow: on the real small zoo -------------------------------------------------------------
+# ---- slow: on the real small zoo -----------------------------------------------------
 def _hand_loop(zoo, task, model_dir, n):
-    """Accuracy on the first n calibration examples, one example at a time, no padding."""
+    """Accuracy on the first n calibration examples, one example at a time,
+    no padding."""
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 

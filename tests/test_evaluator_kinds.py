@@ -115,7 +115,7 @@ def _hand_accuracy(model_dir: Path, head: Path, rows, text, label, names) -> flo
     return right / len(rows)
 
 
-# ---- registry -------------------------------------------------------------------------
+# ---- registry ------------------------------------------------------------------------
 def test_registry_lists_every_kind_and_refuses_unknown_ones():
     assert {"zoo", "text-classification", "causal-lm", "clip", "callable"} <= set(
         kind_names()
@@ -136,7 +136,7 @@ def test_a_plugin_kind_is_one_module_and_an_entry_point(monkeypatch, tmp_path):
     assert kinds.get_kind("mine").name == "callable"
 
 
-# ---- data files -----------------------------------------------------------------------
+# ---- data files ----------------------------------------------------------------------
 def test_records_read_jsonl_json_csv_and_parquet_alike(tmp_path):
     rows = [{"text": "a b", "label": "x"}, {"text": "c", "label": "y"}]
     write_jsonl(tmp_path / "d.jsonl", rows)
@@ -173,7 +173,7 @@ def test_records_errors_name_the_file_task_and_split(tmp_path, content, needle):
     assert "\n" not in msg
 
 
-# ---- the evaluator file -----------------------------------------------------------------
+# ---- the evaluator file --------------------------------------------------------------
 def test_evaluator_file_errors_are_one_line(tc, tmp_path):
     spec = json.loads(json.dumps(tc["spec"]))
     spec["tasks"]["sentiment"]["bogus"] = 1
@@ -188,7 +188,7 @@ def test_evaluator_file_errors_are_one_line(tc, tmp_path):
         ef.build()
 
 
-# ---- text-classification --------------------------------------------------------------
+# ---- text-classification -------------------------------------------------------------
 def test_text_classification_accuracy_equals_a_hand_loop(tc):
     ef = load_evaluator_file(tc["dir"] / "eval.yaml")
     ev = ef.build(model=tc["base"], batch_size=4, prepare=("test",))
@@ -288,7 +288,7 @@ def test_empty_split_is_refused(tc, tmp_path):
         ev.evaluate(_state(tc["base"]), "sentiment", "test")
 
 
-# ---- npstune eval --evaluator -------------------------------------------------------------
+# ---- npstune eval --evaluator --------------------------------------------------------
 def test_eval_command_prints_the_contract_json(tc, capsys):
     ft = tc["ft"]["sentiment"]
     code, stdout, err = run(
@@ -335,7 +335,7 @@ def test_eval_command_prints_the_contract_json(tc, capsys):
     assert code == 0 and "sentiment" in stdout and "accuracy" in stdout
 
 
-# ---- Fisher and RegMean on a non-zoo evaluator ------------------------------------------
+# ---- Fisher and RegMean on a non-zoo evaluator ---------------------------------------
 def test_fisher_and_regmean_on_a_text_classification_evaluator(tc, tmp_path, capsys):
     from npstune.merge.data import EvaluatorData, data_for
     from npstune.taskvector import plan_merge

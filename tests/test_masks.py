@@ -1,4 +1,5 @@
-"""Keep masks as an output of the merge engine: per task, per block, streamed to a sink."""
+"""Keep masks as an output of the merge engine: per task, per block,
+streamed to a sink."""
 
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ def test_ties_sign_election_and_disjoint_mean_hand_checked(tmp_path):
     taus = [[1.0, -2.0, 3.0, 0.0], [-1.0, -1.0, 1.0, 2.0]]
     # no trim: Σ = [0, -3, 4, 2], elected signs [0, -, +, +]; the zero sum takes the
     # majority sign, sign(0 - 1 + 1 + 1) = + (reference TIES' resolve_zero_signs; it was
-    # 0 here before, which merged pos 0 to 0): pos 0 keeps τ1's 1; zeros ignored in the mean
+    # 0 here before, which merged pos 0 to 0): pos 0 keeps τ1's 1; zeros ignored in the
+    # mean
     assert merged_delta(tmp_path, taus, "ties", {"k": 1.0}) == [1.0, -1.5, 2.0, 2.0]
     # k = 0.5 keeps 2 of 4 per task: τ1 -> [0,-2,3,0]; τ2 |.| = [1,1,1,2] -> pos 3 and
     # the earliest 1 (pos 0) -> [-1,0,0,2]; Σ = [-1,-2,3,2]
@@ -104,8 +105,8 @@ def test_ties_zero_sum_takes_the_majority_sign_of_its_scope_hand_checked(
 ):
     # no trim (k = 1). Σ: a = [2, 3, 4, 0] (signs + + + 0), b = [-2, -3, 0] (- - 0).
     # global scope: Σ signs = 3 - 2 = 1 > 0, so both zero sums elect +; per tensor: a's
-    # majority is + (3), b's is - (-2). Then the disjoint mean keeps the agreeing entries:
-    # a[3] ∈ {-1, +1} -> +1; b[2] ∈ {2, -2} -> 2 (global) or -2 (per tensor).
+    # majority is + (3), b's is - (-2). Then the disjoint mean keeps the agreeing
+    # entries: a[3] ∈ {-1, +1} -> +1; b[2] ∈ {2, -2} -> 2 (global) or -2 (per tensor).
     taus = [
         {"a": [1.0, 2.0, 3.0, -1.0], "b": [-1.0, -2.0, 2.0]},
         {"a": [1.0, 1.0, 1.0, 1.0], "b": [-1.0, -1.0, -2.0]},
@@ -124,10 +125,10 @@ def test_ties_zero_sum_takes_the_majority_sign_of_its_scope_hand_checked(
 
 def test_ties_majority_over_trimmed_entries_and_a_tied_majority_hand_checked(tmp_path):
     # k = 0.5 keeps 4 of 8 per task (global). |τ1| = [4,4,3,1,1,1,1,1]: pos 0-2 and the
-    # earliest 1 (pos 3) -> τ1' = [4,-4,3,-1,0,0,0,0]; |τ2| = [0,4,5,1,1,6,1,1] -> pos 5,
-    # 2, 1, then pos 3 -> τ2' = [0,4,-5,1,0,6,0,0]. Σ = [4,0,-2,0,0,6,0,0]: signs + 0 - 0
-    # 0 + 0 0, majority sign(2 - 1) = +. Zero sums with kept entries (pos 1: -4|4, pos 3:
-    # -1|1) take +; pos 4, 6, 7 kept nothing and stay 0.
+    # earliest 1 (pos 3) -> τ1' = [4,-4,3,-1,0,0,0,0]; |τ2| = [0,4,5,1,1,6,1,1] -> pos
+    # 5, 2, 1, then pos 3 -> τ2' = [0,4,-5,1,0,6,0,0]. Σ = [4,0,-2,0,0,6,0,0]: signs
+    # + 0 - 0 0 + 0 0, majority sign(2 - 1) = +. Zero sums with kept entries (pos 1:
+    # -4|4, pos 3: -1|1) take +; pos 4, 6, 7 kept nothing and stay 0.
     taus = [
         [4.0, -4.0, 3.0, -1.0, 1.0, 1.0, 1.0, 1.0],
         [0.0, 4.0, -5.0, 1.0, 1.0, 6.0, 1.0, 1.0],
@@ -182,10 +183,11 @@ def test_nps_reweighting_and_mask_hand_checked(tmp_path):
 
 
 def test_nps_with_k_inside_the_first_subspace_is_scaled_magnitude(tmp_path):
-    # |τ| = 16 .. 1; M = 4 subspaces of 4 ranks; k = 0.125 keeps 2 entries (|τ| 16 and 15),
-    # both in subspace 1. Unless a lower subspace's weight beats w_1 by the magnitude ratio at
-    # the boundary (15 / 12 = 1.25 for subspace 2), the mask is magnitude's and NPS is
-    # magnitude pruning scaled by λ·w_1 (what the full-zoo fusion search found, README).
+    # |τ| = 16 .. 1; M = 4 subspaces of 4 ranks; k = 0.125 keeps 2 entries (|τ| 16 and
+    # 15), both in subspace 1. Unless a lower subspace's weight beats w_1 by the
+    # magnitude ratio at the boundary (15 / 12 = 1.25 for subspace 2), the mask is
+    # magnitude's and NPS is magnitude pruning scaled by λ·w_1 (what the full-zoo fusion
+    # search found, README).
     tau = [(-1.0) ** i * (16 - i) for i in range(16)]
     nps = merged_delta(
         tmp_path,
@@ -195,7 +197,8 @@ def test_nps_with_k_inside_the_first_subspace_is_scaled_magnitude(tmp_path):
     )
     mag = merged_delta(tmp_path, [tau], "magnitude", {"k": 0.125, "lam": 1.5})
     assert nps == mag == [24.0, -22.5] + [0.0] * 14
-    # w_2 / w_1 = 1.3 > 1.25: |τ| 12 (first rank of subspace 2) reweighted to 15.6 beats 15
+    # w_2 / w_1 = 1.3 > 1.25: |τ| 12 (first rank of subspace 2) reweighted to 15.6
+    # beats 15
     crossed = merged_delta(
         tmp_path,
         [tau],

@@ -1,12 +1,13 @@
 """The merge engine above the radix select's size threshold, against a dense oracle.
 
 The other fast merge tests use models of a few dozen entries, which
-:func:`~npstune.sparsify.topk.select_streams` ranks by one sort (up to ``SMALL`` scores).
-Here the task vectors hold more than ``SMALL`` entries, globally and in one tensor, so the
-two-pass radix select, its switch from buffered scores to histograms, and the tie quota
-spent across read chunks all run; bf16 checkpoints make |τ| full of exact ties, so the
-position rule decides many kept entries. Every output is compared bit for bit with a dense
-sort-based oracle computed in the engine's arithmetic (float32 for bf16).
+:func:`~npstune.sparsify.topk.select_streams` ranks by one sort (up to ``SMALL``
+scores). Here the task vectors hold more than ``SMALL`` entries, globally and in one
+tensor, so the two-pass radix select, its switch from buffered scores to histograms, and
+the tie quota spent across read chunks all run; bf16 checkpoints make |τ| full of exact
+ties, so the position rule decides many kept entries. Every output is compared bit for
+bit with a dense sort-based oracle computed in the engine's arithmetic (float32 for
+bf16).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def dense(models):
 
 
 def per_scope(fn, scope, n_total):
-    """``fn(lo, hi)`` over the whole flat vector (global) or per tensor, concatenated."""
+    """``fn(lo, hi)`` over the whole flat vector
+    (global) or per tensor, concatenated."""
     if scope == "global":
         return fn(0, n_total)
     parts, pos = [], 0

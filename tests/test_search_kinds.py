@@ -1,8 +1,8 @@
 """Searches with the user-data evaluator kinds, through Ray Tune and MLflow.
 
 Real files the test makes: a tiny BERT with two fine-tuned bodies (text-classification)
-and a tiny Llama with two fine-tuned experts (causal-lm), each with JSONL/CSV data and an
-evaluator file the search file names.
+and a tiny Llama with two fine-tuned experts (causal-lm), each with JSONL/CSV data and
+an evaluator file the search file names.
 """
 
 from __future__ import annotations
@@ -139,7 +139,8 @@ def test_text_classification_search_through_ray_and_mlflow(ray_local, tmp_path):
 def _expert(
     base: Path, out: Path, lines: list[str], seed: int, steps: int = 15
 ) -> Path:
-    """Fine-tune the tiny Llama ``base`` a few AdamW steps on ``lines``; save to ``out``."""
+    """Fine-tune the tiny Llama ``base`` a few AdamW steps on ``lines``;
+    save to ``out``."""
     import shutil
 
     import torch

@@ -1,4 +1,5 @@
-"""Exact top-k, NPS partition and random masks against hand-checked values and a sort oracle."""
+"""Exact top-k, NPS partition and random masks against hand-checked values and a sort
+oracle."""
 
 from __future__ import annotations
 
@@ -113,7 +114,8 @@ def test_joint_select_over_streams_equals_one_select_per_stream(use_radix, monke
         want = select_many(lambda s=s: [st[s] for st in steps], ks[s], n)
         assert got[s] == want
         for K, th in zip(ks[s], got[s]):
-            if K:  # the threshold counts the scores equal to it (what lets cursors skip scans)
+            # the threshold counts the scores equal to it (what lets cursors skip scans)
+            if K:
                 assert (
                     th.equal == int((xs[s] == th.value).sum())
                     and 0 < th.quota <= th.equal

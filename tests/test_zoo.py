@@ -19,7 +19,7 @@ from npstune.zoo.datasets import (
     stratified_splits,
 )
 
-# ---- parsing the real archives -------------------------------------------------------------
+# ---- parsing the real archives -------------------------------------------------------
 # (count after cleaning + dedup, number of classes, a label that must be there)
 EXPECTED = {
     "rotten-tomatoes": (12752, 2, "fresh"),
@@ -70,7 +70,10 @@ def test_cleaning_rules(zoo_sources):
 def test_fortunes_drops_attributions(monkeypatch):
     from npstune.zoo import datasets as zd
 
-    entry = b"Never  trust a computer\nyou can't lift.\n\t\t-- Stan Mazor\n%\nSecond one.\n%\n"
+    entry = (
+        b"Never  trust a computer\nyou can't lift.\n\t\t-- Stan Mazor\n%\n"
+        b"Second one.\n%\n"
+    )
     fake = {f"usr/share/games/fortunes/{c}": entry for c in zd.FORTUNE_CLASSES}
     monkeypatch.setattr(
         zd,
@@ -91,7 +94,7 @@ def test_fine_foods_cleaning(zoo_sources):
     assert not any("<br" in t or "<a " in t or "&quot;" in t for t in ff.texts)
 
 
-# ---- splits, dedup, recipes ----------------------------------------------------------------
+# ---- splits, dedup, recipes ----------------------------------------------------------
 def test_dedup_drops_conflicts_and_empties():
     pairs = [("a", "x"), ("b", "y"), ("a", "x"), ("c", "x"), ("c", "y"), ("", "x")]
     assert dedup(pairs) == [("a", "x"), ("b", "y")]
@@ -128,7 +131,7 @@ def test_recipe_hash_is_a_cache_key():
         load_zoo("huge")
 
 
-# ---- sources: pins and errors --------------------------------------------------------------
+# ---- sources: pins and errors --------------------------------------------------------
 def test_corrupt_source_archive_is_a_clear_error(tmp_path):
     folder = tmp_path / "sources"
     folder.mkdir()
@@ -167,7 +170,7 @@ def test_load_zoo_not_built(tmp_path):
         load_zoo("small", cache_dir=tmp_path)
 
 
-# ---- a micro zoo: cache reuse, corruption, crash safety --------------------------------------
+# ---- a micro zoo: cache reuse, corruption, crash safety ------------------------------
 MICRO = ZooRecipe(
     size="micro",
     tasks=("election", "wordnet-24"),
@@ -189,7 +192,8 @@ def micro_cache(tmp_path_factory, zoo_sources):
 
 
 def _copy(cache, dst):
-    """A private copy of the micro zoo (big files hard-linked, never written in place)."""
+    """A private copy of the micro zoo (big files hard-linked,
+    never written in place)."""
     shutil.copytree(
         cache,
         dst,
@@ -265,7 +269,8 @@ def test_killed_build_resumes_and_never_reports_broken(
     cache = _copy(micro_cache, tmp_path / "c")
     root = load_zoo(MICRO, cache_dir=cache).root
     manifest = json.loads((root / "manifest.json").read_text())
-    # Simulate a build killed while writing wordnet-24: scratch dir left, task not marked.
+    # Simulate a build killed while writing wordnet-24: scratch dir left, task not
+    # marked.
     del manifest["tasks"]["wordnet-24"]
     manifest["status"] = "building"
     (root / "manifest.json").write_text(json.dumps(manifest))
@@ -299,7 +304,7 @@ def test_changed_task_list_reuses_built_tasks(micro_cache, tmp_path, monkeypatch
     load_zoo(other, cache_dir=cache, verify=True)
 
 
-# ---- the real small zoo --------------------------------------------------------------------
+# ---- the real small zoo --------------------------------------------------------------
 @pytest.mark.slow
 def test_small_zoo_splits_disjoint_and_sized(small_zoo):
     r = ZOO_SIZES["small"]

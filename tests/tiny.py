@@ -64,7 +64,8 @@ def make_set(
     dtype: torch.dtype = torch.float32,
     tasks: int = 3,
 ):
-    """Write a base and ``tasks`` fine-tuned models; return (base path, model paths, states)."""
+    """Write a base and ``tasks`` fine-tuned models; return (base path,
+    model paths, states)."""
     base = tiny_state(0, dtype)
     fts = [finetune(base, t) for t in range(tasks)]
     bp = write(base, tmp / "base", form)

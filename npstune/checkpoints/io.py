@@ -3,9 +3,10 @@
 Forms (DESIGN §8): a ``.safetensors`` file, a sharded safetensors directory
 (``model.safetensors.index.json``), a torch state-dict file (loaded with
 ``weights_only=True``), and a Hugging Face model directory (``config.json`` beside the
-weights). Safetensors data is read with positioned reads into fresh buffers rather than a
-memory map, so resident memory stays near the tensors being combined even for checkpoints
-far larger than RAM; at most one shard file per checkpoint is open at a time.
+weights). Safetensors data is read with positioned reads into fresh buffers rather than
+a memory map, so resident memory stays near the tensors being combined even for
+checkpoints far larger than RAM; at most one shard file per checkpoint is open at a
+time.
 
 A PEFT LoRA adapter directory (``adapter_config.json`` beside ``adapter_model.*``) opens
 as the fine-tuned model it describes over a base (:mod:`npstune.checkpoints.adapter`).
@@ -218,7 +219,8 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
         return math.prod(self.shape(key))
 
     def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Elements ``[start, stop)`` of ``key`` in row-major order, as a flat tensor."""
+        """Elements ``[start, stop)`` of ``key`` in row-major order,
+        as a flat tensor."""
         if self._torch_state is not None:
             return self._torch_state[key].reshape(-1)[start:stop]
         info = self._info(key)
@@ -261,11 +263,15 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
         return 0 if self._open is None else 1
 
     def __repr__(self) -> str:
-        return f"LazyCheckpoint({str(self.path)!r}, form={self.form!r}, tensors={len(self)})"
+        return (
+            f"LazyCheckpoint({str(self.path)!r}, form={self.form!r}, "
+            f"tensors={len(self)})"
+        )
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """Load a torch state-dict file safely (no code execution), memory-mapped if possible."""
+    """Load a torch state-dict file safely (no code execution),
+    memory-mapped if possible."""
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -350,8 +356,8 @@ class CheckpointWriter:
     """Write a checkpoint tensor by tensor (or chunk by chunk), atomically, in the form
     :func:`output_form` gives for ``out`` (the one its name names, else ``like``'s).
 
-    Use as a context manager: on a clean exit the temporary output is renamed to ``out``;
-    on an exception it is removed and ``out`` is left as it was.
+    Use as a context manager: on a clean exit the temporary output is renamed to
+    ``out``; on an exception it is removed and ``out`` is left as it was.
     """
 
     def __init__(
@@ -426,7 +432,8 @@ class CheckpointWriter:
             self._route[key] = path.name
 
     def write(self, key: str, tensor: torch.Tensor, start: int = 0) -> None:
-        """Write a whole tensor, or a flat row-major chunk beginning at element ``start``."""
+        """Write a whole tensor, or a flat row-major chunk beginning at element
+        ``start``."""
         if self._torch_state is not None:
             shape, dtype = self.specs[key]
             if start == 0 and tensor.numel() == math.prod(shape):
@@ -480,9 +487,9 @@ def remove_path(p: Path) -> None:
 
 
 def replace_path(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` (a file or a directory whose files are synced) to ``out``,
-    replacing an existing file or directory only at the end; the rename is made durable
-    (:func:`~npstune.fsutil.replace_durably` for a file; the parent fsynced)."""
+    """Move the finished ``tmp`` (a file or a directory whose files are synced) to
+    ``out``, replacing an existing file or directory only at the end; the rename is made
+    durable (:func:`~npstune.fsutil.replace_durably` for a file; the parent fsynced)."""
     if out.is_dir() and not out.is_symlink():
         old = out.parent / f".{out.name}.npstune-old-{os.getpid()}"
         remove_path(old)
@@ -505,7 +512,8 @@ def write_state_dict(
 ) -> Path:
     """Write an in-memory state dict (small models, tests) in ``like``'s form.
 
-    Without ``like`` the form follows the suffix of ``out``: ``.safetensors`` or a torch file.
+    Without ``like`` the form follows the suffix of ``out``: ``.safetensors`` or a torch
+    file.
     """
     out = Path(out)
     specs = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
@@ -544,7 +552,8 @@ def write_sharded(
     max_shard_bytes: int,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write a state dict as a sharded safetensors directory with an index (tests, zoo)."""
+    """Write a state dict as a sharded safetensors directory with an index
+    (tests, zoo)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]

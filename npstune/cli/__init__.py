@@ -14,7 +14,8 @@ import click
 
 from npstune.errors import NpstuneError
 
-# name -> "module:attribute" of a click command; adding a subcommand touches one line here.
+# name -> "module:attribute" of a click command; adding a subcommand touches one line
+# here.
 COMMANDS: dict[str, str] = {
     "merge": "npstune.cli.merge:merge",
     "methods": "npstune.cli.methods:methods",

@@ -1,4 +1,5 @@
-"""``npstune bench NAME [--zoo SIZE] [ARGS...]``: run a benchmark module from ``benchmarks/``.
+"""``npstune bench NAME [--zoo SIZE] [ARGS...]``: run a benchmark module from
+``benchmarks/``.
 
 NAME is one of ``benchmarks.BENCHMARKS``; everything after NAME (``--help`` too) goes to
 the module's own ``main(argv)``.
@@ -45,7 +46,8 @@ class BenchCommand(click.Command):
 @click.argument("name")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 def bench(zoo_size: str | None, name: str, extra: tuple[str, ...]) -> None:
-    """Run benchmark NAME; it prints a table and writes benchmarks/results/NAME.md/.json.
+    """Run benchmark NAME; it prints a table and writes
+    benchmarks/results/NAME.md/.json.
 
     Arguments after NAME go to the benchmark (`npstune bench NAME --help` lists them).
     """

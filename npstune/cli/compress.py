@@ -1,4 +1,5 @@
-"""``npstune compress | decompress | inspect``: the sparse task-vector store (DESIGN §8)."""
+"""``npstune compress | decompress | inspect``: the sparse task-vector store
+(DESIGN §8)."""
 
 from __future__ import annotations
 
@@ -157,7 +158,8 @@ def decompress(store, task, out, base, quiet) -> None:
 @click.argument("store", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(store, as_json) -> None:
-    """Storage table of STORE: the paper's bits and the bytes on disk, per task and total."""
+    """Storage table of STORE: the paper's bits and the bytes on disk,
+    per task and total."""
     from npstune.compress import inspect_store
 
     r = inspect_store(store)

@@ -18,7 +18,8 @@ from npstune.cli.options import (
 
 
 def _used_by(field: str) -> dict[str, Any]:
-    """Option settings whose help ends with the methods that take parameter ``field``."""
+    """Option settings whose help ends with the methods that take parameter
+    ``field``."""
     return {
         "cls": HelpFromRegistry,
         "help_names": ("Used by: ", lambda: names.methods_with(field)),

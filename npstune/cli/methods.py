@@ -1,5 +1,6 @@
 """``npstune methods [--kinds] [--json]``: list every merge method with its parameters
-(JSON schema), or with ``--kinds`` every evaluator kind with its options (JSON schema)."""
+(JSON schema), or with ``--kinds`` every evaluator kind with its options (JSON
+schema)."""
 
 from __future__ import annotations
 

@@ -80,7 +80,8 @@ class RegistryChoice(click.Choice):
 
 class HelpFromRegistry(click.Option):
     """An option whose help ends with a list a registry gives when the help is shown:
-    ``help_names=(prefix, function)`` appends ``prefix + ", ".join(function()) + "."``."""
+    ``help_names=(prefix, function)`` appends ``prefix + ", ".join(function()) +
+    "."``."""
 
     def __init__(
         self,

@@ -9,9 +9,10 @@ The paper's formulas, for ``T`` tasks and ``N`` merged parameters per model at 3
 
 ``k·N`` is the kept count ``⌈k·N⌉`` of DESIGN §2 (equal to ``k·N`` whenever that is an
 integer), so every result is an exact integer. Frozen parameters (outside the task
-vectors: frozen while fine-tuning, filtered out, integer buffers) are stored once by every
-method; they are reported apart as base-only bits (32 per parameter) and added only to
-``total_bits``. Optionally the real bytes on disk are put beside the paper's bits.
+vectors: frozen while fine-tuning, filtered out, integer buffers) are stored once by
+every method; they are reported apart as base-only bits (32 per parameter) and added
+only to ``total_bits``. Optionally the real bytes on disk are put beside the paper's
+bits.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ FAMILIES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class StorageBits:
-    """Bits one method needs for ``tasks`` models of ``n`` merged (+ ``frozen``) params."""
+    """Bits one method needs for ``tasks`` models of ``n`` merged
+    (+ ``frozen``) params."""
 
     method: str
     family: str
@@ -108,7 +110,8 @@ def storage_bits(
     """The paper's storage bits of ``method`` (any name in :data:`FAMILIES`).
 
     Args:
-        method: a method name, e.g. ``"nps"``, ``"ties"``, ``"finetuned"``, ``"tall-ties"``.
+        method: a method name, e.g. ``"nps"``, ``"ties"``, ``"finetuned"``,
+            ``"tall-ties"``.
         tasks: number of tasks T (>= 1).
         n: merged parameters per model N (the task vectors' entries).
         k: keep ratio; required by the sparse methods (NPS, magnitude, DARE).

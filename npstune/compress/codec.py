@@ -2,14 +2,15 @@
 
 - positions: whichever is smaller of (a) the gaps between consecutive kept indices
   (``np.diff``), stored in the narrowest unsigned width that holds the largest gap,
-  byte-shuffled, zstd; (b) the keep-mask packed to bits (``np.packbits``), zstd. Both land
-  near the entropy of the mask (gaps win at small k, the bitmask at large k). Codecs:
-  ``none`` (nothing kept), ``all`` (everything kept), ``bits``, ``gaps1|2|4|8``.
+  byte-shuffled, zstd; (b) the keep-mask packed to bits (``np.packbits``), zstd. Both
+  land near the entropy of the mask (gaps win at small k, the bitmask at large k).
+  Codecs: ``none`` (nothing kept), ``all`` (everything kept), ``bits``, ``gaps1|2|4|8``.
 - values: one value per kept entry in the value dtype, byte-shuffled (byte j of every
   value together: sign/exponent bytes repeat a lot, mantissa bytes hardly), zstd.
 - exceptions: uncompressed ``uint64`` indices into the kept list, then the exact output
-  values (checkpoint dtype) there. A lossless store writes one where the stored value does
-  not rebuild the merge output bit for bit (rare: large cancellations, fp16 overflow).
+  values (checkpoint dtype) there. A lossless store writes one where the stored value
+  does not rebuild the merge output bit for bit (rare: large cancellations, fp16
+  overflow).
 
 All multi-byte data is little-endian. Pure functions: no I/O, no checksums (the store
 adds those).
@@ -40,7 +41,8 @@ def unshuffle(data: bytes, width: int) -> np.ndarray:
 
 
 def bits_of(t: torch.Tensor) -> torch.Tensor:
-    """The raw bit patterns of a float tensor, as a signed integer tensor of equal width."""
+    """The raw bit patterns of a float tensor,
+    as a signed integer tensor of equal width."""
     return t.view(_INT_OF_SIZE[t.element_size()])
 
 
@@ -65,7 +67,8 @@ def encode_positions(
 def decode_positions(
     codec: str, blob: bytes, n: int, kept: int, where: str
 ) -> torch.Tensor:
-    """Kept indices (int64, ascending) of a block of ``n`` entries; errors name ``where``."""
+    """Kept indices (int64, ascending) of a block of ``n`` entries;
+    errors name ``where``."""
     if codec == "none":
         idx = np.empty(0, dtype=np.int64)
     elif codec == "all":

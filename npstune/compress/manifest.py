@@ -1,4 +1,5 @@
-"""The store's ``manifest.json``: what was compressed, how, and the checksums to trust it.
+"""The store's ``manifest.json``: what was compressed, how, and the checksums to trust
+it.
 
 Layout of a store directory::
 
@@ -8,9 +9,10 @@ Layout of a store directory::
 
 Each tensor of a task is cut into blocks (row-major element ranges, the merge engine's
 chunks). A block is one record ``[start, stop, kept, codec, pos_len, val_len, exc_count,
-exc_len, blake2b]``: its position, value and exception blobs follow each other in the data
-file, in block order, so offsets are running sums and the file size is their total.
-``blake2b`` (8-byte digest, hex) covers the three blobs; each task file also has a sha256.
+exc_len, blake2b]``: its position, value and exception blobs follow each other in the
+data file, in block order, so offsets are running sums and the file size is their total.
+``blake2b`` (8-byte digest, hex) covers the three blobs; each task file also has a
+sha256.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class FileRef(_Model):
 
 
 class BaseRef(_Model):
-    """Where the base is (relative paths are inside the store) and its content hashes."""
+    """Where the base is (relative paths are inside the store) and its content
+    hashes."""
 
     path: str
     copied: bool
@@ -166,7 +169,8 @@ def dumps(obj: Any, indent: int = 0) -> str:
 
 
 def weight_files(ck: LazyCheckpoint) -> list[tuple[str, Path]]:
-    """(name relative to the checkpoint's directory, path) of every file holding weights."""
+    """(name relative to the checkpoint's directory,
+    path) of every file holding weights."""
     anchor = ck.path if ck.path.is_dir() else ck.path.parent
     files = {ck.weights} | {ck.weights.parent / s for s in set(ck.shard_of.values())}
     return sorted((str(f.relative_to(anchor)), f) for f in files)
@@ -188,13 +192,14 @@ def verify_base(ck: LazyCheckpoint, ref: BaseRef) -> None:
         s for s, _ in want
     ]:
         raise CheckpointError(
-            f"{ck.path}: base does not match the store (expected a {ref.form} checkpoint of "
-            f"{len(ref.files)} weight file(s), sizes {[s for s, _ in want]}); refusing to use it"
+            f"{ck.path}: base does not match the store (expected a {ref.form} "
+            f"checkpoint of {len(ref.files)} weight file(s), sizes "
+            f"{[s for s, _ in want]}); refusing to use it"
         )
     hashed = [(name, f.stat().st_size, sha256_file(f)) for name, f in files]
     if sorted((s, h) for _, s, h in hashed) != want:
         bad = next(name for name, s, h in hashed if (s, h) not in want)
         raise CheckpointError(
-            f"{ck.path}: base file {bad} has a different sha256 than the store recorded; "
-            "the base changed since compression, refusing to use it"
+            f"{ck.path}: base file {bad} has a different sha256 than the store "
+            "recorded; the base changed since compression, refusing to use it"
         )

@@ -1,16 +1,17 @@
-"""Compress task models into a sparse store, rebuild them exactly, and account for bytes.
+"""Compress task models into a sparse store, rebuild them exactly, and account for
+bytes.
 
 Compression runs, per task, exactly the single-task merge ``npstune merge --method M
 --base B --models T`` (same plan, same pruner passes, same chunks, same kernel) and, for
 each block the engine merges, keeps the entries where the merge output ``o`` may differ
 from the base: the keep mask the engine gives with the block
 (:class:`~npstune.merge.masks.Block`; plus, defensively, any entry whose output bits
-differ from ``base + 0``).
-Rather than τ̂ itself it stores, per kept entry, ``s = (o − θ_pre)`` rounded to the value
-dtype: ``(θ_pre + s)`` cast to the checkpoint dtype rebuilds ``o``. Where it does not, bit
-for bit (rare: catastrophic cancellation, fp16 overflow), a lossless store adds ``o`` as
-an exception, so decompression writes the same bytes as the merge. Everything streams per
-chunk of a tensor: memory stays near a few chunks whatever the model size.
+differ from ``base + 0``). Rather than τ̂ itself it stores, per kept entry, ``s = (o −
+θ_pre)`` rounded to the value dtype: ``(θ_pre + s)`` cast to the checkpoint dtype
+rebuilds ``o``. Where it does not, bit for bit (rare: catastrophic cancellation, fp16
+overflow), a lossless store adds ``o`` as an exception, so decompression writes the same
+bytes as the merge. Everything streams per chunk of a tensor: memory stays near a few
+chunks whatever the model size.
 """
 
 from __future__ import annotations
@@ -111,13 +112,15 @@ def compress(
     progress: bool = False,
     names: Sequence[str] | None = None,
 ) -> Manifest:
-    """Compress ``models`` against ``base`` into the store directory ``out`` (atomically).
+    """Compress ``models`` against ``base`` into the store directory ``out``
+    (atomically).
 
     Args:
         method: ``nps`` (default, w = 1), ``magnitude``, ``dare``, ``darex`` or
             ``ties-trim``; ``params`` are that merge method's (k, lam, scope, subspaces,
             weights: M values or T·M task-major, seed, q).
-        value_dtype: None (each tensor's own dtype: lossless) or ``fp16``/``bf16`` (lossy).
+        value_dtype: None (each tensor's own dtype: lossless) or ``fp16``/``bf16``
+            (lossy).
         copy_base: keep a copy of the base inside the store instead of a reference.
         names: each model's task name in the store (default: its file stem, or its
             directory's name for a directory). DARE's random draws follow the model's
@@ -210,7 +213,8 @@ def compress(
 def _per_task_params(
     spec: MergeSpec[Any], shared: MethodParams, tasks: int
 ) -> list[MethodParams]:
-    """Each task's own params: NPS weights (M shared or T·M task-major) become its row."""
+    """Each task's own params: NPS weights (M shared or T·M task-major) become its
+    row."""
     weights = getattr(shared, "weights", None)
     if weights is None:
         return [shared] * tasks
@@ -385,7 +389,8 @@ def decompress(
 ) -> Path:
     """Rebuild ``task`` from the store into ``out`` (the base's form), atomically.
 
-    A lossless store writes exactly the bytes ``npstune merge`` writes for that task alone.
+    A lossless store writes exactly the bytes ``npstune merge`` writes for that task
+    alone.
     """
     store = Path(store)
     manifest = read_manifest(store)
@@ -456,7 +461,8 @@ def _decode_block(
 
 # ----------------------------------------------------------------------------- inspect
 def inspect_store(store: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
-    """Storage table of a store: the paper's bits and the real bytes, per task and total.
+    """Storage table of a store: the paper's bits and the real bytes, per task and
+    total.
 
     N counts the entries of every tensor some task changed (its task vector); the others
     (frozen, filtered out, integer buffers) are base-only. ``verify`` checks every task

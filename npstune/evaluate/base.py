@@ -61,7 +61,8 @@ class CallableEvaluator:
 
 
 def metric_of(evaluator: Evaluator, task: str) -> str:
-    """The name of ``task``'s metric ("accuracy" unless the evaluator says otherwise)."""
+    """The name of ``task``'s metric ("accuracy" unless the evaluator says
+    otherwise)."""
     fn = getattr(evaluator, "metric", None)
     return str(fn(task)) if callable(fn) else "accuracy"
 
@@ -73,7 +74,8 @@ def reported(evaluator: Evaluator, task: str, score: float) -> float:
 
 
 def examples_of(evaluator: Evaluator, task: str, split: str) -> int | None:
-    """How many examples ``task``'s ``split`` scores (None if the evaluator can't say)."""
+    """How many examples ``task``'s ``split`` scores
+    (None if the evaluator can't say)."""
     fn = getattr(evaluator, "examples", None)
     return int(fn(task, split)) if callable(fn) else None
 

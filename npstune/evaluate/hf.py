@@ -1,4 +1,5 @@
-"""Hugging Face model helpers shared by the evaluator kinds: skeletons and state loading."""
+"""Hugging Face model helpers shared by the evaluator kinds:
+skeletons and state loading."""
 
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 
 
 def read_records(path: Path, task: str = "", split: str = "") -> list[dict[str, Any]]:
-    """Every row of a data file as a dict; ConfigError if missing, unreadable or empty."""
+    """Every row of a data file as a dict; ConfigError if missing,
+    unreadable or empty."""
     where = _where(path, task, split)
     if not path.is_file():
         raise ConfigError(f"{where}: data file not found")

@@ -120,7 +120,8 @@ def load_evaluator_file(path: str | Path) -> EvaluatorFile:
 
 
 def one_line(exc: ValidationError) -> str:
-    """A pydantic error as ``loc: message; loc: message`` (union branch names dropped)."""
+    """A pydantic error as ``loc: message; loc: message``
+    (union branch names dropped)."""
     out = []
     for e in exc.errors():
         loc = ".".join(str(x) for x in e["loc"] if not _is_branch(str(x))) or "config"

@@ -1,8 +1,8 @@
 """Calibration statistics for data-driven merges (Fisher, RegMean), behind one protocol.
 
 An evaluator that can give gradients or linear-layer inputs implements
-:class:`CalibrationStats`; ``npstune.merge.fisher`` / ``regmean`` only ever call these two
-methods, so they work with every such kind (the zoo, ``text-classification``,
+:class:`CalibrationStats`; ``npstune.merge.fisher`` / ``regmean`` only ever call these
+two methods, so they work with every such kind (the zoo, ``text-classification``,
 ``causal-lm``):
 
 - ``fisher``: the diagonal empirical Fisher, the mean over examples of

@@ -64,7 +64,7 @@ class TextClassificationEvaluator:
     def tasks(self) -> list[str]:
         return self.zoo.tasks
 
-    # -- caches ---------------------------------------------------------------------------
+    # -- caches ------------------------------------------------------------------------
     def batches(self, task: str, split: str) -> zm.Batches:
         """The tokenized, length-sorted, padded batches of a split (built once)."""
         if split not in SPLITS:
@@ -94,7 +94,7 @@ class TextClassificationEvaluator:
             self._heads[task] = (w.to(self.device), b.to(self.device))
         return self._heads[task]
 
-    # -- scoring --------------------------------------------------------------------------
+    # -- scoring -----------------------------------------------------------------------
     def load_state(self, state: State, source: str = "state") -> None:
         """Copy ``state`` into the kept skeleton (keys checked against the base's)."""
         zm.load_into(self._body, state, source)
@@ -130,7 +130,7 @@ class TextClassificationEvaluator:
         self.load_state(state)
         return {t: self._score(t, split) for t in names}
 
-    # -- calibration statistics (Fisher, RegMean; npstune.evaluate.stats) ----------------
+    # -- calibration statistics (Fisher, RegMean; npstune.evaluate.stats) --------------
     def _rows(
         self, task: str, examples: int
     ) -> Iterable[tuple[Tensor, Tensor, Tensor]]:

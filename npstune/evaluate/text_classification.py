@@ -1,4 +1,5 @@
-"""Kind ``text-classification``: a Hugging Face encoder scored with each task's own head.
+"""Kind ``text-classification``: a Hugging Face encoder scored with each task's own
+head.
 
 ```yaml
 kind: text-classification
@@ -202,7 +203,7 @@ class TextClassifier:
             )
         return self._batches[key]
 
-    # -- models -------------------------------------------------------------------------
+    # -- models ------------------------------------------------------------------------
     def _model(self, task: str, state: State) -> nn.Module:
         """The module that scores ``task``, with ``state`` (and its head) loaded."""
         h = self.head(task)
@@ -252,7 +253,7 @@ class TextClassifier:
         """The same evaluator on another device (data read and tokenized again)."""
         return TextClassifier(self.o, dataclasses.replace(self.ctx, device=device))
 
-    # -- scoring --------------------------------------------------------------------------
+    # -- scoring -----------------------------------------------------------------------
     @torch.inference_mode()
     def _score(self, module: nn.Module, task: str, split: str) -> float:
         b = self.batches(task, split)
@@ -275,7 +276,7 @@ class TextClassifier:
         names = list(tasks) if tasks is not None else self.tasks
         return {t: self.evaluate(state, t, split) for t in names}
 
-    # -- calibration statistics (Fisher, RegMean) ------------------------------------------
+    # -- calibration statistics (Fisher, RegMean) --------------------------------------
     def _examples(
         self, task: str, examples: int
     ) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
@@ -306,7 +307,8 @@ class TextClassifier:
         keys: Sequence[str],
         examples: int = DEFAULT_EXAMPLES,
     ) -> dict[str, Tensor]:
-        """Diagonal empirical Fisher of the task's cross-entropy (one example a pass)."""
+        """Diagonal empirical Fisher of the task's cross-entropy
+        (one example a pass)."""
         module = self._model(task, state)
 
         def losses() -> Iterable[Any]:

@@ -16,7 +16,8 @@ from npstune.evaluate.kinds import BuildContext, EvaluatorKind, KindOptions
 
 
 class ZooOptions(KindOptions):
-    """Which zoo (default: the search's), and its token limit (default: the recipe's)."""
+    """Which zoo (default: the search's), and its token limit (default:
+    the recipe's)."""
 
     zoo: Literal["small", "full"] | None = None
     zoo_cache: str | None = None

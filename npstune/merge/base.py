@@ -1,9 +1,10 @@
-"""The merge engine: one method = typed params + an optional global pass + a chunk kernel.
+"""The merge engine: one method = typed params + an optional global pass + a chunk
+kernel.
 
-A method's ``prepare(inputs, params)`` runs the streaming statistics passes a global method
-needs (thresholds, partitions) and returns a context; its ``kernel(ctx, chunk)`` maps one
-chunk of every task vector to the merged delta of that chunk (compute dtype), and a
-pruning method returns each task's keep mask of the chunk with it
+A method's ``prepare(inputs, params)`` runs the streaming statistics passes a global
+method needs (thresholds, partitions) and returns a context; its ``kernel(ctx, chunk)``
+maps one chunk of every task vector to the merged delta of that chunk (compute dtype),
+and a pruning method returns each task's keep mask of the chunk with it
 (:class:`~npstune.merge.masks.KernelOut`). The engine walks keys in sorted order and
 chunks in row-major order — the position order every tie-break uses — adds the delta to
 the base, casts to the base's dtype and writes it, and streams the masks to an optional
@@ -57,7 +58,8 @@ class MergeInputs:
         self, tasks: list[int] | None = None
     ) -> Callable[[], Iterator[tuple[torch.Tensor, ...]]]:
         """A re-iterable source of (|τ_t| for t in ``tasks``) chunk tuples, reading the
-        base once per chunk for all the tasks (for :func:`~npstune.sparsify.select_streams`)."""
+        base once per chunk for all the tasks (for
+        :func:`~npstune.sparsify.select_streams`)."""
         ts = list(range(self.tasks)) if tasks is None else tasks
         return lambda: self.plan.joint_score_chunks(ts, None, self.device)
 
@@ -79,11 +81,13 @@ class MergeSpec(Generic[P]):
     #: blocks (so the engine may work through a read chunk in cache-sized blocks)
     blockwise: bool = True
     #: a method with outputs of its own (EMR: one model per task) replaces the engine:
-    #: ``runner(plan, params, out, device=, progress=, metadata=, masks=) -> MergeResult``
+    #: ``runner(plan, params, out, device=, progress=, metadata=, masks=) ->
+    #: MergeResult``
     runner: Callable[..., MergeResult] | None = None
 
     def make_params(self, values: dict[str, Any] | MethodParams | None = None) -> P:
-        """Validate ``values`` against this method's params (ConfigError on bad input)."""
+        """Validate ``values`` against this method's params
+        (ConfigError on bad input)."""
         if isinstance(values, self.params):
             return values
         try:
@@ -102,7 +106,8 @@ class MergeSpec(Generic[P]):
 
 @dataclass
 class MergeResult:
-    """What a merge returns: the merged state (in memory) or the path written, plus meta.
+    """What a merge returns: the merged state (in memory) or the path written, plus
+    meta.
 
     ``masks`` summarises the keep masks of a pruning method: ``{task name: {key: kept
     entries}}`` (task names as ``plan.task_names``); None for methods that keep no mask.
@@ -127,7 +132,8 @@ def run_merge(
     out_format: OutFormat = "model",
     masks: MaskSink | None = None,
 ) -> MergeResult:
-    """Merge ``plan``'s models with ``spec`` into ``out`` (or into memory when ``out`` is None).
+    """Merge ``plan``'s models with ``spec`` into ``out`` (or into memory when ``out``
+    is None).
 
     ``out_format="adapter"`` (``average``/``task-arithmetic`` of LoRA adapters only)
     writes the merge as one exact PEFT LoRA adapter directory instead of a full model.
@@ -307,9 +313,9 @@ def merged_blocks(
     block: int | None = None,
 ) -> Iterator[Block]:
     """The merged values of one delta tensor, block by block, in position order: a
-    :class:`~npstune.merge.masks.Block` (start, stop, chunk, θ_base + delta in the base's
-    dtype on ``device``, the per-task keep masks). One block when ``whole``; else one per
-    read chunk, or per ``block`` elements of it when ``block`` is given."""
+    :class:`~npstune.merge.masks.Block` (start, stop, chunk, θ_base + delta in the
+    base's dtype on ``device``, the per-task keep masks). One block when ``whole``; else
+    one per read chunk, or per ``block`` elements of it when ``block`` is given."""
     n = plan.numel[key]
     for start, stop in [(0, n)] if whole and n else plan.chunks(key):
         chunk = plan.read_chunk(key, start, stop, device)

@@ -1,4 +1,5 @@
-"""Calibration statistics for the data-driven merges (Fisher, RegMean), from an evaluator.
+"""Calibration statistics for the data-driven merges (Fisher, RegMean), from an
+evaluator.
 
 The statistics themselves live in the evaluate layer, behind
 :class:`~npstune.evaluate.stats.CalibrationStats` (zoo, ``text-classification``,

@@ -19,7 +19,8 @@ from npstune.taskvector import Chunk
 
 
 class FisherParams(MethodParams):
-    """λ scales the merged task vector (1 = plain Fisher merging); floor guards zeros."""
+    """λ scales the merged task vector (1 = plain Fisher merging);
+    floor guards zeros."""
 
     lam: float = Field(1.0, ge=0, le=10)
     floor: float = Field(1e-12, ge=0)

@@ -27,7 +27,8 @@ class NpsParams(MethodParams):
 
 
 def prepare(inputs: MergeInputs, p: NpsParams) -> PruneAdd:
-    """Partition and reweighted threshold per task (4 joint streaming passes, global scope)."""
+    """Partition and reweighted threshold per task (4 joint streaming passes,
+    global scope)."""
     rows = task_weight_rows(p.weights, inputs.tasks, p.subspaces)
     return PruneAdd(
         NpsPruner.prepare_all(inputs, p.k, p.scope, rows, p.subspaces), p.lam

@@ -2,8 +2,8 @@
 
 ``order_stats(rows, ranks, n)`` returns, for each stream, the values at the given
 0-based ranks of its ascending sort, reading ``rows()`` (one list of chunks per step,
-one chunk per stream) a few times. Small inputs are sorted in memory. Otherwise a radix select
-runs over the float64 bit patterns mapped to int64 keys whose signed order is the
+one chunk per stream) a few times. Small inputs are sorted in memory. Otherwise a radix
+select runs over the float64 bit patterns mapped to int64 keys whose signed order is the
 values' order: each pass histograms one 16-bit digit (64 Ki counters per stream and
 prefix) among the keys that share the digits found so far; once every statistic has at
 most ``COLLECT`` candidates left, one more pass gathers them and a sort finishes. So the

@@ -3,7 +3,8 @@
 A pruner is prepared once (its global pass, if any) and then called chunk by chunk in
 position order; it returns the keep-mask and the (rescaled / reweighted) values of that
 chunk of τ_t. The kernels hand the masks on to the engine (:mod:`npstune.merge.masks`),
-which counts them (a merge's exact ``kept`` and ``density``) and streams them to its sink.
+which counts them (a merge's exact ``kept`` and ``density``) and streams them to its
+sink.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class RandomPruner(Pruner):
 
 @dataclass
 class NpsPruner(Pruner):
-    """NPS: rank partition into M subspaces, reweight by w, top-k of the reweighted |τ|."""
+    """NPS: rank partition into M subspaces, reweight by w,
+    top-k of the reweighted |τ|."""
 
     k: float = 0.05
     weights: torch.Tensor = field(default_factory=lambda: torch.ones(8))
@@ -120,9 +122,10 @@ class NpsPruner(Pruner):
         subspaces: int,
         tasks: list[int] | None = None,
     ) -> list[NpsPruner]:
-        """One pruner per task (weights ``rows[i]`` for ``tasks[i]``; default all tasks);
-        global scope: the partitions, then the reweighted thresholds, each in one joint
-        two-pass select over every task vector (4 passes in all, whatever the task count)."""
+        """One pruner per task (weights ``rows[i]`` for ``tasks[i]``; default all
+        tasks); global scope: the partitions, then the reweighted thresholds, each in
+        one joint two-pass select over every task vector (4 passes in all, whatever the
+        task count)."""
         ts = list(range(inputs.tasks)) if tasks is None else tasks
         ws = [check_weights(r, subspaces) for r in rows]
         pruners = [

@@ -38,7 +38,8 @@ class RegMeanCtx:
 def regmean_solve(
     grams: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], alpha: float
 ) -> torch.Tensor:
-    """Closed-form RegMean weight (out × in) from per-task Grams and weights (float64)."""
+    """Closed-form RegMean weight (out × in) from per-task Grams and weights
+    (float64)."""
     lhs = 0
     rhs = 0
     for g, w in zip(grams, weights):

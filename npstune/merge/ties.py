@@ -6,9 +6,9 @@ vector); elected sign = sign(Σ_t trimmed τ_t), and where that sum is exactly 0
 majority sign, sign(Σ over the scope of the elected signs), as the reference code's
 ``resolve_zero_signs(..., "majority")`` does (global scope: over every entry of the task
 vectors, a streaming statistics pass before the merge; per tensor: over the tensor; a
-majority sum of 0 leaves those signs 0, so their entries merge to 0); merged τ = mean over t
-of the trimmed entries whose sign equals the elected one (zeros ignored); θ = θ_pre + λ·τ
-(λ = 1).
+majority sum of 0 leaves those signs 0, so their entries merge to 0); merged τ = mean
+over t of the trimmed entries whose sign equals the elected one (zeros ignored); θ =
+θ_pre + λ·τ (λ = 1).
 """
 
 from __future__ import annotations
@@ -90,9 +90,9 @@ def majority_sign(inputs: MergeInputs, pruners: Sequence[Pruner]) -> int:
 def elect_signs(
     trimmed: list[torch.Tensor], majority: int | None = None
 ) -> torch.Tensor:
-    """sign(Σ_t trimmed_t), with ``majority`` where the sum is exactly 0 and some trimmed
-    entry is not (where all are 0 the sign is left 0: those entries merge to 0 anyway).
-    ``majority`` None: the majority sign of this input itself (its scope)."""
+    """sign(Σ_t trimmed_t), with ``majority`` where the sum is exactly 0 and some
+    trimmed entry is not (where all are 0 the sign is left 0: those entries merge to 0
+    anyway). ``majority`` None: the majority sign of this input itself (its scope)."""
     total = _sum(trimmed)
     elected = torch.sign(total)
     if majority is None:
@@ -118,9 +118,9 @@ def disjoint_mean(
     stacked ``sum(0)`` agrees for up to three tasks and may round differently beyond).
 
     Computed without stacking the tasks: ``v_t = max(trimmed_t · elected, 0)`` is
-    ``|trimmed_t|`` where it agrees (same sign, nonzero; multiplying by ±1 or 0 is exact)
-    and 0 elsewhere, so the mean is ``elected · Σ v_t / #{v_t > 0}``, bit for bit the
-    direct formula's (agreeing entries share a sign, and fl(−a − b) = −fl(a + b)).
+    ``|trimmed_t|`` where it agrees (same sign, nonzero; multiplying by ±1 or 0 is
+    exact) and 0 elsewhere, so the mean is ``elected · Σ v_t / #{v_t > 0}``, bit for bit
+    the direct formula's (agreeing entries share a sign, and fl(−a − b) = −fl(a + b)).
     Consumes ``trimmed`` (the tensors are reused in place)."""
     elected = elect_signs(trimmed, majority)
     num = trimmed[0].mul_(elected).clamp_min_(0)  # Σ v_t, accumulated in v_0
@@ -135,7 +135,8 @@ def disjoint_mean(
 def trimmed(
     ctx: TiesCtx, chunk: Chunk
 ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
-    """Each task's chunk with the untrimmed entries zeroed, and each task's trim mask."""
+    """Each task's chunk with the untrimmed entries zeroed,
+    and each task's trim mask."""
     out, masks = [], []
     for pr in ctx.pruners:
         mask, values = pr(chunk)

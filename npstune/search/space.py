@@ -132,8 +132,8 @@ class EvaluatorSpec(_Frozen):
     """How a candidate is scored: any registered evaluator kind.
 
     Written inline (``evaluator: {kind: causal-lm, tasks: ...}``) or as the path of an
-    evaluator file (``evaluator: eval.yaml``, relative to the search file). Keys that are
-    not the search's own (below) are the kind's options, validated by the kind
+    evaluator file (``evaluator: eval.yaml``, relative to the search file). Keys that
+    are not the search's own (below) are the kind's options, validated by the kind
     (:mod:`npstune.evaluate.kinds`); ``root`` is the directory the kind's relative paths
     resolve against (set by the loader). ``calibration_*``/``test_examples`` limit the
     examples scored per task.

@@ -1,11 +1,12 @@
 """NPS subspaces: rank τ by |τ|, split the ranks into M equal parts, reweight, top-k.
 
-Subspace m (1-based) holds ranks ⌊(m−1)·n/M⌋ … ⌊m·n/M⌋−1 (rank 0 = largest |τ|, ties
-to the earlier position). The partition depends only on τ, so it is computed once per task
-vector: it is M−1 exact top-K thresholds (:func:`npstune.sparsify.topk.select_many`), and an
-entry's subspace is the number of those thresholds it falls below. Reweighting multiplies
-the entries of subspace m by w_m; the mask keeps the top-k of the reweighted magnitudes
-under the same exact rule; the pruned vector is mask ⊙ τ' (DESIGN §2, NPS steps 1–3).
+Subspace m (1-based) holds ranks ⌊(m−1)·n/M⌋ … ⌊m·n/M⌋−1 (rank 0 = largest |τ|, ties to
+the earlier position). The partition depends only on τ, so it is computed once per task
+vector: it is M−1 exact top-K thresholds (:func:`npstune.sparsify.topk.select_many`),
+and an entry's subspace is the number of those thresholds it falls below. Reweighting
+multiplies the entries of subspace m by w_m; the mask keeps the top-k of the reweighted
+magnitudes under the same exact rule; the pruned vector is mask ⊙ τ' (DESIGN §2, NPS
+steps 1–3).
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ class Partition:
     bounds: tuple[Threshold, ...]
 
     def cursor(self) -> PartitionCursor:
-        """A fresh cursor that labels consecutive chunks (position order) with subspaces."""
+        """A fresh cursor that labels consecutive chunks
+        (position order) with subspaces."""
         return PartitionCursor(self)
 
 
 class PartitionCursor:
-    """Labels chunks of |τ| (in position order) with 0-based subspace indices (uint8)."""
+    """Labels chunks of |τ| (in position order) with 0-based subspace indices
+    (uint8)."""
 
     def __init__(self, partition: Partition) -> None:
         self.partition = partition
@@ -49,9 +52,10 @@ class PartitionCursor:
     def ids(self, scores: torch.Tensor) -> torch.Tensor:
         """Subspace index of every entry of ``scores`` (same shape, uint8).
 
-        s = #{j : entry not in the top ⌊j·n/M⌋}: one comparison per boundary (``<=`` once
-        its tie quota is spent, ``<`` while it covers every equal score to come); only a
-        chunk where a quota runs out needs that boundary's position-ordered tie scan.
+        s = #{j : entry not in the top ⌊j·n/M⌋}: one comparison per boundary (``<=``
+        once its tie quota is spent, ``<`` while it covers every equal score to come);
+        only a chunk where a quota runs out needs that boundary's position-ordered tie
+        scan.
         """
         flat = scores.reshape(-1)
         s = torch.zeros(flat.shape, dtype=torch.uint8, device=flat.device)

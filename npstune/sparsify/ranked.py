@@ -1,10 +1,11 @@
-"""NPS candidates without re-sorting: a task vector kept in rank order (DESIGN §2 "Better still").
+"""NPS candidates without re-sorting: a task vector kept in rank order (DESIGN §2
+"Better still").
 
-A search evaluates hundreds of weight vectors w for the same τ. The rank partition does not
-depend on w, so :class:`RankedTaskVector` sorts |τ| once (stable: equal magnitudes keep
-position order) and stores τ in rank order with each entry's position. Subspace m is then
-the contiguous slice ``[lo_m, hi_m)`` of that order, and within it the reweighted
-magnitudes ``fl(w_m·|τ|)`` are still non-increasing. So:
+A search evaluates hundreds of weight vectors w for the same τ. The rank partition does
+not depend on w, so :class:`RankedTaskVector` sorts |τ| once (stable: equal magnitudes
+keep position order) and stores τ in rank order with each entry's position. Subspace m
+is then the contiguous slice ``[lo_m, hi_m)`` of that order, and within it the
+reweighted magnitudes ``fl(w_m·|τ|)`` are still non-increasing. So:
 
 - the top-k threshold for any w is the K-th largest value of M sorted lists, found by a
   binary search over float32 bit patterns where each count is a ``searchsorted`` per
@@ -132,8 +133,8 @@ class RankedTaskVector:
     def _kept(
         self, weights: Sequence[float] | torch.Tensor, k: float
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The kept entries as (positions, τ values, w_m) parts: one prefix per subspace,
-        plus the tied entries at the threshold that win by position."""
+        """The kept entries as (positions, τ values, w_m) parts: one prefix per
+        subspace, plus the tied entries at the threshold that win by position."""
         w = check_weights(list(map(float, weights)), self.subspaces)
         th = self.threshold(w, k)
         wn = w.numpy()
@@ -181,8 +182,8 @@ class RankedTaskVector:
         """Write (or, with ``accumulate``, add) λ·τ̂ into the flat float32 ``out``.
 
         No concatenation and no pass over the n entries: only the k·n kept entries are
-        touched. ``out`` must be zero where τ̂ is written unless ``accumulate``. Returns the
-        number of entries kept.
+        touched. ``out`` must be zero where τ̂ is written unless ``accumulate``. Returns
+        the number of entries kept.
         """
         kept = 0
         for pos, vals, wm in self._kept(weights, k):
@@ -212,7 +213,8 @@ def fuse(
     lam: float | Sequence[float],
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Flat Σ_t λ_t·τ̂_t (float32) over tasks that share keys: the fusion candidate's delta.
+    """Flat Σ_t λ_t·τ̂_t (float32) over tasks that share keys: the fusion candidate's
+    delta.
 
     ``out`` (length n, float32) is reused if given, so a search allocates it once.
     """

@@ -7,9 +7,9 @@ How: scores are non-negative float32, whose bit patterns sort like the numbers, 
 K-th largest score is found by a two-pass radix select over the bits: pass 1 histograms
 the high 16 bits of every score, which pins down the bucket holding the K-th largest;
 pass 2 histograms the low 16 bits inside that bucket, which pins down the exact value
-``t``. The result is a :class:`Threshold` (``t`` and a tie quota ``q``): an entry is kept
-when its score is ``> t``, or ``== t`` and it is among the first ``q`` such entries in
-position order. Memory: two histograms of 64 Ki counters, whatever ``n`` is.
+``t``. The result is a :class:`Threshold` (``t`` and a tie quota ``q``): an entry is
+kept when its score is ``> t``, or ``== t`` and it is among the first ``q`` such entries
+in position order. Memory: two histograms of 64 Ki counters, whatever ``n`` is.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ SMALL = 1 << 18  # up to this many scores, one sort beats two 64 Ki-bucket histo
 
 
 def keep_count(k: float, n: int) -> int:
-    """``⌈k·n⌉`` computed exactly on the decimal value of ``k`` (0.07·100 is 7, not 8)."""
+    """``⌈k·n⌉`` computed exactly on the decimal value of ``k`` (0.07·100 is 7,
+    not 8)."""
     check_ratio(k)
     return min(n, math.ceil(Fraction(repr(float(k))) * n))
 
@@ -49,9 +50,10 @@ def check_ratio(k: float, name: str = "k") -> None:
 class Threshold:
     """Keep ``score > value``, plus the first ``quota`` entries with ``score == value``.
 
-    ``keep`` is the total kept (``count_gt + quota``). ``value`` is +inf when nothing is kept.
-    ``equal`` counts the scores equal to ``value`` (None: not known); when the quota takes
-    them all, the rule is simply ``score >= value`` and needs no position bookkeeping.
+    ``keep`` is the total kept (``count_gt + quota``). ``value`` is +inf when nothing is
+    kept. ``equal`` counts the scores equal to ``value`` (None: not known); when the
+    quota takes them all, the rule is simply ``score >= value`` and needs no position
+    bookkeeping.
     """
 
     value: float
@@ -65,7 +67,8 @@ class Threshold:
 
 
 class ThresholdCursor:
-    """Applies a :class:`Threshold` to consecutive chunks, spending the tie quota in order.
+    """Applies a :class:`Threshold` to consecutive chunks, spending the tie quota in
+    order.
 
     Only chunks where the quota is partly spent need a scan of the equal scores: once it
     is spent the rule is ``score > value``, and while it covers every equal score still
@@ -81,7 +84,8 @@ class ThresholdCursor:
 
     @property
     def rule(self) -> str:
-        """``">"``, ``">="`` or ``"scan"``: how the next chunk's equal scores are decided."""
+        """``">"``, ``">="`` or ``"scan"``: how the next chunk's equal scores are
+        decided."""
         if self.left == 0:
             return ">"
         return ">=" if self.left == self.equal_left else "scan"
@@ -119,8 +123,9 @@ def select_many(
 ) -> list[Threshold]:
     """Exact thresholds keeping the top ``ks[i]`` scores, for several ``ks`` at once.
 
-    ``chunks()`` must yield the non-negative float32 scores in position order each time it
-    is called (it is called twice: one pass per 16-bit digit). NaN scores are not allowed.
+    ``chunks()`` must yield the non-negative float32 scores in position order each time
+    it is called (it is called twice: one pass per 16-bit digit). NaN scores are not
+    allowed.
     """
     return select_streams(lambda: ((c,) for c in chunks()), [ks], n)[0]
 
@@ -130,10 +135,10 @@ def select_streams(
     ks: Sequence[Sequence[int]],
     n: int | None = None,
 ) -> list[list[Threshold]]:
-    """:func:`select_many` for several score streams read together (e.g. the task vectors
-    of one merge, which share the base's reads): ``chunks()`` yields one tuple of chunks
-    per step, ``ks[s]`` are stream ``s``'s keep counts; returns one list per stream.
-    Two passes over ``chunks()`` whatever the number of streams."""
+    """:func:`select_many` for several score streams read together (e.g. the task
+    vectors of one merge, which share the base's reads): ``chunks()`` yields one tuple
+    of chunks per step, ``ks[s]`` are stream ``s``'s keep counts; returns one list per
+    stream. Two passes over ``chunks()`` whatever the number of streams."""
     S = len(ks)
     hi: list[torch.Tensor | None] = [None] * S
     total = [0] * S
@@ -187,7 +192,8 @@ def select_streams(
         digits[i] = sorted({p[1] for p in plans[i] if p is not None})
     lo = [{d: torch.zeros(_LO, dtype=torch.int64) for d in digits[i]} for i in range(S)]
     if any(lo):
-        member = []  # per stream: lookup table of its boundary digits (cheaper than isin)
+        # per stream: lookup table of its boundary digits (cheaper than isin)
+        member = []
         for ds in digits:
             lut = torch.zeros(_HI, dtype=torch.bool)
             lut[ds] = True
@@ -267,7 +273,8 @@ def select(
 
 
 def topk_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
-    """Exact top-``k`` keep-mask of one tensor of non-negative scores (per-tensor scope)."""
+    """Exact top-``k`` keep-mask of one tensor of non-negative scores
+    (per-tensor scope)."""
     n = scores.numel()
     th = select(lambda: [scores], keep_count(k, n), n)
     return th.cursor().mask(scores.float())

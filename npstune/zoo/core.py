@@ -35,7 +35,8 @@ def zoo_dir(recipe: ZooRecipe, cache_dir: Path) -> Path:
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:
-    """The manifest of the zoo at ``root``; None if absent, CheckpointError if corrupt."""
+    """The manifest of the zoo at ``root``; None if absent,
+    CheckpointError if corrupt."""
     path = root / MANIFEST
     if not path.exists():
         return None
@@ -145,7 +146,8 @@ class Zoo:
             return self._task_objs[name]
         except KeyError:
             raise ConfigError(
-                f"task {name!r} is not in the {self.size} zoo; it has: {', '.join(self.tasks)}"
+                f"task {name!r} is not in the {self.size} zoo; it has: "
+                f"{', '.join(self.tasks)}"
             ) from None
 
     def split(self, name: str, split: str) -> tuple[list[str], list[int]]:

