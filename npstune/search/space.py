@@ -25,7 +25,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,8 +37,13 @@ from npstune.search.uses import USES  # noqa: E402
 from npstune.sparsify import DEFAULT_SUBSPACES
 
 # The file's choices come from their registries (a new use or backend is one entry).
-Use = Literal[tuple(USES)]  # type: ignore[valid-type]
-Backend = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
+# A Literal built at run time is no static type: type checkers see the names as str.
+if TYPE_CHECKING:
+    Use = str
+    Backend = str
+else:
+    Use = Literal[tuple(USES)]
+    Backend = Literal[tuple(BACKENDS)]
 
 #: The one metric every trial reports and every backend optimises (mode "max").
 METRIC = "objective"
