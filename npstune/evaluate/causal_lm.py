@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import math
@@ -325,7 +326,8 @@ def load_causal_lm(path: Path, device: torch.device) -> tuple[Any, Any]:
         raise ConfigError(
             f"{path}: cannot load the model or tokenizer ({_first(exc)})"
         ) from None
-    return model.to(device).eval(), tok
+    # transformers wraps .to with functools.wraps, which mypy leaves unbound (self)
+    return model.to(device).eval(), tok  # type: ignore[arg-type]
 
 
 def _first(exc: BaseException) -> str:
@@ -748,7 +750,7 @@ class CausalLMEvaluator:
 
         def losses() -> Iterator[Callable[[], Tensor]]:
             for r in gold:
-                yield lambda r=r: self._row_loss(sp, r)
+                yield functools.partial(self._row_loss, sp, r)
 
         return diagonal_fisher(self._model, self._param_names(keys), losses())
 

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -129,6 +129,16 @@ def normalize_pixels(
     return (x - m) / s
 
 
+class OpenClipModel(Protocol):
+    """What the default model adapters use: open_clip's ``CLIP`` API."""
+
+    visual: nn.Module
+
+    def encode_text(self, text: Tensor) -> Tensor: ...
+
+    def encode_image(self, image: Tensor) -> Tensor: ...
+
+
 @dataclass
 class ClipTask:
     """Class names, prompt templates and labelled image splits of one task.
@@ -233,11 +243,12 @@ class ClipZeroShotEvaluator:
     # -- model adapters (override for other CLIP APIs) --------------------------------
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         """Text embeddings [len(prompts), D] of the (pretrained) text tower."""
-        return self.model.encode_text(self.tokenizer(prompts).to(self.device))
+        model = cast(OpenClipModel, self.model)  # the API these adapters assume
+        return model.encode_text(self.tokenizer(prompts).to(self.device))
 
     def encode_images(self, pixels: Tensor) -> Tensor:
         """Image embeddings [N, D] of preprocessed pixels [N, 3, H, W]."""
-        return self.model.encode_image(pixels)
+        return cast(OpenClipModel, self.model).encode_image(pixels)
 
     def zero_shot_head(self, task: str) -> Tensor:
         """W [D, C] of ``task``, built on first use (see :func:`zero_shot_head`)."""
@@ -254,7 +265,7 @@ class ClipZeroShotEvaluator:
     def load_state(self, state: State, source: str = "state") -> None:
         """Load an image-tower state (keys with or without ``prefix``), checked by
         name."""
-        tower = self.model.visual
+        tower = cast(OpenClipModel, self.model).visual
         own = tower.state_dict()
         p = self.prefix
         st = {

@@ -35,7 +35,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -52,6 +52,9 @@ from npstune.evaluate.clip import (
 )
 from npstune.evaluate.hf import load_into_module, read_state
 from npstune.evaluate.kinds import SPLITS, BuildContext, EvaluatorKind, KindOptions
+
+if TYPE_CHECKING:  # transformers is imported when the hf backend is built
+    from transformers import CLIPModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -423,10 +426,13 @@ class HFClipEvaluator(ClipZeroShotEvaluator):
     tower, and the image features do not depend on it.
     """
 
+    model: CLIPModel
+    tokenizer: PreTrainedTokenizerBase
+
     def __init__(
         self,
-        model: nn.Module,
-        tokenizer: Any,
+        model: CLIPModel,
+        tokenizer: PreTrainedTokenizerBase,
         tasks: Mapping[str, ClipTask],
         device: str | torch.device = "cpu",
         batch_size: int = 64,
@@ -443,7 +449,11 @@ class HFClipEvaluator(ClipZeroShotEvaluator):
             pixel_norm=pixel_norm,
         )
         cfg = model.config.text_config
-        self.max_length = int(max_length or cfg.max_position_embeddings)
+        # transformers types the sub-configs dict | config | None (the __init__
+        # arguments); a built CLIPConfig always holds the config objects
+        self.max_length = int(
+            max_length or cfg.max_position_embeddings  # type: ignore[union-attr]
+        )
         self._tower = nn.ModuleDict(
             {
                 "vision_model": model.vision_model,
@@ -469,7 +479,8 @@ class HFClipEvaluator(ClipZeroShotEvaluator):
 
     def encode_images(self, pixels: Tensor) -> Tensor:
         kw = {}
-        if pixels.shape[-1] != self.model.config.vision_config.image_size:
+        size = self.model.config.vision_config.image_size  # type: ignore[union-attr]
+        if pixels.shape[-1] != size:  # (vision_config: see __init__)
             kw["interpolate_pos_encoding"] = True  # image_size: set off the model's
         return _features(self.model.get_image_features(pixel_values=pixels, **kw))
 
@@ -542,7 +553,9 @@ def _build_hf(
     from transformers import AutoTokenizer, CLIPModel
 
     assert ctx.model is not None
-    model = CLIPModel.from_pretrained(str(ctx.model)).to(torch.float32).eval()
+    pretrained = CLIPModel.from_pretrained(str(ctx.model))
+    # transformers wraps .to with functools.wraps, which mypy leaves unbound (self)
+    model = pretrained.to(torch.float32).eval()  # type: ignore[arg-type]
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(ctx.model))
     except (OSError, ValueError) as exc:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,9 @@ from npstune.evaluate.stats import DEFAULT_EXAMPLES, diagonal_fisher, linear_gra
 from npstune.zoo import model as zm
 from npstune.zoo.core import Zoo
 from npstune.zoo.datasets import SPLITS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +57,11 @@ class TextClassificationEvaluator:
         self.batch_size = batch_size
         self.max_examples = max_examples
         self.max_len = max_len or int(zoo.manifest["recipe"]["max_len"])
-        self._body = zm.new_body(zoo.base_path).to(self.device).eval()
+        body = zm.new_body(zoo.base_path)
+        # transformers wraps .to with functools.wraps, which mypy leaves unbound (self)
+        self._body = body.to(self.device).eval()  # type: ignore[arg-type]
         self._base_path: Path = zoo.base_path
-        self._tokenizer = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
         self._batches: dict[tuple[str, str], zm.Batches] = {}
         self._heads: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -218,13 +223,26 @@ def read_body_state(path: str | Path) -> dict[str, Tensor]:
     raise CheckpointError(f"{p}: expected a .safetensors file or an HF model directory")
 
 
+class CheckpointReport(TypedDict):
+    """What :func:`evaluate_checkpoint` returns (a plain dict, JSON-ready)."""
+
+    zoo: str
+    model: str
+    split: str
+    accuracy: dict[str, float]
+    mean: float
+    finetuned: dict[str, float | None]
+    normalized: dict[str, float]
+    mean_normalized: float | None
+
+
 def evaluate_checkpoint(
     zoo: Zoo,
     path: str | Path,
     split: str = "test",
     tasks: Iterable[str] | None = None,
     device: str = "cpu",
-) -> dict[str, object]:
+) -> CheckpointReport:
     """Score a body checkpoint on zoo tasks: per-task, mean and normalized accuracy.
 
     Normalized accuracy is accuracy / the task's fine-tuned accuracy on the same split

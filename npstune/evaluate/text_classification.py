@@ -35,7 +35,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
@@ -48,6 +48,9 @@ from npstune.evaluate.kinds import SPLITS, BuildContext, EvaluatorKind, KindOpti
 from npstune.evaluate.records import read_records, require
 from npstune.evaluate.stats import DEFAULT_EXAMPLES, diagonal_fisher, linear_grams
 from npstune.zoo import model as zm
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class TextTaskSpec(KindOptions):
@@ -96,7 +99,7 @@ class TextClassifier:
         self.config = AutoConfig.from_pretrained(str(ctx.model))
         self.tokenizer = AutoTokenizer.from_pretrained(str(ctx.model))
         self._body = AutoModel.from_config(self.config).to(self.device).eval()
-        self._full: dict[Path, nn.Module] = {}
+        self._full: dict[Path, PreTrainedModel] = {}
         self._heads: dict[str, _Head] = {}
         self._batches: dict[tuple[str, str], zm.Batches] = {}
         for t in ctx.tasks if ctx.tasks is not None else self.tasks:
@@ -204,7 +207,7 @@ class TextClassifier:
         return self._batches[key]
 
     # -- models ------------------------------------------------------------------------
-    def _model(self, task: str, state: State) -> nn.Module:
+    def _model(self, task: str, state: State) -> PreTrainedModel:
         """The module that scores ``task``, with ``state`` (and its head) loaded."""
         h = self.head(task)
         if h.checkpoint is None:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -21,6 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from npstune.errors import CheckpointError
+
+if TYPE_CHECKING:  # transformers is imported when a body is built
+    from transformers import PreTrainedModel
 
 HF_FILES = (
     "config.json",
@@ -117,7 +121,7 @@ class TrainResult:
 
 
 def finetune(
-    body: nn.Module,
+    body: PreTrainedModel,
     train_ids: Sequence[Sequence[int]],
     train_labels: Sequence[int],
     num_classes: int,
@@ -277,7 +281,7 @@ def load_head(path: Path) -> tuple[Tensor, Tensor]:
         ) from exc
 
 
-def new_body(model_dir: Path) -> nn.Module:
+def new_body(model_dir: Path) -> PreTrainedModel:
     """An untrained skeleton built from ``model_dir/config.json`` (no weights read)."""
     from transformers import AutoConfig, AutoModel
 
@@ -321,7 +325,7 @@ def load_into(
 _IGNORED_BUFFERS = frozenset({"embeddings.position_ids"})
 
 
-def load_body(model_dir: Path) -> nn.Module:
+def load_body(model_dir: Path) -> PreTrainedModel:
     """A body from an HF dir holding ``model.safetensors``, in eval mode."""
     body = new_body(model_dir)
     load_into(body, read_state(Path(model_dir) / "model.safetensors"), str(model_dir))
