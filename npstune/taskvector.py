@@ -256,13 +256,13 @@ def plan_merge(
             not count in ``n``, the entries a keep ratio refers to (DESIGN §3, §7).
     """
     base = base if isinstance(base, LazyCheckpoint) else open_checkpoint(base)
-    models = [_open_model(m, base) for m in models]
-    if not models:
+    cks = [_open_model(m, base) for m in models]
+    if not cks:
         raise ConfigError("no models given: pass at least one fine-tuned checkpoint")
     filtered = bool(include) or bool(exclude)
     base_keys = set(base.keys())
     if not filtered:
-        for m in models:
+        for m in cks:
             mk = set(m.keys())
             if mk != base_keys:
                 only_m = sorted(mk - base_keys)
@@ -289,7 +289,7 @@ def plan_merge(
         if not in_scope:
             copy_keys.append(key)
             continue
-        for m in models:
+        for m in cks:
             if key not in m:
                 raise CheckpointError(
                     f"{m.path}:{key}: key missing (present in base {base.path})"
@@ -305,7 +305,7 @@ def plan_merge(
                     "a float tensor cannot be merged with a non-float one"
                 )
         mergeable += bdt in FLOAT_DTYPES
-        if bdt not in FLOAT_DTYPES or (frozen and _is_frozen(key, base, models)):
+        if bdt not in FLOAT_DTYPES or (frozen and _is_frozen(key, base, cks)):
             copy_keys.append(key)
         else:
             delta_keys.append(key)
@@ -313,7 +313,7 @@ def plan_merge(
         raise ConfigError(
             f"{base.path}: no floating tensors to merge (check --include/--exclude)"
         )
-    return MergePlan(base, list(models), delta_keys, copy_keys, filtered, numel)
+    return MergePlan(base, cks, delta_keys, copy_keys, filtered, numel)
 
 
 def _open_model(m: LazyCheckpoint | str, base: LazyCheckpoint) -> LazyCheckpoint:

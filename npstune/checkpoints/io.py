@@ -540,9 +540,9 @@ def write_state_dict(
         raise ConfigError(
             f"{out}: cannot infer a checkpoint form from the name; pass like="
         )
-    with CheckpointWriter(out, like, specs, metadata) as w:
+    with CheckpointWriter(out, like, specs, metadata) as writer:
         for k in sorted(state):
-            w.write(k, state[k])
+            writer.write(k, state[k])
     return out
 
 

@@ -128,10 +128,9 @@ def _eval_file(
         return
     click.echo(f"{model} with {path} ({ef.kind}), {split} split")
     click.echo(f"  {'task':<20} {'metric':<12} {'score':>10} {'examples':>8}")
-    for t, v in res["scores"].items():  # type: ignore[union-attr]
-        n = res["examples"][t]  # type: ignore[index]
+    for t, v in res["scores"].items():
+        n = res["examples"][t]
         click.echo(
-            f"  {t:<20} {res['metrics'][t]:<12} {v:>10.4f} "  # type: ignore[index]
-            f"{'-' if n is None else n:>8}"
+            f"  {t:<20} {res['metrics'][t]:<12} {v:>10.4f} {'-' if n is None else n:>8}"
         )
     click.echo(f"  {'mean':<20} {'':<12} {res['mean']:>10.4f}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -15,6 +15,9 @@ from npstune.cli.options import (
     check_output,
     parse_floats,
 )
+
+if TYPE_CHECKING:  # the merge engine (torch) loads when a merge runs
+    from npstune.merge.base import OutFormat
 
 
 def _used_by(field: str) -> dict[str, Any]:
@@ -114,7 +117,7 @@ def merge(
     base: str,
     models: tuple[str, ...],
     out: str,
-    out_format: str,
+    out_format: OutFormat,  # click.Choice of OutFormat's values
     k: float | None,
     lam: float | None,
     scope: str | None,

@@ -73,8 +73,10 @@ class RegistryChoice(click.Choice):
         self._names = names
         self.case_sensitive = case_sensitive
 
-    @property  # type: ignore[override]
-    def choices(self) -> tuple[str, ...]:
+    # click.Choice's choices is a plain attribute; here it is read-only on purpose
+    # (always the registry's current names)
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(self._names())
 
 

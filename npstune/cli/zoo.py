@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import click
 
@@ -51,7 +52,7 @@ def list_(cache_dir: str | None, as_json: bool) -> None:
     from npstune.zoo.recipe import ZOO_SIZES
 
     cache = resolve_cache_dir(cache_dir)
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for size, recipe in ZOO_SIZES.items():
         root = zoo_dir(recipe, cache)
         m = read_manifest(root)

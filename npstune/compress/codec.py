@@ -79,8 +79,8 @@ def decode_positions(
         idx = np.flatnonzero(mask).astype(np.int64)
     elif codec.startswith("gaps") and codec in POSITION_CODECS:
         width = int(codec[4:])
-        raw = unshuffle(_unzstd(blob, kept * width, where), width)
-        gaps = raw.view(f"<u{width}").astype(np.int64)
+        packed = unshuffle(_unzstd(blob, kept * width, where), width)
+        gaps = packed.view(f"<u{width}").astype(np.int64)
         idx = np.cumsum(gaps + 1) - 1
     else:
         raise CheckpointError(f"{where}: unknown position codec {codec!r}")

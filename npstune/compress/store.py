@@ -475,7 +475,7 @@ def inspect_store(store: str | os.PathLike[str], verify: bool = True) -> dict[st
     frozen = sum(v for k, v in m.keys.items() if k not in merged)
     k = m.params.get("k")
     per_task_bits = 32 * keep_count(k, n) + n if k is not None else None
-    tasks = []
+    tasks: list[dict[str, Any]] = []
     for t in m.tasks:
         path = store / t.file
         size = path.stat().st_size if path.is_file() else -1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypedDict, runtime_checkable
 
 from torch import Tensor
 
@@ -80,9 +80,18 @@ def examples_of(evaluator: Evaluator, task: str, split: str) -> int | None:
     return int(fn(task, split)) if callable(fn) else None
 
 
+class EvaluationReport(TypedDict):
+    """What :func:`evaluation_report` returns (a plain dict, JSON-ready)."""
+
+    scores: dict[str, float]
+    metrics: dict[str, str]
+    examples: dict[str, int | None]
+    mean: float
+
+
 def evaluation_report(
     evaluator: Evaluator, state: State, tasks: Iterable[str], split: str = "test"
-) -> dict[str, object]:
+) -> EvaluationReport:
     """The ``npstune eval --evaluator --json`` object: scores, metrics, examples, mean.
 
     ``scores`` holds each task's reported value (accuracy, exact match, perplexity);

@@ -28,6 +28,7 @@ def read_records(path: Path, task: str = "", split: str = "") -> list[dict[str, 
         raise ConfigError(f"{where}: data file not found")
     suffix = path.suffix.lower()
     try:
+        rows: list[Any]
         if suffix == ".jsonl":
             rows = []
             with path.open(encoding="utf-8") as fh:
@@ -41,9 +42,9 @@ def read_records(path: Path, task: str = "", split: str = "") -> list[dict[str, 
                             ) from None
         elif suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
-            rows = data if isinstance(data, list) else None
-            if rows is None:
+            if not isinstance(data, list):
                 raise ConfigError(f"{where}: expected a JSON list of records")
+            rows = data
         elif suffix == ".csv":
             with path.open(encoding="utf-8", newline="") as fh:
                 rows = list(csv.DictReader(fh))

@@ -102,11 +102,11 @@ def choose_darex_q(
     step = (1.0 - k) / (coarse - 1)
     for i in range(coarse):
         at(k + i * step)
-    best_q = max(tried, key=tried.get)
+    best_q = max(tried, key=tried.__getitem__)
     for j in range(1, fine + 1):
         for q in (best_q - j * step / (fine + 1), best_q + j * step / (fine + 1)):
             at(q)
-    best_q = max(tried, key=tried.get)
+    best_q = max(tried, key=tried.__getitem__)
     return Choice(
         best_q, tried[best_q], sorted(tried.items()), scaled(plan, s1, lam / best_q)
     )

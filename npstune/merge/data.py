@@ -11,9 +11,9 @@ Merges can also be given precomputed statistics (``{"fisher": [...]}`` /
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -21,6 +21,13 @@ from torch import Tensor
 from npstune.checkpoints import LazyCheckpoint
 from npstune.errors import ConfigError
 from npstune.evaluate.stats import DEFAULT_EXAMPLES, CalibrationStats
+
+
+class _StatsEvaluator(CalibrationStats, Protocol):
+    """An evaluator (every kind names its tasks) that gives calibration statistics."""
+
+    @property
+    def tasks(self) -> Sequence[str]: ...
 
 
 class EvaluatorData:
@@ -44,7 +51,9 @@ class EvaluatorData:
                 "and regmean need an evaluator of kind zoo, text-classification or "
                 "causal-lm"
             )
-        self.evaluator, self.examples = evaluator, examples
+        # the check above is the statistics' part; every evaluator kind has tasks
+        self.evaluator = cast(_StatsEvaluator, evaluator)
+        self.examples = examples
         self._task_of = task_of
         self.models = models
 

@@ -40,8 +40,9 @@ def regmean_solve(
 ) -> torch.Tensor:
     """Closed-form RegMean weight (out × in) from per-task Grams and weights
     (float64)."""
-    lhs = 0
-    rhs = 0
+    # float64 zeros: the same sums as from the int 0 (0.0 + x == 0 + x, any device)
+    lhs = torch.zeros((), dtype=torch.float64)
+    rhs = torch.zeros((), dtype=torch.float64)
     for g, w in zip(grams, weights):
         g = g.double()
         g = alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))

@@ -137,7 +137,7 @@ class _Arrays:
     """An object whose tensor attributes travel as numpy arrays (see
     ObjectivePayload)."""
 
-    def __init__(self, cls: type, attrs: dict[str, Any]) -> None:
+    def __init__(self, cls: type[Any], attrs: dict[str, Any]) -> None:
         self.cls, self.attrs = cls, attrs
 
     @staticmethod
@@ -163,7 +163,8 @@ class _Arrays:
         return cls(type(obj), {k: cls.wrap(v) for k, v in vars(obj).items()})
 
     def restore(self) -> Any:
-        obj = self.cls.__new__(self.cls)
+        cls: Any = self.cls  # mypy reads type[Any].__new__ as type.__new__
+        obj = cls.__new__(cls)
         obj.__dict__.update({k: self.unwrap(v) for k, v in self.attrs.items()})
         return obj
 

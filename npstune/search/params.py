@@ -17,7 +17,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, SupportsFloat, cast
 
 import numpy as np
 from annotated_types import Ge, Gt, Le, Lt
@@ -62,7 +62,7 @@ class UnitBox:
         span = np.where(self._span > 0, self._span, 1.0)
         return np.clip((x - self._low) / span, 0.0, 1.0)
 
-    def from_unit(self, x: Sequence[float]) -> dict[str, float]:
+    def from_unit(self, x: Sequence[float] | np.ndarray) -> dict[str, float]:
         x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
         return {n: float(v) for n, v in zip(self.names, self._low + x * self._span)}
 
@@ -101,6 +101,12 @@ def _types(ann: Any) -> set[Any]:
     return {ann}
 
 
+def _bound(value: object) -> float:
+    """A numeric field bound as a float (annotated_types types the bounds as the
+    comparison protocols SupportsGe etc.; method params bound numbers)."""
+    return float(cast(SupportsFloat, value))
+
+
 def declared(params_cls: type) -> dict[str, Declared]:
     """Each field of a method's Params class: type, range, per-task, default."""
     out = {}
@@ -110,13 +116,13 @@ def declared(params_cls: type) -> dict[str, Declared]:
         lo_open = hi_open = False
         for m in f.metadata:
             if isinstance(m, Ge):
-                low = float(m.ge)
+                low = _bound(m.ge)
             elif isinstance(m, Gt):
-                low, lo_open = float(m.gt), True
+                low, lo_open = _bound(m.gt), True
             elif isinstance(m, Le):
-                high = float(m.le)
+                high = _bound(m.le)
             elif isinstance(m, Lt):
-                high, hi_open = float(m.lt), True
+                high, hi_open = _bound(m.lt), True
         numeric = bool(kinds & {float, int}) and bool not in kinds
         out[name] = Declared(
             name,

@@ -175,12 +175,12 @@ def _baseline(name: str, cfg: SearchConfig, obj: Any, test_ev: Any) -> Row:
     if name == "pretrained":
         from npstune.evaluate.hf import read_state
 
-        state = read_state(p.base_path)
+        pre = read_state(p.base_path)
         return Row(
             name,
             "pretrained (zero-shot heads)",
-            obj.score_state(state, CALIBRATION),
-            obj.score_state(state, TEST, test_ev),
+            obj.score_state(pre, CALIBRATION),
+            obj.score_state(pre, TEST, test_ev),
             storage_bits(fam, T, n).paper_bits,
         )
     if name == "individual":

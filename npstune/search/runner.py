@@ -201,6 +201,7 @@ def ensure_zoo(cfg: SearchConfig, say: Echo) -> Any:
     """The configured zoo, built first (with progress) if it is not there yet."""
     from npstune.zoo import build_zoo, load_zoo
 
+    assert cfg.zoo is not None  # callers ask only for a configured zoo
     try:
         return load_zoo(cfg.zoo, cfg.zoo_cache)
     except ConfigError as exc:
@@ -315,7 +316,9 @@ def trial_resources(cfg: SearchConfig, concurrency: int) -> dict[str, float]:
         )
     n_gpu = have.get("GPU", 0.0)
     if gpus == "auto":
-        gpus = min(1.0, n_gpu / concurrency) if n_gpu else 0.0
+        # a float local: inferred against gpus' type, min() would be float | "auto"
+        share: float = min(1.0, n_gpu / concurrency) if n_gpu else 0.0
+        gpus = share
     elif gpus > 0 and n_gpu == 0:
         raise SearchError(
             f"resources.gpus_per_trial {gpus:g} requested but the Ray cluster "

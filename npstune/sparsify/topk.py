@@ -159,7 +159,8 @@ def select_streams(
                 b = torch.cat(sm)
                 small[i] = None
             h = torch.bincount(b >> 16, minlength=_HI).cpu()
-            hi[i] = h if hi[i] is None else hi[i] + h
+            prev = hi[i]
+            hi[i] = h if prev is None else prev + h
     for i in range(S):
         if n is not None and n != total[i]:
             raise ConfigError(f"expected {n} scores, saw {total[i]}")
@@ -179,7 +180,9 @@ def select_streams(
                 ks[i],
             )
             continue
-        hist_hi = hi[i].numpy()
+        h_i = hi[i]
+        assert h_i is not None  # a stream leaves the small path with its histogram
+        hist_hi = h_i.numpy()
         above_hi = _above(
             hist_hi
         )  # above[d] = number of scores whose high digit is > d

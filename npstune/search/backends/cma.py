@@ -100,7 +100,8 @@ class CmaSearcher(Searcher):
         self.max_concurrent = max_concurrent
         return True
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+    # Ray's hint (dict | None) leaves out Searcher.FINISHED, a str Ray itself returns
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if self.generation >= self.generations:
             return Searcher.FINISHED
         if self._asked is None:
