@@ -2,14 +2,17 @@
 
 ``BENCHMARKS`` is the one table of them (``npstune bench NAME`` offers exactly these):
 each name is the module ``benchmarks.NAME``, whose ``main(argv: list[str] | None)``
-parses its own options, prints its table and writes ``benchmarks/results/NAME.md/.json``.
+parses its own options, prints its table and writes
+``benchmarks/results/NAME.md/.json``.
 """
 
 BENCHMARKS: dict[str, str] = {
     "fusion": "every merge method on the zoo, test accuracy per task",
     "transfer": "prune a new task's vector on top of a merged model (H-score)",
     "compression": "storage (paper bits, bytes) against normalized accuracy",
-    "ablations": "Ray Tune sweeps of the fusion search (M, calibration size, k, backend)",
+    "ablations": (
+        "Ray Tune sweeps of the fusion search (M, calibration size, k, backend)"
+    ),
     "search_cost": "where a fusion search spends its time, evaluations to 99 %",
     "search_overhead": "Ray Tune overhead per trial, trials per hour",
     "speed": "NPS candidates and big-checkpoint merges against the copy floor",

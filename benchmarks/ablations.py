@@ -1,18 +1,19 @@
 """Ablations of the NPS fusion search: Ray Tune sweeps over one setting at a time.
 
-The sweeps are the files in ``searchspaces/ablations/`` (each extends nps-fusion.yaml and
-sweeps one key plus ``search.seed``): subspace count M ∈ {1, 2, 4, 8, 16}, calibration
-size {1/4, 1/2, 1} of the calibration examples, keep ratio k ∈ {0.01 .. 0.3}, backend cma
-vs nevergrad. Every variant is one :func:`npstune.search.run_search` (calibration split
-only); the table gives, per value, mean ± std over the seeds of the best candidate's
-calibration and test mean accuracy, with magnitude (w = 1 at the same k, λ init) on test
-for reference. ``--quick``: one seed, one generation, population 4, 2 values per sweep.
+The sweeps are the files in ``searchspaces/ablations/`` (each extends nps-fusion.yaml
+and sweeps one key plus ``search.seed``): subspace count M ∈ {1, 2, 4, 8, 16},
+calibration size {1/4, 1/2, 1} of the calibration examples, keep ratio k ∈ {0.01 ..
+0.3}, backend cma vs nevergrad. Every variant is one :func:`npstune.search.run_search`
+(calibration split only); the table gives, per value, mean ± std over the seeds of the
+best candidate's calibration and test mean accuracy, with magnitude (w = 1 at the same
+k, λ init) on test for reference. ``--quick``: one seed, one generation, population 4, 2
+values per sweep.
 
 A variant whose search config equals one already run (the default M = 8, k = 0.05, full
-calibration, cma appears in every sweep) is searched once and shared. Each finished search
-is written to ``NAME.partial.json`` at once; ``--resume`` keeps the searches found there (or
-in an earlier ``NAME.json``) whose config is the same, so a stopped run loses at most the
-search in flight.
+calibration, cma appears in every sweep) is searched once and shared. Each finished
+search is written to ``NAME.partial.json`` at once; ``--resume`` keeps the searches
+found there (or in an earlier ``NAME.json``) whose config is the same, so a stopped run
+loses at most the search in flight.
 
 Run: ``python -m benchmarks.ablations [--zoo small|full] [--quick] [--sweep subspaces]
 [--resume]``.
@@ -59,12 +60,15 @@ def fingerprint(cfg: Any) -> str:
     d = cfg.model_dump(mode="json")
     for k in ("name", "source", "output_dir"):
         d.pop(k, None)
-    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha1(
+        json.dumps(d, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
 
 
 def earlier_runs(paths: list[Path], zoo_recipe: Any) -> dict[str, dict[str, Any]]:
-    """Finished searches (fingerprint -> run row) of earlier partial or final results files
-    made on the same zoo recipe; rows from other recipes or older formats are skipped."""
+    """Finished searches (fingerprint -> run row) of earlier partial or final results
+    files made on the same zoo recipe; rows from other recipes or older formats are
+    skipped."""
     done: dict[str, dict[str, Any]] = {}
     for path in paths:
         if not path.exists():
@@ -84,9 +88,15 @@ def _ms(vals: list[float]) -> tuple[float, float]:
     return mean(vals), (stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def variants(bench: ZooBench, sweep: str, out: Path, seeds: int | None,
-             generations: int | None, population: int | None,
-             n_values: int | None = None) -> list[Any]:
+def variants(
+    bench: ZooBench,
+    sweep: str,
+    out: Path,
+    seeds: int | None,
+    generations: int | None,
+    population: int | None,
+    n_values: int | None = None,
+) -> list[Any]:
     """The sweep's configs for this zoo, cut down to the values and seeds to run."""
     from npstune.search import load_configs
 
@@ -113,17 +123,25 @@ def variants(bench: ZooBench, sweep: str, out: Path, seeds: int | None,
     }
     o.update(bench.search_budget(generations, population, quick_generations=1))
     cfgs = load_configs(path, **o)
-    return [c for c in cfgs if _get(c, key) in values and _get(c, SEED_KEY) in seed_list]
+    return [
+        c for c in cfgs if _get(c, key) in values and _get(c, SEED_KEY) in seed_list
+    ]
 
 
-def run(bench: ZooBench, sweeps: list[str], seeds: int | None = None,
-        generations: int | None = None, population: int | None = None,
-        n_values: int | None = None, *, done: dict[str, dict[str, Any]] | None = None,
-        checkpoint: Path | None = None,
-        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+def run(
+    bench: ZooBench,
+    sweeps: list[str],
+    seeds: int | None = None,
+    generations: int | None = None,
+    population: int | None = None,
+    n_values: int | None = None,
+    *,
+    done: dict[str, dict[str, Any]] | None = None,
+    checkpoint: Path | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """(summary rows: mean ± std per value, per-run rows, notes). ``done``: finished
-    searches by config fingerprint, reused instead of run; ``checkpoint``: file that gets
-    every run row as soon as its search ends."""
+    searches by config fingerprint, reused instead of run; ``checkpoint``: file that
+    gets every run row as soon as its search ends."""
     import ray
 
     from npstune.search import run_search
@@ -131,14 +149,20 @@ def run(bench: ZooBench, sweeps: list[str], seeds: int | None = None,
 
     out = Path(tempfile.mkdtemp(prefix="npstune-bench-ablations-"))
     runs: list[dict[str, Any]] = []
-    done = dict(done or {})  # fingerprint -> finished search (earlier runs and this one)
+    done = dict(
+        done or {}
+    )  # fingerprint -> finished search (earlier runs and this one)
     first: dict[str, dict[str, Any]] = {}  # fingerprint -> its first row in this table
     recipe = bench.meta()["zoo_recipe"]
-    started_ray = connect_ray(lambda m: print(f"  [ray] {m}", flush=True))  # once for all
+    started_ray = connect_ray(
+        lambda m: print(f"  [ray] {m}", flush=True)
+    )  # once for all
     try:
         for sweep in sweeps:
             key = SWEEPS[sweep][1]
-            for cfg in variants(bench, sweep, out, seeds, generations, population, n_values):
+            for cfg in variants(
+                bench, sweep, out, seeds, generations, population, n_values
+            ):
                 fp = fingerprint(cfg)
                 value = _get(cfg, key)
                 if fp in first or fp in done:
@@ -150,29 +174,48 @@ def run(bench: ZooBench, sweeps: list[str], seeds: int | None = None,
                     r = {**prev, "sweep": sweep, "value": value, "run": how}
                     first.setdefault(fp, r)
                     runs.append(r)
-                    print(f"{sweep:17s} {str(value):9s} seed {r['seed']}: {how}", flush=True)
+                    print(
+                        f"{sweep:17s} {str(value):9s} seed {r['seed']}: {how}",
+                        flush=True,
+                    )
                     continue
                 t0 = time.perf_counter()
-                outcome = run_search(cfg, echo=lambda m: print(f"  [{cfg.name}] {m}", flush=True))
+                outcome = run_search(
+                    cfg,
+                    echo=lambda m, name=cfg.name: print(f"  [{name}] {m}", flush=True),
+                )
                 rep = outcome.report
                 nps = rep.row("nps") if rep else None
                 mag = rep.row("nps-w1") if rep else None
-                r = {"sweep": sweep, "value": value, "seed": cfg.search.seed,
-                     "calibration": nps.calibration.get("objective") if nps else None,
-                     "test": nps.test.get("objective") if nps else None,
-                     "magnitude_test": mag.test.get("objective") if mag else None,
-                     "trials": outcome.trials, "generations": outcome.generations,
-                     "seconds": round(time.perf_counter() - t0, 1), "run": "ran",
-                     "config": fp}
+                r = {
+                    "sweep": sweep,
+                    "value": value,
+                    "seed": cfg.search.seed,
+                    "calibration": nps.calibration.get("objective") if nps else None,
+                    "test": nps.test.get("objective") if nps else None,
+                    "magnitude_test": mag.test.get("objective") if mag else None,
+                    "trials": outcome.trials,
+                    "generations": outcome.generations,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                    "run": "ran",
+                    "config": fp,
+                }
                 runs.append(r)
                 first[fp] = done[fp] = r
                 if checkpoint is not None:
                     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                    checkpoint.write_text(json.dumps(  # every distinct search so far
-                        {"zoo_recipe": recipe, "runs": list(done.values())},
-                        indent=1, default=str))
-                print(f"{sweep:17s} {str(r['value']):9s} seed {r['seed']}: calib "
-                      f"{r['calibration']} test {r['test']} ({r['seconds']} s)", flush=True)
+                    checkpoint.write_text(
+                        json.dumps(  # every distinct search so far
+                            {"zoo_recipe": recipe, "runs": list(done.values())},
+                            indent=1,
+                            default=str,
+                        )
+                    )
+                print(
+                    f"{sweep:17s} {str(r['value']):9s} seed {r['seed']}: calib "
+                    f"{r['calibration']} test {r['test']} ({r['seconds']} s)",
+                    flush=True,
+                )
     finally:
         if started_ray:
             ray.shutdown()
@@ -185,29 +228,50 @@ def run(bench: ZooBench, sweeps: list[str], seeds: int | None = None,
             if r["sweep"] == sweep and r["value"] not in values:
                 values.append(r["value"])
         for v in values:
-            rs = [r for r in runs if r["sweep"] == sweep and r["value"] == v
-                  and r["calibration"] is not None and r["test"] is not None]
+            rs = [
+                r
+                for r in runs
+                if r["sweep"] == sweep
+                and r["value"] == v
+                and r["calibration"] is not None
+                and r["test"] is not None
+            ]
             if not rs:
                 continue
             cm, cs = _ms([r["calibration"] for r in rs])
             tm, ts = _ms([r["test"] for r in rs])
             mags = [r["magnitude_test"] for r in rs if r["magnitude_test"] is not None]
-            rows.append({"sweep": sweep, "value": v, "seeds": len(rs),
-                         "calibration_mean": cm, "calibration_std": cs,
-                         "test_mean": tm, "test_std": ts,
-                         "magnitude_test": mean(mags) if mags else None,
-                         "trials": sum(r["trials"] for r in rs),
-                         "seconds": round(sum(r["seconds"] for r in rs
-                                              if not r["run"].startswith("shared")), 1)})
+            rows.append(
+                {
+                    "sweep": sweep,
+                    "value": v,
+                    "seeds": len(rs),
+                    "calibration_mean": cm,
+                    "calibration_std": cs,
+                    "test_mean": tm,
+                    "test_std": ts,
+                    "magnitude_test": mean(mags) if mags else None,
+                    "trials": sum(r["trials"] for r in rs),
+                    "seconds": round(
+                        sum(
+                            r["seconds"]
+                            for r in rs
+                            if not r["run"].startswith("shared")
+                        ),
+                        1,
+                    ),
+                }
+            )
     notes = [
         "each value: the best candidate of each seed's search (by calibration mean "
-        "accuracy); mean ± std (sample std, 0 with one seed) over seeds of its calibration "
-        "and test mean accuracy; magnitude_test = w = 1 at the same k and λ init, on test",
+        "accuracy); mean ± std (sample std, 0 with one seed) over seeds of its "
+        "calibration and test mean accuracy; magnitude_test = w = 1 at the same k and "
+        "λ init, on test",
         "searches use the calibration split only; test numbers come from the search's "
         "final report",
-        "run: ran = searched here; shared (sweep value) = the same search config as that "
-        "row, searched once; resumed = taken from an earlier run with the same config "
-        "(--resume); seconds: search time, a shared search counted once",
+        "run: ran = searched here; shared (sweep value) = the same search config as "
+        "that row, searched once; resumed = taken from an earlier run with the same "
+        "config (--resume); seconds: search time, a shared search counted once",
     ]
     return rows, runs, notes
 
@@ -225,16 +289,31 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     sweeps = list(dict.fromkeys(r["sweep"] for r in rows))
     if not sweeps:
         return None
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(3.6 * len(sweeps), 3.4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(sweeps), figsize=(3.6 * len(sweeps), 3.4), squeeze=False
+    )
     for ax, sweep in zip(axes[0], sweeps):
         rs = [r for r in rows if r["sweep"] == sweep]
         x = list(range(len(rs)))
-        ax.errorbar(x, [r["test_mean"] for r in rs], yerr=[r["test_std"] for r in rs],
-                    fmt="o-", capsize=3, label="NPS, test")
-        ax.plot(x, [r["calibration_mean"] for r in rs], "s:", alpha=0.7,
-                label="NPS, calibration")
+        ax.errorbar(
+            x,
+            [r["test_mean"] for r in rs],
+            yerr=[r["test_std"] for r in rs],
+            fmt="o-",
+            capsize=3,
+            label="NPS, test",
+        )
+        ax.plot(
+            x,
+            [r["calibration_mean"] for r in rs],
+            "s:",
+            alpha=0.7,
+            label="NPS, calibration",
+        )
         if all(r["magnitude_test"] is not None for r in rs):
-            ax.plot(x, [r["magnitude_test"] for r in rs], "x--", label="magnitude, test")
+            ax.plot(
+                x, [r["magnitude_test"] for r in rs], "x--", label="magnitude, test"
+            )
         ax.set_xticks(x, [str(r["value"]) for r in rs])
         n = max(r["seeds"] for r in rs)
         ax.set_title(f"{sweep} ({n} seed{'s' if n != 1 else ''})")
@@ -252,14 +331,27 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.ablations")
     ZooBench.add_arguments(ap)
-    ap.add_argument("--sweep", action="append", choices=list(SWEEPS),
-                    help="run only this sweep (repeatable; default all)")
-    ap.add_argument("--seeds", type=int, default=None, help="first N seeds of each sweep")
-    ap.add_argument("--values", type=int, default=None,
-                    help="first N values of each sweep (quick: 2)")
-    ap.add_argument("--resume", action="store_true",
-                    help="reuse the searches of NAME.partial.json / NAME.json with the same "
-                         "config instead of running them again")
+    ap.add_argument(
+        "--sweep",
+        action="append",
+        choices=list(SWEEPS),
+        help="run only this sweep (repeatable; default all)",
+    )
+    ap.add_argument(
+        "--seeds", type=int, default=None, help="first N seeds of each sweep"
+    )
+    ap.add_argument(
+        "--values",
+        type=int,
+        default=None,
+        help="first N values of each sweep (quick: 2)",
+    )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the searches of NAME.partial.json / NAME.json with the same "
+        "config instead of running them again",
+    )
     args = ap.parse_args(argv)
     started = time.perf_counter()
     bench = ZooBench.from_args(args)
@@ -267,26 +359,52 @@ def main(argv: list[str] | None = None) -> None:
     name = args.name or NAME
     out_dir = bench.out_dir or RESULTS
     checkpoint = out_dir / f"{name}.partial.json"
-    done = earlier_runs([checkpoint, out_dir / f"{name}.json"],
-                        bench.meta()["zoo_recipe"]) if args.resume else {}
+    done = (
+        earlier_runs([checkpoint, out_dir / f"{name}.json"], bench.meta()["zoo_recipe"])
+        if args.resume
+        else {}
+    )
     if done:
         print(f"--resume: {len(done)} finished searches reused", flush=True)
     try:
-        rows, runs, notes = run(bench, sweeps, args.seeds, args.generations, args.population,
-                                args.values, done=done, checkpoint=checkpoint)
+        rows, runs, notes = run(
+            bench,
+            sweeps,
+            args.seeds,
+            args.generations,
+            args.population,
+            args.values,
+            done=done,
+            checkpoint=checkpoint,
+        )
     except BaseException:
         if checkpoint.exists():
-            print(f"stopped; finished searches are in {checkpoint}: run again with --resume "
-                  "to keep them", flush=True)
+            print(
+                f"stopped; finished searches are in {checkpoint}: run again with "
+                "--resume to keep them",
+                flush=True,
+            )
         raise
     metrics = {f"test_{r['sweep']}_{r['value']}": r["test_mean"] for r in rows}
-    meta = {**bench.meta(), "sweeps": sweeps, "generations": args.generations,
-            "population": args.population, "values": args.values, "seeds": args.seeds}
+    meta = {
+        **bench.meta(),
+        "sweeps": sweeps,
+        "generations": args.generations,
+        "population": args.population,
+        "values": args.values,
+        "seeds": args.seeds,
+    }
     figure = plot(rows, out_dir / f"{name}_sweeps.png")
-    report(name,
-           {f"Ablations, {bench.size} zoo (mean ± std over seeds)": rows, "Runs": runs},
-           meta=meta, notes=notes, started=started, metrics=metrics, out_dir=bench.out_dir,
-           artifacts=[figure] if figure else [])
+    report(
+        name,
+        {f"Ablations, {bench.size} zoo (mean ± std over seeds)": rows, "Runs": runs},
+        meta=meta,
+        notes=notes,
+        started=started,
+        metrics=metrics,
+        out_dir=bench.out_dir,
+        artifacts=[figure] if figure else [],
+    )
     checkpoint.unlink(missing_ok=True)
 
 

@@ -1,9 +1,10 @@
 """What every benchmark shares: the results table, machine facts, files and MLflow.
 
 A benchmark builds a list of row dicts and calls :func:`report`, which prints a Markdown
-table, writes ``benchmarks/results/NAME.md`` and ``NAME.json`` (rows + machine, versions,
-seeds, wall time) and logs the run to MLflow (the working directory's ``sqlite:///mlflow.db``
-unless ``MLFLOW_TRACKING_URI`` says otherwise) when MLflow is installed.
+table, writes ``benchmarks/results/NAME.md`` and ``NAME.json`` (rows + machine,
+versions, seeds, wall time) and logs the run to MLflow (the working directory's
+``sqlite:///mlflow.db`` unless ``MLFLOW_TRACKING_URI`` says otherwise) when MLflow is
+installed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": _cpu_name(),
         "cores": os.cpu_count(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "memory_gib": round(
+            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1
+        ),
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -43,8 +46,12 @@ def machine() -> dict[str, Any]:
         import npstune
 
         info["npstune"] = npstune.__version__
-        info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True, cwd=Path(__file__).parent).stdout.strip()
+        info["git"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except Exception:  # noqa: BLE001 - facts are best effort
         pass
     return info
@@ -60,7 +67,9 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+def markdown_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None
+) -> str:
     """Rows of dicts as a Markdown table (floats to 4 significant digits)."""
     if not rows:
         return "(no rows)\n"
@@ -93,7 +102,8 @@ def report(
     artifacts: Sequence[Path] = (),
     out_dir: Path | None = None,
 ) -> Path:
-    """Print the tables, write NAME.md / NAME.json, log to MLflow. Returns the .md path."""
+    """Print the tables, write NAME.md / NAME.json,
+    log to MLflow. Returns the .md path."""
     out_dir = out_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     wall = time.perf_counter() - started if started is not None else None
@@ -103,20 +113,27 @@ def report(
         parts.append(f"## {title}\n\n{markdown_table(rows)}")
     if notes:
         parts.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
-    parts.append("## Run\n\n```json\n" + json.dumps(facts, indent=2, default=str) + "\n```\n")
+    parts.append(
+        "## Run\n\n```json\n" + json.dumps(facts, indent=2, default=str) + "\n```\n"
+    )
     text = "\n".join(parts)
     print(text)
     md = out_dir / f"{name}.md"
     md.write_text(text)
     (out_dir / f"{name}.json").write_text(
-        json.dumps({"name": name, "sections": sections, "notes": list(notes), **facts},
-                   indent=2, default=str)
+        json.dumps(
+            {"name": name, "sections": sections, "notes": list(notes), **facts},
+            indent=2,
+            default=str,
+        )
     )
     _log_mlflow(name, facts, metrics or {}, [md, out_dir / f"{name}.json", *artifacts])
     return md
 
 
-def _log_mlflow(name: str, facts: dict[str, Any], metrics: dict[str, float], files: Sequence[Path]) -> None:
+def _log_mlflow(
+    name: str, facts: dict[str, Any], metrics: dict[str, float], files: Sequence[Path]
+) -> None:
     if os.environ.get("NPSTUNE_BENCH_NO_MLFLOW"):
         return
     try:
@@ -124,7 +141,12 @@ def _log_mlflow(name: str, facts: dict[str, Any], metrics: dict[str, float], fil
     except ImportError:
         return
     try:
-        log_benchmark(name, params=_flat(facts), metrics=metrics, artifacts=[str(f) for f in files])
+        log_benchmark(
+            name,
+            params=_flat(facts),
+            metrics=metrics,
+            artifacts=[str(f) for f in files],
+        )
     except Exception as exc:  # noqa: BLE001 - a tracking failure must not lose the results
         print(f"warning: MLflow logging failed: {exc}", file=sys.stderr)
 
@@ -140,8 +162,9 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def timeit(fn, repeat: int = 5, warmup: int = 1, sync=None) -> float:
-    """Median wall time of ``fn()`` in seconds; ``sync`` (e.g. ``torch.cuda.synchronize``)
-    is called before the clock starts and before it stops, for asynchronous devices."""
+    """Median wall time of ``fn()`` in seconds; ``sync`` (e.g.
+    ``torch.cuda.synchronize``) is called before the clock starts and before it stops,
+    for asynchronous devices."""
     sync = sync or (lambda: None)
     for _ in range(warmup):
         fn()

@@ -29,7 +29,9 @@ K = 0.05
 K_CURVE = (0.01, 0.03, 0.05, 0.1, 0.2, 0.3)
 
 
-def per_task_sparse(bench: ZooBench, method: str, params: dict[str, Any]) -> dict[str, float]:
+def per_task_sparse(
+    bench: ZooBench, method: str, params: dict[str, Any]
+) -> dict[str, float]:
     """Each task's own pruned model θ_pre + τ̂_t on its own test split."""
     from npstune.merge import merge
     from npstune.sparsify import task_weight_rows
@@ -37,29 +39,41 @@ def per_task_sparse(bench: ZooBench, method: str, params: dict[str, Any]) -> dic
     accs = {}
     for t, task in enumerate(bench.tasks):
         p = dict(params)
-        if p.get("weights") and "subspaces" in p:  # T·M task-major rows: task t's own row
-            p["weights"] = task_weight_rows(p["weights"], len(bench.tasks), p["subspaces"])[t]
+        if (
+            p.get("weights") and "subspaces" in p
+        ):  # T·M task-major rows: task t's own row
+            p["weights"] = task_weight_rows(
+                p["weights"], len(bench.tasks), p["subspaces"]
+            )[t]
         st = merge(bench.plan.base, [bench.plan.models[t]], method, p).state
         accs[task] = bench.test_task(st, task)
     return accs
 
 
 def disk_bytes(bench: ZooBench, method: str, params: dict[str, Any]) -> int:
-    """Bytes of the task files + manifest ``npstune compress`` writes (lossless values)."""
+    """Bytes of the task files + manifest ``npstune compress`` writes
+    (lossless values)."""
     from npstune.compress import compress, inspect_store
 
     tmp = Path(tempfile.mkdtemp(prefix="npstune-bench-store-"))
     try:
-        compress(bench.plan.base.path, [m.path for m in bench.plan.models], tmp / "store", method, params,
-                 names=bench.tasks)
+        compress(
+            bench.plan.base.path,
+            [m.path for m in bench.plan.models],
+            tmp / "store",
+            method,
+            params,
+            names=bench.tasks,
+        )
         info = inspect_store(tmp / "store")
         return int(info["sparse"]["disk_bytes"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(bench: ZooBench, search: bool = True, name: str = NAME
-        ) -> tuple[dict[str, list[dict[str, Any]]], list[str], list[Path]]:
+def run(
+    bench: ZooBench, search: bool = True, name: str = NAME
+) -> tuple[dict[str, list[dict[str, Any]]], list[str], list[Path]]:
     from npstune.compress import storage_bits
     from npstune.merge.calibrate import choose_lambda, tall_models
 
@@ -69,25 +83,62 @@ def run(bench: ZooBench, search: bool = True, name: str = NAME
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
 
-    def add(method: str, family: str, accs: dict[str, float], k: float | None = None,
-            disk: int | None = None, choice: str = "") -> None:
+    def add(
+        method: str,
+        family: str,
+        accs: dict[str, float],
+        k: float | None = None,
+        disk: int | None = None,
+        choice: str = "",
+    ) -> None:
         sb = storage_bits(family, T, n, k, frozen=frozen, disk_bytes=disk)
-        rows.append({"method": method, "choice": choice, "k": k, "paper_bits": sb.paper_bits,
-                     "paper_bits_vs_ft": sb.paper_bits / (32 * T * n), "disk_bytes": disk,
-                     "mean_acc": mean(accs.values()),
-                     "normalized": mean(accs[t] / ft[t] for t in accs)})
-        print(f"{method:16s} bits {sb.paper_bits:.3e} normalized {rows[-1]['normalized']:.4f}", flush=True)
+        rows.append(
+            {
+                "method": method,
+                "choice": choice,
+                "k": k,
+                "paper_bits": sb.paper_bits,
+                "paper_bits_vs_ft": sb.paper_bits / (32 * T * n),
+                "disk_bytes": disk,
+                "mean_acc": mean(accs.values()),
+                "normalized": mean(accs[t] / ft[t] for t in accs),
+            }
+        )
+        print(
+            f"{method:16s} bits {sb.paper_bits:.3e} normalized "
+            f"{rows[-1]['normalized']:.4f}",
+            flush=True,
+        )
 
-    add("fine-tuned", "finetuned", ft, disk=sum(bench.plan.models[t].weights.stat().st_size for t in range(T)))
+    add(
+        "fine-tuned",
+        "finetuned",
+        ft,
+        disk=sum(bench.plan.models[t].weights.stat().st_size for t in range(T)),
+    )
     for method, grid in (("task-arithmetic", "ta"), ("ties", "ties")):
         ch = choose_lambda(bench.plan, method, bench.cal_score, None, bench.grids[grid])
         add(method, "merged", bench.test(ch.state), choice=f"λ={ch.value}")
-    tall = tall_models(bench.plan, bench.cal_task_score, mtl="ties", grid=bench.grids["tall"])
-    add("tall+ties", "tall", {t: bench.test_task(tall[i].state, t) for i, t in enumerate(bench.tasks)},
-        choice="λ_t=" + ",".join(str(c.value) for c in tall))
-    for method, params in (("magnitude", {"k": K}), ("dare", {"k": K, "seed": bench.seed})):
-        add(method, "sparse", per_task_sparse(bench, method, params), K,
-            disk_bytes(bench, method, params))
+    tall = tall_models(
+        bench.plan, bench.cal_task_score, mtl="ties", grid=bench.grids["tall"]
+    )
+    add(
+        "tall+ties",
+        "tall",
+        {t: bench.test_task(tall[i].state, t) for i, t in enumerate(bench.tasks)},
+        choice="λ_t=" + ",".join(str(c.value) for c in tall),
+    )
+    for method, params in (
+        ("magnitude", {"k": K}),
+        ("dare", {"k": K, "seed": bench.seed}),
+    ):
+        add(
+            method,
+            "sparse",
+            per_task_sparse(bench, method, params),
+            K,
+            disk_bytes(bench, method, params),
+        )
     if search:
         res = bench.nps_search("compression")
         if res is None:
@@ -95,32 +146,61 @@ def run(bench: ZooBench, search: bool = True, name: str = NAME
         else:
             _, desc, outcome = res
             cand = _candidate(outcome)
-            params = {"k": cand["k"], "weights": [w for row in cand["weights"] for w in row],
-                      "subspaces": len(cand["weights"][0])}
-            add("nps (searched)", "sparse", per_task_sparse(bench, "nps", params), cand["k"],
-                disk_bytes(bench, "nps", params), choice=desc)
+            params = {
+                "k": cand["k"],
+                "weights": [w for row in cand["weights"] for w in row],
+                "subspaces": len(cand["weights"][0]),
+            }
+            add(
+                "nps (searched)",
+                "sparse",
+                per_task_sparse(bench, "nps", params),
+                cand["k"],
+                disk_bytes(bench, "nps", params),
+                choice=desc,
+            )
 
     curve: list[dict[str, Any]] = []
-    for k in (K_CURVE[1:4] if bench.quick else K_CURVE):
+    for k in K_CURVE[1:4] if bench.quick else K_CURVE:
         for method in ("magnitude", "dare"):
-            accs = per_task_sparse(bench, method, {"k": k, **({"seed": bench.seed} if method == "dare" else {})})
+            accs = per_task_sparse(
+                bench,
+                method,
+                {"k": k, **({"seed": bench.seed} if method == "dare" else {})},
+            )
             sb = storage_bits("sparse", T, n, k, frozen=frozen)
-            curve.append({"method": method, "k": k, "paper_bits": sb.paper_bits,
-                          "paper_bits_vs_ft": sb.paper_bits / (32 * T * n),
-                          "normalized": mean(accs[t] / ft[t] for t in accs)})
+            curve.append(
+                {
+                    "method": method,
+                    "k": k,
+                    "paper_bits": sb.paper_bits,
+                    "paper_bits_vs_ft": sb.paper_bits / (32 * T * n),
+                    "normalized": mean(accs[t] / ft[t] for t in accs),
+                }
+            )
     plot = _plot(curve, rows, (bench.out_dir or RESULTS) / f"{name}_curve.png")
-    return {f"Storage vs accuracy at k={K}, {bench.size} zoo": rows,
-            "Accuracy-vs-storage curve": curve}, notes, [plot] if plot else []
+    return (
+        {
+            f"Storage vs accuracy at k={K}, {bench.size} zoo": rows,
+            "Accuracy-vs-storage curve": curve,
+        },
+        notes,
+        [plot] if plot else [],
+    )
 
 
 def _candidate(outcome: Any) -> dict[str, Any]:
     """The best candidate the search wrote: weights (one row per task), k, λ."""
     import json
 
-    return json.loads(Path(outcome.report.files["best_candidate"]).read_text())["candidate"]
+    return json.loads(Path(outcome.report.files["best_candidate"]).read_text())[
+        "candidate"
+    ]
 
 
-def _plot(curve: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> Path | None:
+def _plot(
+    curve: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path
+) -> Path | None:
     try:
         import matplotlib
 
@@ -131,7 +211,12 @@ def _plot(curve: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in sorted({c["method"] for c in curve}):
         pts = [c for c in curve if c["method"] == method]
-        ax.plot([p["paper_bits_vs_ft"] for p in pts], [p["normalized"] for p in pts], "o-", label=method)
+        ax.plot(
+            [p["paper_bits_vs_ft"] for p in pts],
+            [p["normalized"] for p in pts],
+            "o-",
+            label=method,
+        )
     for r in rows:
         ax.scatter([r["paper_bits_vs_ft"]], [r["normalized"]], marker="x")
         ax.annotate(r["method"], (r["paper_bits_vs_ft"], r["normalized"]), fontsize=7)
@@ -155,8 +240,15 @@ def main(argv: list[str] | None = None) -> None:
     bench = ZooBench.from_args(args)
     name = args.name or NAME
     sections, notes, files = run(bench, search=not args.no_search, name=name)
-    report(name, sections, meta=bench.meta(), notes=notes + bench.notes(),
-           started=started, artifacts=files, out_dir=bench.out_dir)
+    report(
+        name,
+        sections,
+        meta=bench.meta(),
+        notes=notes + bench.notes(),
+        started=started,
+        artifacts=files,
+        out_dir=bench.out_dir,
+    )
 
 
 if __name__ == "__main__":

@@ -121,8 +121,9 @@ def measure(cfg: Any, workers: int, cpus: int = 1) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.search_overhead",
-                                 description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.search_overhead", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--generations", type=int, default=3)
     ap.add_argument(
         "--synthetic", action="store_true", help="tiny checkpoints, sleeping eval"

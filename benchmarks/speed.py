@@ -1,7 +1,8 @@
-"""Speed and scale: NPS candidates against the memory-copy floor, merges of big checkpoints.
+"""Speed and scale: NPS candidates against the memory-copy floor, merges of big
+checkpoints.
 
-Parts (``--parts``, default ``candidates,peer``; ``scale`` takes tens of minutes and ~60 GB
-of disk):
+Parts (``--parts``, default ``candidates,peer``; ``scale`` takes tens of minutes and ~60
+GB of disk):
 
 - ``candidates``: at 22M, 87M (ViT-B/32 scale) and 350M entries, on the same τ, time
   (a) the floor: one memory copy of τ into the output buffer; (b) the straightforward
@@ -9,15 +10,16 @@ of disk):
   (:class:`~npstune.sparsify.ranked.RankedTaskVector`: O(M log n) threshold + scatter).
   Reports b/c and c/a.
 - ``peer``: a Llama-shaped fp32 checkpoint (~440M parameters, 500 MB shards, random init
-  written tensor by tensor) + two noisy fine-tuned copies; ``npstune merge --method ties``
-  (global) and ``task-arithmetic`` against a floor that reads the three models and writes
-  one with safetensors, tensor by tensor; mergekit when installed. Wall time and peak RSS
-  of each child process.
+  written tensor by tensor) + two noisy fine-tuned copies; ``npstune merge --method
+  ties`` (global) and ``task-arithmetic`` against a floor that reads the three models
+  and writes one with safetensors, tensor by tensor; mergekit when installed. Wall time
+  and peak RSS of each child process.
 - ``scale``: a sharded bf16 checkpoint set of up to 7·10⁹ entries per model (base + 2
   fine-tuned; the largest size the disk holds, at least 2·10⁹), then ``npstune merge
   --method ties``, ``--method nps`` and ``npstune compress``; wall time and peak RSS.
 
-Run: ``python -m benchmarks.speed [--parts candidates,peer,scale]`` or ``npstune bench speed``.
+Run: ``python -m benchmarks.speed [--parts candidates,peer,scale]`` or ``npstune bench
+speed``.
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ M = 8
 K_RATIO = 0.05
 
 
-# ----------------------------------------------------------------------------- candidates
-def _sort_per_candidate(tau: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, k: float,
-                        out: torch.Tensor) -> torch.Tensor:
+# --------------------------------------------------------------------------- candidates
+def _sort_per_candidate(
+    tau: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, k: float, out: torch.Tensor
+) -> torch.Tensor:
     """The reference build: reweight, one stable sort per candidate, scatter."""
     n = tau.numel()
     K = -(-int(round(k * n * 1e6)) // 1_000_000)  # ⌈k·n⌉ for the decimal k used here
@@ -59,20 +62,25 @@ def _sort_per_candidate(tau: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, k
     return out
 
 
-def _our_build(r: RankedTaskVector, w: torch.Tensor, k: float, out: torch.Tensor) -> torch.Tensor:
+def _our_build(
+    r: RankedTaskVector, w: torch.Tensor, k: float, out: torch.Tensor
+) -> torch.Tensor:
     out.zero_()
     r.scatter_into(out, w, k)
     return out
 
 
 def candidates(sizes: list[int], device: str = "cpu") -> list[dict[str, Any]]:
-    """Rows of the candidate-build table on ``device`` (τ drawn on the CPU, then moved)."""
+    """Rows of the candidate-build table on ``device`` (τ drawn on the CPU,
+    then moved)."""
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     rows = []
     g = torch.Generator().manual_seed(0)
     for n in sizes:
-        tau = (torch.randn(n, generator=g) * torch.rand(n, generator=g)).to(dev)  # heavy-ish tails
+        tau = (torch.randn(n, generator=g) * torch.rand(n, generator=g)).to(
+            dev
+        )  # heavy-ish tails
         out = torch.empty(n, device=dev)
         if sync:
             sync()
@@ -81,31 +89,53 @@ def candidates(sizes: list[int], device: str = "cpu") -> list[dict[str, Any]]:
         if sync:
             sync()
         precompute = time.perf_counter() - t0
-        ids = torch.empty(n, dtype=torch.uint8, device=dev)  # subspace ids for the reference path
+        ids = torch.empty(
+            n, dtype=torch.uint8, device=dev
+        )  # subspace ids for the reference path
         for m, (lo, hi) in enumerate(r.bounds):
             ids[r.positions[lo:hi]] = m
         w = torch.rand(M, generator=g) * 2
-        floor = timeit(lambda: out.copy_(tau), repeat=5, sync=sync)
-        ours = timeit(lambda: _our_build(r, w, K_RATIO, out), repeat=5, sync=sync)
+        # the lambdas bind this iteration's tensors: the loop ends with ``del`` of them
+        floor = timeit(lambda out=out, tau=tau: out.copy_(tau), repeat=5, sync=sync)
+        ours = timeit(
+            lambda r=r, w=w, out=out: _our_build(r, w, K_RATIO, out),
+            repeat=5,
+            sync=sync,
+        )
         mine = out.clone()
-        thresh = timeit(lambda: r.threshold(w, K_RATIO), repeat=5, sync=sync)
-        on_cpu = dev.type == "cpu"  # a CPU sort of >1e8 entries takes a minute: time it once
-        ref = timeit(lambda: _sort_per_candidate(tau, ids, w.to(dev), K_RATIO, out),
-                     repeat=1 if on_cpu and n > 10**8 else 3, warmup=0 if on_cpu else 1,
-                     sync=sync)
+        thresh = timeit(lambda r=r, w=w: r.threshold(w, K_RATIO), repeat=5, sync=sync)
+        on_cpu = (
+            dev.type == "cpu"
+        )  # a CPU sort of >1e8 entries takes a minute: time it once
+        ref = timeit(
+            lambda tau=tau, ids=ids, w=w, out=out: _sort_per_candidate(
+                tau, ids, w.to(dev), K_RATIO, out
+            ),
+            repeat=1 if on_cpu and n > 10**8 else 3,
+            warmup=0 if on_cpu else 1,
+            sync=sync,
+        )
         exact = bool(torch.equal(mine, out))
-        rows.append({
-            "entries": f"{n / 1e6:.0f}M", "floor_copy_s": floor, "sort_per_candidate_s": ref,
-            "ours_s": ours, "threshold_ms": thresh * 1e3, "precompute_s": precompute,
-            "b_over_c": ref / ours, "c_over_a": ours / floor, "identical": exact,
-        })
+        rows.append(
+            {
+                "entries": f"{n / 1e6:.0f}M",
+                "floor_copy_s": floor,
+                "sort_per_candidate_s": ref,
+                "ours_s": ours,
+                "threshold_ms": thresh * 1e3,
+                "precompute_s": precompute,
+                "b_over_c": ref / ours,
+                "c_over_a": ours / floor,
+                "identical": exact,
+            }
+        )
         print(rows[-1], flush=True)
         del tau, out, r, ids, mine
         gc.collect()
     return rows
 
 
-# ----------------------------------------------------------------------------- subprocess runs
+# ---------------------------------------------------------------------- subprocess runs
 def _run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd`` as a child, return wall time and its peak RSS (from the OS)."""
     wrapper = (
@@ -115,8 +145,12 @@ def _run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str
         "print(json.dumps({'rc': rc, 'wall_s': w, 'rss_mib': "
         "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024}))"
     )
-    res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})})
+    res = subprocess.run(
+        [sys.executable, "-c", wrapper, *cmd],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "{}"
     try:
         info = json.loads(last)
@@ -128,7 +162,8 @@ def _run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str
 
 
 def _npstune() -> list[str]:
-    """The npstune command: the console script beside this Python, else ``python -m npstune``."""
+    """The npstune command: the console script beside this Python,
+    else ``python -m npstune``."""
     exe = Path(sys.executable).parent / "npstune"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "npstune"]
 
@@ -143,7 +178,11 @@ idx = json.loads((base / "model.safetensors.index.json").read_text())["weight_ma
 out.mkdir(exist_ok=True)
 for shard in sorted(set(idx.values())):
     res = {}
-    with safe_open(base / shard, "pt") as fb, safe_open(a / shard, "pt") as fa, safe_open(b / shard, "pt") as fc:
+    with (
+        safe_open(base / shard, "pt") as fb,
+        safe_open(a / shard, "pt") as fa,
+        safe_open(b / shard, "pt") as fc,
+    ):
         for k in fb.keys():
             x = fb.get_tensor(k); y = fa.get_tensor(k); z = fc.get_tensor(k)
             res[k] = x + 0.5 * ((y - x) + (z - x))
@@ -152,9 +191,17 @@ for shard in sorted(set(idx.values())):
 """
 
 
-def _write_model(folder: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, seed: int,
-                 fine_tuned: bool, shard_bytes: int, noise: float = 0.01) -> None:
-    """Write a sharded safetensors model tensor by tensor (fine-tuned = base + noise)."""
+def _write_model(
+    folder: Path,
+    shapes: dict[str, tuple[int, ...]],
+    dtype: torch.dtype,
+    seed: int,
+    fine_tuned: bool,
+    shard_bytes: int,
+    noise: float = 0.01,
+) -> None:
+    """Write a sharded safetensors model tensor by tensor
+    (fine-tuned = base + noise)."""
     from npstune.checkpoints.io import SAFETENSORS_INDEX
     from npstune.checkpoints.safetensors_format import StreamingSafetensorsWriter
 
@@ -182,19 +229,30 @@ def _write_model(folder: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.
                 # the base's values are a function of (key, offset), so every model
                 # regenerates them instead of reading the base back
                 seed_ks = zlib.crc32(f"{k}:{s}".encode())
-                chunk = torch.randn(e - s, generator=torch.Generator().manual_seed(seed_ks)) * 0.02
+                chunk = (
+                    torch.randn(e - s, generator=torch.Generator().manual_seed(seed_ks))
+                    * 0.02
+                )
                 if fine_tuned:
                     chunk += noise * torch.randn(e - s, generator=g)
                 w.write(k, chunk.to(dt), s)
         w.close()
         weight_map.update({k: name for k in specs})
-    (folder / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / SAFETENSORS_INDEX).write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
 
 
-def llama_shapes(hidden: int, layers: int, inter: int, vocab: int) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of a Llama-architecture model (what transformers' LlamaConfig builds)."""
-    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden),
-                                     "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+def llama_shapes(
+    hidden: int, layers: int, inter: int, vocab: int
+) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a Llama-architecture model
+    (what transformers' LlamaConfig builds)."""
+    s: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -207,38 +265,80 @@ def llama_shapes(hidden: int, layers: int, inter: int, vocab: int) -> dict[str, 
     return s
 
 
-def peer(scratch: Path, shapes: dict[str, tuple[int, ...]] | None = None,
-         device: str = "cpu") -> list[dict[str, Any]]:
-    shapes = shapes or llama_shapes(hidden=1024, layers=29, inter=2816, vocab=32000)  # 438M
+def peer(
+    scratch: Path, shapes: dict[str, tuple[int, ...]] | None = None, device: str = "cpu"
+) -> list[dict[str, Any]]:
+    shapes = shapes or llama_shapes(
+        hidden=1024, layers=29, inter=2816, vocab=32000
+    )  # 438M
     total = sum(int(torch.tensor(v).prod()) for v in shapes.values())
     print(f"peer workload: {total / 1e6:.0f}M fp32 parameters", flush=True)
     paths = {n: scratch / n for n in ("base", "ft_a", "ft_b")}
     for i, (n, p) in enumerate(paths.items()):
         if not (p / "model.safetensors.index.json").exists():
-            _write_model(p, shapes, torch.float32, seed=i, fine_tuned=n != "base",
-                         shard_bytes=500 * 2**20)
+            _write_model(
+                p,
+                shapes,
+                torch.float32,
+                seed=i,
+                fine_tuned=n != "base",
+                shard_bytes=500 * 2**20,
+            )
     rows = []
-    floor = _run_measured([sys.executable, "-c", FLOOR, str(paths["base"]), str(paths["ft_a"]),
-                           str(paths["ft_b"]), str(scratch / "floor_out")])
+    floor = _run_measured(
+        [
+            sys.executable,
+            "-c",
+            FLOOR,
+            str(paths["base"]),
+            str(paths["ft_a"]),
+            str(paths["ft_b"]),
+            str(scratch / "floor_out"),
+        ]
+    )
     rows.append({"tool": "floor (read 3, write 1; safetensors)", **floor})
     exe = _npstune()
     for method in ("task-arithmetic", "ties"):
         out = scratch / f"out_{method}"
-        info = _run_measured([*exe, "merge", "--method", method, "--base", str(paths["base"]),
-                              "--models", str(paths["ft_a"]), str(paths["ft_b"]), "--out", str(out),
-                              "--quiet", "--device", device])
+        info = _run_measured(
+            [
+                *exe,
+                "merge",
+                "--method",
+                method,
+                "--base",
+                str(paths["base"]),
+                "--models",
+                str(paths["ft_a"]),
+                str(paths["ft_b"]),
+                "--out",
+                str(out),
+                "--quiet",
+                "--device",
+                device,
+            ]
+        )
         rows.append({"tool": f"npstune {method}", **info})
         print(rows[-1], flush=True)
         shutil.rmtree(out, ignore_errors=True)
     if shutil.which("mergekit-yaml"):
         cfg = scratch / "mk.yaml"
-        cfg.write_text(f"merge_method: ties\nbase_model: {paths['base']}\nmodels:\n"
-                       f"  - model: {paths['ft_a']}\n    parameters: {{density: 0.2, weight: 1.0}}\n"
-                       f"  - model: {paths['ft_b']}\n    parameters: {{density: 0.2, weight: 1.0}}\n"
-                       "parameters: {normalize: true}\ndtype: float32\n")
-        info = _run_measured(["mergekit-yaml", str(cfg), str(scratch / "mk_out"), "--lazy-unpickle"])
+        cfg.write_text(
+            f"merge_method: ties\nbase_model: {paths['base']}\nmodels:\n"
+            f"  - model: {paths['ft_a']}\n"
+            "    parameters: {density: 0.2, weight: 1.0}\n"
+            f"  - model: {paths['ft_b']}\n"
+            "    parameters: {density: 0.2, weight: 1.0}\n"
+            "parameters: {normalize: true}\ndtype: float32\n"
+        )
+        info = _run_measured(
+            ["mergekit-yaml", str(cfg), str(scratch / "mk_out"), "--lazy-unpickle"]
+        )
         rows.append({"tool": "mergekit ties", **info})
-    fw, fr = rows[0].get("wall_s") or float("nan"), rows[0].get("rss_mib") or float("nan")
+    fw, fr = (
+        rows[0].get("wall_s") or float("nan"),
+        rows[0].get("rss_mib") or float("nan"),
+    )
     for r in rows:
         if r.get("wall_s"):
             r["time_vs_floor"] = r["wall_s"] / fw
@@ -247,27 +347,35 @@ def peer(scratch: Path, shapes: dict[str, tuple[int, ...]] | None = None,
 
 
 # ----------------------------------------------------------------------------- scale
-def scale(scratch: Path, target: int = 7 * 10**9) -> tuple[list[dict[str, Any]], list[str]]:
+def scale(
+    scratch: Path, target: int = 7 * 10**9
+) -> tuple[list[dict[str, Any]], list[str]]:
     notes = []
     scratch.mkdir(parents=True, exist_ok=True)
     paths = {nm: scratch / nm for nm in ("base", "ft_a", "ft_b")}
     if all((p / "model.safetensors.index.json").exists() for p in paths.values()):
         total = _entries(paths["base"])
-        notes.append(f"reused the synthesized models found in {scratch} "
-                     f"({total / 1e9:.2f}e9 bf16 entries each)")
+        notes.append(
+            f"reused the synthesized models found in {scratch} "
+            f"({total / 1e9:.2f}e9 bf16 entries each)"
+        )
         return _scale_runs(scratch, paths, total, notes)
     free = shutil.disk_usage(scratch).free
-    # base + 2 fine-tuned + one output at a time (deleted after each run) + compress store
-    # (~0.15 model): ~4.3 models of bf16
+    # base + 2 fine-tuned + one output at a time (deleted after each run) + compress
+    # store (~0.15 model): ~4.3 models of bf16
     fits = int(free * 0.85 / (4.3 * 2))
     n = min(target, fits)
     if target < 7 * 10**9:
-        notes.append(f"scale run asked for {target / 1e9:.2f}e9 entries per model "
-                     f"(--scale-entries); tensors have 7B-model shapes (hidden 4096, "
-                     f"MLP 11008, vocab 32000), so peak memory is that of a 7B merge")
+        notes.append(
+            f"scale run asked for {target / 1e9:.2f}e9 entries per model "
+            f"(--scale-entries); tensors have 7B-model shapes (hidden 4096, "
+            f"MLP 11008, vocab 32000), so peak memory is that of a 7B merge"
+        )
     if n < target:
-        notes.append(f"disk holds {free / 2**30:.0f} GiB free: scale run uses {n / 1e9:.2f}e9 "
-                     f"entries per model instead of {target / 1e9:.0f}e9")
+        notes.append(
+            f"disk holds {free / 2**30:.0f} GiB free: scale run uses {n / 1e9:.2f}e9 "
+            f"entries per model instead of {target / 1e9:.0f}e9"
+        )
     if n < 2 * 10**9:
         notes.append("not enough disk for the 2e9-entry minimum; scale run skipped")
         return [], notes
@@ -280,11 +388,20 @@ def scale(scratch: Path, target: int = 7 * 10**9) -> tuple[list[dict[str, Any]],
     made = 0
     for i, (nm, p) in enumerate(paths.items()):
         if not (p / "model.safetensors.index.json").exists():
-            _write_model(p, shapes, torch.bfloat16, seed=i, fine_tuned=nm != "base",
-                         shard_bytes=4 * 2**30, noise=0.002)
+            _write_model(
+                p,
+                shapes,
+                torch.bfloat16,
+                seed=i,
+                fine_tuned=nm != "base",
+                shard_bytes=4 * 2**30,
+                noise=0.002,
+            )
             made += 1
-    notes.append(f"synthesized {made} × {total / 1e9:.2f}e9 bf16 entries in "
-                 f"{time.perf_counter() - t0:.0f} s")
+    notes.append(
+        f"synthesized {made} × {total / 1e9:.2f}e9 bf16 entries in "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     if made < 3:
         notes.append(f"reused {3 - made} synthesized model(s) found in {scratch}")
     return _scale_runs(scratch, paths, total, notes)
@@ -297,20 +414,51 @@ def _entries(folder: Path) -> int:
     return sum(ck.numel(k) for k in ck.keys())
 
 
-def _scale_runs(scratch: Path, paths: dict[str, Path], total: int, notes: list[str]
-                ) -> tuple[list[dict[str, Any]], list[str]]:
-    """TIES merge, NPS merge and compress of the synthesized models: wall time, peak RSS."""
+def _scale_runs(
+    scratch: Path, paths: dict[str, Path], total: int, notes: list[str]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """TIES merge, NPS merge and compress of the synthesized models: wall time,
+    peak RSS."""
     print(f"scale workload: {total / 1e9:.2f}e9 bf16 entries per model", flush=True)
     exe = _npstune()
     rows = []
     models = [str(paths["ft_a"]), str(paths["ft_b"])]
     for label, cmd in [
-        ("merge ties", [*exe, "merge", "--method", "ties", "--base", str(paths["base"]), "--models", *models]),
-        ("merge nps", [*exe, "merge", "--method", "nps", "--base", str(paths["base"]), "--models", *models]),
-        ("compress", [*exe, "compress", "--base", str(paths["base"]), "--models", *models]),
+        (
+            "merge ties",
+            [
+                *exe,
+                "merge",
+                "--method",
+                "ties",
+                "--base",
+                str(paths["base"]),
+                "--models",
+                *models,
+            ],
+        ),
+        (
+            "merge nps",
+            [
+                *exe,
+                "merge",
+                "--method",
+                "nps",
+                "--base",
+                str(paths["base"]),
+                "--models",
+                *models,
+            ],
+        ),
+        (
+            "compress",
+            [*exe, "compress", "--base", str(paths["base"]), "--models", *models],
+        ),
     ]:
         out = scratch / ("out_" + label.replace(" ", "_"))
-        info = _run_measured([*cmd, "--out", str(out)] + (["--quiet"] if "merge" in label else []))
+        info = _run_measured(
+            [*cmd, "--out", str(out)] + (["--quiet"] if "merge" in label else [])
+        )
         rows.append({"run": label, "entries_per_model": f"{total / 1e9:.2f}e9", **info})
         print(rows[-1], flush=True)
         shutil.rmtree(out, ignore_errors=True)
@@ -326,7 +474,7 @@ def _notes_by_part(notes: list[str]) -> dict[str, list[str]]:
     for n in notes:
         label = next((p for p in PARTS if n.startswith(p + ": ")), None)
         if label:
-            out.setdefault(label, []).append(n[len(label) + 2:])
+            out.setdefault(label, []).append(n[len(label) + 2 :])
         elif n.startswith("candidate"):
             out.setdefault("candidates", []).append(n)
         elif not n.startswith("targets"):
@@ -336,8 +484,16 @@ def _notes_by_part(notes: list[str]) -> dict[str, list[str]]:
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip() or "?"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=10,
+            ).stdout.strip()
+            or "?"
+        )
     except (OSError, subprocess.SubprocessError):
         return "?"
 
@@ -346,40 +502,69 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.speed")
     ap.add_argument("--parts", default="candidates,peer")
     ap.add_argument("--sizes", default="22000000,87000000,350000000")
-    ap.add_argument("--scratch", default=None, help="where synthetic checkpoints go (deleted)")
+    ap.add_argument(
+        "--scratch", default=None, help="where synthetic checkpoints go (deleted)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the scratch checkpoints")
-    ap.add_argument("--zoo", default=None, help="unused (the speed benchmark is synthetic)")
-    ap.add_argument("--scale-entries", type=float, default=7e9,
-                    help="entries per model of the scale part (default 7e9; the disk may "
-                         "lower it, to no less than 2e9)")
-    ap.add_argument("--device", default="cpu",
-                    help="where the candidates part runs (cpu, cuda, cuda:N); its table is "
-                         "kept per device")
-    ap.add_argument("--peer-shape", default="1024,29,2816,32000",
-                    help="hidden,layers,intermediate,vocab of the peer part's Llama shapes "
-                         "(default: 438M parameters)")
-    ap.add_argument("--out-dir", type=Path, default=None, help="results dir (default benchmarks/results)")
+    ap.add_argument(
+        "--zoo", default=None, help="unused (the speed benchmark is synthetic)"
+    )
+    ap.add_argument(
+        "--scale-entries",
+        type=float,
+        default=7e9,
+        help="entries per model of the scale part (default 7e9; the disk may "
+        "lower it, to no less than 2e9)",
+    )
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="where the candidates part runs (cpu, cuda, cuda:N); its table is "
+        "kept per device",
+    )
+    ap.add_argument(
+        "--peer-shape",
+        default="1024,29,2816,32000",
+        help="hidden,layers,intermediate,vocab of the peer part's Llama shapes "
+        "(default: 438M parameters)",
+    )
+    ap.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="results dir (default benchmarks/results)",
+    )
     args = ap.parse_args(argv)
     started = time.perf_counter()
     parts = set(args.parts.split(","))
     unknown = parts - set(PARTS)
     if unknown:
-        ap.error(f"unknown --parts {', '.join(sorted(unknown))} (choose from {', '.join(PARTS)})")
+        ap.error(
+            f"unknown --parts {', '.join(sorted(unknown))} (choose from "
+            f"{', '.join(PARTS)})"
+        )
     try:
         hidden, layers, inter, vocab = (int(x) for x in args.peer_shape.split(","))
     except ValueError:
-        ap.error(f"--peer-shape wants four integers hidden,layers,intermediate,vocab, got {args.peer_shape!r}")
+        ap.error(
+            "--peer-shape wants four integers hidden,layers,intermediate,vocab, got "
+            f"{args.peer_shape!r}"
+        )
     out_dir = args.out_dir or RESULTS
     # tables of a GPU run go to speed-cuda.md: one machine's facts per results file
     name = NAME if args.device == "cpu" else f"{NAME}-{args.device.split(':')[0]}"
     previous = out_dir / f"{name}.json"
     sections: dict[str, Any] = {}
-    part_notes: dict[str, list[str]] = {}  # part -> its notes, replaced when the part re-runs
+    part_notes: dict[
+        str, list[str]
+    ] = {}  # part -> its notes, replaced when the part re-runs
     if previous.exists():  # keep the sections (and notes) of parts not re-run
         old = json.loads(previous.read_text())
         sections.update(old.get("sections", {}))
         part_notes = old.get("part_notes") or _notes_by_part(old.get("notes", []))
-    scratch_root = Path(args.scratch or tempfile.mkdtemp(prefix="npstune-speed-", dir="/tmp"))
+    scratch_root = Path(
+        args.scratch or tempfile.mkdtemp(prefix="npstune-speed-", dir="/tmp")
+    )
     scratch_root.mkdir(parents=True, exist_ok=True)
 
     def part(label: str, fn: Any) -> None:
@@ -387,8 +572,10 @@ def main(argv: list[str] | None = None) -> None:
         if label not in parts:
             return
         notes = part_notes[label] = [
-            f"ran {time.strftime('%Y-%m-%d %H:%M')} at commit {_git_commit()}; 1-min load "
-            f"average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores when it started"]
+            f"ran {time.strftime('%Y-%m-%d %H:%M')} at commit {_git_commit()}; 1-min "
+            f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores when it "
+            "started"
+        ]
         try:
             fn(notes)
         except Exception as exc:  # noqa: BLE001 - keep what the other parts measured
@@ -429,10 +616,19 @@ def main(argv: list[str] | None = None) -> None:
         if not args.keep:
             shutil.rmtree(scratch_root, ignore_errors=True)
     notes = [f"{label}: {n}" for label in PARTS for n in part_notes.get(label, [])]
-    notes.append("targets: ours ≤ 2× floor and ≥ 10× sort-per-candidate at 87M; TIES ≤ 3.4× floor "
-                 "time and ≤ 1.5× floor RSS on the peer workload; 7B merge/compress ≤ 4 GB RSS")
-    report(name, sections, notes=notes, started=started, meta={"part_notes": part_notes},
-           out_dir=out_dir)
+    notes.append(
+        "targets: ours ≤ 2× floor and ≥ 10× sort-per-candidate at 87M; TIES ≤ 3.4× "
+        "floor time and ≤ 1.5× floor RSS on the peer workload; 7B merge/compress ≤ 4 "
+        "GB RSS"
+    )
+    report(
+        name,
+        sections,
+        notes=notes,
+        started=started,
+        meta={"part_notes": part_notes},
+        out_dir=out_dir,
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ State = dict[str, torch.Tensor]
 FULL_GRIDS: dict[str, Any] = {
     "ta": tuple(round(0.1 * i, 1) for i in range(1, 16)),
     "ties": tuple(round(0.8 + 0.1 * i, 1) for i in range(18)),
-    # magnitude's kept entries may need more than TA's scale: NPS reaches λ·w_1 up to 4 on
-    # the same top-k mask, so a grid that stops at 1.5 would hand NPS a wider scale range
+    # magnitude's kept entries may need more than TA's scale: NPS reaches λ·w_1 up to 4
+    # on the same top-k mask, so a grid that stops at 1.5 would hand NPS a wider scale
+    # range
     "magnitude": tuple(round(0.1 * i, 1) for i in range(1, 31)),
     "tall": (0.2, 0.3, 0.4, 0.5, 0.6),
     "q_coarse": 5,
@@ -43,10 +44,19 @@ QUICK_GRIDS: dict[str, Any] = {
 class ZooBench:
     """A built zoo, its evaluators and the merge plan over all its task models."""
 
-    def __init__(self, size: str = "small", quick: bool = False, calibration: int | None = None,
-                 test: int | None = None, device: str = "cpu", out_dir: Path | None = None,
-                 search_config: str | None = None, seed: int = 0,
-                 generations: int | None = None, population: int | None = None):
+    def __init__(
+        self,
+        size: str = "small",
+        quick: bool = False,
+        calibration: int | None = None,
+        test: int | None = None,
+        device: str = "cpu",
+        out_dir: Path | None = None,
+        search_config: str | None = None,
+        seed: int = 0,
+        generations: int | None = None,
+        population: int | None = None,
+    ):
         from npstune.evaluate.kinds import BuildContext, get_kind
         from npstune.taskvector import plan_merge
         from npstune.zoo import build_zoo
@@ -58,19 +68,31 @@ class ZooBench:
         self.search_skipped = ""
         t0 = time.perf_counter()
         self.zoo = build_zoo(size)
-        self.zoo_ready_s = time.perf_counter() - t0  # a cached zoo: reuse time, reported
+        self.zoo_ready_s = (
+            time.perf_counter() - t0
+        )  # a cached zoo: reuse time, reported
         self.tasks = list(self.zoo.tasks)
         self.grids = QUICK_GRIDS if quick else FULL_GRIDS
         cal_n = calibration or (48 if quick else None)
         test_n = test or (96 if quick else None)
         zoo_kind = get_kind("zoo")  # the benchmarks' evaluators come from the registry
         self.cal, self.tst = (
-            zoo_kind.build(zoo_kind.options(), BuildContext(
-                device=device, batch_size=64, zoo=self.zoo, prepare=(split,),
-                max_examples={split: n}))
-            for split, n in (("calibration", cal_n), ("test", test_n)))
+            zoo_kind.build(
+                zoo_kind.options(),
+                BuildContext(
+                    device=device,
+                    batch_size=64,
+                    zoo=self.zoo,
+                    prepare=(split,),
+                    max_examples={split: n},
+                ),
+            )
+            for split, n in (("calibration", cal_n), ("test", test_n))
+        )
         self.cal_n, self.test_n = cal_n, test_n
-        self.plan = plan_merge(self.zoo.base_path, [self.zoo.task(t).model_path for t in self.tasks])
+        self.plan = plan_merge(
+            self.zoo.base_path, [self.zoo.task(t).model_path for t in self.tasks]
+        )
         self.out_dir = out_dir
         self.search_config = search_config
         self.device = device
@@ -84,23 +106,60 @@ class ZooBench:
         from npstune.zoo.recipe import ZOO_SIZES
 
         ap.add_argument("--zoo", default="small", choices=sorted(ZOO_SIZES))
-        ap.add_argument("--quick", action="store_true", help="coarse grids, few examples (smoke)")
-        ap.add_argument("--calibration", type=int, default=None, help="calibration examples per task")
-        ap.add_argument("--test", type=int, default=None, help="test examples per task (default all)")
+        ap.add_argument(
+            "--quick", action="store_true", help="coarse grids, few examples (smoke)"
+        )
+        ap.add_argument(
+            "--calibration",
+            type=int,
+            default=None,
+            help="calibration examples per task",
+        )
+        ap.add_argument(
+            "--test",
+            type=int,
+            default=None,
+            help="test examples per task (default all)",
+        )
         ap.add_argument("--device", default="cpu")
-        ap.add_argument("--out-dir", type=Path, default=None, help="results dir (default benchmarks/results)")
-        ap.add_argument("--search-config", default=None, help="search-space YAML for the NPS rows")
+        ap.add_argument(
+            "--out-dir",
+            type=Path,
+            default=None,
+            help="results dir (default benchmarks/results)",
+        )
+        ap.add_argument(
+            "--search-config", default=None, help="search-space YAML for the NPS rows"
+        )
         ap.add_argument("--name", default=None, help="results file name")
         ap.add_argument("--seed", type=int, default=0)
-        ap.add_argument("--generations", type=int, default=None,
-                        help="NPS search generations (default: the search file's)")
-        ap.add_argument("--population", type=int, default=None,
-                        help="NPS search population (default: the search file's)")
+        ap.add_argument(
+            "--generations",
+            type=int,
+            default=None,
+            help="NPS search generations (default: the search file's)",
+        )
+        ap.add_argument(
+            "--population",
+            type=int,
+            default=None,
+            help="NPS search population (default: the search file's)",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ZooBench:
-        return cls(args.zoo, args.quick, args.calibration, args.test, args.device, args.out_dir,
-                   args.search_config, args.seed, args.generations, args.population)
+        return cls(
+            args.zoo,
+            args.quick,
+            args.calibration,
+            args.test,
+            args.device,
+            args.out_dir,
+            args.search_config,
+            args.seed,
+            args.generations,
+            args.population,
+        )
 
     # ------------------------------------------------------------------ states
     def base_state(self) -> State:
@@ -114,8 +173,9 @@ class ZooBench:
         from npstune.merge.data import zoo_data
 
         if self._data is None:
-            self._data = zoo_data(self.zoo, device=self.device,
-                                 examples=self.cal_n or 256)
+            self._data = zoo_data(
+                self.zoo, device=self.device, examples=self.cal_n or 256
+            )
         return self._data
 
     # ------------------------------------------------------------------ scores
@@ -137,10 +197,15 @@ class ZooBench:
     def finetuned_test(self) -> dict[str, float]:
         """Each task's own fine-tuned model on its own test split."""
         if self._ft is None:
-            self._ft = {t: self.test_task(self.model_state(i), t) for i, t in enumerate(self.tasks)}
+            self._ft = {
+                t: self.test_task(self.model_state(i), t)
+                for i, t in enumerate(self.tasks)
+            }
         return self._ft
 
-    def row(self, method: str, choice: str, per_task: Mapping[str, float], seconds: float) -> dict[str, Any]:
+    def row(
+        self, method: str, choice: str, per_task: Mapping[str, float], seconds: float
+    ) -> dict[str, Any]:
         ft = self.finetuned_test()
         r: dict[str, Any] = {"method": method, "choice": choice}
         r.update({t: per_task[t] for t in self.tasks if t in per_task})
@@ -155,10 +220,18 @@ class ZooBench:
             return Path(self.search_config)
         root = Path(__file__).resolve().parent.parent / "searchspaces"
         small = root / f"nps-{use}-small.yaml"
-        return small if self.size == "small" and small.exists() else root / f"nps-{use}.yaml"
+        return (
+            small
+            if self.size == "small" and small.exists()
+            else root / f"nps-{use}.yaml"
+        )
 
-    def search_budget(self, generations: int | None = None, population: int | None = None,
-                      quick_generations: int = 1) -> dict[str, Any]:
+    def search_budget(
+        self,
+        generations: int | None = None,
+        population: int | None = None,
+        quick_generations: int = 1,
+    ) -> dict[str, Any]:
         """Dotted search-config overrides for the budget: --quick's small one, then the
         explicit ``generations``/``population`` (None: this bench's --generations /
         --population, else the file's)."""
@@ -175,12 +248,14 @@ class ZooBench:
             o["search.population"] = population
         return o
 
-    def nps_search(self, use: str = "fusion", **overrides: Any) -> tuple[State, str, Any] | None:
+    def nps_search(
+        self, use: str = "fusion", **overrides: Any
+    ) -> tuple[State, str, Any] | None:
         """Run the NPS search (calibration split only) and load its best model.
 
-        Returns (best state ({} for ``use="compression"``, whose best is a sparse store),
-        a description of the candidate, the SearchOutcome), or None when the search extra
-        is not installed (``self.search_skipped`` says why).
+        Returns (best state ({} for ``use="compression"``, whose best is a sparse
+        store), a description of the candidate, the SearchOutcome), or None when the
+        search extra is not installed (``self.search_skipped`` says why).
         """
         try:
             from npstune.search import load_config, run_search
@@ -190,9 +265,12 @@ class ZooBench:
             return None
         from npstune.checkpoints import open_checkpoint
 
-        o: dict[str, Any] = {"zoo": self.size, "tracking.experiment": "npstune-benchmarks",
-                             "evaluator.calibration_examples": self.cal_n,
-                             "output_dir": str(Path(tempfile.mkdtemp(prefix="npstune-bench-search-")))}
+        o: dict[str, Any] = {
+            "zoo": self.size,
+            "tracking.experiment": "npstune-benchmarks",
+            "evaluator.calibration_examples": self.cal_n,
+            "output_dir": str(Path(tempfile.mkdtemp(prefix="npstune-bench-search-"))),
+        }
         o.update(self.search_budget())
         o.update(overrides)
         cfg = load_config(self.search_config_path(use), **o)
@@ -201,16 +279,21 @@ class ZooBench:
         if best_path is None or outcome.best is None:
             raise RuntimeError(f"the NPS search in {cfg.out} produced no best model")
         state: State = {}
-        if use != "compression":  # a compression search writes a sparse store, not a model
+        if (
+            use != "compression"
+        ):  # a compression search writes a sparse store, not a model
             ck = open_checkpoint(best_path)
             state = {k: ck[k] for k in ck.keys()}
-        params = ", ".join(f"{k}={v:.3g}" for k, v in list(outcome.best.params.items())[:12])
+        params = ", ".join(
+            f"{k}={v:.3g}" for k, v in list(outcome.best.params.items())[:12]
+        )
         desc = f"{outcome.trials} trials, {outcome.generations} gen; {params}"
         return state, desc, outcome
 
     def earlier_rows(self, name: str) -> dict[str, dict[str, Any]]:
         """Rows (method -> row) of an earlier results file ``name``.json made on this
-        zoo recipe with the same splits and seed; {} when there is none or it differs."""
+        zoo recipe with the same splits and seed; {} when there is none or it
+        differs."""
         import json
 
         from benchmarks.common import RESULTS
@@ -219,24 +302,43 @@ class ZooBench:
         if not path.exists():
             return {}
         old = json.loads(path.read_text())
-        same = ("zoo", "zoo_recipe", "tasks", "quick", "calibration_examples",
-                "test_examples", "seed")
+        same = (
+            "zoo",
+            "zoo_recipe",
+            "tasks",
+            "quick",
+            "calibration_examples",
+            "test_examples",
+            "seed",
+        )
         mine = self.meta()
         if any(old.get(k) != mine[k] for k in same):
-            print(f"--resume: {path} was made with another setup; recomputing every row")
+            print(
+                f"--resume: {path} was made with another setup; recomputing every row"
+            )
             return {}
         rows = [r for sec in old.get("sections", {}).values() for r in sec]
         return {r["method"]: r for r in rows if "method" in r}
 
     # ------------------------------------------------------------------ report bits
     def meta(self) -> dict[str, Any]:
-        return {"zoo": self.size, "zoo_recipe": self.zoo.manifest.get("recipe_hash"),
-                "tasks": self.tasks, "quick": self.quick, "calibration_examples": self.cal_n or "all",
-                "test_examples": self.test_n or "all", "seed": self.seed, "n": self.plan.n,
-                "calibration_evaluations": self.evals, "zoo_ready_s": self.zoo_ready_s}
+        return {
+            "zoo": self.size,
+            "zoo_recipe": self.zoo.manifest.get("recipe_hash"),
+            "tasks": self.tasks,
+            "quick": self.quick,
+            "calibration_examples": self.cal_n or "all",
+            "test_examples": self.test_n or "all",
+            "seed": self.seed,
+            "n": self.plan.n,
+            "calibration_evaluations": self.evals,
+            "zoo_ready_s": self.zoo_ready_s,
+        }
 
     def notes(self) -> list[str]:
-        return ["test split only for the reported numbers; every λ, q, λ_t and NPS weight "
-                "was chosen on the calibration split",
-                f"normalized = accuracy / the task's own fine-tuned accuracy; n = {self.plan.n} "
-                "task-vector entries (embeddings frozen)"]
+        return [
+            "test split only for the reported numbers; every λ, q, λ_t and NPS weight "
+            "was chosen on the calibration split",
+            "normalized = accuracy / the task's own fine-tuned accuracy; n = "
+            f"{self.plan.n} task-vector entries (embeddings frozen)",
+        ]

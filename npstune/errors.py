@@ -1,7 +1,7 @@
 """One error hierarchy for the whole package.
 
-Messages say what went wrong, where (``file:tensor_key``) and, where it helps, how to fix
-it. The CLI turns any ``NpstuneError`` into one line on stderr and a non-zero exit.
+Messages say what went wrong, where (``file:tensor_key``) and, where it helps, how to
+fix it. The CLI turns any ``NpstuneError`` into one line on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ class NpstuneError(Exception):
 
 
 class ConfigError(NpstuneError, ValueError):
-    """Bad user input: an unknown method, a parameter out of range, a bad config file."""
+    """Bad user input: an unknown method, a parameter out of range,
+    a bad config file."""
 
 
 class CheckpointError(NpstuneError):
@@ -24,11 +25,13 @@ class ShapeMismatchError(CheckpointError):
 
 
 class MissingDependencyError(NpstuneError, ImportError):
-    """An optional dependency is not installed; the message names the extra to install."""
+    """An optional dependency is not installed;
+    the message names the extra to install."""
 
 
 class SearchError(NpstuneError):
-    """A search cannot start or continue (bad resources, broken state, failed trials)."""
+    """A search cannot start or continue (bad resources, broken state,
+    failed trials)."""
 
 
 def missing(extra: str, package: str) -> MissingDependencyError:

@@ -1,8 +1,9 @@
 """File helpers shared by every package: durable atomic writes and file hashes.
 
 An atomic write goes to a temporary sibling, which is flushed and fsynced, then renamed
-over the target (``os.replace``), then the directory is fsynced so that the rename itself
-survives a crash: a reader sees the old file or the new one, never a part of either.
+over the target (``os.replace``), then the directory is fsynced so that the rename
+itself survives a crash: a reader sees the old file or the new one, never a part of
+either.
 """
 
 from __future__ import annotations
@@ -56,10 +57,14 @@ def replace_durably(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically and durably (see the module docstring)."""
     path = Path(path)
-    # a unique sibling, created with the usual permissions (0666 & ~umask, as open() gives;
-    # mkstemp would make it 0600)
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.npstune-tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    # a unique sibling, created with the usual permissions (0666 & ~umask, as open()
+    # gives; mkstemp would make it 0600)
+    tmp = (
+        path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.npstune-tmp"
+    )
+    fd = os.open(
+        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -73,13 +78,16 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return path
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
+def atomic_write_text(
+    path: str | os.PathLike[str], text: str, encoding: str = "utf-8"
+) -> Path:
     """Write ``text`` to ``path`` atomically and durably."""
     return atomic_write_bytes(path, text.encode(encoding))
 
 
-def atomic_write_json(path: str | os.PathLike[str], data: Any, *, indent: int | None = 2,
-                      **dumps: Any) -> Path:
+def atomic_write_json(
+    path: str | os.PathLike[str], data: Any, *, indent: int | None = 2, **dumps: Any
+) -> Path:
     """Write ``data`` as JSON (``indent`` 2, a final newline) atomically and durably;
     ``dumps`` go to :func:`json.dumps` (e.g. ``default=float``)."""
     return atomic_write_text(path, json.dumps(data, indent=indent, **dumps) + "\n")

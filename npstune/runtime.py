@@ -8,7 +8,8 @@ from npstune.errors import ConfigError
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N`` -> torch.device; a clear error if CUDA is absent."""
+    """``cpu``, ``cuda`` or ``cuda:N`` -> torch.device;
+    a clear error if CUDA is absent."""
     name = (device or "cpu").strip()
     try:
         dev = torch.device(name)
@@ -18,7 +19,9 @@ def resolve_device(device: str | None) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {name}: CUDA is not available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)"
+            )
     elif dev.type != "cpu":
         raise ConfigError(f"--device {name!r}: expected cpu, cuda or cuda:N")
     return dev

@@ -1,15 +1,17 @@
 """Task vectors: τ_t = θ_t − θ_pre, per tensor, read lazily.
 
 :func:`plan_merge` checks keys, shapes and dtypes across all checkpoints before any
-arithmetic (DESIGN §1): only floating tensors present in every checkpoint with equal shapes
-take part; integer buffers are copied from the base; a key in one checkpoint only, a shape
-mismatch or a float/non-float clash is an error naming the file and key, unless the user
-gave an include/exclude filter (then keys outside it are copied from the base).
+arithmetic (DESIGN §1): only floating tensors present in every checkpoint with equal
+shapes take part; integer buffers are copied from the base; a key in one checkpoint
+only, a shape mismatch or a float/non-float clash is an error naming the file and key,
+unless the user gave an include/exclude filter (then keys outside it are copied from the
+base).
 
 Numerics. Magnitudes used for ranking are float32 (``|fl32(θ_t) − fl32(θ_pre)|``) for
-every checkpoint dtype. Values added back to the base are computed in :func:`compute_dtype`
-(float64 for fp32 checkpoints, so θ_pre + 1·τ reproduces θ_t bit for bit; float32 for
-fp16/bf16, where the same holds) and cast to the base's dtype at the end.
+every checkpoint dtype. Values added back to the base are computed in
+:func:`compute_dtype` (float64 for fp32 checkpoints, so θ_pre + 1·τ reproduces θ_t bit
+for bit; float32 for fp16/bf16, where the same holds) and cast to the base's dtype at
+the end.
 
 LoRA adapters. A model that is a PEFT adapter
 (:class:`~npstune.checkpoints.adapter.AdapterCheckpoint`, bound to the plan's base by
@@ -42,18 +44,23 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """True when ``t`` holds no NaN or Inf. One ``aminmax`` (NaN propagates to both ends,
-    ±Inf shows at one): ~30× cheaper than ``isfinite(t).all()`` on CPU."""
+    """True when ``t`` holds no NaN or Inf. One ``aminmax`` (NaN propagates to both
+    ends, ±Inf shows at one): ~30× cheaper than ``isfinite(t).all()`` on CPU."""
     if t.numel() == 0:
         return True
     lo, hi = torch.aminmax(t.reshape(-1))
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _raise_not_finite(key: str, read: Sequence[tuple[LazyCheckpoint, torch.Tensor]],
-                      model: LazyCheckpoint, dtype: torch.dtype = torch.float32) -> None:
-    """Raise for a task-vector chunk that is not finite: name the checkpoint holding NaN/Inf
-    (``read``: (checkpoint, its chunk) pairs), else say the difference overflows."""
+def _raise_not_finite(
+    key: str,
+    read: Sequence[tuple[LazyCheckpoint, torch.Tensor]],
+    model: LazyCheckpoint,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Raise for a task-vector chunk that is not finite: name the checkpoint holding
+    NaN/Inf (``read``: (checkpoint, its chunk) pairs), else say the difference
+    overflows."""
     for ck, x in read:
         if not all_finite(x):
             raise CheckpointError(f"{ck.path}:{key}: tensor holds NaN or Inf")
@@ -103,9 +110,14 @@ class MergePlan:
         return sum(self.numel[k] for k in self.delta_keys)
 
     def read_chunk(
-        self, key: str, start: int = 0, stop: int | None = None, device: str | torch.device = "cpu"
+        self,
+        key: str,
+        start: int = 0,
+        stop: int | None = None,
+        device: str | torch.device = "cpu",
     ) -> Chunk:
-        """Read ``[start, stop)`` of ``key`` from the base and every model, once each."""
+        """Read ``[start, stop)`` of ``key`` from the base and every model,
+        once each."""
         b = self.base.read(key, start, stop).to(device)
         cd = compute_dtype(b.dtype)
         b32 = b.float()
@@ -128,10 +140,14 @@ class MergePlan:
         """``m`` when it is an adapter over this plan's base (τ from its factors)."""
         return m if isinstance(m, AdapterCheckpoint) and m.is_over(self.base) else None
 
-    def joint_score_chunks(self, tasks: Sequence[int], keys: Sequence[str] | None = None,
-                           device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, ...]]:
-        """One tuple (|τ_t| for t in ``tasks``, float32, flat) per chunk, in position order:
-        the base is read once per chunk for all the tasks."""
+    def joint_score_chunks(
+        self,
+        tasks: Sequence[int],
+        keys: Sequence[str] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """One tuple (|τ_t| for t in ``tasks``, float32, flat) per chunk, in position
+        order: the base is read once per chunk for all the tasks."""
         for key in self.delta_keys if keys is None else keys:
             for start, stop in self.chunks(key):
                 b = self.base.read(key, start, stop).to(device)
@@ -141,19 +157,32 @@ class MergePlan:
                     for t in tasks
                 )
 
-    def _score(self, key: str, m: LazyCheckpoint, start: int, stop: int,
-               b: torch.Tensor, b32: torch.Tensor, device: str | torch.device
-               ) -> torch.Tensor:
+    def _score(
+        self,
+        key: str,
+        m: LazyCheckpoint,
+        start: int,
+        stop: int,
+        b: torch.Tensor,
+        b32: torch.Tensor,
+        device: str | torch.device,
+    ) -> torch.Tensor:
         """|τ| of one model's chunk in float32 (an adapter's exactly)."""
         ad = self._adapter(m)
         if ad is not None:
             return ad.delta(key, start, stop, torch.float32).to(device).abs_()
         return self._delta32(key, m, m.read(key, start, stop).to(device), b, b32).abs_()
 
-    def _delta32(self, key: str, model: LazyCheckpoint, f: torch.Tensor, b: torch.Tensor,
-                 b32: torch.Tensor) -> torch.Tensor:
-        """fl32(θ_t) − fl32(θ_pre) for one chunk (``f``, ``b`` as read; ``b32`` = b.float()),
-        refusing NaN/Inf with the checkpoint that holds it."""
+    def _delta32(
+        self,
+        key: str,
+        model: LazyCheckpoint,
+        f: torch.Tensor,
+        b: torch.Tensor,
+        b32: torch.Tensor,
+    ) -> torch.Tensor:
+        """fl32(θ_t) − fl32(θ_pre) for one chunk (``f``, ``b`` as read; ``b32`` =
+        b.float()), refusing NaN/Inf with the checkpoint that holds it."""
         d = f.float() - b32
         if not all_finite(d):
             _raise_not_finite(key, ((model, f), (self.base, b)), model)
@@ -164,7 +193,8 @@ class MergePlan:
         return [TaskVector(self.base, m, self.delta_keys) for m in self.models]
 
     def chunks(self, key: str, chunk: int | None = None) -> Iterator[tuple[int, int]]:
-        """Row-major element ranges ``[start, stop)`` covering ``key`` (``CHUNK`` each)."""
+        """Row-major element ranges ``[start, stop)`` covering ``key``
+        (``CHUNK`` each)."""
         chunk = chunk or CHUNK
         n = self.numel[key]
         if n == 0:
@@ -177,8 +207,9 @@ class MergePlan:
 class Chunk:
     """One row-major element range of one key, read from every checkpoint.
 
-    ``base`` is in the checkpoint's dtype, ``base_cd`` and ``taus`` in the compute dtype,
-    ``taus32`` in float32 (the values every ranking uses; ``abs()`` gives the scores).
+    ``base`` is in the checkpoint's dtype, ``base_cd`` and ``taus`` in the compute
+    dtype, ``taus32`` in float32 (the values every ranking uses; ``abs()`` gives the
+    scores).
     """
 
     key: str
@@ -195,8 +226,15 @@ class Chunk:
 
     def slice(self, lo: int, hi: int) -> Chunk:
         """Elements ``[lo, hi)`` of this chunk (relative offsets; views, no copies)."""
-        return Chunk(self.key, self.start + lo, self.shape, self.base[lo:hi], self.base_cd[lo:hi],
-                     [t[lo:hi] for t in self.taus], [t[lo:hi] for t in self.taus32])
+        return Chunk(
+            self.key,
+            self.start + lo,
+            self.shape,
+            self.base[lo:hi],
+            self.base_cd[lo:hi],
+            [t[lo:hi] for t in self.taus],
+            [t[lo:hi] for t in self.taus32],
+        )
 
 
 def plan_merge(
@@ -218,13 +256,13 @@ def plan_merge(
             not count in ``n``, the entries a keep ratio refers to (DESIGN §3, §7).
     """
     base = base if isinstance(base, LazyCheckpoint) else open_checkpoint(base)
-    models = [_open_model(m, base) for m in models]
-    if not models:
+    cks = [_open_model(m, base) for m in models]
+    if not cks:
         raise ConfigError("no models given: pass at least one fine-tuned checkpoint")
     filtered = bool(include) or bool(exclude)
     base_keys = set(base.keys())
     if not filtered:
-        for m in models:
+        for m in cks:
             mk = set(m.keys())
             if mk != base_keys:
                 only_m = sorted(mk - base_keys)
@@ -244,14 +282,18 @@ def plan_merge(
     mergeable = 0
     for key in sorted(base_keys):
         numel[key] = base.numel(key)
-        in_scope = (not include or _matches(key, include)) and not _matches(key, exclude)
+        in_scope = (not include or _matches(key, include)) and not _matches(
+            key, exclude
+        )
         bdt = base.dtype(key)
         if not in_scope:
             copy_keys.append(key)
             continue
-        for m in models:
+        for m in cks:
             if key not in m:
-                raise CheckpointError(f"{m.path}:{key}: key missing (present in base {base.path})")
+                raise CheckpointError(
+                    f"{m.path}:{key}: key missing (present in base {base.path})"
+                )
             if m.shape(key) != base.shape(key):
                 raise ShapeMismatchError(
                     f"{m.path}:{key}: shape {tuple(m.shape(key))} does not match base "
@@ -263,13 +305,15 @@ def plan_merge(
                     "a float tensor cannot be merged with a non-float one"
                 )
         mergeable += bdt in FLOAT_DTYPES
-        if bdt not in FLOAT_DTYPES or (frozen and _is_frozen(key, base, models)):
+        if bdt not in FLOAT_DTYPES or (frozen and _is_frozen(key, base, cks)):
             copy_keys.append(key)
         else:
             delta_keys.append(key)
     if not mergeable:
-        raise ConfigError(f"{base.path}: no floating tensors to merge (check --include/--exclude)")
-    return MergePlan(base, list(models), delta_keys, copy_keys, filtered, numel)
+        raise ConfigError(
+            f"{base.path}: no floating tensors to merge (check --include/--exclude)"
+        )
+    return MergePlan(base, cks, delta_keys, copy_keys, filtered, numel)
 
 
 def _open_model(m: LazyCheckpoint | str, base: LazyCheckpoint) -> LazyCheckpoint:
@@ -284,7 +328,9 @@ def _open_model(m: LazyCheckpoint | str, base: LazyCheckpoint) -> LazyCheckpoint
 _PROBE = 4096
 
 
-def _is_frozen(key: str, base: LazyCheckpoint, models: Sequence[LazyCheckpoint]) -> bool:
+def _is_frozen(
+    key: str, base: LazyCheckpoint, models: Sequence[LazyCheckpoint]
+) -> bool:
     """True when every model holds exactly the base's tensor (probe first, then chunks).
 
     An adapter over ``base`` answers for itself: untouched keys and zero B·A are
@@ -303,8 +349,11 @@ def _is_frozen(key: str, base: LazyCheckpoint, models: Sequence[LazyCheckpoint])
         return True
     n = base.numel(key)
     probe = base.read(key, 0, _PROBE)
-    if any(m.dtype(key) != base.dtype(key) or not torch.equal(m.read(key, 0, _PROBE), probe)
-           for m in models):
+    if any(
+        m.dtype(key) != base.dtype(key)
+        or not torch.equal(m.read(key, 0, _PROBE), probe)
+        for m in models
+    ):
         return False
     for start in range(_PROBE, n, CHUNK):
         b = base.read(key, start, start + CHUNK)
@@ -318,8 +367,8 @@ class TaskVector:
 
     ``delta(key, start, stop)`` returns a flat float32 chunk; ``values(key, start, stop,
     dtype)`` the same in another dtype (see :func:`compute_dtype`). Arithmetic (``+``,
-    ``-``, ``*`` by a scalar) materialises a new in-memory task vector, which suits small
-    models and tests; the merge pipeline never needs it.
+    ``-``, ``*`` by a scalar) materialises a new in-memory task vector, which suits
+    small models and tests; the merge pipeline never needs it.
     """
 
     def __init__(
@@ -349,7 +398,11 @@ class TaskVector:
         return plan.task_vectors()[0]
 
     def values(
-        self, key: str, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32
+        self,
+        key: str,
+        start: int = 0,
+        stop: int | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Flat chunk ``[start, stop)`` of τ[key] in ``dtype``; NaN/Inf is an error."""
         if self._tensors is not None:
@@ -357,10 +410,16 @@ class TaskVector:
         assert self.base is not None and self.model is not None
         if isinstance(self.model, AdapterCheckpoint) and self.model.is_over(self.base):
             return self.model.delta(key, start, stop, dtype)
-        d = self.model.read(key, start, stop).to(dtype) - self.base.read(key, start, stop).to(dtype)
+        d = self.model.read(key, start, stop).to(dtype) - self.base.read(
+            key, start, stop
+        ).to(dtype)
         if not all_finite(d):
-            _raise_not_finite(key, [(ck, ck.read(key, start, stop)) for ck in (self.model, self.base)],
-                              self.model, dtype)
+            _raise_not_finite(
+                key,
+                [(ck, ck.read(key, start, stop)) for ck in (self.model, self.base)],
+                self.model,
+                dtype,
+            )
         return d
 
     def delta(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -387,9 +446,17 @@ class TaskVector:
         for k in self.keys:
             a, b = self.delta(k), other.delta(k)
             if a.shape != b.shape:
-                raise ShapeMismatchError(f"{k}: shapes {self.shape(k)} and {other.shape(k)}")
+                raise ShapeMismatchError(
+                    f"{k}: shapes {self.shape(k)} and {other.shape(k)}"
+                )
             tensors[k] = (a + sign * b).reshape(self.shape(k))
-        return TaskVector(self.base, None, self.keys, f"{self.name}{'+-'[sign < 0]}{other.name}", tensors)
+        return TaskVector(
+            self.base,
+            None,
+            self.keys,
+            f"{self.name}{'+-'[sign < 0]}{other.name}",
+            tensors,
+        )
 
     def __add__(self, other: TaskVector) -> TaskVector:
         return self._combine(other, 1.0)
@@ -398,7 +465,9 @@ class TaskVector:
         return self._combine(other, -1.0)
 
     def __mul__(self, scale: float) -> TaskVector:
-        tensors = {k: self.delta(k).reshape(self.shape(k)) * float(scale) for k in self.keys}
+        tensors = {
+            k: self.delta(k).reshape(self.shape(k)) * float(scale) for k in self.keys
+        }
         return TaskVector(self.base, None, self.keys, self.name, tensors)
 
     __rmul__ = __mul__

@@ -7,17 +7,17 @@ import sys
 
 import pytest
 
-# One intra-op thread unless OMP_NUM_THREADS says otherwise: the suite's tensors are tiny,
-# so a second thread only adds hand-offs, and on a shared 2-core machine its spin-waits
-# fight other work (tests/test_evaluator_kinds.py under load: 101 s wall and 44 s CPU
-# with 2 threads, 31 s and 15 s with 1). Set before torch is imported, so the test
-# subprocesses (npstune merge, compress) inherit it; the zoo build and Ray trials set
-# their own thread counts.
+# One intra-op thread unless OMP_NUM_THREADS says otherwise: the suite's tensors are
+# tiny, so a second thread only adds hand-offs, and on a shared 2-core machine its
+# spin-waits fight other work (tests/test_evaluator_kinds.py under load: 101 s wall and
+# 44 s CPU with 2 threads, 31 s and 15 s with 1). Set before torch is imported, so the
+# test subprocesses (npstune merge, compress) inherit it; the zoo build and Ray trials
+# set their own thread counts.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "torch" in sys.modules:  # imported by a plugin before this file
     sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-# ---- zoo fixtures (owner: zoo/evaluate) ----------------------------------------------------
+# ---- zoo fixtures (owner: zoo/evaluate) ----------------------------------------------
 # `small_zoo` builds the real small zoo once per session into the normal cache
 # ($NPSTUNE_ZOO_DIR or ~/.cache/npstune/zoo), so later runs, the CLI and CI reuse it.
 # `zoo_sources` fetches the pinned source archives into the same cache.
@@ -39,4 +39,4 @@ def zoo_sources():
     return fetch_sources(default_cache_dir(), ZOO_SIZES["full"].sources)
 
 
-# ---- end of zoo fixtures ---------------------------------------------------------------------
+# ---- end of zoo fixtures -------------------------------------------------------------

@@ -20,7 +20,9 @@ def flat(state: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
     return torch.cat([state[k].reshape(-1) for k in keys])
 
 
-def unflat(vec: torch.Tensor, like: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
+def unflat(
+    vec: torch.Tensor, like: dict[str, torch.Tensor], keys: list[str]
+) -> dict[str, torch.Tensor]:
     out, pos = {}, 0
     for k in keys:
         n = like[k].numel()
@@ -38,7 +40,9 @@ def topk_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
     return mask
 
 
-def nps_prune(tau32: torch.Tensor, tau_v: torch.Tensor, k: float, w: list[float], M: int):
+def nps_prune(
+    tau32: torch.Tensor, tau_v: torch.Tensor, k: float, w: list[float], M: int
+):
     """(mask, reweighted values) of one flat task vector."""
     n = tau32.numel()
     order = torch.sort(-tau32.abs(), stable=True).indices
@@ -68,15 +72,19 @@ def finish(b: torch.Tensor, delta64: torch.Tensor, dtype: torch.dtype) -> torch.
 
 
 def ties_vector(trimmed: list[torch.Tensor]) -> torch.Tensor:
-    """TIES over one flat scope: elected = sign(Σ); a zero sum with a kept entry takes the
-    majority sign sign(Σ elected) (reference TIES' resolve_zero_signs); disjoint mean."""
+    """TIES over one flat scope: elected = sign(Σ); a zero sum with a kept entry takes
+    the majority sign sign(Σ elected) (reference TIES' resolve_zero_signs); disjoint
+    mean."""
     st = torch.stack(trimmed)
     el = torch.sign(st.sum(0))
     majority = math.copysign(1.0, float(el.sum())) if float(el.sum()) else 0.0
     el[(st.sum(0) == 0) & (st != 0).any(0)] = majority
     out = torch.zeros(st.shape[1], dtype=st.dtype)
     for i in range(st.shape[1]):
-        vals = [float(st[t, i]) for t in range(st.shape[0])
-                if st[t, i] != 0 and math.copysign(1, st[t, i]) == el[i]]
+        vals = [
+            float(st[t, i])
+            for t in range(st.shape[0])
+            if st[t, i] != 0 and math.copysign(1, st[t, i]) == el[i]
+        ]
         out[i] = sum(vals) / len(vals) if vals else 0.0
     return out

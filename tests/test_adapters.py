@@ -42,9 +42,16 @@ def llama(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=LAYERS,
-                      num_attention_heads=2, num_key_value_heads=1, vocab_size=50,
-                      max_position_embeddings=32, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=50,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
     path = tmp_path_factory.mktemp("llama") / "base"
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
@@ -52,12 +59,23 @@ def llama(tmp_path_factory) -> Path:
 
 def write_adapter(path: Path, tensors: dict[str, torch.Tensor], **config) -> Path:
     """An adapter directory exactly as PEFT saves one."""
-    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-           "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM",
-           "base_model_name_or_path": "tiny-llama", "fan_in_fan_out": False,
-           "use_rslora": False, "use_dora": False, "bias": "none",
-           "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
-           "lora_dropout": 0.0, "inference_mode": True}
+    cfg = {
+        "peft_type": "LORA",
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj"],
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "tiny-llama",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "bias": "none",
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "lora_dropout": 0.0,
+        "inference_mode": True,
+    }
     cfg.update(config)
     path.mkdir(parents=True)
     (path / "adapter_config.json").write_text(json.dumps(cfg))
@@ -66,11 +84,21 @@ def write_adapter(path: Path, tensors: dict[str, torch.Tensor], **config) -> Pat
     return path
 
 
-def llama_adapter(path: Path, base: Path, seed: int, r: int = 4, alpha: float = 8.0,
-                  modules=("q_proj", "v_proj"), embed: bool = False, head: bool = False,
-                  ranks: dict[str, int] | None = None,
-                  alphas: dict[str, float] | None = None, rslora: bool = False,
-                  adapter_name: str | None = None, **config):
+def llama_adapter(
+    path: Path,
+    base: Path,
+    seed: int,
+    r: int = 4,
+    alpha: float = 8.0,
+    modules=("q_proj", "v_proj"),
+    embed: bool = False,
+    head: bool = False,
+    ranks: dict[str, int] | None = None,
+    alphas: dict[str, float] | None = None,
+    rslora: bool = False,
+    adapter_name: str | None = None,
+    **config,
+):
     """A random LoRA adapter over the tiny Llama: (path, {base key: exact Δ, f64})."""
     ck = open_checkpoint(base)
     g = torch.Generator().manual_seed(seed)
@@ -113,16 +141,26 @@ def llama_adapter(path: Path, base: Path, seed: int, r: int = 4, alpha: float = 
     if alphas:
         pats["alpha_pattern"] = alphas
     targets = list(modules) + (["embed_tokens"] if embed else [])
-    write_adapter(path, tensors, r=r, lora_alpha=alpha, use_rslora=rslora,
-                  target_modules=targets, **pats, **config)
+    write_adapter(
+        path,
+        tensors,
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=rslora,
+        target_modules=targets,
+        **pats,
+        **config,
+    )
     return path, want
 
 
 def dense(base: Path, want: dict[str, torch.Tensor], out: Path) -> Path:
     """The adapter's dense equivalent θ_pre + Δ as a full safetensors checkpoint."""
     ck = open_checkpoint(base)
-    state = {k: ((ck[k].double() + want[k]).to(ck.dtype(k)) if k in want else ck[k])
-             for k in ck.keys()}
+    state = {
+        k: ((ck[k].double() + want[k]).to(ck.dtype(k)) if k in want else ck[k])
+        for k in ck.keys()
+    }
     return write_state_dict(out, state)
 
 
@@ -130,8 +168,9 @@ def no_output(out: Path) -> bool:
     return not out.exists() and not list(out.parent.glob(f".{out.name}*"))
 
 
-def close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-12,
-          atol: float = 1e-14) -> None:
+def close(
+    got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-12, atol: float = 1e-14
+) -> None:
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
 
 
@@ -140,8 +179,9 @@ def close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-12,
 def test_task_vector_is_b_a_scale_on_targeted_keys_and_zero_elsewhere(
     tmp_path, llama, adapter_name
 ):
-    ad, want = llama_adapter(tmp_path / "ad", llama, 1, embed=True, head=True,
-                             adapter_name=adapter_name)
+    ad, want = llama_adapter(
+        tmp_path / "ad", llama, 1, embed=True, head=True, adapter_name=adapter_name
+    )
     ck = open_checkpoint(ad, base=llama)
     assert isinstance(ck, AdapterCheckpoint) and ck.form == "adapter"
     base = open_checkpoint(llama)
@@ -169,8 +209,16 @@ def test_task_vector_is_b_a_scale_on_targeted_keys_and_zero_elsewhere(
 
 
 def test_rslora_rank_pattern_and_alpha_pattern(tmp_path, llama):
-    ad, want = llama_adapter(tmp_path / "ad", llama, 2, r=4, alpha=6.0, rslora=True,
-                             ranks={"v_proj": 2}, alphas={"q_proj": 3.0})
+    ad, want = llama_adapter(
+        tmp_path / "ad",
+        llama,
+        2,
+        r=4,
+        alpha=6.0,
+        rslora=True,
+        ranks={"v_proj": 2},
+        alphas={"q_proj": 3.0},
+    )
     ck = open_checkpoint(ad, base=llama)
     q = ck.lora["model.layers.0.self_attn.q_proj.weight"]
     v = ck.lora["model.layers.0.self_attn.v_proj.weight"]
@@ -184,11 +232,13 @@ def plain_base(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     """A plain state dict: a GPT-2 style Conv1D weight [in, out], a linear with bias,
     a conv and a norm."""
     g = torch.Generator().manual_seed(5)
-    state = {"h.0.attn.c_attn.weight": torch.randn(5, 6, generator=g),
-             "h.0.fc.weight": torch.randn(6, 5, generator=g),
-             "h.0.fc.bias": torch.randn(6, generator=g),
-             "h.0.conv.weight": torch.randn(6, 3, 3, 3, generator=g),
-             "h.0.ln.weight": torch.randn(5, generator=g)}
+    state = {
+        "h.0.attn.c_attn.weight": torch.randn(5, 6, generator=g),
+        "h.0.fc.weight": torch.randn(6, 5, generator=g),
+        "h.0.fc.bias": torch.randn(6, generator=g),
+        "h.0.conv.weight": torch.randn(6, 3, 3, 3, generator=g),
+        "h.0.ln.weight": torch.randn(5, generator=g),
+    }
     return write_state_dict(tmp_path / "base.safetensors", state), state
 
 
@@ -199,15 +249,31 @@ def test_fan_in_fan_out_lora_bias_and_conv(tmp_path):
     a1, b1 = rnd(2, 5), rnd(6, 2)  # Conv1D: in 5, out 6, stored [5, 6]
     a2, b2, bb = rnd(2, 5), rnd(6, 2), rnd(6)
     a3, b3 = rnd(2, 3, 3, 3), rnd(6, 2, 1, 1)
-    fifo = write_adapter(tmp_path / "fifo", {
-        f"{P}h.0.attn.c_attn.lora_A.weight": a1,
-        f"{P}h.0.attn.c_attn.lora_B.weight": b1,
-    }, r=2, lora_alpha=3, fan_in_fan_out=True, target_modules=["c_attn"])
-    other = write_adapter(tmp_path / "other", {
-        f"{P}h.0.fc.lora_A.weight": a2, f"{P}h.0.fc.lora_B.weight": b2,
-        f"{P}h.0.fc.lora_B.bias": bb,
-        f"{P}h.0.conv.lora_A.weight": a3, f"{P}h.0.conv.lora_B.weight": b3,
-    }, r=2, lora_alpha=3, lora_bias=True, target_modules=["fc", "conv"])
+    fifo = write_adapter(
+        tmp_path / "fifo",
+        {
+            f"{P}h.0.attn.c_attn.lora_A.weight": a1,
+            f"{P}h.0.attn.c_attn.lora_B.weight": b1,
+        },
+        r=2,
+        lora_alpha=3,
+        fan_in_fan_out=True,
+        target_modules=["c_attn"],
+    )
+    other = write_adapter(
+        tmp_path / "other",
+        {
+            f"{P}h.0.fc.lora_A.weight": a2,
+            f"{P}h.0.fc.lora_B.weight": b2,
+            f"{P}h.0.fc.lora_B.bias": bb,
+            f"{P}h.0.conv.lora_A.weight": a3,
+            f"{P}h.0.conv.lora_B.weight": b3,
+        },
+        r=2,
+        lora_alpha=3,
+        lora_bias=True,
+        target_modules=["fc", "conv"],
+    )
     s = 1.5
     ck1, ck2 = open_checkpoint(fifo, base=bp), open_checkpoint(other, base=bp)
     assert sorted(ck1.lora) == ["h.0.attn.c_attn.weight"] and not ck1.bias
@@ -220,8 +286,10 @@ def test_fan_in_fan_out_lora_bias_and_conv(tmp_path):
         return ck.delta(k, dtype=F64).reshape(state[k].shape)
 
     close(d(ck1, "h.0.attn.c_attn.weight"), (b1.double() @ a1.double()).T * s)
-    close(ck1.delta("h.0.attn.c_attn.weight", 7, 23, F64),
-          d(ck1, "h.0.attn.c_attn.weight").reshape(-1)[7:23])
+    close(
+        ck1.delta("h.0.attn.c_attn.weight", 7, 23, F64),
+        d(ck1, "h.0.attn.c_attn.weight").reshape(-1)[7:23],
+    )
     close(d(ck2, "h.0.fc.weight"), b2.double() @ a2.double() * s)
     close(d(ck2, "h.0.fc.bias"), bb.double() * s)
     conv = (b3.double().flatten(1) @ a3.double().flatten(1)).reshape(6, 3, 3, 3) * s
@@ -232,10 +300,17 @@ def test_fan_in_fan_out_lora_bias_and_conv(tmp_path):
 def test_fan_in_fan_out_on_a_linear_shaped_weight_is_a_shape_error(tmp_path):
     bp, _ = plain_base(tmp_path)
     g = torch.Generator().manual_seed(7)
-    ad = write_adapter(tmp_path / "ad", {
-        f"{P}h.0.fc.lora_A.weight": torch.randn(2, 5, generator=g),
-        f"{P}h.0.fc.lora_B.weight": torch.randn(6, 2, generator=g)},
-        r=2, lora_alpha=2, fan_in_fan_out=True, target_modules=["fc"])
+    ad = write_adapter(
+        tmp_path / "ad",
+        {
+            f"{P}h.0.fc.lora_A.weight": torch.randn(2, 5, generator=g),
+            f"{P}h.0.fc.lora_B.weight": torch.randn(6, 2, generator=g),
+        },
+        r=2,
+        lora_alpha=2,
+        fan_in_fan_out=True,
+        target_modules=["fc"],
+    )
     match = r"ad:.*h\.0\.fc\.lora_A\.weight.*\(5, 6\).*h\.0\.fc\.weight.*\(6, 5\)"
     with pytest.raises(CheckpointError, match=match):
         plan_merge(bp, [ad])
@@ -245,16 +320,23 @@ def test_adapter_model_bin_and_key_prefix_matching(tmp_path):
     """``adapter_model.bin`` reads the same; targets match with a leading prefix added
     or removed (an adapter of LlamaForCausalLM over a base saved without ``model.``)."""
     g = torch.Generator().manual_seed(8)
-    state = {"layers.0.q_proj.weight": torch.randn(4, 3, generator=g),
-             "norm.weight": torch.randn(3, generator=g)}
+    state = {
+        "layers.0.q_proj.weight": torch.randn(4, 3, generator=g),
+        "norm.weight": torch.randn(3, generator=g),
+    }
     bp = write_state_dict(tmp_path / "base.safetensors", state)
     a, b = torch.randn(2, 3, generator=g), torch.randn(4, 2, generator=g)
     ad = tmp_path / "ad"
     ad.mkdir()
     cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 2}
     (ad / "adapter_config.json").write_text(json.dumps(cfg))
-    torch.save({f"{P}model.layers.0.q_proj.lora_A.weight": a,
-                f"{P}model.layers.0.q_proj.lora_B.weight": b}, ad / "adapter_model.bin")
+    torch.save(
+        {
+            f"{P}model.layers.0.q_proj.lora_A.weight": a,
+            f"{P}model.layers.0.q_proj.lora_B.weight": b,
+        },
+        ad / "adapter_model.bin",
+    )
     ck = open_checkpoint(ad, base=bp)
     assert set(ck.lora) == {"layers.0.q_proj.weight"}
     want = (b.double() @ a.double()).view(-1)
@@ -268,9 +350,13 @@ def test_bf16_base_task_vector_stays_exact(tmp_path):
     bp = write_state_dict(tmp_path / "base.safetensors", {"l.weight": w})
     a = torch.randn(2, 8, generator=g) * 1e-2
     b = torch.randn(8, 2, generator=g) * 1e-2
-    ad = write_adapter(tmp_path / "ad", {f"{P}l.lora_A.weight": a,
-                                         f"{P}l.lora_B.weight": b},
-                       r=2, lora_alpha=2, target_modules=["l"])
+    ad = write_adapter(
+        tmp_path / "ad",
+        {f"{P}l.lora_A.weight": a, f"{P}l.lora_B.weight": b},
+        r=2,
+        lora_alpha=2,
+        target_modules=["l"],
+    )
     plan = plan_merge(bp, [ad])
     chunk = plan.read_chunk("l.weight")
     exact = (b.double() @ a.double()).reshape(-1).float()
@@ -282,37 +368,56 @@ def test_bf16_base_task_vector_stays_exact(tmp_path):
 
 
 def test_unbound_adapter_uses_a_local_base_model_name_or_path(tmp_path, llama):
-    ad, want = llama_adapter(tmp_path / "ad", llama, 3,
-                             base_model_name_or_path=str(llama))
+    ad, want = llama_adapter(
+        tmp_path / "ad", llama, 3, base_model_name_or_path=str(llama)
+    )
     ck = open_checkpoint(ad)
     k = "model.layers.0.self_attn.q_proj.weight"
     close(ck.delta(k, dtype=F64).reshape(want[k].shape), want[k])
-    far, _ = llama_adapter(tmp_path / "far", llama, 3,
-                           base_model_name_or_path="org/not-here")
+    far, _ = llama_adapter(
+        tmp_path / "far", llama, 3, base_model_name_or_path="org/not-here"
+    )
     with pytest.raises(CheckpointError, match="far: a LoRA adapter needs its base"):
         open_checkpoint(far).shape(k)
 
 
 # ------------------------------------------------------------------ merges
-@pytest.mark.parametrize("method,params,opts", [
-    ("task-arithmetic", {"lam": 0.7}, ["--lam", "0.7"]),
-    ("ties", {"k": 0.5, "lam": 1.0}, ["--k", "0.5", "--lam", "1.0"]),
-])
+@pytest.mark.parametrize(
+    "method,params,opts",
+    [
+        ("task-arithmetic", {"lam": 0.7}, ["--lam", "0.7"]),
+        ("ties", {"k": 0.5, "lam": 1.0}, ["--k", "0.5", "--lam", "1.0"]),
+    ],
+)
 def test_merge_of_adapters_equals_merge_of_their_dense_equivalents(
     tmp_path, llama, capsys, method, params, opts
 ):
     a1, w1 = llama_adapter(tmp_path / "a1", llama, 11, embed=True, head=True)
-    a2, w2 = llama_adapter(tmp_path / "a2", llama, 12, r=2, alpha=4.0,
-                           modules=("q_proj", "k_proj"))
+    a2, w2 = llama_adapter(
+        tmp_path / "a2", llama, 12, r=2, alpha=4.0, modules=("q_proj", "k_proj")
+    )
     d1 = dense(llama, w1, tmp_path / "d1.safetensors")
     d2 = dense(llama, w2, tmp_path / "d2.safetensors")
     assert plan_merge(llama, [a1, a2]).n == plan_merge(llama, [d1, d2]).n
     outs = {}
     for name, models in (("ad", [a1, a2]), ("dn", [d1, d2])):
         out = tmp_path / f"{name}.safetensors"
-        code, _, err = run_cli(["merge", "--method", method, "--base", llama,
-                                "--models", *models, "--out", out, "--quiet", *opts],
-                               capsys)
+        code, _, err = run_cli(
+            [
+                "merge",
+                "--method",
+                method,
+                "--base",
+                llama,
+                "--models",
+                *models,
+                "--out",
+                out,
+                "--quiet",
+                *opts,
+            ],
+            capsys,
+        )
         assert code == 0, err
         outs[name] = load_file(out)
     base = open_checkpoint(llama)
@@ -327,19 +432,40 @@ def test_merge_of_adapters_equals_merge_of_their_dense_equivalents(
         close(mixed[k], v, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method,opts,weight", [
-    ("average", [], 0.5),
-    ("task-arithmetic", ["--lam", "0.8"], 0.8),
-])
+@pytest.mark.parametrize(
+    "method,opts,weight",
+    [
+        ("average", [], 0.5),
+        ("task-arithmetic", ["--lam", "0.8"], 0.8),
+    ],
+)
 def test_out_format_adapter_round_trips(tmp_path, llama, capsys, method, opts, weight):
-    a1, w1 = llama_adapter(tmp_path / "a1", llama, 21, embed=True, head=True,
-                           ranks={"v_proj": 2})
-    a2, w2 = llama_adapter(tmp_path / "a2", llama, 22, r=2, alpha=3.0, embed=True,
-                           head=True, rslora=True)
+    a1, w1 = llama_adapter(
+        tmp_path / "a1", llama, 21, embed=True, head=True, ranks={"v_proj": 2}
+    )
+    a2, w2 = llama_adapter(
+        tmp_path / "a2", llama, 22, r=2, alpha=3.0, embed=True, head=True, rslora=True
+    )
     out = tmp_path / "merged"
-    code, _, err = run_cli(["merge", "--method", method, "--base", llama, "--models",
-                            a1, a2, "--out", out, "--out-format", "adapter", "--quiet",
-                            *opts], capsys)
+    code, _, err = run_cli(
+        [
+            "merge",
+            "--method",
+            method,
+            "--base",
+            llama,
+            "--models",
+            a1,
+            a2,
+            "--out",
+            out,
+            "--out-format",
+            "adapter",
+            "--quiet",
+            *opts,
+        ],
+        capsys,
+    )
     assert code == 0, err
     files = sorted(p.name for p in out.iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]
@@ -366,8 +492,12 @@ def test_out_format_adapter_round_trips(tmp_path, llama, capsys, method, opts, w
         close(back[k], v, rtol=0, atol=1e-6)
     # and its task vector is Σ w_t Δ_t
     for k in w1:
-        close(back.delta(k, dtype=F64).reshape(w1[k].shape), weight * (w1[k] + w2[k]),
-              rtol=1e-6, atol=1e-7)
+        close(
+            back.delta(k, dtype=F64).reshape(w1[k].shape),
+            weight * (w1[k] + w2[k]),
+            rtol=1e-6,
+            atol=1e-7,
+        )
 
 
 def test_out_format_adapter_is_refused_for_other_methods_and_non_adapters(
@@ -378,9 +508,22 @@ def test_out_format_adapter_is_refused_for_other_methods_and_non_adapters(
     out = tmp_path / "merged"
 
     def fails(method: str, *models) -> str:
-        code, _, err = run_cli(["merge", "--method", method, "--base", llama,
-                                "--models", *models, "--out", out,
-                                "--out-format", "adapter"], capsys)
+        code, _, err = run_cli(
+            [
+                "merge",
+                "--method",
+                method,
+                "--base",
+                llama,
+                "--models",
+                *models,
+                "--out",
+                out,
+                "--out-format",
+                "adapter",
+            ],
+            capsys,
+        )
         assert code == 1 and err.count("\n") == 1 and no_output(out)
         return err
 
@@ -456,8 +599,21 @@ def test_mismatch_is_one_line_naming_adapter_and_key_and_writes_nothing(
     bad = _broken(tmp_path, case)
     good, _ = llama_adapter(tmp_path / "good", llama, 41)
     out = tmp_path / "merged.safetensors"
-    code, _, err = run_cli(["merge", "--method", "task-arithmetic", "--base", llama,
-                            "--models", good, bad, "--out", out], capsys)
+    code, _, err = run_cli(
+        [
+            "merge",
+            "--method",
+            "task-arithmetic",
+            "--base",
+            llama,
+            "--models",
+            good,
+            bad,
+            "--out",
+            out,
+        ],
+        capsys,
+    )
     assert code == 1 and err.count("\n") == 1 and err.startswith("error: ")
     assert f"bad-{case}" in err and CASES[case] in err, err
     if case in ("missing-key", "shape", "config-rank", "ab-rank"):
@@ -473,10 +629,15 @@ def test_peft_merge_and_unload_gives_the_same_dense_weights(tmp_path, llama):
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(llama)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8,
-                          target_modules=["q_proj", "v_proj", "embed_tokens"],
-                          modules_to_save=["lm_head"], rank_pattern={"v_proj": 2},
-                          use_rslora=True, init_lora_weights=False)
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "embed_tokens"],
+        modules_to_save=["lm_head"],
+        rank_pattern={"v_proj": 2},
+        use_rslora=True,
+        init_lora_weights=False,
+    )
     pm = peft.get_peft_model(model, cfg)
     with torch.no_grad():
         for n, p in pm.named_parameters():

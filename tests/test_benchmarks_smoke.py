@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark modules on the small zoo: ``--quick`` runs whose written
-JSON tables are checked for shape and invariants (never timings). One test per module."""
+JSON tables are checked for shape and invariants (never timings). One test per
+module."""
 
 from __future__ import annotations
 
@@ -28,18 +29,24 @@ def _unit(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v) and 0.0 <= v <= 1.0
 
 
-# ---- transfer ---------------------------------------------------------------------------
+# ---- transfer ------------------------------------------------------------------------
 @pytest.mark.slow
 def test_transfer_quick(small_zoo, no_mlflow, tmp_path):
     from benchmarks import transfer
 
     transfer.main([*QUICK, "--out-dir", str(tmp_path)])
     data = _load(tmp_path, "transfer")
-    (title, rows), = data["sections"].items()
+    ((title, rows),) = data["sections"].items()
     assert "Transfer" in title
     methods = [r["method"] for r in rows]
-    assert methods == ["pretrained' (TIES of old)", "full fine-tuning", "magnitude", "dare",
-                       "darex-q", "nps (searched)"]
+    assert methods == [
+        "pretrained' (TIES of old)",
+        "full fine-tuning",
+        "magnitude",
+        "dare",
+        "darex-q",
+        "nps (searched)",
+    ]
     tasks = data["tasks"]
     assert data["target"] == tasks[-1] and data["old_tasks"] == tasks[:-1]
     for r in rows:
@@ -48,12 +55,14 @@ def test_transfer_quick(small_zoo, no_mlflow, tmp_path):
         lo, hi = sorted((r["old_acc"], r["new_acc"]))
         assert lo - 1e-9 <= r["h_score"] <= hi + 1e-9
         assert r["average"] == pytest.approx((lo + hi) / 2)
-        assert r["old_acc"] == pytest.approx(sum(r[t] for t in tasks[:-1]) / (len(tasks) - 1))
+        assert r["old_acc"] == pytest.approx(
+            sum(r[t] for t in tasks[:-1]) / (len(tasks) - 1)
+        )
         assert r["new_acc"] == pytest.approx(r[tasks[-1]])
         assert r["calibration_h"] is None or _unit(r["calibration_h"])
 
 
-# ---- fusion -----------------------------------------------------------------------------
+# ---- fusion --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_fusion_quick_and_resume(small_zoo, no_mlflow, tmp_path):
     from benchmarks import fusion
@@ -63,22 +72,40 @@ def test_fusion_quick_and_resume(small_zoo, no_mlflow, tmp_path):
     (rows,) = data["sections"].values()
     methods = [r["method"] for r in rows]
     assert methods[:3] == ["pretrained+heads", "fine-tuned", "averaging"]
-    assert {"task-arithmetic", "ties", "dare", "darex-q", "consensus-ta", "consensus-ties",
-            "magnitude", "fisher", "regmean", "tall-masks"} <= set(methods)
+    assert {
+        "task-arithmetic",
+        "ties",
+        "dare",
+        "darex-q",
+        "consensus-ta",
+        "consensus-ties",
+        "magnitude",
+        "fisher",
+        "regmean",
+        "tall-masks",
+    } <= set(methods)
     tasks = data["tasks"]
     for r in rows:
         assert all(_unit(r[t]) for t in tasks)
         assert r["mean"] == pytest.approx(sum(r[t] for t in tasks) / len(tasks))
     assert rows[1]["normalized"] == pytest.approx(1.0)
-    from benchmarks.zoo_setup import QUICK_GRIDS  # magnitude's λ from its own (wider) grid
-    lam = float(next(r for r in rows if r["method"] == "magnitude")["choice"].split()[0][2:])
+    from benchmarks.zoo_setup import (
+        QUICK_GRIDS,
+    )  # magnitude's λ from its own (wider) grid
+
+    lam = float(
+        next(r for r in rows if r["method"] == "magnitude")["choice"].split()[0][2:]
+    )
     assert lam in QUICK_GRIDS["magnitude"]
-    # NPS rows of earlier searches (the default one and a named variant), as --resume finds them
+    # NPS rows of earlier searches (the default one and a named variant), as --resume
+    # finds them
     path = tmp_path / "fusion.json"
     data = json.loads(path.read_text())
     (key,) = data["sections"]
-    nps = [dict(rows[-1], method=m, choice="earlier search") for m in
-           ("nps (searched)", "nps (nps-fusion-m16)")]
+    nps = [
+        dict(rows[-1], method=m, choice="earlier search")
+        for m in ("nps (searched)", "nps (nps-fusion-m16)")
+    ]
     data["sections"][key] = rows = rows + nps
     path.write_text(json.dumps(data))
     # --resume with the same setup reuses every row, NPS rows too even with --no-search
@@ -88,7 +115,7 @@ def test_fusion_quick_and_resume(small_zoo, no_mlflow, tmp_path):
     assert again["calibration_evaluations"] == 0
 
 
-# ---- compression ------------------------------------------------------------------------
+# ---- compression ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_compression_quick(small_zoo, no_mlflow, tmp_path):
     from benchmarks import compression
@@ -102,13 +129,17 @@ def test_compression_quick(small_zoo, no_mlflow, tmp_path):
     by = {r["method"]: r for r in main}
     assert by["fine-tuned"]["normalized"] == pytest.approx(1.0)
     assert by["fine-tuned"]["paper_bits_vs_ft"] == pytest.approx(1.0)
-    for m in ("magnitude", "dare", "nps (searched)"):  # sparse rows: a real store, fewer bits
+    for m in (
+        "magnitude",
+        "dare",
+        "nps (searched)",
+    ):  # sparse rows: a real store, fewer bits
         assert by[m]["disk_bytes"] > 0 and by[m]["paper_bits_vs_ft"] < 1.0
     assert all(_unit(r["mean_acc"]) for r in main)
     assert len(curve) >= 2 and (tmp_path / "compression_curve.png").is_file()
 
 
-# ---- ablations --------------------------------------------------------------------------
+# ---- ablations -----------------------------------------------------------------------
 @pytest.mark.slow
 def test_ablations_quick(small_zoo, no_mlflow, tmp_path):
     from benchmarks import ablations
@@ -130,9 +161,10 @@ def test_ablations_quick(small_zoo, no_mlflow, tmp_path):
 
 @pytest.mark.slow
 def test_ablations_share_and_resume(small_zoo, no_mlflow, tmp_path, monkeypatch):
-    """A config that appears in two sweeps (M = 8 = the default, k = 0.05 = the default) is
-    searched once; a run stopped mid-way keeps its finished searches in NAME.partial.json
-    and --resume runs only the rest. run_search is replaced by a recorder (no search)."""
+    """A config that appears in two sweeps (M = 8 = the default, k = 0.05 = the default)
+    is searched once; a run stopped mid-way keeps its finished searches in
+    NAME.partial.json and --resume runs only the rest. run_search is replaced by a
+    recorder (no search)."""
     import types
 
     import npstune.search
@@ -147,15 +179,25 @@ def test_ablations_share_and_resume(small_zoo, no_mlflow, tmp_path, monkeypatch)
             raise KeyboardInterrupt
         calls.append(cfg.name)
         score = 0.5 + 0.01 * cfg.nps.subspaces + cfg.nps.k  # depends on the config only
-        row = types.SimpleNamespace(calibration={"objective": score},
-                                    test={"objective": score - 0.1})
+        row = types.SimpleNamespace(
+            calibration={"objective": score}, test={"objective": score - 0.1}
+        )
         rep = types.SimpleNamespace(row=lambda m: row)
         return types.SimpleNamespace(report=rep, trials=4, generations=1)
 
     monkeypatch.setattr(npstune.search, "run_search", fake_search)
     monkeypatch.setattr(npstune.search.runner, "connect_ray", lambda echo: False)
-    argv = [*QUICK, "--sweep", "subspaces", "--sweep", "keep-ratio", "--values", "4",
-            "--out-dir", str(tmp_path)]
+    argv = [
+        *QUICK,
+        "--sweep",
+        "subspaces",
+        "--sweep",
+        "keep-ratio",
+        "--values",
+        "4",
+        "--out-dir",
+        str(tmp_path),
+    ]
     partial = tmp_path / "ablations.partial.json"
 
     fail_at["n"] = 3
@@ -172,7 +214,9 @@ def test_ablations_share_and_resume(small_zoo, no_mlflow, tmp_path, monkeypatch)
     data = _load(tmp_path, "ablations")
     summary, runs = data["sections"].values()
     assert [r["run"] for r in runs] == ["resumed"] * 3 + ["ran"] * 3 + [
-        "shared (subspaces 8)", "ran"]
+        "shared (subspaces 8)",
+        "ran",
+    ]
     by = {(r["sweep"], r["value"]): r for r in runs}
     assert by[("keep-ratio", 0.05)]["config"] == by[("subspaces", 8)]["config"]
     assert by[("keep-ratio", 0.05)]["test"] == by[("subspaces", 8)]["test"]
@@ -187,8 +231,13 @@ def test_ablations_share_and_resume(small_zoo, no_mlflow, tmp_path, monkeypatch)
     ablations.main([*argv, "--resume"])
     assert calls == []
     runs2 = list(_load(tmp_path, "ablations")["sections"].values())[1]
-    assert [r["run"] for r in runs2] == ["resumed"] * 6 + ["shared (subspaces 8)", "resumed"]
-    assert [(r["config"], r["test"]) for r in runs2] == [(r["config"], r["test"]) for r in runs]
+    assert [r["run"] for r in runs2] == ["resumed"] * 6 + [
+        "shared (subspaces 8)",
+        "resumed",
+    ]
+    assert [(r["config"], r["test"]) for r in runs2] == [
+        (r["config"], r["test"]) for r in runs
+    ]
 
 
 @pytest.mark.slow
@@ -203,12 +252,17 @@ def test_ablation_variants_quick(small_zoo, tmp_path):
         cfgs = variants(bench, sweep, tmp_path, None, None, None)
         assert len(cfgs) == 2, sweep
         assert len({_get(c, key) for c in cfgs}) == 2
-        assert all(c.search.seed == 1 and c.search.generations == 1
-                   and c.search.population == 4 and c.zoo == "small" for c in cfgs)
+        assert all(
+            c.search.seed == 1
+            and c.search.generations == 1
+            and c.search.population == 4
+            and c.zoo == "small"
+            for c in cfgs
+        )
         assert all(c.evaluator.calibration_examples == 32 for c in cfgs)
 
 
-# ---- search_cost ------------------------------------------------------------------------
+# ---- search_cost ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_search_cost_quick(small_zoo, no_mlflow, tmp_path):
     from benchmarks import search_cost
@@ -221,7 +275,10 @@ def test_search_cost_quick(small_zoo, no_mlflow, tmp_path):
     assert 1 <= s["evals_to_99pct"] <= s["evaluations"]
     assert _unit(s["best_calibration"]) and 0 <= s["build_share"] <= 1
     assert s["total_wall_s"] >= s["search_s"] > 0
-    assert [r["quantity"].split(",")[0] for r in trial[:2]] == ["build (fuse + add)", "evaluate"]
+    assert [r["quantity"].split(",")[0] for r in trial[:2]] == [
+        "build (fuse + add)",
+        "evaluate",
+    ]
     for r in trial + direct:
         assert r["count"] > 0 and 0 <= r["min_s"] <= r["mean_s"] <= r["max_s"]
     assert [g["generation"] for g in gens] == [1, 2]
@@ -237,33 +294,52 @@ def test_evals_to_fraction():
     assert evals_to_fraction([0.9, 0.5, 0.905]) == 1  # 0.9 >= 0.99 * 0.905
 
 
-# ---- speed ------------------------------------------------------------------------------
+# ---- speed ---------------------------------------------------------------------------
 def test_speed_candidates_and_peer_tiny(no_mlflow, tmp_path):
     from benchmarks import speed
 
     out = tmp_path / "out"
-    args = ["--sizes", "300000", "--peer-shape", "32,2,64,256", "--scratch", str(tmp_path / "s"),
-            "--out-dir", str(out)]
+    args = [
+        "--sizes",
+        "300000",
+        "--peer-shape",
+        "32,2,64,256",
+        "--scratch",
+        str(tmp_path / "s"),
+        "--out-dir",
+        str(out),
+    ]
     speed.main(["--parts", "candidates,peer", *args])
     data = _load(out, "speed")
-    (cand,) = [v for k, v in data["sections"].items() if k.startswith("NPS candidate build")]
-    assert cand[0]["identical"] is True and cand[0]["b_over_c"] > 0 and cand[0]["c_over_a"] > 0
+    (cand,) = [
+        v for k, v in data["sections"].items() if k.startswith("NPS candidate build")
+    ]
+    assert (
+        cand[0]["identical"] is True
+        and cand[0]["b_over_c"] > 0
+        and cand[0]["c_over_a"] > 0
+    )
     (peer,) = [v for k, v in data["sections"].items() if k.startswith("Peer workload")]
-    assert [r["tool"] for r in peer] == ["floor (read 3, write 1; safetensors)",
-                                         "npstune task-arithmetic", "npstune ties"]
+    assert [r["tool"] for r in peer] == [
+        "floor (read 3, write 1; safetensors)",
+        "npstune task-arithmetic",
+        "npstune ties",
+    ]
     assert all(r["rc"] == 0 and r["wall_s"] > 0 and r["rss_mib"] > 0 for r in peer)
     assert peer[0]["time_vs_floor"] == 1
     assert set(data["part_notes"]) == {"candidates", "peer"}
     first = data["part_notes"]["peer"]
-    # re-running one part replaces its notes and table, keeps the other's (the in-process
-    # part is re-run: the peer part's three subprocesses are the slow half of this test)
+    # re-running one part replaces its notes and table, keeps the other's (the
+    # in-process part is re-run: the peer part's three subprocesses are the slow half of
+    # this test)
     speed.main(["--parts", "candidates", *args])
     again = _load(out, "speed")
     assert again["part_notes"]["peer"] == first
     notes = again["part_notes"]["candidates"]
     assert len(notes) == 1 and notes[0].startswith("ran ")
     assert [k for k in again["sections"] if k.startswith("Peer workload")] == [
-        k for k in data["sections"] if k.startswith("Peer workload")]
+        k for k in data["sections"] if k.startswith("Peer workload")
+    ]
     assert sum(k.startswith("NPS candidate build") for k in again["sections"]) == 1
     assert not (tmp_path / "s").exists()  # scratch removed
     with pytest.raises(SystemExit):

@@ -1,4 +1,5 @@
-"""Checkpoint forms round-trip; bad input fails with one line naming file/key; nothing written."""
+"""Checkpoint forms round-trip; bad input fails with one line naming file/key;
+nothing written."""
 
 from __future__ import annotations
 
@@ -86,8 +87,14 @@ def _tiny_bert(path, seed):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=16, max_position_embeddings=12)
+    cfg = BertConfig(
+        vocab_size=40,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=12,
+    )
     model = BertModel(cfg)
     model.save_pretrained(path)
     return model
@@ -140,8 +147,19 @@ def test_include_exclude_filters(tmp_path):
 
 # ------------------------------------------------------------------ bad input
 def _merge_args(bp, mps, out, *extra):
-    return ["merge", "--method", "ties", "--base", str(bp), "--models", *map(str, mps),
-            "--out", str(out), "--quiet", *extra]
+    return [
+        "merge",
+        "--method",
+        "ties",
+        "--base",
+        str(bp),
+        "--models",
+        *map(str, mps),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 def assert_fails(capsys, tmp_path, args, *needles):
@@ -160,20 +178,36 @@ def test_key_in_one_checkpoint_only(tmp_path, capsys):
     bp, mps, base, fts = make_set(tmp_path, tasks=1)
     extra = dict(fts[0], **{"extra.weight": torch.ones(2)})
     odd = write_state_dict(tmp_path / "odd.safetensors", extra)
-    assert_fails(capsys, tmp_path, _merge_args(bp, [odd], tmp_path / "o.safetensors"),
-                 "odd.safetensors:extra.weight", "not in base")
+    assert_fails(
+        capsys,
+        tmp_path,
+        _merge_args(bp, [odd], tmp_path / "o.safetensors"),
+        "odd.safetensors:extra.weight",
+        "not in base",
+    )
     missing = {k: v for k, v in fts[0].items() if k != "norm.weight"}
     miss = write_state_dict(tmp_path / "miss.safetensors", missing)
-    assert_fails(capsys, tmp_path, _merge_args(bp, [miss], tmp_path / "o.safetensors"),
-                 "miss.safetensors:norm.weight", "missing")
+    assert_fails(
+        capsys,
+        tmp_path,
+        _merge_args(bp, [miss], tmp_path / "o.safetensors"),
+        "miss.safetensors:norm.weight",
+        "missing",
+    )
 
 
 def test_shape_mismatch(tmp_path, capsys):
     bp, mps, base, fts = make_set(tmp_path, tasks=1)
     bad = dict(fts[0], **{"norm.weight": torch.ones(4)})
     p = write_state_dict(tmp_path / "bad.safetensors", bad)
-    line = assert_fails(capsys, tmp_path, _merge_args(bp, [p], tmp_path / "o.safetensors"),
-                        "bad.safetensors:norm.weight", "(4,)", "(3,)")
+    line = assert_fails(
+        capsys,
+        tmp_path,
+        _merge_args(bp, [p], tmp_path / "o.safetensors"),
+        "bad.safetensors:norm.weight",
+        "(4,)",
+        "(3,)",
+    )
     assert "shape" in line
     with pytest.raises(ShapeMismatchError):
         plan_merge(bp, [p])
@@ -183,8 +217,13 @@ def test_float_versus_non_float(tmp_path, capsys):
     bp, mps, base, fts = make_set(tmp_path, tasks=1)
     bad = dict(fts[0], **{"norm.weight": torch.ones(3, dtype=torch.int32)})
     p = write_state_dict(tmp_path / "int.safetensors", bad)
-    assert_fails(capsys, tmp_path, _merge_args(bp, [p], tmp_path / "o.safetensors"),
-                 "int.safetensors:norm.weight", "torch.int32")
+    assert_fails(
+        capsys,
+        tmp_path,
+        _merge_args(bp, [p], tmp_path / "o.safetensors"),
+        "int.safetensors:norm.weight",
+        "torch.int32",
+    )
 
 
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
@@ -193,8 +232,13 @@ def test_nan_or_inf_in_a_tensor(tmp_path, capsys, bad_value):
     bad = {k: v.clone() for k, v in fts[0].items()}
     bad["encoder.1.weight"][1, 2] = bad_value
     p = write_state_dict(tmp_path / "nan.safetensors", bad)
-    assert_fails(capsys, tmp_path, _merge_args(bp, [p], tmp_path / "o.safetensors"),
-                 "nan.safetensors:encoder.1.weight", "NaN or Inf")
+    assert_fails(
+        capsys,
+        tmp_path,
+        _merge_args(bp, [p], tmp_path / "o.safetensors"),
+        "nan.safetensors:encoder.1.weight",
+        "NaN or Inf",
+    )
 
 
 def test_truncated_safetensors(tmp_path, capsys):
@@ -202,8 +246,13 @@ def test_truncated_safetensors(tmp_path, capsys):
     data = mps[0].read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[: len(data) - 10])
-    assert_fails(capsys, tmp_path, _merge_args(bp, [cut], tmp_path / "o.safetensors"),
-                 "cut.safetensors", "truncated")
+    assert_fails(
+        capsys,
+        tmp_path,
+        _merge_args(bp, [cut], tmp_path / "o.safetensors"),
+        "cut.safetensors",
+        "truncated",
+    )
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(struct.pack("<Q", 10**12) + b"{}")
     with pytest.raises(CheckpointError, match="truncated or not a safetensors file"):
@@ -220,38 +269,75 @@ def test_torch_file_that_would_execute_code(tmp_path, capsys):
     evil = tmp_path / "evil.pt"
     with open(evil, "wb") as f:
         pickle.dump({"norm.weight": _Evil()}, f)
-    assert_fails(capsys, tmp_path, _merge_args(bp, [evil], tmp_path / "o.pt"),
-                 "evil.pt", "execute code")
+    assert_fails(
+        capsys,
+        tmp_path,
+        _merge_args(bp, [evil], tmp_path / "o.pt"),
+        "evil.pt",
+        "execute code",
+    )
 
 
 @pytest.mark.parametrize("k", ["0", "1.5", "-0.2"])
 def test_k_outside_unit_interval(tmp_path, capsys, k):
     bp, mps, _, _ = make_set(tmp_path, tasks=1)
-    assert_fails(capsys, tmp_path, _merge_args(bp, mps, tmp_path / "o.safetensors", "--k", k), "k")
+    assert_fails(
+        capsys,
+        tmp_path,
+        _merge_args(bp, mps, tmp_path / "o.safetensors", "--k", k),
+        "k",
+    )
 
 
 def test_no_models_and_output_equal_to_input(tmp_path, capsys):
     bp, mps, _, _ = make_set(tmp_path, tasks=1)
-    code, _, err = run_cli(["merge", "--method", "ties", "--base", str(bp), "--out",
-                            str(tmp_path / "o.safetensors")], capsys)
+    code, _, err = run_cli(
+        [
+            "merge",
+            "--method",
+            "ties",
+            "--base",
+            str(bp),
+            "--out",
+            str(tmp_path / "o.safetensors"),
+        ],
+        capsys,
+    )
     assert code != 0 and "--models" in err
     with pytest.raises(ConfigError, match="no models"):
         plan_merge(bp, [])
-    assert_fails(capsys, tmp_path, _merge_args(bp, mps, mps[0]), "would overwrite the input")
-    assert_fails(capsys, tmp_path, _merge_args(bp, mps, bp), "would overwrite the input")
+    assert_fails(
+        capsys, tmp_path, _merge_args(bp, mps, mps[0]), "would overwrite the input"
+    )
+    assert_fails(
+        capsys, tmp_path, _merge_args(bp, mps, bp), "would overwrite the input"
+    )
 
 
 def test_option_of_another_method_is_refused(tmp_path, capsys):
     bp, mps, _, _ = make_set(tmp_path, tasks=1)
-    args = ["merge", "--method", "average", "--base", str(bp), "--models", str(mps[0]),
-            "--out", str(tmp_path / "o.safetensors"), "--k", "0.3"]
+    args = [
+        "merge",
+        "--method",
+        "average",
+        "--base",
+        str(bp),
+        "--models",
+        str(mps[0]),
+        "--out",
+        str(tmp_path / "o.safetensors"),
+        "--k",
+        "0.3",
+    ]
     assert_fails(capsys, tmp_path, args, "not a parameter of average")
 
 
 def test_cli_merge_writes_what_the_library_computes(tmp_path, capsys):
     bp, mps, base, fts = make_set(tmp_path, tasks=3)
     out = tmp_path / "merged.safetensors"
-    code, stdout, _ = run_cli(_merge_args(bp, mps, out, "--k", "0.3", "--lam", "1.2"), capsys)
+    code, stdout, _ = run_cli(
+        _merge_args(bp, mps, out, "--k", "0.3", "--lam", "1.2"), capsys
+    )
     assert code == 0 and "wrote" in stdout
     want = merge(bp, mps, "ties", {"k": 0.3, "lam": 1.2}).state
     got = load_file(out)
@@ -259,9 +345,25 @@ def test_cli_merge_writes_what_the_library_computes(tmp_path, capsys):
     assert all(torch.equal(got[k], want[k]) for k in want)
     # nps with per-task weights through the CLI (T·M values, task-major)
     w = ",".join(["1"] * 8 + ["0.5"] * 8 + ["2"] * 8)
-    args = ["merge", "--method", "nps", "--base", str(bp), "--models", *map(str, mps),
-            "--out", str(tmp_path / "nps.safetensors"), "--weights", w, "--k", "0.1", "--quiet"]
+    args = [
+        "merge",
+        "--method",
+        "nps",
+        "--base",
+        str(bp),
+        "--models",
+        *map(str, mps),
+        "--out",
+        str(tmp_path / "nps.safetensors"),
+        "--weights",
+        w,
+        "--k",
+        "0.1",
+        "--quiet",
+    ]
     assert run_cli(args, capsys)[0] == 0
-    want = merge(bp, mps, "nps", {"k": 0.1, "weights": [1.0] * 8 + [0.5] * 8 + [2.0] * 8}).state
+    want = merge(
+        bp, mps, "nps", {"k": 0.1, "weights": [1.0] * 8 + [0.5] * 8 + [2.0] * 8}
+    ).state
     got = load_file(tmp_path / "nps.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)

@@ -39,7 +39,7 @@ def _help_of(command: str, option: str) -> str:
     return " ".join(p.get_help_record(click.Context(cmd))[1].split())
 
 
-# ---- bench ------------------------------------------------------------------------------
+# ---- bench ---------------------------------------------------------------------------
 def _benchmark_names() -> list[str]:
     from benchmarks import BENCHMARKS
 
@@ -65,7 +65,9 @@ def test_bench_name_help_reaches_the_module(name):
     res = _invoke("bench", name, "--help")
     assert res.exit_code == 0, res.output
     assert res.output.startswith(f"usage: python -m benchmarks.{name} "), res.output
-    res = _invoke("bench", name.replace("_", "-"), "--help")  # search-cost == search_cost
+    res = _invoke(
+        "bench", name.replace("_", "-"), "--help"
+    )  # search-cost == search_cost
     assert res.exit_code == 0 and f"benchmarks.{name}" in res.output
 
 
@@ -91,11 +93,12 @@ def test_bench_help_lists_the_table_and_unknown_names_are_one_line(monkeypatch, 
         main(["bench", "nope"])
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert err == ("error: unknown benchmark 'nope'; valid: "
-                   + ", ".join(benchmarks.BENCHMARKS))
+    assert err == (
+        "error: unknown benchmark 'nope'; valid: " + ", ".join(benchmarks.BENCHMARKS)
+    )
 
 
-# ---- choices and help lists from the registries -------------------------------------------
+# ---- choices and help lists from the registries --------------------------------------
 def test_merge_methods_follow_the_merge_registry(monkeypatch):
     from npstune.merge import registry
 
@@ -107,17 +110,29 @@ def test_merge_methods_follow_the_merge_registry(monkeypatch):
     assert "x-fisher" in data
     for opt in ("zoo_size", "evaluator_file"):
         assert _help_of("merge", opt).endswith("Methods: " + ", ".join(data) + ".")
-    for opt, field in (("k", "k"), ("lam", "lam"), ("q", "q"), ("seed", "seed"),
-                       ("subspaces", "subspaces"), ("tall_lam", "tall_lam"),
-                       ("consensus", "consensus"), ("weights", "weights")):
-        users = [n for n in registry.method_names()
-                 if field in registry.get_method(n).params.model_fields]
+    for opt, field in (
+        ("k", "k"),
+        ("lam", "lam"),
+        ("q", "q"),
+        ("seed", "seed"),
+        ("subspaces", "subspaces"),
+        ("tall_lam", "tall_lam"),
+        ("consensus", "consensus"),
+        ("weights", "weights"),
+    ):
+        users = [
+            n
+            for n in registry.method_names()
+            if field in registry.get_method(n).params.model_fields
+        ]
         assert users and _help_of("merge", opt).endswith(
-            "Used by: " + ", ".join(users) + "."), opt
+            "Used by: " + ", ".join(users) + "."
+        ), opt
     from npstune.merge.base import ADAPTER_METHODS
 
     assert _help_of("merge", "out_format").endswith(
-        "Methods: " + ", ".join(ADAPTER_METHODS) + ". [default: model]")
+        "Methods: " + ", ".join(ADAPTER_METHODS) + ". [default: model]"
+    )
 
 
 def test_compress_methods_follow_the_store_table(monkeypatch):
@@ -129,7 +144,8 @@ def test_compress_methods_follow_the_store_table(monkeypatch):
     assert _choices("compress", "method")[-1] == "x-nps"
     assert _help_of("compress", "subspaces").endswith("Used by: nps, x-nps.")
     assert _choices("compress", "value_dtype") == [
-        n for n, d in DTYPES.items() if d.itemsize == 2]
+        n for n, d in DTYPES.items() if d.itemsize == 2
+    ]
 
 
 def test_search_backends_follow_the_backend_table(monkeypatch):
@@ -148,14 +164,16 @@ def test_zoo_sizes_and_splits_follow_their_tables():
         assert _choices(cmd, opt) == sorted(ZOO_SIZES), cmd
     zoo = cli.get_command(click.Context(cli), "zoo")
     build = zoo.get_command(click.Context(zoo), "build")
-    assert list(next(p for p in build.params if p.name == "size").type.choices) == sorted(
-        ZOO_SIZES)
+    assert list(
+        next(p for p in build.params if p.name == "size").type.choices
+    ) == sorted(ZOO_SIZES)
     assert _choices("eval", "split") == list(SPLITS)
 
 
 def test_an_unknown_choice_is_a_usage_error_naming_the_valid_ones():
-    res = CliRunner().invoke(cli, ["merge", "--method", "tie", "--base", "b", "--models",
-                                   "m", "--out", "o"])
+    res = CliRunner().invoke(
+        cli, ["merge", "--method", "tie", "--base", "b", "--models", "m", "--out", "o"]
+    )
     assert res.exit_code == 2 and "'tie' is not one of" in res.output
     assert "'ties'" in res.output
 
@@ -163,16 +181,23 @@ def test_an_unknown_choice_is_a_usage_error_naming_the_valid_ones():
 def test_top_level_help_imports_no_torch():
     """`npstune --help` imports every command module (for the short help), so no module
     may import a registry (or torch) at import time."""
-    code = ("import sys\nfrom npstune.cli import main\ntry:\n    main(['--help'])\n"
-            "except SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'ray', 'npstune.merge', 'npstune.zoo',"
-            " 'npstune.search.backends', 'benchmarks') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    code = (
+        "import sys\nfrom npstune.cli import main\ntry:\n    main(['--help'])\n"
+        "except SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'ray', 'npstune.merge', 'npstune.zoo',"
+        " 'npstune.search.backends', 'benchmarks') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.splitlines()[-1] == "[]", out
 
 
-# ---- methods --kinds ------------------------------------------------------------------------
+# ---- methods --kinds -----------------------------------------------------------------
 def test_methods_kinds_lists_every_evaluator_kind_with_its_options_schema():
     from npstune.evaluate.kinds import get_kind, kind_names
 

@@ -36,8 +36,19 @@ transformers = pytest.importorskip("transformers")
 
 SIZE = 32
 CLASSES = ["icon", "logo", "photo"]  # sorted folder names
-WORDS = ["photo", "of", "picture", "an", "image", "the", "icon", "logo", "toolbar",
-         "snapshot", "drawing"]
+WORDS = [
+    "photo",
+    "of",
+    "picture",
+    "an",
+    "image",
+    "the",
+    "icon",
+    "logo",
+    "toolbar",
+    "snapshot",
+    "drawing",
+]
 
 
 # ---- fixtures: real images, a tiny CLIP ---------------------------------------------
@@ -53,19 +64,31 @@ def _real_images() -> dict[str, list[tuple[str, Image.Image]]]:
     mpl = _mpl_data()
     hopper = Image.open(mpl / "sample_data" / "grace_hopper.jpg").convert("RGB")
     flip = Image.Transpose.FLIP_LEFT_RIGHT
-    photos = [hopper, hopper.transpose(flip), hopper.crop((0, 0, 300, 300)),
-              hopper.crop((128, 100, 384, 500)),
-              hopper.transpose(Image.Transpose.ROTATE_90),
-              hopper.resize((128, 150))]
+    photos = [
+        hopper,
+        hopper.transpose(flip),
+        hopper.crop((0, 0, 300, 300)),
+        hopper.crop((128, 100, 384, 500)),
+        hopper.transpose(Image.Transpose.ROTATE_90),
+        hopper.resize((128, 150)),
+    ]
     icons = [Image.open(p) for p in sorted((mpl / "images").glob("*_large.png"))][:8]
     logo = Image.open(mpl / "sample_data" / "logo2.png")
     pack = Image.open(mpl / "sample_data" / "Minduka_Present_Blue_Pack.png")
-    logos = [logo, pack, logo.crop((0, 0, 271, 130)), logo.transpose(flip),
-             pack.transpose(flip), pack.crop((20, 20, 108, 100))]
+    logos = [
+        logo,
+        pack,
+        logo.crop((0, 0, 271, 130)),
+        logo.transpose(flip),
+        pack.transpose(flip),
+        pack.crop((20, 20, 108, 100)),
+    ]
     assert len(icons) == 8
-    return {"photo": [(f"p{i}.jpg", im) for i, im in enumerate(photos)],
-            "icon": [(f"i{i}.png", im) for i, im in enumerate(icons)],
-            "logo": [(f"l{i}.png", im) for i, im in enumerate(logos)]}
+    return {
+        "photo": [(f"p{i}.jpg", im) for i, im in enumerate(photos)],
+        "icon": [(f"i{i}.png", im) for i, im in enumerate(icons)],
+        "logo": [(f"l{i}.png", im) for i, im in enumerate(logos)],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +115,11 @@ def data(tmp_path_factory) -> Path:
 
 def _byte_chars() -> list[str]:
     """GPT-2/CLIP byte -> unicode table (the first 256 CLIP vocabulary entries)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-          *range(ord("®"), ord("ÿ") + 1)]
+    bs = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -131,13 +157,25 @@ def clip_dir(tmp_path_factory) -> Path:
 
     tok = _tiny_tokenizer()
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=16, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(image_size=SIZE, patch_size=16, hidden_size=32,
-                           intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            image_size=SIZE,
+            patch_size=16,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(0)
@@ -155,8 +193,10 @@ def clip_dir(tmp_path_factory) -> Path:
 def model(clip_dir):
     from transformers import AutoTokenizer, CLIPModel
 
-    return (CLIPModel.from_pretrained(clip_dir).to(torch.float32).eval(),
-            AutoTokenizer.from_pretrained(clip_dir))
+    return (
+        CLIPModel.from_pretrained(clip_dir).to(torch.float32).eval(),
+        AutoTokenizer.from_pretrained(clip_dir),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +207,8 @@ def state(model) -> dict[str, torch.Tensor]:
 def make(root: Path, cfg: dict, clip_dir: Path, **kw):
     """Build an evaluator from an evaluator mapping whose paths are relative to root."""
     return parse_evaluator({"kind": "clip", **cfg}, root, "eval.yaml").build(
-        model=clip_dir, **kw)
+        model=clip_dir, **kw
+    )
 
 
 # ---- hand-written reference --------------------------------------------------------
@@ -197,8 +238,9 @@ def hand_head(model, tok, names, templates) -> torch.Tensor:
     for c in names:
         embs = []
         for t in templates:
-            ids = tok([t.format(c)], truncation=True, max_length=16,
-                      return_tensors="pt")
+            ids = tok(
+                [t.format(c)], truncation=True, max_length=16, return_tensors="pt"
+            )
             f = _feat(model.get_text_features(input_ids=ids["input_ids"]))[0]
             embs.append(f / f.norm())
         m = torch.stack(embs).mean(0)
@@ -220,15 +262,20 @@ def _labels_of(files) -> torch.Tensor:
 
 
 # ---- tests -------------------------------------------------------------------------
-def test_accuracy_matches_hand_loop_through_the_evaluator_file(data, clip_dir, model,
-                                                               state):
+def test_accuracy_matches_hand_loop_through_the_evaluator_file(
+    data, clip_dir, model, state
+):
     templates = ["a photo of a {}.", "an image of the {}."]
-    spec = {"kind": "clip", "templates": templates,
-            "tasks": {"mpl": {"data": {"calibration": "cal", "test": "test"}}}}
+    spec = {
+        "kind": "clip",
+        "templates": templates,
+        "tasks": {"mpl": {"data": {"calibration": "cal", "test": "test"}}},
+    }
     path = data / "eval.yaml"
     path.write_text(yaml.safe_dump(spec))
-    ev = load_evaluator_file(path).build(model=clip_dir, prepare=("test",),
-                                         batch_size=4)
+    ev = load_evaluator_file(path).build(
+        model=clip_dir, prepare=("test",), batch_size=4
+    )
     splits = ev.tasks_["mpl"].splits
     assert splits.loaded == ("test",)  # prepared at build; calibration not yet
     m, tok = model
@@ -237,7 +284,8 @@ def test_accuracy_matches_hand_loop_through_the_evaluator_file(data, clip_dir, m
     for split, folder in (("test", "test"), ("calibration", "cal")):
         files = splits.sources[split].files
         assert sorted(files) == sorted(
-            p for p in (data / folder).rglob("*") if p.suffix in (".jpg", ".png"))
+            p for p in (data / folder).rglob("*") if p.suffix in (".jpg", ".png")
+        )
         pred, labels = hand_predict(m, files, head), _labels_of(files)
         assert torch.equal(ev.predictions(state, "mpl", split), pred)
         assert len(set(pred.tolist())) == 3  # the tiny model is not constant
@@ -263,9 +311,16 @@ def test_preprocessing_matches_hf_image_processor(data, clip_dir):
     files = ev.tasks_["t"].splits.sources["test"].files
     assert images.dtype == torch.uint8 and images.shape == (10, 3, SIZE, SIZE)
     mine = ev._pixels(images)
-    ref = torch.stack([torch.as_tensor(proc(images=[Image.open(f).convert("RGB")],
-                                            return_tensors="pt")["pixel_values"][0])
-                       for f in files]).float()
+    ref = torch.stack(
+        [
+            torch.as_tensor(
+                proc(images=[Image.open(f).convert("RGB")], return_tensors="pt")[
+                    "pixel_values"
+                ][0]
+            )
+            for f in files
+        ]
+    ).float()
     torch.testing.assert_close(mine, ref, atol=1e-4, rtol=0)  # same pixels as HF's
     torch.testing.assert_close(mine, torch.stack([hand_pixels(f) for f in files]))
 
@@ -281,42 +336,76 @@ def test_defaults_and_classname_mapping(data, clip_dir, model, tmp_path):
     assert labels[:3].tolist() == [0, 1, 2]  # folder order is round-robin over classes
     names = {"icon": "toolbar icon", "logo": "drawing", "photo": "snapshot"}
     tpl = ["a picture of the {}."]
-    ev2 = make(data, {"tasks": {"t": {"data": {"test": "test"}, "classnames": names,
-                                      "templates": tpl}}}, clip_dir)
+    ev2 = make(
+        data,
+        {
+            "tasks": {
+                "t": {"data": {"test": "test"}, "classnames": names, "templates": tpl}
+            }
+        },
+        clip_dir,
+    )
     assert list(ev2.tasks_["t"].classnames) == ["toolbar icon", "drawing", "snapshot"]
-    torch.testing.assert_close(ev2.zero_shot_head("t"),
-                               hand_head(*model, list(names.values()), tpl),
-                               atol=1e-5, rtol=1e-5)
-    as_list = make(data, {"tasks": {"t": {"data": {"test": "test"}, "templates": tpl,
-                                          "classnames": list(names.values())}}},
-                   clip_dir)
+    torch.testing.assert_close(
+        ev2.zero_shot_head("t"),
+        hand_head(*model, list(names.values()), tpl),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    as_list = make(
+        data,
+        {
+            "tasks": {
+                "t": {
+                    "data": {"test": "test"},
+                    "templates": tpl,
+                    "classnames": list(names.values()),
+                }
+            }
+        },
+        clip_dir,
+    )
     torch.testing.assert_close(as_list.zero_shot_head("t"), ev2.zero_shot_head("t"))
     # preprocessor_config.json's mean/std win over OpenAI's
     d = tmp_path / "clip"
     shutil.copytree(clip_dir, d)
-    (d / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}))
+    (d / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]})
+    )
     ev3 = make(data, {"tasks": {"t": {"data": {"test": "test"}}}}, d)
     assert ev3.pixel_norm == ((0.5,) * 3, (0.25,) * 3)
     f = ev3.tasks_["t"].splits.sources["test"].files[0]
-    torch.testing.assert_close(ev3._pixels(ev3.tasks_["t"].splits["test"][0][:1])[0],
-                               hand_pixels(f, (0.5,) * 3, (0.25,) * 3))
+    torch.testing.assert_close(
+        ev3._pixels(ev3.tasks_["t"].splits["test"][0][:1])[0],
+        hand_pixels(f, (0.5,) * 3, (0.25,) * 3),
+    )
 
 
 def test_file_lists_equal_folders(data, clip_dir, state):
-    folders = make(data, {"tasks": {"t": {"data": {"calibration": "cal",
-                                                   "test": "test"}}}}, clip_dir)
-    lists = make(data, {"tasks": {"t": {"data": {"calibration": "cal.jsonl",
-                                                 "test": "test.csv"}}}}, clip_dir)
+    folders = make(
+        data,
+        {"tasks": {"t": {"data": {"calibration": "cal", "test": "test"}}}},
+        clip_dir,
+    )
+    lists = make(
+        data,
+        {"tasks": {"t": {"data": {"calibration": "cal.jsonl", "test": "test.csv"}}}},
+        clip_dir,
+    )
     assert list(lists.tasks_["t"].classnames) == CLASSES
     torch.testing.assert_close(lists.zero_shot_head("t"), folders.zero_shot_head("t"))
     for split in ("calibration", "test"):
         a, b = folders.tasks_["t"].splits, lists.tasks_["t"].splits
-        by_file = dict(zip(a.sources[split].files,
-                           folders.predictions(state, "t", split).tolist(),
-                           strict=True))
+        by_file = dict(
+            zip(
+                a.sources[split].files,
+                folders.predictions(state, "t", split).tolist(),
+                strict=True,
+            )
+        )
         assert lists.predictions(state, "t", split).tolist() == [
-            by_file[f] for f in b.sources[split].files]
+            by_file[f] for f in b.sources[split].files
+        ]
         assert sorted(a.sources[split].files) == sorted(b.sources[split].files)
         assert lists.evaluate(state, "t", split) == folders.evaluate(state, "t", split)
         assert lists.examples("t", split) == folders.examples("t", split) == 10
@@ -326,8 +415,11 @@ def test_loading_a_vision_state_changes_features(data, clip_dir, model, state):
     ev = make(data, {"tasks": {"t": {"data": {"test": "test"}}}}, clip_dir)
     head = ev.zero_shot_head("t").clone()
     x = ev._pixels(ev.tasks_["t"].splits["test"][0])
-    vision = {k: v for k, v in state.items()
-              if k.startswith(("vision_model.", "visual_projection."))}
+    vision = {
+        k: v
+        for k, v in state.items()
+        if k.startswith(("vision_model.", "visual_projection."))
+    }
     assert "visual_projection.weight" in vision and len(vision) < len(state)
     ev.load_state(vision)
     with torch.no_grad():
@@ -339,10 +431,12 @@ def test_loading_a_vision_state_changes_features(data, clip_dir, model, state):
     with torch.no_grad():
         after = ev.encode_images(x)
     assert (after - before).abs().max() > 1e-3
-    torch.testing.assert_close(ev.model.visual_projection.weight,
-                               other["visual_projection.weight"])
-    assert torch.equal(ev.model.text_model.embeddings.token_embedding.weight,
-                       text_before)  # the text tower stays the pretrained model's
+    torch.testing.assert_close(
+        ev.model.visual_projection.weight, other["visual_projection.weight"]
+    )
+    assert torch.equal(
+        ev.model.text_model.embeddings.token_embedding.weight, text_before
+    )  # the text tower stays the pretrained model's
     acc_other = ev.evaluate(other, "t")
     assert torch.equal(ev.zero_shot_head("t"), head)  # heads are fixed at build
     full_acc = ev.evaluate(state, "t")  # a full state works too
@@ -356,16 +450,29 @@ def test_loading_a_vision_state_changes_features(data, clip_dir, model, state):
     with pytest.raises(ShapeMismatchError, match=r"text_projection\.weight: shape"):
         ev.load_state({**vision, "text_projection.weight": torch.zeros(3, 3)})
     short = {k: v for k, v in vision.items() if k != "visual_projection.weight"}
-    with pytest.raises(CheckpointError,
-                       match=r"'visual_projection\.weight' is missing"):
+    with pytest.raises(
+        CheckpointError, match=r"'visual_projection\.weight' is missing"
+    ):
         ev.load_state(short)
 
 
 def test_limits_and_evaluate_many(data, clip_dir, state):
-    ev = make(data, {"tasks": {"a": {"data": {"test": "test"}},
-                               "b": {"data": {"test": "test.csv"},
-                                     "templates": ["an icon of the {}."]}}},
-              clip_dir, max_examples={"test": 4}, tasks=["b", "a"], prepare=("test",))
+    ev = make(
+        data,
+        {
+            "tasks": {
+                "a": {"data": {"test": "test"}},
+                "b": {
+                    "data": {"test": "test.csv"},
+                    "templates": ["an icon of the {}."],
+                },
+            }
+        },
+        clip_dir,
+        max_examples={"test": 4},
+        tasks=["b", "a"],
+        prepare=("test",),
+    )
     assert ev.tasks == ["b", "a"]
     assert ev.examples("a", "test") == 4
     assert ev.tasks_["a"].splits["test"][0].shape[0] == 4
@@ -377,13 +484,15 @@ def test_limits_and_evaluate_many(data, clip_dir, state):
 def test_pickles_and_other_image_size(data, clip_dir, state):
     import pickle
 
-    ev = make(data, {"tasks": {"t": {"data": {"test": "test"}}}}, clip_dir,
-              prepare=("test",))
+    ev = make(
+        data, {"tasks": {"t": {"data": {"test": "test"}}}}, clip_dir, prepare=("test",)
+    )
     copy = pickle.loads(pickle.dumps(ev))
     assert copy.tasks_["t"].splits.loaded == ("test",)
     assert torch.equal(copy.predictions(state, "t"), ev.predictions(state, "t"))
-    big = make(data, {"image_size": 48, "tasks": {"t": {"data": {"test": "test"}}}},
-               clip_dir)
+    big = make(
+        data, {"image_size": 48, "tasks": {"t": {"data": {"test": "test"}}}}, clip_dir
+    )
     assert big.tasks_["t"].splits["test"][0].shape[-2:] == (48, 48)
     assert 0.0 <= big.evaluate(state, "t") <= 1.0
 
@@ -391,28 +500,49 @@ def test_pickles_and_other_image_size(data, clip_dir, state):
 def _bad(root: Path) -> dict[str, tuple[dict, str]]:
     """name -> (task options, message pattern)."""
     return {
-        "empty_folder": ({"data": {"test": "empty"}},
-                         r"data\.test: image folder \S*empty has no images"),
-        "empty_class": ({"data": {"test": "oneempty"}},
-                        r"class subfolder \S*oneempty/icon has no images"),
-        "missing_image": ({"data": {"test": "missing.csv"}},
-                          r"missing\.csv:2: image file \S*nope\.jpg does not exist"),
-        "bad_label": ({"data": {"test": "badlabel.csv"},
-                       "classnames": ["photo", "icon"]},
-                      r"badlabel\.csv:3: label 'dog' is not among the class names"),
-        "wrong_length": ({"data": {"test": "test"}, "classnames": ["a", "b"]},
-                         r"classnames: 2 names for 3 class folders"),
-        "bad_mapping": ({"data": {"test": "test"},
-                         "classnames": {"icon": "i", "logo": "l", "photos": "p"}},
-                        r"classnames: class folder 'photo' has no name"),
-        "empty_split": ({"data": {"test": "header.csv"}},
-                        r"header\.csv lists no images \(empty split\)"),
-        "missing_path": ({"data": {"test": "nowhere"}},
-                         r"data\.test: data path \S*nowhere does not exist"),
-        "mixed_forms": ({"data": {"calibration": "cal", "test": "test.csv"}},
-                        r"calibration is a folder but test is a file list"),
-        "bad_list": ({"data": {"test": "list.txt"}},
-                     r"neither an image folder nor a \.csv/\.jsonl file list"),
+        "empty_folder": (
+            {"data": {"test": "empty"}},
+            r"data\.test: image folder \S*empty has no images",
+        ),
+        "empty_class": (
+            {"data": {"test": "oneempty"}},
+            r"class subfolder \S*oneempty/icon has no images",
+        ),
+        "missing_image": (
+            {"data": {"test": "missing.csv"}},
+            r"missing\.csv:2: image file \S*nope\.jpg does not exist",
+        ),
+        "bad_label": (
+            {"data": {"test": "badlabel.csv"}, "classnames": ["photo", "icon"]},
+            r"badlabel\.csv:3: label 'dog' is not among the class names",
+        ),
+        "wrong_length": (
+            {"data": {"test": "test"}, "classnames": ["a", "b"]},
+            r"classnames: 2 names for 3 class folders",
+        ),
+        "bad_mapping": (
+            {
+                "data": {"test": "test"},
+                "classnames": {"icon": "i", "logo": "l", "photos": "p"},
+            },
+            r"classnames: class folder 'photo' has no name",
+        ),
+        "empty_split": (
+            {"data": {"test": "header.csv"}},
+            r"header\.csv lists no images \(empty split\)",
+        ),
+        "missing_path": (
+            {"data": {"test": "nowhere"}},
+            r"data\.test: data path \S*nowhere does not exist",
+        ),
+        "mixed_forms": (
+            {"data": {"calibration": "cal", "test": "test.csv"}},
+            r"calibration is a folder but test is a file list",
+        ),
+        "bad_list": (
+            {"data": {"test": "list.txt"}},
+            r"neither an image folder nor a \.csv/\.jsonl file list",
+        ),
     }
 
 
@@ -425,7 +555,8 @@ def bad_root(data, tmp_path_factory) -> Path:
     shutil.copytree(data / "test", root / "test")
     (root / "missing.csv").write_text("path,label\nnope.jpg,photo\n")
     (root / "badlabel.csv").write_text(
-        "path,label\ntest/photo/p0.jpg,photo\ntest/icon/i0.png,dog\n")
+        "path,label\ntest/photo/p0.jpg,photo\ntest/icon/i0.png,dog\n"
+    )
     (root / "header.csv").write_text("path,label\n")
     (root / "list.txt").write_text("test/photo/p0.jpg photo\n")
     shutil.copytree(data / "cal", root / "cal")
@@ -445,23 +576,33 @@ def test_bad_input_is_one_clear_line(case, bad_root, clip_dir):
 
 
 def test_bad_input_found_later_or_by_the_file_check(bad_root, clip_dir, state):
-    with pytest.raises(ConfigError,
-                       match=r"data\.test: cannot read image \S*broken\.jpg"):
-        make(bad_root, {"tasks": {"pets": {"data": {"test": "broken.csv"}}}}, clip_dir,
-             prepare=("test",))
+    with pytest.raises(
+        ConfigError, match=r"data\.test: cannot read image \S*broken\.jpg"
+    ):
+        make(
+            bad_root,
+            {"tasks": {"pets": {"data": {"test": "broken.csv"}}}},
+            clip_dir,
+            prepare=("test",),
+        )
     ev = make(bad_root, {"tasks": {"pets": {"data": {"test": "test"}}}}, clip_dir)
     with pytest.raises(ConfigError, match=r"unknown task 'nope'; valid: pets"):
         ev.evaluate(state, "nope")
     with pytest.raises(ConfigError, match=r"task 'pets' has no 'calibration' split"):
         ev.evaluate(state, "pets", "calibration")
     with pytest.raises(ConfigError, match=r"eval\.yaml: unknown task 'cats'"):
-        make(bad_root, {"tasks": {"pets": {"data": {"test": "test"}}}}, clip_dir,
-             tasks=["cats"])
+        make(
+            bad_root,
+            {"tasks": {"pets": {"data": {"test": "test"}}}},
+            clip_dir,
+            tasks=["cats"],
+        )
     cases = {
         "tasks.pets.data.valid: unknown key": {"pets": {"data": {"valid": "test"}}},
         "tasks.pets.data: give a calibration or a test split": {"pets": {"data": {}}},
         "template 'a photo' needs one {} for the class name": {
-            "pets": {"data": {"test": "test"}, "templates": ["a photo"]}},
+            "pets": {"data": {"test": "test"}, "templates": ["a photo"]}
+        },
     }
     for pattern, tasks in cases.items():
         with pytest.raises(ConfigError) as err:
@@ -472,11 +613,13 @@ def test_bad_input_found_later_or_by_the_file_check(bad_root, clip_dir, state):
 def test_backends(data, clip_dir, tmp_path, monkeypatch):
     task = {"tasks": {"t": {"data": {"test": "test"}}}}
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ConfigError,
-                       match=r"cannot tell the CLIP backend.*open_clip_model"):
+    with pytest.raises(
+        ConfigError, match=r"cannot tell the CLIP backend.*open_clip_model"
+    ):
         make(data, task, tmp_path)
-    with pytest.raises(ConfigError,
-                       match=r"backend hf needs a Hugging Face CLIP .*'bert'"):
+    with pytest.raises(
+        ConfigError, match=r"backend hf needs a Hugging Face CLIP .*'bert'"
+    ):
         make(data, {"backend": "hf", **task}, tmp_path)
     ev = make(data, {"backend": "hf", **task}, clip_dir)
     assert type(ev).__name__ == "HFClipEvaluator"
@@ -492,8 +635,11 @@ def test_backends(data, clip_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_open_clip)
     with pytest.raises(MissingDependencyError, match=r"pip install 'npstune\[clip\]'"):
-        make(data, {"backend": "open_clip", "open_clip_model": "ViT-B-32", **task},
-             tmp_path)
+        make(
+            data,
+            {"backend": "open_clip", "open_clip_model": "ViT-B-32", **task},
+            tmp_path,
+        )
 
 
 def test_zero_shot_head_function_is_shared():
@@ -515,8 +661,6 @@ def test_zero_shot_head_function_is_shared():
         ref.append(nn.functional.normalize(e, dim=-1))
     torch.testing.assert_close(w, torch.stack(ref, 1))
     f = torch.randn(3, 4)
-    torch.testing.assert_close(zero_shot_logits(f, w),
-                               100 * nn.functional.normalize(f, dim=-1) @ w)
-
-
-
+    torch.testing.assert_close(
+        zero_shot_logits(f, w), 100 * nn.functional.normalize(f, dim=-1) @ w
+    )

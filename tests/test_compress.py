@@ -1,4 +1,5 @@
-"""The sparse task-vector store: exact rebuilds, integrity checks, storage accounting, CLI."""
+"""The sparse task-vector store: exact rebuilds, integrity checks,
+storage accounting, CLI."""
 
 from __future__ import annotations
 
@@ -13,8 +14,14 @@ import torch
 
 from npstune.checkpoints import open_checkpoint, write_state_dict
 from npstune.cli import main
-from npstune.compress import compress, decompress, inspect_store, read_manifest, storage_bits
-from npstune.compress import codec
+from npstune.compress import (
+    codec,
+    compress,
+    decompress,
+    inspect_store,
+    read_manifest,
+    storage_bits,
+)
 from npstune.errors import CheckpointError, ConfigError
 from npstune.merge import merge
 from tests.tiny import make_set
@@ -23,7 +30,8 @@ SUFFIX = {"safetensors": ".safetensors", "sharded": "", "torch": ".pt", "hf": ""
 
 
 def run_cli(args, capsys):
-    """Run ``npstune ARGS`` in-process through the real entry point; (code, out, err)."""
+    """Run ``npstune ARGS`` in-process through the real entry point; (code,
+    out, err)."""
     code = 0
     try:
         main([str(a) for a in args])
@@ -37,7 +45,9 @@ def make_hf(tmp: Path, dtype: torch.dtype, tasks: int = 2):
     """HF-style directories: config.json + model.safetensors (+ a tokenizer file)."""
     bp, mps, base, fts = make_set(tmp, "safetensors", dtype, tasks)
     dirs = []
-    for name, state in [("base", base)] + [(f"task{i}", ft) for i, ft in enumerate(fts)]:
+    for name, state in [("base", base)] + [
+        (f"task{i}", ft) for i, ft in enumerate(fts)
+    ]:
         d = tmp / f"{name}_hf"
         d.mkdir()
         (d / "config.json").write_text('{"model_type": "tiny"}')
@@ -49,11 +59,15 @@ def make_hf(tmp: Path, dtype: torch.dtype, tasks: int = 2):
 
 def tensors_bytes(path: Path) -> dict[str, bytes]:
     ck = open_checkpoint(path)
-    return {k: ck[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for k in ck}
+    return {
+        k: ck[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        for k in ck
+    }
 
 
 def assert_same_output(a: Path, b: Path) -> None:
-    """Same keys, dtypes, shapes and bytes; single safetensors files: identical files."""
+    """Same keys, dtypes, shapes and bytes; single safetensors files:
+    identical files."""
     ca, cb = open_checkpoint(a), open_checkpoint(b)
     assert sorted(ca) == sorted(cb)
     for k in cb:
@@ -62,14 +76,17 @@ def assert_same_output(a: Path, b: Path) -> None:
     if a.is_file() and a.suffix == ".safetensors":
         assert a.read_bytes() == b.read_bytes()
     if a.is_dir():
-        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+        assert sorted(p.name for p in a.iterdir()) == sorted(
+            p.name for p in b.iterdir()
+        )
         for p in a.iterdir():
             if p.suffix in (".safetensors", ".json", ".txt"):
                 assert p.read_bytes() == (b / p.name).read_bytes(), p.name
 
 
 def roundtrip(tmp: Path, bp, mps, method="nps", params=None, merge_method=None, **kw):
-    """Compress, then check every task rebuilds exactly what a single-task merge writes."""
+    """Compress, then check every task rebuilds exactly what a single-task merge
+    writes."""
     store = tmp / "store"
     m = compress(bp, mps, store, method, params, **kw)
     suffix = SUFFIX[open_checkpoint(bp).form]
@@ -84,7 +101,9 @@ def roundtrip(tmp: Path, bp, mps, method="nps", params=None, merge_method=None, 
 # ------------------------------------------------------------------ exact rebuilds
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("form", ["safetensors", "sharded", "torch", "hf"])
-def test_decompress_is_bit_exact_merge_output_every_form_and_dtype(tmp_path, form, dtype):
+def test_decompress_is_bit_exact_merge_output_every_form_and_dtype(
+    tmp_path, form, dtype
+):
     if form == "hf":
         bp, mps = make_hf(tmp_path, dtype)
     else:
@@ -94,18 +113,27 @@ def test_decompress_is_bit_exact_merge_output_every_form_and_dtype(tmp_path, for
     assert [t.kept for t in m.tasks] == [12, 12]  # ⌈0.2·57⌉ each
 
 
-@pytest.mark.parametrize("method,params,merge_method", [
-    ("magnitude", {"k": 0.3, "lam": 0.7}, "magnitude"),
-    ("magnitude", {"k": 0.3, "scope": "tensor"}, "magnitude"),
-    ("dare", {"k": 0.4, "seed": 5}, "dare"),
-    ("darex", {"k": 0.3, "q": 0.6, "seed": 1}, "darex"),
-    ("ties-trim", {"k": 0.25, "lam": 1.3}, "ties"),
-    ("nps", {"k": 0.3, "weights": [2, 0, 1, 1, 0.5, 1, 1, 1.5]}, "nps"),
-    ("nps", {"k": 0.3, "scope": "tensor", "subspaces": 2, "weights": [0.5, 2]}, "nps"),
-    ("nps", {"k": 1.0}, "nps"),
-])
+@pytest.mark.parametrize(
+    "method,params,merge_method",
+    [
+        ("magnitude", {"k": 0.3, "lam": 0.7}, "magnitude"),
+        ("magnitude", {"k": 0.3, "scope": "tensor"}, "magnitude"),
+        ("dare", {"k": 0.4, "seed": 5}, "dare"),
+        ("darex", {"k": 0.3, "q": 0.6, "seed": 1}, "darex"),
+        ("ties-trim", {"k": 0.25, "lam": 1.3}, "ties"),
+        ("nps", {"k": 0.3, "weights": [2, 0, 1, 1, 0.5, 1, 1, 1.5]}, "nps"),
+        (
+            "nps",
+            {"k": 0.3, "scope": "tensor", "subspaces": 2, "weights": [0.5, 2]},
+            "nps",
+        ),
+        ("nps", {"k": 1.0}, "nps"),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_sparse_method_rebuilds_exactly(tmp_path, method, params, merge_method, dtype):
+def test_every_sparse_method_rebuilds_exactly(
+    tmp_path, method, params, merge_method, dtype
+):
     bp, mps, _, _ = make_set(tmp_path, "safetensors", dtype, tasks=2)
     roundtrip(tmp_path, bp, mps, method, params, merge_method)
 
@@ -121,10 +149,16 @@ def test_per_task_weights_give_each_task_its_row(tmp_path):
 def test_tensors_where_k_times_n_is_below_one(tmp_path, params):
     bp, mps, _, _ = make_set(tmp_path, tasks=2)
     m = roundtrip(tmp_path, bp, mps, params=params)
-    if params.get("scope") == "tensor":  # ⌈k·n⌉ per tensor: 1 where k·n < 1 (n = 6, 18, 3)
+    if (
+        params.get("scope") == "tensor"
+    ):  # ⌈k·n⌉ per tensor: 1 where k·n < 1 (n = 6, 18, 3)
         kept = {t.key: t.kept for t in m.tasks[0].tensors}
-        assert kept == {"encoder.0.bias": 1, "encoder.0.weight": 2, "encoder.1.weight": 1,
-                        "norm.weight": 1}
+        assert kept == {
+            "encoder.0.bias": 1,
+            "encoder.0.weight": 2,
+            "encoder.1.weight": 1,
+            "norm.weight": 1,
+        }
     else:  # ⌈0.01·57⌉ = 1 entry in the whole task vector; other tensors keep none
         assert [t.kept for t in m.tasks] == [1, 1]
         assert any(b[3] == "none" for t in m.tasks[0].tensors for b in t.blocks)
@@ -135,17 +169,23 @@ def test_many_blocks_per_tensor(tmp_path, monkeypatch):
 
     bp, mps, _, _ = make_set(tmp_path, tasks=2)
     monkeypatch.setattr(tv, "CHUNK", 7)
-    m = roundtrip(tmp_path, bp, mps, params={"k": 0.3, "weights": [2, 1, 1, 0.5, 1, 1, 1, 0]})
+    m = roundtrip(
+        tmp_path, bp, mps, params={"k": 0.3, "weights": [2, 1, 1, 0.5, 1, 1, 1, 0]}
+    )
     assert len(m.tasks[0].tensors[1].blocks) == 5  # encoder.0.weight: 30 entries
 
 
-def _kept_positions(store: Path, task: str, out: Path, base: dict) -> dict[str, torch.Tensor]:
+def _kept_positions(
+    store: Path, task: str, out: Path, base: dict
+) -> dict[str, torch.Tensor]:
     """Where a task's rebuilt model differs from the base (its kept entries)."""
     got = open_checkpoint(decompress(store, task, out))
     return {k: got[k] != v for k, v in base.items() if v.is_floating_point()}
 
 
-def test_dare_store_gives_each_task_its_own_mask_for_any_chunk_size(tmp_path, monkeypatch):
+def test_dare_store_gives_each_task_its_own_mask_for_any_chunk_size(
+    tmp_path, monkeypatch
+):
     import npstune.taskvector as tv
 
     # τ is nonzero everywhere, so a rebuilt entry differs from the base iff it was kept
@@ -155,7 +195,8 @@ def test_dare_store_gives_each_task_its_own_mask_for_any_chunk_size(tmp_path, mo
     a = _kept_positions(tmp_path / "store", "task0", tmp_path / "a.safetensors", base)
     b = _kept_positions(tmp_path / "store", "task1", tmp_path / "b.safetensors", base)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # two tasks, two masks
-    # the read chunk size changes the store's blocks, never the masks or the rebuilt bytes
+    # the read chunk size changes the store's blocks, never the masks or the rebuilt
+    # bytes
     monkeypatch.setattr(tv, "CHUNK", 7)
     m7 = compress(bp, mps, tmp_path / "store7", "dare", params)
     assert len(m7.tasks[0].tensors[1].blocks) == 5  # encoder.0.weight: 30 entries
@@ -163,14 +204,18 @@ def test_dare_store_gives_each_task_its_own_mask_for_any_chunk_size(tmp_path, mo
         one = decompress(tmp_path / "store", t, tmp_path / f"{t}_1.safetensors")
         seven = decompress(tmp_path / "store7", t, tmp_path / f"{t}_7.safetensors")
         assert one.read_bytes() == seven.read_bytes(), t
-    assert [[x.kept for x in t.tensors] for t in m.tasks] == \
-        [[x.kept for x in t.tensors] for t in m7.tasks]
+    assert [[x.kept for x in t.tensors] for t in m.tasks] == [
+        [x.kept for x in t.tensors] for t in m7.tasks
+    ]
 
 
 def test_frozen_and_empty_tensors(tmp_path):
     base = {"a": torch.randn(20), "frozen": torch.randn(6), "empty": torch.zeros(0, 3)}
-    ft = {"a": base["a"] + torch.randn(20), "frozen": base["frozen"].clone(),
-          "empty": torch.zeros(0, 3)}
+    ft = {
+        "a": base["a"] + torch.randn(20),
+        "frozen": base["frozen"].clone(),
+        "empty": torch.zeros(0, 3),
+    }
     bp = write_state_dict(tmp_path / "b.safetensors", base)
     mp = write_state_dict(tmp_path / "t.safetensors", ft)
     m = roundtrip(tmp_path, bp, [mp], params={"k": 0.25})
@@ -217,7 +262,9 @@ def test_lossy_16_bit_values(tmp_path):
         assert torch.equal(got[k][~changed], w[~changed])  # untouched entries are exact
         delta = (w - base[k]).float()[changed]
         err = (got[k] - w).float()[changed].abs()
-        assert bool((err <= delta.abs() * 2**-8 + 1e-6).all()), k  # bf16: 8-bit mantissa
+        assert bool((err <= delta.abs() * 2**-8 + 1e-6).all()), (
+            k
+        )  # bf16: 8-bit mantissa
 
 
 def test_codec_picks_the_smaller_position_coding():
@@ -235,7 +282,11 @@ def test_codec_picks_the_smaller_position_coding():
     big_gap[[3, 70_000, 99_999]] = True
     name, blob = codec.encode_positions(big_gap, cctx)
     assert name in ("gaps4", "bits")
-    assert codec.decode_positions(name, blob, 100_000, 3, "x").tolist() == [3, 70_000, 99_999]
+    assert codec.decode_positions(name, blob, 100_000, 3, "x").tolist() == [
+        3,
+        70_000,
+        99_999,
+    ]
 
 
 # ------------------------------------------------------------------ integrity
@@ -284,7 +335,10 @@ def test_copy_base_given_as_a_shard_index_copies_the_shards(tmp_path):
     m = compress(index, mps, store, params={"k": 0.2}, copy_base=True)
     assert m.base.path == "base/model.safetensors.index.json"
     shards = sorted(p.name for p in bp.glob("*.safetensors"))
-    assert len(shards) > 1 and sorted(p.name for p in (store / "base").glob("*.safetensors")) == shards
+    assert (
+        len(shards) > 1
+        and sorted(p.name for p in (store / "base").glob("*.safetensors")) == shards
+    )
     import shutil
 
     shutil.rmtree(bp)
@@ -309,7 +363,9 @@ def _corrupt(path: Path, where: str) -> None:
         path.write_bytes(bytes(data[:-5]))
 
 
-@pytest.mark.parametrize("how,needle", [("flip", "checksum mismatch"), ("cut", "truncated")])
+@pytest.mark.parametrize(
+    "how,needle", [("flip", "checksum mismatch"), ("cut", "truncated")]
+)
 def test_corrupted_or_truncated_task_file_is_detected_and_named(tmp_path, how, needle):
     bp, mps, _, _ = make_set(tmp_path, tasks=2)
     store = tmp_path / "store"
@@ -364,19 +420,23 @@ def test_out_that_is_not_a_store_is_refused(tmp_path):
 # ------------------------------------------------------------------ accounting
 def test_storage_bits_match_the_paper_formulas_hand_computed():
     # T = 3, N = 1000, k = 0.05 (k·N = 50)
-    assert storage_bits("finetuned", 3, 1000).paper_bits == 96_000       # 32·3·1000
+    assert storage_bits("finetuned", 3, 1000).paper_bits == 96_000  # 32·3·1000
     assert storage_bits("task-arithmetic", 3, 1000).paper_bits == 32_000  # 32·1000
     assert storage_bits("ties", 3, 1000).paper_bits == 32_000
     assert storage_bits("zero-shot", 3, 1000).paper_bits == 32_000
-    assert storage_bits("tall-ties", 3, 1000).paper_bits == 67_000       # 64·1000 + 3·1000
-    assert storage_bits("nps", 3, 1000, 0.05).paper_bits == 39_800       # 32000 + 3·(1600+1000)
+    assert storage_bits("tall-ties", 3, 1000).paper_bits == 67_000  # 64·1000 + 3·1000
+    assert (
+        storage_bits("nps", 3, 1000, 0.05).paper_bits == 39_800
+    )  # 32000 + 3·(1600+1000)
     assert storage_bits("dare", 3, 1000, 0.05).paper_bits == 39_800
     # frozen parameters are base-only, counted once, 32 bits each
     s = storage_bits("nps", 3, 1000, 0.05, frozen=10, disk_bytes=4000)
     assert (s.frozen_bits, s.total_bits) == (320, 40_120)
     assert s.ratio == pytest.approx(32_000 / 39_800)
     # k·N not an integer: the kept count ⌈k·N⌉ (⌈0.2·57⌉ = 12)
-    assert storage_bits("magnitude", 2, 57, 0.2).paper_bits == 32 * 57 + 2 * (32 * 12 + 57)
+    assert storage_bits("magnitude", 2, 57, 0.2).paper_bits == 32 * 57 + 2 * (
+        32 * 12 + 57
+    )
     with pytest.raises(ConfigError, match="needs the keep ratio"):
         storage_bits("nps", 3, 1000)
     with pytest.raises(ConfigError, match="unknown method"):
@@ -412,16 +472,55 @@ def test_inspect_json_numbers_equal_the_formulas(tmp_path, capsys):
 def test_cli_compress_decompress_equals_cli_merge(tmp_path, capsys):
     bp, mps, _, _ = make_set(tmp_path, tasks=2)
     store = tmp_path / "store"
-    code, out, _ = run_cli(["compress", "--base", bp, "--models", *mps, "--out", store,
-                            "--k", "0.2", "--weights", "1,1,1,1,2,2,2,2", "--quiet"], capsys)
+    code, out, _ = run_cli(
+        [
+            "compress",
+            "--base",
+            bp,
+            "--models",
+            *mps,
+            "--out",
+            store,
+            "--k",
+            "0.2",
+            "--weights",
+            "1,1,1,1,2,2,2,2",
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0 and "wrote" in out
     for i in range(2):
         got, want = tmp_path / f"d{i}.safetensors", tmp_path / f"m{i}.safetensors"
-        assert run_cli(["decompress", store, "--task", f"task{i}", "--out", got, "--quiet"],
-                       capsys)[0] == 0
-        assert run_cli(["merge", "--method", "nps", "--base", bp, "--models", mps[i], "--k",
-                        "0.2", "--weights", "1,1,1,1,2,2,2,2", "--out", want, "--quiet"],
-                       capsys)[0] == 0
+        assert (
+            run_cli(
+                ["decompress", store, "--task", f"task{i}", "--out", got, "--quiet"],
+                capsys,
+            )[0]
+            == 0
+        )
+        assert (
+            run_cli(
+                [
+                    "merge",
+                    "--method",
+                    "nps",
+                    "--base",
+                    bp,
+                    "--models",
+                    mps[i],
+                    "--k",
+                    "0.2",
+                    "--weights",
+                    "1,1,1,1,2,2,2,2",
+                    "--out",
+                    want,
+                    "--quiet",
+                ],
+                capsys,
+            )[0]
+            == 0
+        )
         assert got.read_bytes() == want.read_bytes()
 
 
@@ -437,19 +536,67 @@ def _fails(capsys, tmp_path, args, *needles):
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     bp, mps, base, _ = make_set(tmp_path, tasks=1)
     store = tmp_path / "store"
-    assert run_cli(["compress", "--base", bp, "--models", *mps, "--out", store, "--quiet"],
-                   capsys)[0] == 0
+    assert (
+        run_cli(
+            ["compress", "--base", bp, "--models", *mps, "--out", store, "--quiet"],
+            capsys,
+        )[0]
+        == 0
+    )
     out = tmp_path / "o.safetensors"
-    _fails(capsys, tmp_path, ["decompress", store, "--task", "nope", "--out", out], "nope", "task0")
-    _fails(capsys, tmp_path, ["compress", "--base", bp, "--models", *mps, "--out",
-                              tmp_path / "s2", "--seed", "3"], "not a parameter of nps")
-    _fails(capsys, tmp_path, ["compress", "--base", bp, "--models", *mps, "--out",
-                              tmp_path / "s2", "--k", "1.5"], "k")
-    _fails(capsys, tmp_path, ["compress", "--base", bp, "--models", *mps, "--out", bp],
-           "would overwrite the input")
+    _fails(
+        capsys,
+        tmp_path,
+        ["decompress", store, "--task", "nope", "--out", out],
+        "nope",
+        "task0",
+    )
+    _fails(
+        capsys,
+        tmp_path,
+        [
+            "compress",
+            "--base",
+            bp,
+            "--models",
+            *mps,
+            "--out",
+            tmp_path / "s2",
+            "--seed",
+            "3",
+        ],
+        "not a parameter of nps",
+    )
+    _fails(
+        capsys,
+        tmp_path,
+        [
+            "compress",
+            "--base",
+            bp,
+            "--models",
+            *mps,
+            "--out",
+            tmp_path / "s2",
+            "--k",
+            "1.5",
+        ],
+        "k",
+    )
+    _fails(
+        capsys,
+        tmp_path,
+        ["compress", "--base", bp, "--models", *mps, "--out", bp],
+        "would overwrite the input",
+    )
     write_state_dict(bp, dict(base, **{"norm.weight": base["norm.weight"] * 2}))
-    _fails(capsys, tmp_path, ["decompress", store, "--task", "task0", "--out", out],
-           "base.safetensors", "sha256")
+    _fails(
+        capsys,
+        tmp_path,
+        ["decompress", store, "--task", "task0", "--out", out],
+        "base.safetensors",
+        "sha256",
+    )
     _corrupt(store / "tasks" / "task0.npsz", "flip")
     _fails(capsys, tmp_path, ["inspect", store], "task0.npsz")
 
@@ -458,7 +605,9 @@ def test_console_script_exit_code(tmp_path):
     exe = Path(sys.executable).with_name("npstune")
     if not exe.exists():
         pytest.skip("console script not installed")
-    r = subprocess.run([str(exe), "inspect", str(tmp_path)], capture_output=True, text=True)
+    r = subprocess.run(
+        [str(exe), "inspect", str(tmp_path)], capture_output=True, text=True
+    )
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
     assert "not an npstune store" in r.stderr
 

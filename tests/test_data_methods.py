@@ -8,7 +8,13 @@ import torch
 from npstune.checkpoints import write_state_dict
 from npstune.errors import ConfigError
 from npstune.merge import merge
-from npstune.merge.calibrate import choose_darex_q, choose_lambda, direction, scaled, tall_models
+from npstune.merge.calibrate import (
+    choose_darex_q,
+    choose_lambda,
+    direction,
+    scaled,
+    tall_models,
+)
 from npstune.merge.regmean import regmean_solve
 from npstune.taskvector import plan_merge
 from tests.tiny import make_set
@@ -26,8 +32,12 @@ def test_fisher_with_equal_fishers_equals_averaging(tmp_path):
 
 def test_fisher_weights_each_entry_hand_checked(tmp_path):
     b = write_state_dict(tmp_path / "b.safetensors", {"w": torch.zeros(3)})
-    m1 = write_state_dict(tmp_path / "m1.safetensors", {"w": torch.tensor([1.0, 1.0, 1.0])})
-    m2 = write_state_dict(tmp_path / "m2.safetensors", {"w": torch.tensor([4.0, 4.0, 4.0])})
+    m1 = write_state_dict(
+        tmp_path / "m1.safetensors", {"w": torch.tensor([1.0, 1.0, 1.0])}
+    )
+    m2 = write_state_dict(
+        tmp_path / "m2.safetensors", {"w": torch.tensor([4.0, 4.0, 4.0])}
+    )
     f = [{"w": torch.tensor([1.0, 3.0, 0.0])}, {"w": torch.tensor([1.0, 1.0, 0.0])}]
     got = merge(b, [m1, m2], "fisher", data={"fisher": f}).state["w"]
     # (1·1 + 1·4)/2 = 2.5; (3·1 + 1·4)/4 = 1.75; both zero -> plain mean 2.5
@@ -67,9 +77,14 @@ def test_regmean_merge_uses_grams_for_linear_weights_and_averages_the_rest(tmp_p
         x = torch.randn(30, 5, generator=g, dtype=torch.float64)
         grams.append({"encoder.0.weight": x.T @ x})
     got = merge(bp, mps, "regmean", {"alpha": 1.0}, data={"gram": grams}).state
-    want_w = regmean_solve([gm["encoder.0.weight"] for gm in grams],
-                           [f["encoder.0.weight"] for f in fts], 1.0)
-    torch.testing.assert_close(got["encoder.0.weight"], want_w.float(), rtol=1e-5, atol=1e-6)
+    want_w = regmean_solve(
+        [gm["encoder.0.weight"] for gm in grams],
+        [f["encoder.0.weight"] for f in fts],
+        1.0,
+    )
+    torch.testing.assert_close(
+        got["encoder.0.weight"], want_w.float(), rtol=1e-5, atol=1e-6
+    )
     avg = merge(bp, mps, "average").state
     for k in ("encoder.0.bias", "encoder.1.weight", "norm.weight"):
         torch.testing.assert_close(got[k], avg[k], rtol=0, atol=1e-6)
@@ -78,8 +93,12 @@ def test_regmean_merge_uses_grams_for_linear_weights_and_averages_the_rest(tmp_p
 
 def _score_against(target):
     """A calibration 'accuracy' that peaks when the merged weights equal ``target``."""
+
     def score(state):
-        return -sum(float(((state[k].double() - target[k].double()) ** 2).sum()) for k in target)
+        return -sum(
+            float(((state[k].double() - target[k].double()) ** 2).sum()) for k in target
+        )
+
     return score
 
 
@@ -90,7 +109,9 @@ def test_choose_lambda_finds_the_grid_point_closest_to_the_target(tmp_path):
     target = scaled(plan, d, 0.7)
     ch = choose_lambda(plan, "task-arithmetic", _score_against(target))
     assert ch.value == 0.7 and len(ch.tried) == 15
-    ties = choose_lambda(plan, "ties", _score_against(scaled(plan, direction(plan, "ties"), 1.3)))
+    ties = choose_lambda(
+        plan, "ties", _score_against(scaled(plan, direction(plan, "ties"), 1.3))
+    )
     assert ties.value == 1.3 and [lam for lam, _ in ties.tried][0] == 0.8
 
 
@@ -124,16 +145,27 @@ def test_tall_models_pick_a_lambda_per_task(tmp_path):
 def test_fisher_and_regmean_from_the_small_zoo(small_zoo):
     from npstune.merge.data import zoo_data
 
-    plan = plan_merge(small_zoo.base_path, [small_zoo.task(t).model_path for t in small_zoo.tasks[:2]])
+    plan = plan_merge(
+        small_zoo.base_path, [small_zoo.task(t).model_path for t in small_zoo.tasks[:2]]
+    )
     data = zoo_data(small_zoo, examples=4)
     assert data.task_of(plan.models[1]) == small_zoo.tasks[1]
     fis = data.fisher(plan.models[0], plan.delta_keys)
-    assert set(fis) <= set(plan.delta_keys) and all(bool((f >= 0).all()) for f in fis.values())
+    assert set(fis) <= set(plan.delta_keys) and all(
+        bool((f >= 0).all()) for f in fis.values()
+    )
     assert sum(float(f.sum()) for f in fis.values()) > 0
     grams = data.grams(plan.models[0], plan.delta_keys)
     q = "encoder.layer.0.attention.self.query.weight"
     assert grams[q].shape == (384, 384)
     torch.testing.assert_close(grams[q], grams[q].T)  # symmetric PSD
-    assert float(torch.linalg.eigvalsh(grams[q]).min()) > -1e-6 * float(grams[q].diagonal().max())
-    st = merge(plan.base, plan.models, "regmean", data={"gram": [grams, data.grams(plan.models[1], plan.delta_keys)]}).state
+    assert float(torch.linalg.eigvalsh(grams[q]).min()) > -1e-6 * float(
+        grams[q].diagonal().max()
+    )
+    st = merge(
+        plan.base,
+        plan.models,
+        "regmean",
+        data={"gram": [grams, data.grams(plan.models[1], plan.delta_keys)]},
+    ).state
     assert all(bool(torch.isfinite(v.float()).all()) for v in st.values())

@@ -25,7 +25,9 @@ def test_device_names_are_checked():
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("method", ["ties", "nps", "magnitude", "dare", "consensus-ties"])
+@pytest.mark.parametrize(
+    "method", ["ties", "nps", "magnitude", "dare", "consensus-ties"]
+)
 def test_cuda_merge_equals_cpu_merge(tmp_path, method):
     bp, mps, _, _ = make_set(tmp_path)
     cpu = merge(bp, mps, method, {}, device="cpu").state
@@ -38,8 +40,13 @@ def test_cuda_merge_equals_cpu_merge(tmp_path, method):
 @cuda
 def test_cuda_ranked_candidates_equal_cpu():
     g = torch.Generator().manual_seed(0)
-    taus = {"a": torch.randn(1000, generator=g), "b": torch.round(torch.randn(500, generator=g) * 3) / 3}
+    taus = {
+        "a": torch.randn(1000, generator=g),
+        "b": torch.round(torch.randn(500, generator=g) * 3) / 3,
+    }
     w = torch.rand(8, generator=g) * 2
     cpu = RankedTaskVector(taus, 8).prune(w, 0.1).dense()
-    gpu = RankedTaskVector({k: v.cuda() for k, v in taus.items()}, 8, device="cuda").prune(w, 0.1)
+    gpu = RankedTaskVector(
+        {k: v.cuda() for k, v in taus.items()}, 8, device="cuda"
+    ).prune(w, 0.1)
     assert torch.equal(gpu.dense().cpu(), cpu)

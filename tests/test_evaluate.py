@@ -1,4 +1,5 @@
-"""Evaluators: the text evaluator against a hand-written loop, key checks, CLIP heads."""
+"""Evaluators: the text evaluator against a hand-written loop, key checks,
+CLIP heads."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from npstune.evaluate import CallableEvaluator, Evaluator, evaluate_many
 from npstune.zoo import model as zm
 
 
-# ---- fast: interface, pooling, key checks ----------------------------------------------------
+# ---- fast: interface, pooling, key checks --------------------------------------------
 def test_callable_evaluator_is_an_evaluator():
     calls = []
 
@@ -48,18 +49,30 @@ def tiny_bert():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=16, max_position_embeddings=16)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+    )
     return BertModel(cfg).eval()
 
 
 def test_load_into_checks_keys_by_name(tiny_bert):
     good = {k: v.clone() for k, v in tiny_bert.state_dict().items()}
-    good["embeddings.position_ids"] = torch.arange(16)[None]  # stored by HF files: accepted
+    good["embeddings.position_ids"] = torch.arange(16)[
+        None
+    ]  # stored by HF files: accepted
     zm.load_into(tiny_bert, good, "m.safetensors")
-    renamed = {("bert." + k if k.startswith("encoder.layer.0.output") else k): v
-               for k, v in good.items()}
-    with pytest.raises(CheckpointError, match=r"m.safetensors: key 'bert.encoder.layer.0.output"):
+    renamed = {
+        ("bert." + k if k.startswith("encoder.layer.0.output") else k): v
+        for k, v in good.items()
+    }
+    with pytest.raises(
+        CheckpointError, match=r"m.safetensors: key 'bert.encoder.layer.0.output"
+    ):
         zm.load_into(tiny_bert, renamed, "m.safetensors")
     missing = {k: v for k, v in good.items() if k != "pooler.dense.bias"}
     with pytest.raises(CheckpointError, match="'pooler.dense.bias' is missing"):
@@ -69,9 +82,10 @@ def test_load_into_checks_keys_by_name(tiny_bert):
         zm.load_into(tiny_bert, bad, "m")
 
 
-# ---- fast: CLIP zero-shot logic on a stand-in model ---------------------------------------------
+# ---- fast: CLIP zero-shot logic on a stand-in model ----------------------------------
 class FakeClip(nn.Module):
-    """encode_text: bag of token embeddings; encode_image: a linear map (the 'visual' tower)."""
+    """encode_text: bag of token embeddings; encode_image: a linear map
+    (the 'visual' tower)."""
 
     def __init__(self):
         super().__init__()
@@ -87,8 +101,12 @@ class FakeClip(nn.Module):
 
 
 def fake_tokenizer(texts):
-    return torch.tensor([[hash(w) % 100 for w in t.split()][:3] + [0] * (3 - len(t.split()[:3]))
-                         for t in texts])
+    return torch.tensor(
+        [
+            [hash(w) % 100 for w in t.split()][:3] + [0] * (3 - len(t.split()[:3]))
+            for t in texts
+        ]
+    )
 
 
 def test_clip_zero_shot_heads_and_accuracy():
@@ -101,34 +119,49 @@ def test_clip_zero_shot_heads_and_accuracy():
     # Reference: normalize prompt embeddings, mean, renormalize; logits 100 f·W.
     cols = []
     for c in classes:
-        e = nn.functional.normalize(model.encode_text(fake_tokenizer([t.format(c) for t in templates])), dim=-1)
+        e = nn.functional.normalize(
+            model.encode_text(fake_tokenizer([t.format(c) for t in templates])), dim=-1
+        )
         cols.append(nn.functional.normalize(e.mean(0), dim=-1))
     w = torch.stack(cols, 1)
     with torch.no_grad():
-        pred = (100 * nn.functional.normalize(model.encode_image(images), dim=-1) @ w).argmax(-1)
+        pred = (
+            100 * nn.functional.normalize(model.encode_image(images), dim=-1) @ w
+        ).argmax(-1)
     labels = pred.clone()
     labels[:3] = (labels[:3] + 1) % 3  # 7 of 10 right
     task = ClipTask(classes, {"test": (images, labels)}, templates)
     ev = ClipZeroShotEvaluator(model, fake_tokenizer, {"t": task}, batch_size=4)
     torch.testing.assert_close(ev.zero_shot_head("t"), w)
-    state = {"visual.weight": model.visual.weight.detach().clone(), "logit_scale": torch.ones(())}
+    state = {
+        "visual.weight": model.visual.weight.detach().clone(),
+        "logit_scale": torch.ones(()),
+    }
     assert ev.evaluate(state, "t") == pytest.approx(0.7)
     zero = {"weight": torch.zeros(4, 6)}  # the tower's own keys work too
     ev.evaluate_many(zero, ["t"])
     assert torch.count_nonzero(model.visual.weight) == 0
     with pytest.raises(CheckpointError, match="'visual.bias'"):
-        ev.load_state({"visual.weight": torch.zeros(4, 6), "visual.bias": torch.zeros(4)})
+        ev.load_state(
+            {"visual.weight": torch.zeros(4, 6), "visual.bias": torch.zeros(4)}
+        )
     with pytest.raises(ConfigError, match="unknown task"):
         ev.evaluate(state, "nope")
 
 
 def test_open_clip_tiny_config(tmp_path):
     pytest.importorskip("open_clip")
-    from npstune.evaluate.clip import ClipTask, ClipZeroShotEvaluator, register_tiny_clip
+    from npstune.evaluate.clip import (
+        ClipTask,
+        ClipZeroShotEvaluator,
+        register_tiny_clip,
+    )
 
     name = register_tiny_clip(tmp_path)
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
-    ev = ClipZeroShotEvaluator.from_open_clip(name, {"t": ClipTask(["cat", "dog"], {"test": (images, labels)})})
+    ev = ClipZeroShotEvaluator.from_open_clip(
+        name, {"t": ClipTask(["cat", "dog"], {"test": (images, labels)})}
+    )
     state = {f"visual.{k}": v for k, v in ev.model.visual.state_dict().items()}
     assert 0.0 <= ev.evaluate(state, "t") <= 1.0
     assert ev.zero_shot_head("t").shape[1] == 2
@@ -152,9 +185,10 @@ def test_clip_missing_extra_is_clear(monkeypatch):
         import_open_clip()
 
 
-# ---- slow: on the real small zoo -------------------------------------------------------------
+# ---- slow: on the real small zoo -----------------------------------------------------
 def _hand_loop(zoo, task, model_dir, n):
-    """Accuracy on the first n calibration examples, one example at a time, no padding."""
+    """Accuracy on the first n calibration examples, one example at a time,
+    no padding."""
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
@@ -166,7 +200,9 @@ def _hand_loop(zoo, task, model_dir, n):
     with torch.no_grad():
         for text, y in zip(texts[:n], labels[:n]):
             enc = tok(text, truncation=True, max_length=64, return_tensors="pt")
-            h = body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            h = body(
+                input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]
+            ).last_hidden_state
             pooled = h[0].mean(0)  # no padding: a plain mean
             logits = head["weight"] @ pooled + head["bias"]
             right += int(logits.argmax()) == y
@@ -197,7 +233,11 @@ def test_text_evaluator_reproduces_build_accuracy_and_reuses_skeleton(small_zoo)
         state = read_body_state(small_zoo.task(task).model_path)
         got = ev.evaluate(state, task, "calibration")
         want = small_zoo.task(task).accuracy["finetuned_calibration"]
-        assert abs(got - want) <= 1 / 256, (task, got, want)  # batching may flip a near-tie
+        assert abs(got - want) <= 1 / 256, (
+            task,
+            got,
+            want,
+        )  # batching may flip a near-tie
         assert ev._body is body
     assert len(ev._batches) == len(small_zoo.tasks)
     with pytest.raises(ConfigError, match="unknown split"):
@@ -214,8 +254,22 @@ def test_cli_eval_json_and_key_mismatch(small_zoo, tmp_path, capsys):
     task = "election"
     cache = str(small_zoo.root.parent)
     with pytest.raises(SystemExit) as exit_:
-        main(["eval", "--zoo", "small", "--model", str(small_zoo.task(task).model_path),
-              "--split", "calibration", "--tasks", task, "--json", "--cache-dir", cache])
+        main(
+            [
+                "eval",
+                "--zoo",
+                "small",
+                "--model",
+                str(small_zoo.task(task).model_path),
+                "--split",
+                "calibration",
+                "--tasks",
+                task,
+                "--json",
+                "--cache-dir",
+                cache,
+            ]
+        )
         raise SystemExit(0)
     assert exit_.value.code == 0
     out = json.loads(capsys.readouterr().out)

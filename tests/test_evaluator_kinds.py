@@ -32,13 +32,17 @@ def tc(tmp_path_factory):
     d = tmp_path_factory.mktemp("tc")
     base = make_tiny_bert(d / "base")
     sent = sentiment_rows(64, 1)
-    ft_s, head_s = finetune_bert(base, d / "sentiment", sent, "text", "label", LABELS, 1)
+    ft_s, head_s = finetune_bert(
+        base, d / "sentiment", sent, "text", "label", LABELS, 1
+    )
     lng = length_rows(64, 2)
     ft_l, head_l = finetune_bert(base, d / "length", lng, "sentence", "y", None, 2)
     write_jsonl(d / "sent-cal.jsonl", sentiment_rows(12, 3))
     write_jsonl(d / "sent-test.jsonl", sentiment_rows(20, 4))
-    for name, rows in (("len-cal.csv", length_rows(10, 5)), ("len-test.csv",
-                                                              length_rows(18, 6))):
+    for name, rows in (
+        ("len-cal.csv", length_rows(10, 5)),
+        ("len-test.csv", length_rows(18, 6)),
+    ):
         with (d / name).open("w", newline="") as fh:
             w = csv.DictWriter(fh, ["sentence", "y"])
             w.writeheader()
@@ -47,17 +51,28 @@ def tc(tmp_path_factory):
         "kind": "text-classification",
         "max_length": 16,
         "tasks": {
-            "sentiment": {"data": {"calibration": "sent-cal.jsonl",
-                                   "test": "sent-test.jsonl"},
-                          "label_names": LABELS, "head": head_s.name},
-            "length": {"data": {"calibration": "len-cal.csv", "test": "len-test.csv"},
-                       "text_field": "sentence", "label_field": "y",
-                       "label_names": ["short", "long"], "head": head_l.name},
+            "sentiment": {
+                "data": {"calibration": "sent-cal.jsonl", "test": "sent-test.jsonl"},
+                "label_names": LABELS,
+                "head": head_s.name,
+            },
+            "length": {
+                "data": {"calibration": "len-cal.csv", "test": "len-test.csv"},
+                "text_field": "sentence",
+                "label_field": "y",
+                "label_names": ["short", "long"],
+                "head": head_l.name,
+            },
         },
     }
     (d / "eval.yaml").write_text(yaml.safe_dump(spec))
-    return {"dir": d, "base": base, "ft": {"sentiment": ft_s, "length": ft_l},
-            "heads": {"sentiment": head_s, "length": head_l}, "spec": spec}
+    return {
+        "dir": d,
+        "base": base,
+        "ft": {"sentiment": ft_s, "length": ft_l},
+        "heads": {"sentiment": head_s, "length": head_l},
+        "spec": spec,
+    }
 
 
 def run(args, capsys) -> tuple[int, str, str]:
@@ -91,16 +106,20 @@ def _hand_accuracy(model_dir: Path, head: Path, rows, text, label, names) -> flo
         enc = tok(str(r[text]), return_tensors="pt", truncation=True, max_length=16)
         out = body(**enc).last_hidden_state.mean(1)
         pred = int((out @ h["weight"].T + h["bias"]).argmax(-1))
-        y = names.index(r[label]) if isinstance(r[label], str) and not r[label].isdigit() \
+        y = (
+            names.index(r[label])
+            if isinstance(r[label], str) and not r[label].isdigit()
             else int(r[label])
+        )
         right += int(pred == y)
     return right / len(rows)
 
 
-# ---- registry -------------------------------------------------------------------------
+# ---- registry ------------------------------------------------------------------------
 def test_registry_lists_every_kind_and_refuses_unknown_ones():
     assert {"zoo", "text-classification", "causal-lm", "clip", "callable"} <= set(
-        kind_names())
+        kind_names()
+    )
     for name in KINDS:
         assert get_kind(name).name == name
     with pytest.raises(ConfigError, match="unknown evaluator kind 'nope'; valid: "):
@@ -110,13 +129,14 @@ def test_registry_lists_every_kind_and_refuses_unknown_ones():
 def test_a_plugin_kind_is_one_module_and_an_entry_point(monkeypatch, tmp_path):
     import npstune.evaluate.kinds as kinds
 
-    monkeypatch.setattr(kinds, "_plugins",
-                        lambda: {"mine": "npstune.evaluate.callable_kind:KIND"})
+    monkeypatch.setattr(
+        kinds, "_plugins", lambda: {"mine": "npstune.evaluate.callable_kind:KIND"}
+    )
     assert "mine" in kinds.kind_names()
     assert kinds.get_kind("mine").name == "callable"
 
 
-# ---- data files -----------------------------------------------------------------------
+# ---- data files ----------------------------------------------------------------------
 def test_records_read_jsonl_json_csv_and_parquet_alike(tmp_path):
     rows = [{"text": "a b", "label": "x"}, {"text": "c", "label": "y"}]
     write_jsonl(tmp_path / "d.jsonl", rows)
@@ -134,11 +154,14 @@ def test_records_read_jsonl_json_csv_and_parquet_alike(tmp_path):
     assert read_records(tmp_path / "d.parquet") == rows
 
 
-@pytest.mark.parametrize("content,needle", [
-    (None, "data file not found"),
-    ("", "empty split"),
-    ('{"text": 1}\nnot json\n', "line 2 is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (None, "data file not found"),
+        ("", "empty split"),
+        ('{"text": 1}\nnot json\n', "line 2 is not valid JSON"),
+    ],
+)
 def test_records_errors_name_the_file_task_and_split(tmp_path, content, needle):
     p = tmp_path / "x.jsonl"
     if content is not None:
@@ -150,7 +173,7 @@ def test_records_errors_name_the_file_task_and_split(tmp_path, content, needle):
     assert "\n" not in msg
 
 
-# ---- the evaluator file -----------------------------------------------------------------
+# ---- the evaluator file --------------------------------------------------------------
 def test_evaluator_file_errors_are_one_line(tc, tmp_path):
     spec = json.loads(json.dumps(tc["spec"]))
     spec["tasks"]["sentiment"]["bogus"] = 1
@@ -165,14 +188,20 @@ def test_evaluator_file_errors_are_one_line(tc, tmp_path):
         ef.build()
 
 
-# ---- text-classification --------------------------------------------------------------
+# ---- text-classification -------------------------------------------------------------
 def test_text_classification_accuracy_equals_a_hand_loop(tc):
     ef = load_evaluator_file(tc["dir"] / "eval.yaml")
     ev = ef.build(model=tc["base"], batch_size=4, prepare=("test",))
     d = tc["dir"]
     for task, text, label, names, data in (
         ("sentiment", "text", "label", LABELS, read_records(d / "sent-test.jsonl")),
-        ("length", "sentence", "y", ["short", "long"], read_records(d / "len-test.csv")),
+        (
+            "length",
+            "sentence",
+            "y",
+            ["short", "long"],
+            read_records(d / "len-test.csv"),
+        ),
     ):
         ft = tc["ft"][task]
         got = ev.evaluate(_state(ft), task, "test")
@@ -195,8 +224,9 @@ def test_text_classification_limits_and_checkpoint_heads(tc, tmp_path):
     cls.save_pretrained(tmp_path / "seqcls")
     spec = json.loads(json.dumps(tc["spec"]))
     spec["tasks"]["sentiment"]["head"] = str(tmp_path / "seqcls")
-    ev = parse_evaluator(spec, tc["dir"], "e").build(model=tc["base"],
-                                                     max_examples={"test": 7})
+    ev = parse_evaluator(spec, tc["dir"], "e").build(
+        model=tc["base"], max_examples={"test": 7}
+    )
     assert ev.examples("sentiment", "test") == 7
     rows = read_records(tc["dir"] / "sent-test.jsonl")[:7]
     from transformers import AutoTokenizer
@@ -204,24 +234,40 @@ def test_text_classification_limits_and_checkpoint_heads(tc, tmp_path):
     tok = AutoTokenizer.from_pretrained(str(ft))
     cls.eval()
     with torch.no_grad():
-        want = sum(int(cls(**tok(r["text"], return_tensors="pt")).logits.argmax())
-                   == LABELS.index(r["label"]) for r in rows) / 7
+        want = (
+            sum(
+                int(cls(**tok(r["text"], return_tensors="pt")).logits.argmax())
+                == LABELS.index(r["label"])
+                for r in rows
+            )
+            / 7
+        )
     # the state is the plain encoder (no "bert." prefix); the head comes from seqcls
     assert ev.evaluate(_state(ft), "sentiment", "test") == pytest.approx(want)
 
 
-@pytest.mark.parametrize("edit,needle", [
-    (lambda s: s["tasks"]["sentiment"].update(text_field="missing"),
-     "has no field 'missing'"),
-    (lambda s: s["tasks"]["sentiment"].update(label_names=["neg", "pos"]),
-     "label 'negative' is not among the label names"),
-    (lambda s: s["tasks"]["sentiment"]["data"].update(test="nope.jsonl"),
-     "nope.jsonl, task 'sentiment', split 'test': data file not found"),
-    (lambda s: s["tasks"]["sentiment"].update(head="nohead.safetensors"),
-     "head: "),
-    (lambda s: s["tasks"]["sentiment"].update(label_names=["a", "b", "c"]),
-     "does not fit 3 label names"),
-])
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (
+            lambda s: s["tasks"]["sentiment"].update(text_field="missing"),
+            "has no field 'missing'",
+        ),
+        (
+            lambda s: s["tasks"]["sentiment"].update(label_names=["neg", "pos"]),
+            "label 'negative' is not among the label names",
+        ),
+        (
+            lambda s: s["tasks"]["sentiment"]["data"].update(test="nope.jsonl"),
+            "nope.jsonl, task 'sentiment', split 'test': data file not found",
+        ),
+        (lambda s: s["tasks"]["sentiment"].update(head="nohead.safetensors"), "head: "),
+        (
+            lambda s: s["tasks"]["sentiment"].update(label_names=["a", "b", "c"]),
+            "does not fit 3 label names",
+        ),
+    ],
+)
 def test_text_classification_bad_input_is_one_clear_line(tc, edit, needle):
     spec = json.loads(json.dumps(tc["spec"]))
     edit(spec)
@@ -236,52 +282,75 @@ def test_empty_split_is_refused(tc, tmp_path):
     spec = json.loads(json.dumps(tc["spec"]))
     spec["tasks"]["sentiment"]["data"]["test"] = "empty.jsonl"
     ev = parse_evaluator(spec, tc["dir"], "e").build(model=tc["base"])
-    with pytest.raises(ConfigError, match="empty.jsonl, task 'sentiment', split 'test'"
-                                          ": empty split"):
+    with pytest.raises(
+        ConfigError, match="empty.jsonl, task 'sentiment', split 'test': empty split"
+    ):
         ev.evaluate(_state(tc["base"]), "sentiment", "test")
 
 
-# ---- npstune eval --evaluator -------------------------------------------------------------
+# ---- npstune eval --evaluator --------------------------------------------------------
 def test_eval_command_prints_the_contract_json(tc, capsys):
     ft = tc["ft"]["sentiment"]
-    code, stdout, err = run(["eval", "--model", ft, "--evaluator",
-                             tc["dir"] / "eval.yaml", "--json"], capsys)
+    code, stdout, err = run(
+        ["eval", "--model", ft, "--evaluator", tc["dir"] / "eval.yaml", "--json"],
+        capsys,
+    )
     assert code == 0, err
     out = json.loads(stdout)
     assert set(out) == {"scores", "metrics", "examples", "mean"}
     assert out["metrics"] == {"sentiment": "accuracy", "length": "accuracy"}
     assert out["examples"] == {"sentiment": 20, "length": 18}
-    want = _hand_accuracy(ft, tc["heads"]["sentiment"],
-                          read_records(tc["dir"] / "sent-test.jsonl"), "text", "label",
-                          LABELS)
+    want = _hand_accuracy(
+        ft,
+        tc["heads"]["sentiment"],
+        read_records(tc["dir"] / "sent-test.jsonl"),
+        "text",
+        "label",
+        LABELS,
+    )
     assert out["scores"]["sentiment"] == pytest.approx(want)
     assert out["mean"] == pytest.approx(sum(out["scores"].values()) / 2)
-    code, stdout, err = run(["eval", "--model", ft, "--evaluator",
-                             tc["dir"] / "eval.yaml", "--split", "calibration",
-                             "--tasks", "length", "--json"], capsys)
+    code, stdout, err = run(
+        [
+            "eval",
+            "--model",
+            ft,
+            "--evaluator",
+            tc["dir"] / "eval.yaml",
+            "--split",
+            "calibration",
+            "--tasks",
+            "length",
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert json.loads(stdout)["examples"] == {"length": 10}
     code, _, err = run(["eval", "--model", ft], capsys)
     assert code == 1 and "exactly one of --zoo SIZE or --evaluator" in err
-    code, stdout, err = run(["eval", "--model", ft, "--evaluator",
-                             tc["dir"] / "eval.yaml"], capsys)
+    code, stdout, err = run(
+        ["eval", "--model", ft, "--evaluator", tc["dir"] / "eval.yaml"], capsys
+    )
     assert code == 0 and "sentiment" in stdout and "accuracy" in stdout
 
 
-# ---- Fisher and RegMean on a non-zoo evaluator ------------------------------------------
+# ---- Fisher and RegMean on a non-zoo evaluator ---------------------------------------
 def test_fisher_and_regmean_on_a_text_classification_evaluator(tc, tmp_path, capsys):
-    from npstune.merge import merge
     from npstune.merge.data import EvaluatorData, data_for
     from npstune.taskvector import plan_merge
 
     base = tc["base"] / "model.safetensors"
     models = [tc["ft"]["sentiment"], tc["ft"]["length"]]
     plan = plan_merge(base, models)
-    data = data_for(None, "cpu", evaluator=str(tc["dir"] / "eval.yaml"),
-                    base=str(tc["base"]))
+    data = data_for(
+        None, "cpu", evaluator=str(tc["dir"] / "eval.yaml"), base=str(tc["base"])
+    )
     assert isinstance(data, EvaluatorData)
     assert [data.task_of(m, i) for i, m in enumerate(plan.models)] == [
-        "sentiment", "length"]
+        "sentiment",
+        "length",
+    ]
     data.examples = 2
     fis = data.fisher(plan.models[0], plan.delta_keys)
     # hand loop: squared gradients of the CE loss of the first two (length-sorted)
@@ -302,19 +371,35 @@ def test_fisher_and_regmean_on_a_text_classification_evaluator(tc, tmp_path, cap
         x = torch.tensor([ids[i]])
         out = body(input_ids=x).last_hidden_state.mean(1)
         loss = torch.nn.functional.cross_entropy(
-            out @ h["weight"].T + h["bias"], torch.tensor([LABELS.index(
-                rows[i]["label"])]), reduction="sum")
+            out @ h["weight"].T + h["bias"],
+            torch.tensor([LABELS.index(rows[i]["label"])]),
+            reduction="sum",
+        )
         (g,) = torch.autograd.grad(loss, [p])
-        acc += g ** 2
+        acc += g**2
     torch.testing.assert_close(fis[key], acc / 2, rtol=1e-4, atol=1e-10)
     assert all(bool((f >= 0).all()) for f in fis.values())
     # the merges run from the CLI on the evaluator file and differ from averaging
     outs = {}
     for method in ("fisher", "regmean", "average"):
         out = tmp_path / f"{method}.safetensors"
-        code, _, err = run(["merge", "--method", method, "--base", base, "--models",
-                            *models, "--out", out, "--evaluator",
-                            tc["dir"] / "eval.yaml", "--quiet"], capsys)
+        code, _, err = run(
+            [
+                "merge",
+                "--method",
+                method,
+                "--base",
+                base,
+                "--models",
+                *models,
+                "--out",
+                out,
+                "--evaluator",
+                tc["dir"] / "eval.yaml",
+                "--quiet",
+            ],
+            capsys,
+        )
         assert code == 0, err
         outs[method] = _state(out)
     for method in ("fisher", "regmean"):

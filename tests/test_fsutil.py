@@ -24,7 +24,9 @@ def test_atomic_writes_replace_the_file_and_leave_no_temporary(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["state.json"]
     umask = os.umask(0)
     os.umask(umask)
-    assert p.stat().st_mode & 0o777 == 0o666 & ~umask  # open()'s mode, not mkstemp's 0600
+    assert (
+        p.stat().st_mode & 0o777 == 0o666 & ~umask
+    )  # open()'s mode, not mkstemp's 0600
 
 
 def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
@@ -44,8 +46,12 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 def test_every_write_is_fsynced_before_and_after_the_rename(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd)))
-    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b)))
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))
+    )
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))
+    )
     fsutil.atomic_write_text(tmp_path / "a.txt", "x")
     assert events == ["fsync", "replace", "fsync"]  # file, rename, directory
     events.clear()

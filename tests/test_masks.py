@@ -1,4 +1,5 @@
-"""Keep masks as an output of the merge engine: per task, per block, streamed to a sink."""
+"""Keep masks as an output of the merge engine: per task, per block,
+streamed to a sink."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ class Recorder:
 def collect(tmp_path, method, params, tasks=3, dtype=torch.float32):
     bp, mps, base, fts = make_set(tmp_path, dtype=dtype, tasks=tasks)
     plan = plan_merge(bp, mps)
-    sink = MaskCollector({k: plan.base.shape(k) for k in plan.delta_keys}, plan.task_names)
+    sink = MaskCollector(
+        {k: plan.base.shape(k) for k in plan.delta_keys}, plan.task_names
+    )
     res = run_merge(plan, get_method(method), params, masks=sink)
     return res, sink, plan, base, fts
 
@@ -35,7 +38,9 @@ def collect(tmp_path, method, params, tasks=3, dtype=torch.float32):
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 def test_magnitude_and_nps_masks_are_the_oracle_masks(tmp_path, scope):
     w = [1.5, 0.2, 1.0, 0.7, 2.0, 0.0, 1.1, 0.9]
-    res, sink, plan, base, fts = collect(tmp_path, "nps", {"k": 0.3, "weights": w, "scope": scope})
+    res, sink, plan, base, fts = collect(
+        tmp_path, "nps", {"k": 0.3, "weights": w, "scope": scope}
+    )
     _, t32, t64 = oracle.deltas(base, fts, FLOAT_KEYS)
     for t, name in enumerate(plan.task_names):
         if scope == "global":
@@ -44,13 +49,19 @@ def test_magnitude_and_nps_masks_are_the_oracle_masks(tmp_path, scope):
             parts, pos = [], 0
             for k in FLOAT_KEYS:
                 n = base[k].numel()
-                parts.append(oracle.nps_prune(t32[t][pos:pos + n], t64[t][pos:pos + n], 0.3, w, 8)[0])
+                parts.append(
+                    oracle.nps_prune(
+                        t32[t][pos : pos + n], t64[t][pos : pos + n], 0.3, w, 8
+                    )[0]
+                )
                 pos += n
             want = torch.cat(parts)
         got = oracle.flat(sink.masks[name], FLOAT_KEYS)
         assert torch.equal(got, want), name
         # the summary counts the same masks, per task and key
-        assert res.masks[name] == {k: int(sink.masks[name][k].sum()) for k in FLOAT_KEYS}
+        assert res.masks[name] == {
+            k: int(sink.masks[name][k].sum()) for k in FLOAT_KEYS
+        }
         assert res.meta["kept"][t] == int(want.sum())
 
 
@@ -65,13 +76,17 @@ def test_ties_reports_trim_masks_and_consensus_reports_tall_masks(tmp_path):
     for t, name in enumerate(plan.task_names):
         want = t64[t].abs() >= 0.5 * (mtl - t64[t]).abs()
         assert torch.equal(oracle.flat(sink.masks[name], FLOAT_KEYS), want)
-    assert res.meta["kept"] == [int(res.meta["kept"][0])]  # consensus: its own kept figure
+    assert res.meta["kept"] == [
+        int(res.meta["kept"][0])
+    ]  # consensus: its own kept figure
 
 
 def test_dare_masks_are_where_the_merge_keeps_entries(tmp_path):
     res, sink, plan, base, _ = collect(tmp_path, "dare", {"k": 0.4, "seed": 3}, tasks=1)
     for k in FLOAT_KEYS:  # one task, τ nonzero everywhere: kept ⇔ output ≠ base
-        assert torch.equal(sink.masks[plan.task_names[0]][k], res.state[k] != base[k]), k
+        assert torch.equal(
+            sink.masks[plan.task_names[0]][k], res.state[k] != base[k]
+        ), k
 
 
 def test_masks_stream_block_by_block_in_position_order(tmp_path, monkeypatch):
@@ -88,11 +103,13 @@ def test_masks_stream_block_by_block_in_position_order(tmp_path, monkeypatch):
     for task, key, start, m in rec.calls:
         per.setdefault((task, key), []).append((start, m))
     plan = plan_merge(bp, mps)
-    for (task, key), parts in per.items():  # the blocks tile each tensor exactly
+    for (_task, key), parts in per.items():  # the blocks tile each tensor exactly
         assert [s for s, _ in parts] == [s for s, _ in plan.chunks(key)]
         assert sum(m.numel() for _, m in parts) == plan.numel[key]
     assert set(per) == {(t, k) for t in range(3) for k in plan.delta_keys}
-    ref = merge(bp, mps, "magnitude", {"k": 0.3})  # a sink changes nothing in the output
+    ref = merge(
+        bp, mps, "magnitude", {"k": 0.3}
+    )  # a sink changes nothing in the output
     assert all(torch.equal(ref.state[k], res.state[k]) for k in ref.state)
     assert res.masks == ref.masks
 
@@ -107,12 +124,16 @@ def test_methods_without_masks_report_none(tmp_path):
 def test_emr_streams_its_masks_through_the_same_sink(tmp_path):
     bp, mps, _, _ = make_set(tmp_path)
     plan = plan_merge(bp, mps)
-    sink = MaskCollector({k: plan.base.shape(k) for k in plan.delta_keys}, plan.task_names)
+    sink = MaskCollector(
+        {k: plan.base.shape(k) for k in plan.delta_keys}, plan.task_names
+    )
     res = run_merge(plan, get_method("emr"), {}, masks=sink)
     for name in plan.task_names:
         for k in plan.delta_keys:
             assert torch.equal(sink.masks[name][k], res.meta["masks"][name][k])
-        assert res.masks[name] == {k: int(sink.masks[name][k].sum()) for k in plan.delta_keys}
+        assert res.masks[name] == {
+            k: int(sink.masks[name][k].sum()) for k in plan.delta_keys
+        }
 
 
 def test_duplicate_model_names_get_unique_task_names(tmp_path):

@@ -10,8 +10,7 @@ import torch
 from npstune.checkpoints import open_checkpoint, write_state_dict
 from npstune.cli import main
 from npstune.errors import ConfigError
-from npstune.merge import get_method, merge, run_merge
-from npstune.merge import orderstats
+from npstune.merge import get_method, merge, orderstats, run_merge
 from npstune.merge.iso import iso_cts_sizes
 from npstune.merge.orderstats import order_stats
 from npstune.merge.pcb import clamp_indices
@@ -29,9 +28,13 @@ ALL_METHODS = [*SVD_METHODS, "pcb", "emr"]
 def write_models(tmp_path, base, taus):
     """Checkpoints base and base + τ_t (dicts of tensors, dtype of the base)."""
     bp = write_state_dict(tmp_path / "b.safetensors", base)
-    mps = [write_state_dict(tmp_path / f"m{i}.safetensors",
-                            {k: base[k] + t[k].to(base[k].dtype) for k in base})
-           for i, t in enumerate(taus)]
+    mps = [
+        write_state_dict(
+            tmp_path / f"m{i}.safetensors",
+            {k: base[k] + t[k].to(base[k].dtype) for k in base},
+        )
+        for i, t in enumerate(taus)
+    ]
     return bp, mps
 
 
@@ -67,8 +70,9 @@ def test_tsv_m_keeps_each_tasks_top_triplets_hand_checked(tmp_path):
     torch.testing.assert_close(got, want / 2, rtol=0, atol=1e-14)
     # a list scales τ_t first (and not Δ): 2·τ1 keeps 6·e1e1ᵀ, 0.5·τ2 keeps 1·e2e2ᵀ
     got = delta_of(tmp_path, [t1, t2], "tsv-m", {"alpha": [2.0, 0.5]})
-    torch.testing.assert_close(got, torch.diag(torch.tensor([6.0, 1.0], dtype=F64)),
-                               rtol=0, atol=1e-14)
+    torch.testing.assert_close(
+        got, torch.diag(torch.tensor([6.0, 1.0], dtype=F64)), rtol=0, atol=1e-14
+    )
     # p = 1 < T = 2: r = int(1·(1/2)) = 0 keeps nothing
     got = delta_of(tmp_path, [torch.ones(1, 3), torch.ones(1, 3)], "tsv-m")
     assert torch.equal(got, torch.zeros(1, 3, dtype=F64))
@@ -83,9 +87,9 @@ def tsv_fusion_bench(mats):
         if i == 0:
             su, ss, sv = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(v)
         r = int(s.shape[0] * (1 / T))
-        su[:, i * r:(i + 1) * r] = u[:, :r]
-        ss[i * r:(i + 1) * r] = s[:r]
-        sv[i * r:(i + 1) * r, :] = v[:r, :]
+        su[:, i * r : (i + 1) * r] = u[:, :r]
+        ss[i * r : (i + 1) * r] = s[:r]
+        sv[i * r : (i + 1) * r, :] = v[:r, :]
     uu, _, vu = torch.linalg.svd(su, full_matrices=False)
     uv, _, vv = torch.linalg.svd(sv, full_matrices=False)
     return torch.linalg.multi_dot((uu, vu, torch.diag(ss), uv, vv))
@@ -148,8 +152,12 @@ def test_iso_cts_hand_checked(tmp_path):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
     # f = 0.8: c0 = 2, r = round(0.5) = 0 -> c = 3, no task part: Iso-CTS is Iso-C
     taus = [rand(5, 4, seed=s) for s in range(3)]  # p = 4: c0 = 3, r = round(1/3) = 0
-    torch.testing.assert_close(delta_of(tmp_path, taus, "iso-cts"),
-                               delta_of(tmp_path, taus, "iso-c"), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        delta_of(tmp_path, taus, "iso-cts"),
+        delta_of(tmp_path, taus, "iso-c"),
+        rtol=0,
+        atol=1e-12,
+    )
 
 
 # ------------------------------------------------------------------ WUDI
@@ -186,8 +194,10 @@ def test_wudi_matches_torch_adam_on_the_autograd_loss():
     opt = torch.optim.Adam([x], lr=1e-2, weight_decay=0)
     norms = taus.reshape(3, -1).norm(dim=-1) ** 2
     for _ in range(40):  # fusion_bench's get_redundant_task_vector
-        loss = torch.sum(torch.square((x.unsqueeze(0) - taus) @ taus.transpose(1, 2))
-                         / norms[:, None, None])
+        loss = torch.sum(
+            torch.square((x.unsqueeze(0) - taus) @ taus.transpose(1, 2))
+            / norms[:, None, None]
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -201,15 +211,19 @@ def test_wudi_drops_a_zero_task_vector():
     assert torch.isfinite(with_zero).all()
     want = wudi_solve(taus, 50, 1e-2)
     torch.testing.assert_close(with_zero, want, rtol=0, atol=1e-14)
-    assert torch.equal(wudi_solve([torch.zeros(3, 2, dtype=F64)] * 2, 5, 1e-2),
-                       torch.zeros(3, 2, dtype=F64))
+    assert torch.equal(
+        wudi_solve([torch.zeros(3, 2, dtype=F64)] * 2, 5, 1e-2),
+        torch.zeros(3, 2, dtype=F64),
+    )
 
 
 # ------------------------------------------------------------------ EMR
 def test_emr_hand_checked_on_two_tensors(tmp_path):
     base = {"a": torch.zeros(2, dtype=F64), "b": torch.zeros(4, dtype=F64)}
-    taus = [{"a": torch.tensor([2.0, -1.0]), "b": torch.tensor([1.0, -2.0, 0.0, 4.0])},
-            {"a": torch.tensor([1.0, 3.0]), "b": torch.tensor([-1.0, -2.0, 0.0, -1.0])}]
+    taus = [
+        {"a": torch.tensor([2.0, -1.0]), "b": torch.tensor([1.0, -2.0, 0.0, 4.0])},
+        {"a": torch.tensor([1.0, 3.0]), "b": torch.tensor([-1.0, -2.0, 0.0, -1.0])},
+    ]
     bp, mps = write_models(tmp_path, base, taus)
     res = merge(bp, mps, "emr")
     assert res.state is None
@@ -229,12 +243,15 @@ def test_emr_hand_checked_on_two_tensors(tmp_path):
     assert lam["m0"] == pytest.approx(1.3, abs=1e-15)
     assert lam["m1"] == pytest.approx(12 / 13, abs=1e-15)
     st = res.meta["states"]
-    want = {"m0": {"a": [2.6, 0.0], "b": [0.0, -2.6, 0.0, 5.2]},
-            "m1": {"a": [24 / 13, 36 / 13], "b": [-12 / 13, -24 / 13, 0.0, 0.0]}}
+    want = {
+        "m0": {"a": [2.6, 0.0], "b": [0.0, -2.6, 0.0, 5.2]},
+        "m1": {"a": [24 / 13, 36 / 13], "b": [-12 / 13, -24 / 13, 0.0, 0.0]},
+    }
     for name, keys in want.items():
         for k, v in keys.items():
-            torch.testing.assert_close(st[name][k], torch.tensor(v, dtype=F64),
-                                       rtol=0, atol=1e-15)
+            torch.testing.assert_close(
+                st[name][k], torch.tensor(v, dtype=F64), rtol=0, atol=1e-15
+            )
     assert res.meta["storage"]["mask_bytes"] == 2 * 1  # 6 entries -> 1 byte per task
 
 
@@ -314,9 +331,13 @@ def test_pcb_matches_the_repo_function(tmp_path, scope):
     if scope == "global":
         tm = pcb_reference(torch.stack(t64), 0.3)
     else:
-        rows = {k: torch.stack([(f[k] - base[k]).reshape(-1) for f in fts])
-                for k in FLOAT_KEYS}
-        tm = oracle.flat({k: pcb_reference(x, 0.3) for k, x in rows.items()}, FLOAT_KEYS)
+        rows = {
+            k: torch.stack([(f[k] - base[k]).reshape(-1) for f in fts])
+            for k in FLOAT_KEYS
+        }
+        tm = oracle.flat(
+            {k: pcb_reference(x, 0.3) for k, x in rows.items()}, FLOAT_KEYS
+        )
     got = oracle.flat(res, FLOAT_KEYS)
     torch.testing.assert_close(got, b + 1.2 * tm, rtol=0, atol=1e-13)
 
@@ -339,10 +360,11 @@ def test_pcb_streaming_selection_equals_sorting(collect, monkeypatch):
     x[300:400] = -0.0
     x[400:600] = x[600:800]  # ties
     x[800:900] *= 1e-300  # subnormal-ish magnitudes
-    chunks = [x[i:i + 777] for i in range(0, 5000, 777)]
+    chunks = [x[i : i + 777] for i in range(0, 5000, 777)]
     ranks = [[0, 1, 299, 300, 450, 2500, 4998, 4999], [0, 17, 4999]]
-    got = order_stats(lambda: ([c, -c.abs()] for c in chunks), ranks, 5000,
-                      in_memory=False)
+    got = order_stats(
+        lambda: ([c, -c.abs()] for c in chunks), ranks, 5000, in_memory=False
+    )
     s0, s1 = torch.sort(x).values, torch.sort(-x.abs()).values
     assert got[0] == [float(s0[r]) for r in ranks[0]]
     assert got[1] == [float(s1[r]) for r in ranks[1]]
@@ -376,7 +398,7 @@ def test_zero_task_vectors_give_the_base(tmp_path, method):
     plan = plan_merge(bp, [bp, bp], frozen=False)  # every key through the kernels
     assert set(plan.delta_keys) == set(FLOAT_KEYS)
     res = run_merge(plan, get_method(method))
-    for st in (res.meta["states"].values() if method == "emr" else [res.state]):
+    for st in res.meta["states"].values() if method == "emr" else [res.state]:
         assert all(torch.equal(st[k], base[k]) for k in base), method
 
 
@@ -385,16 +407,22 @@ def test_zero_task_vectors_give_the_base(tmp_path, method):
 def test_outputs_keep_the_base_dtype(tmp_path, method, dtype):
     bp, mps, base, _ = make_set(tmp_path, dtype=dtype)
     res = merge(bp, mps, method)
-    for st in (res.meta["states"].values() if method == "emr" else [res.state]):
+    for st in res.meta["states"].values() if method == "emr" else [res.state]:
         for k, v in base.items():
             assert st[k].dtype == v.dtype and st[k].shape == v.shape, (method, k)
             assert torch.isfinite(st[k].double()).all()
 
 
-@pytest.mark.parametrize("method,params,scale", [
-    ("tsv-m", {}, 1.0), ("tsv-m", {"alpha": 0.5}, 0.5), ("iso-c", {"alpha": 2.0}, 2.0),
-    ("iso-cts", {}, 1.0), ("wudi", {}, 1.0),
-])
+@pytest.mark.parametrize(
+    "method,params,scale",
+    [
+        ("tsv-m", {}, 1.0),
+        ("tsv-m", {"alpha": 0.5}, 0.5),
+        ("iso-c", {"alpha": 2.0}, 2.0),
+        ("iso-cts", {}, 1.0),
+        ("wudi", {}, 1.0),
+    ],
+)
 def test_non_matrix_and_excluded_keys_get_the_mean(tmp_path, method, params, scale):
     bp, mps, base, fts = make_set(tmp_path)
     p = {**params, "exclude_keys": ["encoder.1.weight"]}
@@ -419,14 +447,21 @@ def test_tsv_m_per_task_alpha_scales_the_averaged_keys_too(tmp_path):
     assert not torch.equal(two[k], res[k])  # T = 3 still averages over 3
 
 
-@pytest.mark.parametrize("method,params,field", [
-    ("tsv-m", {"alpha": -1.0}, "alpha"), ("iso-c", {"alpha": -0.1}, "alpha"),
-    ("pcb", {"ratio": 0.0}, "ratio"), ("pcb", {"lam": [1.0, -1.0]}, "lam"),
-    ("iso-cts", {"common_fraction": 1.5}, "common_fraction"),
-    ("wudi", {"steps": 0}, "steps"), ("wudi", {"lr": 0.0}, "lr"),
-    ("pcb", {"clip": 0.5}, "clip"), ("emr", {"k": 0.1}, "k"),
-    ("pcb", {"scope": "row"}, "scope"),
-])
+@pytest.mark.parametrize(
+    "method,params,field",
+    [
+        ("tsv-m", {"alpha": -1.0}, "alpha"),
+        ("iso-c", {"alpha": -0.1}, "alpha"),
+        ("pcb", {"ratio": 0.0}, "ratio"),
+        ("pcb", {"lam": [1.0, -1.0]}, "lam"),
+        ("iso-cts", {"common_fraction": 1.5}, "common_fraction"),
+        ("wudi", {"steps": 0}, "steps"),
+        ("wudi", {"lr": 0.0}, "lr"),
+        ("pcb", {"clip": 0.5}, "clip"),
+        ("emr", {"k": 0.1}, "k"),
+        ("pcb", {"scope": "row"}, "scope"),
+    ],
+)
 def test_bad_parameters_are_config_errors_naming_the_field(method, params, field):
     with pytest.raises(ConfigError, match=rf"{method}: {field}"):
         get_method(method).make_params(params)
@@ -446,15 +481,39 @@ def test_bad_per_task_lists_and_key_names_are_config_errors(tmp_path):
 def test_cli_tsv_m_and_emr_one_checkpoint_per_task(tmp_path, capsys):
     bp, mps, _, _ = make_set(tmp_path, tasks=2)
     out = tmp_path / "tsv.safetensors"
-    main(["merge", "--method", "tsv-m", "--base", str(bp), "--models", *map(str, mps),
-          "--out", str(out), "--quiet"])
+    main(
+        [
+            "merge",
+            "--method",
+            "tsv-m",
+            "--base",
+            str(bp),
+            "--models",
+            *map(str, mps),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert "tsv-m" in capsys.readouterr().out
     ck = open_checkpoint(out)
     want = merge(bp, mps, "tsv-m").state
     assert all(torch.equal(ck[k], want[k]) for k in want)
     out_dir = tmp_path / "emr"
-    main(["merge", "--method", "emr", "--base", str(bp), "--models", *map(str, mps),
-          "--out", str(out_dir), "--quiet"])
+    main(
+        [
+            "merge",
+            "--method",
+            "emr",
+            "--base",
+            str(bp),
+            "--models",
+            *map(str, mps),
+            "--out",
+            str(out_dir),
+            "--quiet",
+        ]
+    )
     names = sorted(p.name for p in out_dir.iterdir())
     assert names == ["task0.safetensors", "task1.safetensors"]
     mem = merge(bp, mps, "emr").meta["states"]

@@ -37,15 +37,24 @@ def hf_set(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, vocab_size=20,
-                      max_position_embeddings=16, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=20,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(tmp / "base")
     (tmp / "base" / "tokenizer.json").write_text("{}")
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    mps = [write_state_dict(tmp / f"ft{t}.safetensors", finetune(base, t))
-           for t in range(2)]
+    mps = [
+        write_state_dict(tmp / f"ft{t}.safetensors", finetune(base, t))
+        for t in range(2)
+    ]
     return tmp / "base", mps
 
 
@@ -65,8 +74,9 @@ def out_path(tmp: Path, name: str) -> str:
     return str(tmp / name.rstrip("/")) + ("/" if name.endswith("/") else "")
 
 
-def check_output(out: str, base_form: str, bp: Path,
-                 want: dict[str, torch.Tensor]) -> None:
+def check_output(
+    out: str, base_form: str, bp: Path, want: dict[str, torch.Tensor]
+) -> None:
     """``out`` has the form its name names and holds ``want`` (read by peer tools)."""
     p = Path(out)
     if p.name.endswith(".safetensors"):
@@ -107,8 +117,20 @@ def check_output(out: str, base_form: str, bp: Path,
 def test_cli_output_form_follows_the_out_name(tmp_path, hf_set, base_form, out_name):
     bp, mps = inputs(base_form, tmp_path, hf_set)
     out = out_path(tmp_path, out_name)
-    args = ["merge", "--method", "task-arithmetic", "--lam", "0.5", "--base", str(bp),
-            "--models", *map(str, mps), "--out", out, "--quiet"]
+    args = [
+        "merge",
+        "--method",
+        "task-arithmetic",
+        "--lam",
+        "0.5",
+        "--base",
+        str(bp),
+        "--models",
+        *map(str, mps),
+        "--out",
+        out,
+        "--quiet",
+    ]
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     want = merge(bp, mps, "task-arithmetic", {"lam": 0.5}).state
@@ -118,8 +140,9 @@ def test_cli_output_form_follows_the_out_name(tmp_path, hf_set, base_form, out_n
 
 @pytest.mark.parametrize("out_name", OUTS)
 @pytest.mark.parametrize("base_form", BASES)
-def test_library_output_form_follows_the_out_name(tmp_path, hf_set, base_form,
-                                                  out_name):
+def test_library_output_form_follows_the_out_name(
+    tmp_path, hf_set, base_form, out_name
+):
     bp, mps = inputs(base_form, tmp_path, hf_set)
     out = out_path(tmp_path, out_name)
     res = merge(bp, mps, "ties", {"k": 0.5}, out)

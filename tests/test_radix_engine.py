@@ -1,12 +1,13 @@
 """The merge engine above the radix select's size threshold, against a dense oracle.
 
 The other fast merge tests use models of a few dozen entries, which
-:func:`~npstune.sparsify.topk.select_streams` ranks by one sort (up to ``SMALL`` scores).
-Here the task vectors hold more than ``SMALL`` entries, globally and in one tensor, so the
-two-pass radix select, its switch from buffered scores to histograms, and the tie quota
-spent across read chunks all run; bf16 checkpoints make |τ| full of exact ties, so the
-position rule decides many kept entries. Every output is compared bit for bit with a dense
-sort-based oracle computed in the engine's arithmetic (float32 for bf16).
+:func:`~npstune.sparsify.topk.select_streams` ranks by one sort (up to ``SMALL``
+scores). Here the task vectors hold more than ``SMALL`` entries, globally and in one
+tensor, so the two-pass radix select, its switch from buffered scores to histograms, and
+the tie quota spent across read chunks all run; bf16 checkpoints make |τ| full of exact
+ties, so the position rule decides many kept entries. Every output is compared bit for
+bit with a dense sort-based oracle computed in the engine's arithmetic (float32 for
+bf16).
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def small_chunks(monkeypatch):
 def run(models, method, params):
     bp, mps, _, _ = models
     plan = plan_merge(bp, mps)
-    sink = MaskCollector({k: plan.base.shape(k) for k in plan.delta_keys}, plan.task_names)
+    sink = MaskCollector(
+        {k: plan.base.shape(k) for k in plan.delta_keys}, plan.task_names
+    )
     res = run_merge(plan, get_method(method), params, masks=sink)
     masks = [oracle.flat(sink.masks[n], KEYS) for n in plan.task_names]
     return oracle.flat(res.state, KEYS), masks
@@ -71,7 +74,8 @@ def dense(models):
 
 
 def per_scope(fn, scope, n_total):
-    """``fn(lo, hi)`` over the whole flat vector (global) or per tensor, concatenated."""
+    """``fn(lo, hi)`` over the whole flat vector
+    (global) or per tensor, concatenated."""
     if scope == "global":
         return fn(0, n_total)
     parts, pos = [], 0
@@ -79,8 +83,11 @@ def per_scope(fn, scope, n_total):
         n = torch.Size(SHAPES[k]).numel()
         parts.append(fn(pos, pos + n))
         pos += n
-    return torch.cat(parts) if not isinstance(parts[0], tuple) else tuple(
-        torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))
+    return (
+        torch.cat(parts)
+        if not isinstance(parts[0], tuple)
+        else tuple(torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))
+    )
 
 
 def finish(b, delta32):
@@ -94,7 +101,9 @@ def test_the_models_are_above_the_threshold_and_full_of_ties(models):
     kth = torch.sort(t32[0].abs(), descending=True).values[oracle.K(K, n) - 1]
     ties = int((t32[0].abs() == kth).sum())
     kept_at_kth = oracle.K(K, n) - int((t32[0].abs() > kth).sum())
-    assert ties > kept_at_kth > 0  # the position rule decides who is kept at the threshold
+    assert (
+        ties > kept_at_kth > 0
+    )  # the position rule decides who is kept at the threshold
 
 
 @pytest.mark.parametrize("scope", ["global", "tensor"])
@@ -103,7 +112,11 @@ def test_magnitude_masks_and_output_equal_the_dense_oracle(models, small_chunks,
     got, masks = run(models, "magnitude", {"k": K, "lam": 0.7, "scope": scope})
     total = torch.zeros_like(t32[0])
     for t, tau in enumerate(t32):
-        want = per_scope(lambda lo, hi, tau=tau: oracle.topk_mask(tau[lo:hi].abs(), K), scope, b.numel())
+        want = per_scope(
+            lambda lo, hi, tau=tau: oracle.topk_mask(tau[lo:hi].abs(), K),
+            scope,
+            b.numel(),
+        )
         assert torch.equal(masks[t], want), t
         total += torch.where(want, tau, torch.zeros(()))
     assert torch.equal(got.view(torch.int16), finish(b, 0.7 * total).view(torch.int16))
@@ -116,8 +129,11 @@ def test_nps_masks_and_output_equal_the_dense_oracle(models, small_chunks, scope
     got, masks = run(models, "nps", {"k": K, "scope": scope, "weights": w})
     total = torch.zeros_like(t32[0])
     for t, tau in enumerate(t32):
-        mask, vals = per_scope(lambda lo, hi, tau=tau: oracle.nps_prune(tau[lo:hi], tau[lo:hi], K, w, 8),
-                               scope, b.numel())
+        mask, vals = per_scope(
+            lambda lo, hi, tau=tau: oracle.nps_prune(tau[lo:hi], tau[lo:hi], K, w, 8),
+            scope,
+            b.numel(),
+        )
         assert torch.equal(masks[t], mask), t
         total += torch.where(mask, vals, torch.zeros(()))
     assert torch.equal(got.view(torch.int16), finish(b, total).view(torch.int16))
@@ -147,13 +163,19 @@ def test_ties_trim_masks_and_output_equal_the_dense_oracle(models, small_chunks,
 
     def ties_in(lo, hi):
         trims = [oracle.topk_mask(tau[lo:hi].abs(), 0.3) for tau in t32]
-        kept = [torch.where(m, tau[lo:hi], torch.zeros(())) for m, tau in zip(trims, t32)]
+        kept = [
+            torch.where(m, tau[lo:hi], torch.zeros(())) for m, tau in zip(trims, t32)
+        ]
         return (ties_dense(kept), *trims)
 
     merged, *trims = per_scope(ties_in, scope, b.numel())
     for t in range(TASKS):
         assert torch.equal(masks[t], trims[t]), t
-    st = torch.stack([torch.where(m, tau, torch.zeros(())) for m, tau in zip(trims, t32)])
+    st = torch.stack(
+        [torch.where(m, tau, torch.zeros(())) for m, tau in zip(trims, t32)]
+    )
     zero_sums = (st.sum(0) == 0) & (st != 0).any(0)
-    assert int(zero_sums.sum()) > 0  # bf16: some sums cancel exactly (the majority rule runs)
+    assert (
+        int(zero_sums.sum()) > 0
+    )  # bf16: some sums cancel exactly (the majority rule runs)
     assert torch.equal(got.view(torch.int16), finish(b, merged * 1.3).view(torch.int16))

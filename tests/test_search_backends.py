@@ -252,4 +252,3 @@ def test_spare_actor_cache_keeps_n_idle_and_flushes_all_at_the_end():
     assert tune_controller._ObjectCache is _ObjectCache  # restored
     with keep_idle_actors(1) as patched:
         assert not patched and tune_controller._ObjectCache is _ObjectCache
-

@@ -1,8 +1,8 @@
 """Searches with the user-data evaluator kinds, through Ray Tune and MLflow.
 
 Real files the test makes: a tiny BERT with two fine-tuned bodies (text-classification)
-and a tiny Llama with two fine-tuned experts (causal-lm), each with JSONL/CSV data and an
-evaluator file the search file names.
+and a tiny Llama with two fine-tuned experts (causal-lm), each with JSONL/CSV data and
+an evaluator file the search file names.
 """
 
 from __future__ import annotations
@@ -33,8 +33,14 @@ def ray_local():
     ray.shutdown()
 
 
-def _search(tmp: Path, name: str, base: Path, models: list[Path], evaluator: str,
-            baselines: list[str]) -> Path:
+def _search(
+    tmp: Path,
+    name: str,
+    base: Path,
+    models: list[Path],
+    evaluator: str,
+    baselines: list[str],
+) -> Path:
     cfg = {
         "name": name,
         "use": "fusion",
@@ -78,39 +84,63 @@ def test_text_classification_search_through_ray_and_mlflow(ray_local, tmp_path):
     )
 
     base = make_tiny_bert(tmp_path / "base")
-    ft_s, head_s = finetune_bert(base, tmp_path / "sentiment", sentiment_rows(48, 1),
-                                 "text", "label", LABELS, 1)
-    ft_l, head_l = finetune_bert(base, tmp_path / "length", length_rows(48, 2),
-                                 "sentence", "y", None, 2)
+    ft_s, head_s = finetune_bert(
+        base, tmp_path / "sentiment", sentiment_rows(48, 1), "text", "label", LABELS, 1
+    )
+    ft_l, head_l = finetune_bert(
+        base, tmp_path / "length", length_rows(48, 2), "sentence", "y", None, 2
+    )
     data = tmp_path / "data"
     data.mkdir()
     write_jsonl(data / "s-cal.jsonl", sentiment_rows(10, 3))
     write_jsonl(data / "s-test.jsonl", sentiment_rows(12, 4))
     write_jsonl(data / "l-cal.jsonl", length_rows(10, 5))
     write_jsonl(data / "l-test.jsonl", length_rows(12, 6))
-    (data / "eval.yaml").write_text(yaml.safe_dump({
-        "kind": "text-classification",
-        "max_length": 16,
-        "tasks": {
-            "sentiment": {"data": {"calibration": "s-cal.jsonl", "test": "s-test.jsonl"},
-                          "label_names": LABELS, "head": str(head_s)},
-            "length": {"data": {"calibration": "l-cal.jsonl", "test": "l-test.jsonl"},
-                       "text_field": "sentence", "label_field": "y",
-                       "label_names": ["short", "long"], "head": str(head_l)},
-        },
-    }))
-    path = _search(tmp_path, "tc-search", base, [ft_s, ft_l], "data/eval.yaml",
-                   ["pretrained", "individual", "task-arithmetic"])
+    (data / "eval.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "kind": "text-classification",
+                "max_length": 16,
+                "tasks": {
+                    "sentiment": {
+                        "data": {"calibration": "s-cal.jsonl", "test": "s-test.jsonl"},
+                        "label_names": LABELS,
+                        "head": str(head_s),
+                    },
+                    "length": {
+                        "data": {"calibration": "l-cal.jsonl", "test": "l-test.jsonl"},
+                        "text_field": "sentence",
+                        "label_field": "y",
+                        "label_names": ["short", "long"],
+                        "head": str(head_l),
+                    },
+                },
+            }
+        )
+    )
+    path = _search(
+        tmp_path,
+        "tc-search",
+        base,
+        [ft_s, ft_l],
+        "data/eval.yaml",
+        ["pretrained", "individual", "task-arithmetic"],
+    )
     cfg = load_config(path)
     assert cfg.evaluator.kind == "text-classification"
     outcome = run_search(cfg)
     _check(cfg, outcome, ["sentiment", "length"])
     ind = outcome.report.row("individual").test
-    assert ind["acc/sentiment"] >= outcome.report.row("pretrained").test["acc/sentiment"]
+    assert (
+        ind["acc/sentiment"] >= outcome.report.row("pretrained").test["acc/sentiment"]
+    )
 
 
-def _expert(base: Path, out: Path, lines: list[str], seed: int, steps: int = 15) -> Path:
-    """Fine-tune the tiny Llama ``base`` a few AdamW steps on ``lines``; save to ``out``."""
+def _expert(
+    base: Path, out: Path, lines: list[str], seed: int, steps: int = 15
+) -> Path:
+    """Fine-tune the tiny Llama ``base`` a few AdamW steps on ``lines``;
+    save to ``out``."""
     import shutil
 
     import torch
@@ -141,36 +171,73 @@ def test_causal_lm_search_through_ray_and_mlflow(ray_local, tmp_path):
     from tests.tiny_llm import make_tiny_llama
 
     base = make_tiny_llama(tmp_path / "base", seed=0, steps=20)
-    colors = _expert(base, tmp_path / "colors", [
-        "q : what color is the sky ? a : blue", "q : what color is snow ? a : white",
-        "q : what color is the grass ? a : green"], 1)
-    sums = _expert(base, tmp_path / "sums", [
-        "one plus one is two", "two plus two is four", "one plus two is three"], 2)
+    colors = _expert(
+        base,
+        tmp_path / "colors",
+        [
+            "q : what color is the sky ? a : blue",
+            "q : what color is snow ? a : white",
+            "q : what color is the grass ? a : green",
+        ],
+        1,
+    )
+    sums = _expert(
+        base,
+        tmp_path / "sums",
+        ["one plus one is two", "two plus two is four", "one plus two is three"],
+        2,
+    )
     data = tmp_path / "data"
     data.mkdir()
-    quiz = [{"prompt": f"q : what color is {x} ? a :", "choices": ["blue", "green",
-                                                                  "white"], "answer": i}
-            for x, i in (("the sky", 0), ("the grass", 1), ("snow", 2))]
-    gen = [{"prompt": p, "answer": a} for p, a in (("one plus one is", "two"),
-                                                    ("two plus two is", "four"),
-                                                    ("one plus two is", "three"))]
-    for name, rows in (("quiz.jsonl", quiz), ("gen.jsonl", gen),
-                       ("text.jsonl", [{"text": "the cat sat on the mat"}])):
+    quiz = [
+        {
+            "prompt": f"q : what color is {x} ? a :",
+            "choices": ["blue", "green", "white"],
+            "answer": i,
+        }
+        for x, i in (("the sky", 0), ("the grass", 1), ("snow", 2))
+    ]
+    gen = [
+        {"prompt": p, "answer": a}
+        for p, a in (
+            ("one plus one is", "two"),
+            ("two plus two is", "four"),
+            ("one plus two is", "three"),
+        )
+    ]
+    for name, rows in (
+        ("quiz.jsonl", quiz),
+        ("gen.jsonl", gen),
+        ("text.jsonl", [{"text": "the cat sat on the mat"}]),
+    ):
         (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     evaluator = {
         "kind": "causal-lm",
         "tasks": {
-            "colors": {"mode": "choice",
-                       "data": {"calibration": "quiz.jsonl", "test": "quiz.jsonl"}},
-            "sums": {"mode": "generate", "max_new_tokens": 2,
-                     "data": {"calibration": "gen.jsonl", "test": "gen.jsonl"}},
-            "text": {"mode": "perplexity",
-                     "data": {"calibration": "text.jsonl", "test": "text.jsonl"}},
+            "colors": {
+                "mode": "choice",
+                "data": {"calibration": "quiz.jsonl", "test": "quiz.jsonl"},
+            },
+            "sums": {
+                "mode": "generate",
+                "max_new_tokens": 2,
+                "data": {"calibration": "gen.jsonl", "test": "gen.jsonl"},
+            },
+            "text": {
+                "mode": "perplexity",
+                "data": {"calibration": "text.jsonl", "test": "text.jsonl"},
+            },
         },
     }
     (data / "eval.yaml").write_text(yaml.safe_dump(evaluator))
-    path = _search(tmp_path, "lm-search", base, [colors, sums], "data/eval.yaml",
-                   ["pretrained", "task-arithmetic"])
+    path = _search(
+        tmp_path,
+        "lm-search",
+        base,
+        [colors, sums],
+        "data/eval.yaml",
+        ["pretrained", "task-arithmetic"],
+    )
     cfg = load_config(path)
     assert cfg.evaluator.kind == "causal-lm"
     outcome = run_search(cfg)

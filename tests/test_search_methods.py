@@ -19,9 +19,12 @@ def test_the_declaration_is_the_one_source_of_names_types_and_ranges():
     d = declared(get_method("ties").params)
     assert (d["k"].low, d["k"].low_open, d["k"].high) == (0.0, True, 1.0)
     assert d["lam"].numeric and not d["scope"].numeric
-    s = MethodSpace("darex", {"q": {"low": 0.1, "high": 1.0}, "lam": {"low": 0.5,
-                                                                   "high": 3.0},
-                              "seed": 3}, [], tasks=2)
+    s = MethodSpace(
+        "darex",
+        {"q": {"low": 0.1, "high": 1.0}, "lam": {"low": 0.5, "high": 3.0}, "seed": 3},
+        [],
+        tasks=2,
+    )
     assert s.names == ["q", "lam"] and s.init_config() == {"q": 0.55, "lam": 1.0}
     cand = s.candidate(s.from_unit([0.0, 1.0]))
     assert cand.params == {"seed": 3, "q": 0.1, "lam": 3.0}
@@ -31,38 +34,55 @@ def test_the_declaration_is_the_one_source_of_names_types_and_ranges():
     p = MethodSpace("pcb", {"lam": {"low": 0.5, "high": 1.5}}, ["lam"], tasks=3)
     assert p.names == ["t0_lam", "t1_lam", "t2_lam"]
     assert p.candidate({"t0_lam": 0.5, "t1_lam": 1.0, "t2_lam": 1.5}).params == {
-        "lam": [0.5, 1.0, 1.5]}
+        "lam": [0.5, 1.0, 1.5]
+    }
     # integers are rounded
     w = MethodSpace("wudi", {"steps": {"low": 1, "high": 10}}, [], tasks=2)
     assert w.candidate({"steps": 4.6}).params == {"steps": 5}
 
 
-@pytest.mark.parametrize("params,per_task,needle", [
-    ({"bogus": {"low": 0, "high": 1}}, [], "has no parameter 'bogus'; valid: k, lam, "
-                                           "scope"),
-    ({"k": {"low": 0.0, "high": 0.5}}, [], "bound 0 is outside ties's declared range "
-                                           "(0.0, 1.0]"),
-    ({"lam": {"low": 2, "high": 1}}, [], "not finite with low <= high"),
-    ({"k": {"high": 0.5}}, [], "give low and high (declared range (0.0, 1.0])"),
-    ({"scope": {"low": 0, "high": 1}}, [], "not a numeric parameter"),
-    ({"lam": {"low": 0.5, "high": 1.5}}, ["lam"], "takes one value, not one per task"),
-    ({"k": 0.3}, [], "give bounds {low, high} for at least one"),
-])
+@pytest.mark.parametrize(
+    "params,per_task,needle",
+    [
+        (
+            {"bogus": {"low": 0, "high": 1}},
+            [],
+            "has no parameter 'bogus'; valid: k, lam, scope",
+        ),
+        (
+            {"k": {"low": 0.0, "high": 0.5}},
+            [],
+            "bound 0 is outside ties's declared range (0.0, 1.0]",
+        ),
+        ({"lam": {"low": 2, "high": 1}}, [], "not finite with low <= high"),
+        ({"k": {"high": 0.5}}, [], "give low and high (declared range (0.0, 1.0])"),
+        ({"scope": {"low": 0, "high": 1}}, [], "not a numeric parameter"),
+        (
+            {"lam": {"low": 0.5, "high": 1.5}},
+            ["lam"],
+            "takes one value, not one per task",
+        ),
+        ({"k": 0.3}, [], "give bounds {low, high} for at least one"),
+    ],
+)
 def test_bad_method_spaces_are_one_clear_line(tmp_path, params, per_task, needle):
-    path = write_tiny_search(tmp_path, method="ties", params=params, per_task=per_task,
-                             nps=None)
+    path = write_tiny_search(
+        tmp_path, method="ties", params=params, per_task=per_task, nps=None
+    )
     with pytest.raises(ConfigError) as exc:
         load_config(path)
     assert needle in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_nps_keeps_its_own_section(tmp_path):
-    path = write_tiny_search(tmp_path, method="nps", params={"k": {"low": 0.1,
-                                                                   "high": 0.5}})
+    path = write_tiny_search(
+        tmp_path, method="nps", params={"k": {"low": 0.1, "high": 0.5}}
+    )
     with pytest.raises(ConfigError, match="its search space is the nps: section"):
         load_config(path)
-    path = write_tiny_search(tmp_path, method="ties",
-                             params={"k": {"low": 0.1, "high": 0.5}})
+    path = write_tiny_search(
+        tmp_path, method="ties", params={"k": {"low": 0.1, "high": 0.5}}
+    )
     with pytest.raises(ConfigError, match="the nps: section is for method nps"):
         load_config(path)  # write_tiny_search always writes an nps: section
     path = write_tiny_search(tmp_path, method="nope", nps=None)
@@ -78,9 +98,13 @@ def test_a_ties_search_runs_through_ray_tune_and_mlflow(tmp_path):
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     path = write_tiny_search(
-        tmp_path, name="ties-tiny", method="ties",
+        tmp_path,
+        name="ties-tiny",
+        method="ties",
         params={"k": {"low": 0.1, "high": 1.0}, "lam": {"low": 0.05, "high": 1.5}},
-        report={"baselines": ["pretrained", "defaults"]}, nps=None)
+        report={"baselines": ["pretrained", "defaults"]},
+        nps=None,
+    )
     cfg = load_config(path)
     assert cfg.method == "ties"
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -100,5 +124,6 @@ def test_a_ties_search_runs_through_ray_tune_and_mlflow(tmp_path):
     assert all(set(k.data.params) == {"k", "lam", "generation"} for k in kids)
     best = outcome.best
     assert best is not None and best.value == pytest.approx(
-        searched.calibration["objective"])
+        searched.calibration["objective"]
+    )
     assert (outcome.out / "best_model.safetensors").exists()

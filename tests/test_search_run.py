@@ -27,7 +27,9 @@ from npstune.search.runner import run_search  # noqa: E402
 from npstune.search.space import load_config  # noqa: E402
 from tests.test_search_support import mlflow_runs, write_tiny_search  # noqa: E402
 
-pytestmark = pytest.mark.slow  # every test starts Ray (a local one, or `npstune search`)
+pytestmark = (
+    pytest.mark.slow
+)  # every test starts Ray (a local one, or `npstune search`)
 
 ROOT = Path(__file__).resolve().parents[1]
 NPSTUNE = str(Path(sys.executable).with_name("npstune"))

@@ -57,9 +57,18 @@ def test_minimal_zoo_config_defaults(tmp_path):
         ({**ZOO, "search": {"seed": 0}}, "search.seed"),
         ({**ZOO, "search": {"backend": "optuna"}}, "search.backend"),
         ({**ZOO, "use": "transfer"}, "use transfer needs a transfer"),
-        ({**ZOO, "evaluator": {"kind": "callable"}}, "evaluator: function: Field required"),
-        ({**ZOO, "evaluator": {"kind": "nope"}}, "unknown evaluator kind 'nope'; valid: callable, causal-lm, clip"),
-        ({**ZOO, "evaluator": {"kind": "callable", "function": "m:f", "bogus": 1}}, "evaluator: bogus: unknown key"),
+        (
+            {**ZOO, "evaluator": {"kind": "callable"}},
+            "evaluator: function: Field required",
+        ),
+        (
+            {**ZOO, "evaluator": {"kind": "nope"}},
+            "unknown evaluator kind 'nope'; valid: callable, causal-lm, clip",
+        ),
+        (
+            {**ZOO, "evaluator": {"kind": "callable", "function": "m:f", "bogus": 1}},
+            "evaluator: bogus: unknown key",
+        ),
         ({**ZOO, "resources": {"gpus_per_trial": -1}}, "resources.gpus_per_trial"),
     ],
 )

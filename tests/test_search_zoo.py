@@ -33,7 +33,9 @@ def test_ci_sized_search_on_the_small_zoo(small_zoo, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default store sqlite:///mlflow.db lands here
     cfg = load_config(CI_CONFIG, output_dir=str(tmp_path / "out"))
     assert cfg.tracking_uri == "sqlite:///mlflow.db"
-    outcome = run_search(cfg)  # its ≤ 5 min target is measured by benchmarks/search_cost
+    outcome = run_search(
+        cfg
+    )  # its ≤ 5 min target is measured by benchmarks/search_cost
     pop = cfg.search.population
     assert outcome.trials == pop * cfg.search.generations
 

@@ -1,4 +1,5 @@
-"""Exact top-k, NPS partition and random masks against hand-checked values and a sort oracle."""
+"""Exact top-k, NPS partition and random masks against hand-checked values and a sort
+oracle."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def test_global_threshold_matches_brute_force_sort(use_radix, dtype, monkeypatch
             parts = [torch.round(p * 2) / 2 for p in parts]
         flat = torch.cat([p.reshape(-1) for p in parts])
         k = [0.01, 0.05, 0.3, 0.5, 0.99, 1.0][trial % 6]
-        th = select(lambda: parts, keep_count(k, flat.numel()))
+        th = select(lambda parts=parts: parts, keep_count(k, flat.numel()))
         got = apply(th, [p.reshape(-1) for p in parts])
         want = oracle.topk_mask(flat, k)
         assert torch.equal(got, want)
@@ -101,21 +102,30 @@ def test_joint_select_over_streams_equals_one_select_per_stream(use_radix, monke
         monkeypatch.setattr(topk_mod, "SMALL", 0)
     g = torch.Generator().manual_seed(5)
     n, streams = 3000, 3
-    xs = [(torch.randn(n, generator=g) * (2 + s)).round().abs() / 4 for s in range(streams)]  # ties
+    xs = [
+        (torch.randn(n, generator=g) * (2 + s)).round().abs() / 4
+        for s in range(streams)
+    ]  # ties
     xs[2][:] = 0.5  # one stream all ties
     steps = [tuple(x[i : i + 250] for x in xs) for i in range(0, n, 250)]
     ks = [[0, 30, 1500], [1, n], [7, 2999]]
     got = select_streams(lambda: iter(steps), ks, n)
     for s in range(streams):
-        want = select_many(lambda: [st[s] for st in steps], ks[s], n)
+        want = select_many(lambda s=s: [st[s] for st in steps], ks[s], n)
         assert got[s] == want
         for K, th in zip(ks[s], got[s]):
-            if K:  # the threshold counts the scores equal to it (what lets cursors skip scans)
-                assert th.equal == int((xs[s] == th.value).sum()) and 0 < th.quota <= th.equal
+            # the threshold counts the scores equal to it (what lets cursors skip scans)
+            if K:
+                assert (
+                    th.equal == int((xs[s] == th.value).sum())
+                    and 0 < th.quota <= th.equal
+                )
             mask = apply(th, [st[s] for st in steps])
             assert int(mask.sum()) == K
             want_mask = torch.zeros(n, dtype=torch.bool)
-            want_mask[torch.sort(-xs[s], stable=True).indices[:K]] = True  # earlier wins ties
+            want_mask[torch.sort(-xs[s], stable=True).indices[:K]] = (
+                True  # earlier wins ties
+            )
             assert torch.equal(mask, want_mask)
 
 

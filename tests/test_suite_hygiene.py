@@ -40,8 +40,10 @@ def _dotted(node: ast.AST) -> str:
 
 
 def _is_fixture(fn: ast.FunctionDef) -> bool:
-    return any(_dotted(d.func if isinstance(d, ast.Call) else d).endswith("fixture")
-               for d in fn.decorator_list)
+    return any(
+        _dotted(d.func if isinstance(d, ast.Call) else d).endswith("fixture")
+        for d in fn.decorator_list
+    )
 
 
 def _marks(decorators: list[ast.expr]) -> set[str]:
@@ -56,9 +58,13 @@ def _marks(decorators: list[ast.expr]) -> set[str]:
 def _module_marks(tree: ast.Module) -> set[str]:
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets):
-            vals = node.value.elts if isinstance(node.value, (ast.List, ast.Tuple)) else [
-                node.value]
+            isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets
+        ):
+            vals = (
+                node.value.elts
+                if isinstance(node.value, (ast.List, ast.Tuple))
+                else [node.value]
+            )
             return _marks(vals)
     return set()
 
@@ -78,8 +84,10 @@ def _heavy_body(fn: ast.FunctionDef, mocked: set[str]) -> str | None:
             first = node.args[0]
             if isinstance(first, (ast.List, ast.Tuple)):
                 words = [e.value for e in first.elts if isinstance(e, ast.Constant)]
-                if "search" in words or ("start" in words and any(
-                        "ray" in ast.unparse(e) for e in first.elts)):
+                if "search" in words or (
+                    "start" in words
+                    and any("ray" in ast.unparse(e) for e in first.elts)
+                ):
                     return "a search/ray subprocess"
     return None
 
@@ -87,9 +95,14 @@ def _heavy_body(fn: ast.FunctionDef, mocked: set[str]) -> str | None:
 def _mocked(fn: ast.FunctionDef) -> set[str]:
     """Names a test replaces with ``monkeypatch.setattr(obj, "name", ...)`` (then a
     call to it is no real build or search)."""
-    return {node.args[1].value for node in ast.walk(fn)
-            if isinstance(node, ast.Call) and _dotted(node.func).endswith("setattr")
-            and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)}
+    return {
+        node.args[1].value
+        for node in ast.walk(fn)
+        if isinstance(node, ast.Call)
+        and _dotted(node.func).endswith("setattr")
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+    }
 
 
 def _slow_reasons(tree: ast.Module) -> dict[str, str | None]:
@@ -104,22 +117,27 @@ def _slow_reasons(tree: ast.Module) -> dict[str, str | None]:
             if name in heavy_fix:
                 continue
             why = _heavy_body(f, _mocked(f)) or next(
-                (heavy_fix[a.arg] for a in f.args.args if a.arg in heavy_fix), None)
+                (heavy_fix[a.arg] for a in f.args.args if a.arg in heavy_fix), None
+            )
             if why:
                 heavy_fix[name] = f"fixture {name} ({why})"
                 changed = True
     out = {}
     for f in fns:
         if f.name.startswith("test_"):
-            out[f.name] = next((heavy_fix[a.arg] for a in f.args.args if a.arg in heavy_fix),
-                               None) or _heavy_body(f, _mocked(f))
+            out[f.name] = next(
+                (heavy_fix[a.arg] for a in f.args.args if a.arg in heavy_fix), None
+            ) or _heavy_body(f, _mocked(f))
     return out
 
 
 def _tests_and_marks(tree: ast.Module) -> dict[str, set[str]]:
     mod = _module_marks(tree)
-    return {f.name: _marks(f.decorator_list) | mod for f in tree.body
-            if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")}
+    return {
+        f.name: _marks(f.decorator_list) | mod
+        for f in tree.body
+        if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")
+    }
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
@@ -129,8 +147,10 @@ def test_slow_marks_are_exactly_the_zoo_ray_and_download_tests(path):
     unmarked = {t: r for t, r in reasons.items() if r and "slow" not in marks[t]}
     overmarked = [t for t, r in reasons.items() if not r and "slow" in marks[t]]
     assert not unmarked, f"{path.name}: mark these slow (why): {unmarked}"
-    assert not overmarked, (f"{path.name}: marked slow but build no zoo and start no Ray: "
-                            f"{overmarked} (make them fast, or say in _heavy_body why)")
+    assert not overmarked, (
+        f"{path.name}: marked slow but build no zoo and start no Ray: "
+        f"{overmarked} (make them fast, or say in _heavy_body why)"
+    )
 
 
 def test_the_zoo_comes_from_conftest_and_never_skips():
@@ -140,7 +160,8 @@ def test_the_zoo_comes_from_conftest_and_never_skips():
             if isinstance(node, ast.FunctionDef) and _is_fixture(node):
                 assert node.name not in ZOO_FIXTURES, (
                     f"{path.name} defines its own {node.name} fixture: use conftest's "
-                    "(it builds or reuses the zoo)")
+                    "(it builds or reuses the zoo)"
+                )
             if isinstance(node, ast.Call) and _dotted(node.func) == "pytest.skip":
                 text = ast.unparse(node).lower()
                 assert "zoo" not in text, f"{path.name}: skips on a missing zoo: {text}"
@@ -149,9 +170,12 @@ def test_the_zoo_comes_from_conftest_and_never_skips():
 
 
 def _clock_call(node: ast.AST) -> bool:
-    return any(isinstance(n, ast.Call) and _dotted(n.func).rsplit(".", 1)[-1] in CLOCKS
-               and _dotted(n.func).split(".")[0] in {"time", "perf_counter", "monotonic"}
-               for n in ast.walk(node))
+    return any(
+        isinstance(n, ast.Call)
+        and _dotted(n.func).rsplit(".", 1)[-1] in CLOCKS
+        and _dotted(n.func).split(".")[0] in {"time", "perf_counter", "monotonic"}
+        for n in ast.walk(node)
+    )
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
@@ -159,16 +183,23 @@ def test_no_test_asserts_a_wall_clock_bound(path):
     tree = _tree(path)
     elapsed = set()  # names bound to a clock difference: ``dt = time.time() - t0``
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.BinOp)
-                and isinstance(node.value.op, ast.Sub) and _clock_call(node.value)):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.BinOp)
+            and isinstance(node.value.op, ast.Sub)
+            and _clock_call(node.value)
+        ):
             elapsed |= {t.id for t in node.targets if isinstance(t, ast.Name)}
     bad = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Assert):
             continue
         for sub in ast.walk(node.test):
-            if (isinstance(sub, ast.BinOp) and isinstance(sub.op, ast.Sub)
-                    and _clock_call(sub)) or (isinstance(sub, ast.Name) and sub.id in elapsed):
+            if (
+                isinstance(sub, ast.BinOp)
+                and isinstance(sub.op, ast.Sub)
+                and _clock_call(sub)
+            ) or (isinstance(sub, ast.Name) and sub.id in elapsed):
                 bad.append(f"line {node.lineno}: {ast.unparse(node.test)}")
                 break
     assert not bad, f"{path.name}: wall-clock bounds belong in benchmarks/: {bad}"

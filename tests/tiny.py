@@ -17,7 +17,9 @@ SHAPES = {
 }
 
 
-def tiny_state(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def tiny_state(
+    seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """A base state dict with float tensors of several shapes and one integer buffer."""
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -29,7 +31,9 @@ def tiny_state(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, t
     return out
 
 
-def finetune(base: dict[str, torch.Tensor], seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
+def finetune(
+    base: dict[str, torch.Tensor], seed: int, scale: float = 0.1
+) -> dict[str, torch.Tensor]:
     """A 'fine-tuned' copy: heavy-tailed noise on every float tensor."""
     g = torch.Generator().manual_seed(1000 + seed)
     out = {}
@@ -54,8 +58,14 @@ def write(state: dict[str, torch.Tensor], path: Path, form: str) -> Path:
     raise ValueError(form)
 
 
-def make_set(tmp: Path, form: str = "safetensors", dtype: torch.dtype = torch.float32, tasks: int = 3):
-    """Write a base and ``tasks`` fine-tuned models; return (base path, model paths, states)."""
+def make_set(
+    tmp: Path,
+    form: str = "safetensors",
+    dtype: torch.dtype = torch.float32,
+    tasks: int = 3,
+):
+    """Write a base and ``tasks`` fine-tuned models; return (base path,
+    model paths, states)."""
     base = tiny_state(0, dtype)
     fts = [finetune(base, t) for t in range(tasks)]
     bp = write(base, tmp / "base", form)

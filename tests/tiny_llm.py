@@ -51,11 +51,15 @@ def make_tokenizer(out: Path, corpus: list[str] | None = None):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B",
+        single="<bos> $A",
+        pair="<bos> $A $B",
         special_tokens=[("<bos>", vocab["<bos>"])],
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
         unk_token="<unk>",
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -69,15 +73,23 @@ def tiny_llama_config(vocab_size: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=128, tie_word_embeddings=True,
-        bos_token_id=2, eos_token_id=3, pad_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
     )
 
 
-def make_tiny_llama(out: str | Path, seed: int = 0, steps: int = 30,
-                    lr: float = 1e-2) -> Path:
+def make_tiny_llama(
+    out: str | Path, seed: int = 0, steps: int = 30, lr: float = 1e-2
+) -> Path:
     """Write a tiny Llama (random init with ``seed``, ``steps`` AdamW steps) to ``out``.
 
     Returns the HF directory (``AutoModelForCausalLM`` / ``AutoTokenizer`` loadable).

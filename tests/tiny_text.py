@@ -39,8 +39,12 @@ def length_rows(n: int, seed: int) -> list[dict[str, object]]:
     rows = []
     for _ in range(n):
         k = rng.randrange(2, 9)
-        rows.append({"sentence": " ".join(rng.choice(FILL + POS) for _ in range(k)),
-                     "y": int(k >= 5)})
+        rows.append(
+            {
+                "sentence": " ".join(rng.choice(FILL + POS) for _ in range(k)),
+                "y": int(k >= 5),
+            }
+        )
     return rows
 
 
@@ -55,28 +59,50 @@ def make_tiny_bert(d: Path, seed: int = 0) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     d.mkdir(parents=True, exist_ok=True)
-    t = Tokenizer(models.WordPiece({w: i for i, w in enumerate(VOCAB)},
-                                   unk_token="[UNK]"))
+    t = Tokenizer(
+        models.WordPiece({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]")
+    )
     t.normalizer = normalizers.BertNormalizer(lowercase=True)
     t.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     t.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tok = BertTokenizerFast(tokenizer_object=t, unk_token="[UNK]", pad_token="[PAD]",
-                            cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )
+    tok = BertTokenizerFast(
+        tokenizer_object=t,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64,
-                     max_position_embeddings=32, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     BertModel(cfg).eval().save_pretrained(d)
     tok.save_pretrained(d)
     return d
 
 
-def finetune_bert(base: Path, out: Path, rows: list[dict[str, object]], text: str,
-                  label: str, names: list[str] | None, seed: int, steps: int = 30
-                  ) -> tuple[Path, Path]:
+def finetune_bert(
+    base: Path,
+    out: Path,
+    rows: list[dict[str, object]],
+    text: str,
+    label: str,
+    names: list[str] | None,
+    seed: int,
+    steps: int = 30,
+) -> tuple[Path, Path]:
     """Fine-tune body + a mean-pool linear head; save the body dir and the head file."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -90,8 +116,9 @@ def finetune_bert(base: Path, out: Path, rows: list[dict[str, object]], text: st
     y = torch.tensor(ys)
     body.train()
     for _ in range(steps):
-        h = body(input_ids=enc["input_ids"],
-                 attention_mask=enc["attention_mask"]).last_hidden_state
+        h = body(
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]
+        ).last_hidden_state
         m = enc["attention_mask"].unsqueeze(-1).float()
         logits = head((h * m).sum(1) / m.sum(1))
         loss = torch.nn.functional.cross_entropy(logits, y)
@@ -102,6 +129,11 @@ def finetune_bert(base: Path, out: Path, rows: list[dict[str, object]], text: st
     body.save_pretrained(out)
     tok.save_pretrained(out)
     head_path = out.parent / f"{out.name}-head.safetensors"
-    save_file({"weight": head.weight.detach().contiguous(),
-               "bias": head.bias.detach().contiguous()}, str(head_path))
+    save_file(
+        {
+            "weight": head.weight.detach().contiguous(),
+            "bias": head.bias.detach().contiguous(),
+        },
+        str(head_path),
+    )
     return out, head_path

@@ -154,8 +154,9 @@ class AdapterCheckpoint(LazyCheckpoint):
         # A LazyCheckpoint by interface; its own state replaces the file-form internals.
         self.path = Path(path)
         if not is_adapter_dir(self.path):
-            raise CheckpointError(f"{self.path}: not a PEFT adapter directory "
-                                  f"(no {ADAPTER_CONFIG})")
+            raise CheckpointError(
+                f"{self.path}: not a PEFT adapter directory (no {ADAPTER_CONFIG})"
+            )
         self.name = self.path.name
         self.form = "adapter"
         self.hf_dir = None
@@ -191,23 +192,30 @@ class AdapterCheckpoint(LazyCheckpoint):
             raise CheckpointError(f"{f}: adapter config is not a JSON object")
         ptype = str(cfg.get("peft_type", "LORA")).upper()
         if ptype != "LORA":
-            raise CheckpointError(f"{self.path}: peft_type {ptype} is not supported "
-                                  "(npstune reads LoRA adapters only)")
+            raise CheckpointError(
+                f"{self.path}: peft_type {ptype} is not supported "
+                "(npstune reads LoRA adapters only)"
+            )
         if cfg.get("use_dora"):
-            raise CheckpointError(f"{self.path}: DoRA adapters (use_dora: true) are "
-                                  "not supported: their update is not B·A·scale")
+            raise CheckpointError(
+                f"{self.path}: DoRA adapters (use_dora: true) are "
+                "not supported: their update is not B·A·scale"
+            )
         for field in ("r", "lora_alpha"):
             if field in cfg and not isinstance(cfg[field], (int, float)):
                 raise CheckpointError(
-                    f"{f}: {field} must be a number, got {cfg[field]!r}")
+                    f"{f}: {field} must be a number, got {cfg[field]!r}"
+                )
         return cfg
 
     def _weights_file(self) -> Path:
         for name in ADAPTER_WEIGHTS:
             if (self.path / name).is_file():
                 return self.path / name
-        raise CheckpointError(f"{self.path}: adapter without weights "
-                              f"(looked for {', '.join(ADAPTER_WEIGHTS)})")
+        raise CheckpointError(
+            f"{self.path}: adapter without weights "
+            f"(looked for {', '.join(ADAPTER_WEIGHTS)})"
+        )
 
     def _parse_keys(self) -> _Parsed:
         pairs: dict[str, dict[str, str]] = {}
@@ -215,15 +223,16 @@ class AdapterCheckpoint(LazyCheckpoint):
         full: dict[str, str] = {}
         names: set[str] = set()
         for fk in self.files.keys():
-            key = fk[len(PEFT_PREFIX):] if fk.startswith(PEFT_PREFIX) else fk
+            key = fk[len(PEFT_PREFIX) :] if fk.startswith(PEFT_PREFIX) else fk
             parts = key.split(".")
             if "lora_magnitude_vector" in parts:
-                raise self._fail(fk, "DoRA magnitude vector: DoRA adapters are not "
-                                 "supported")
+                raise self._fail(
+                    fk, "DoRA magnitude vector: DoRA adapters are not supported"
+                )
             idx = [i for i, p in enumerate(parts) if p in _A_PARTS or p in _B_PARTS]
             if idx:
                 i = idx[-1]
-                part, mod, rest = parts[i], ".".join(parts[:i]), parts[i + 1:]
+                part, mod, rest = parts[i], ".".join(parts[:i]), parts[i + 1 :]
                 embedding = part.startswith("lora_embedding")
                 param = "weight"
                 if not embedding and rest and rest[-1] in ("weight", "bias"):
@@ -241,10 +250,14 @@ class AdapterCheckpoint(LazyCheckpoint):
                     raise self._fail(fk, f"a second {part} for module {mod}")
                 slot[part] = fk
                 continue
-            if any(p.startswith("lora_") or p == "trainable_tokens_delta"
-                   for p in parts):
-                raise self._fail(fk, "unsupported adapter tensor (npstune reads LoRA "
-                                 "A/B, lora_B bias and full tensors)")
+            if any(
+                p.startswith("lora_") or p == "trainable_tokens_delta" for p in parts
+            ):
+                raise self._fail(
+                    fk,
+                    "unsupported adapter tensor (npstune reads LoRA "
+                    "A/B, lora_B bias and full tensors)",
+                )
             if "original_module" in parts:
                 continue  # the untouched copy PEFT keeps beside modules_to_save
             if "modules_to_save" in parts:
@@ -257,18 +270,23 @@ class AdapterCheckpoint(LazyCheckpoint):
                 raise self._fail(fk, f"a second tensor for {target}")
             full[target] = fk
         if len(names) > 1:
-            raise CheckpointError(f"{self.path}: holds several adapters "
-                                  f"({', '.join(sorted(names))}); npstune reads one "
-                                  "adapter per directory")
+            raise CheckpointError(
+                f"{self.path}: holds several adapters "
+                f"({', '.join(sorted(names))}); npstune reads one "
+                "adapter per directory"
+            )
         for mod, slot in pairs.items():
             for a, b in _A_PARTS.items():
                 if (a in slot) != (b in slot):
                     have, miss = (a, b) if a in slot else (b, a)
-                    raise self._fail(slot[have], f"{have} without {miss} for module "
-                                     f"{mod}")
+                    raise self._fail(
+                        slot[have], f"{have} without {miss} for module {mod}"
+                    )
             if len(slot) != 2:
-                raise CheckpointError(f"{self.path}: module {mod} has both lora_A and "
-                                      "lora_embedding_A tensors")
+                raise CheckpointError(
+                    f"{self.path}: module {mod} has both lora_A and "
+                    "lora_embedding_A tensors"
+                )
         for mod, fk in biases.items():
             if mod not in pairs:
                 raise self._fail(fk, "lora_B bias without lora_A/B weights")
@@ -312,8 +330,10 @@ class AdapterCheckpoint(LazyCheckpoint):
 
         ck = base if isinstance(base, LazyCheckpoint) else open_checkpoint(base)
         if isinstance(ck, AdapterCheckpoint):
-            raise CheckpointError(f"{ck.path}: the base of {self.path} is itself an "
-                                  "adapter; give the full base checkpoint")
+            raise CheckpointError(
+                f"{ck.path}: the base of {self.path} is itself an "
+                "adapter; give the full base checkpoint"
+            )
         keys = set(ck.keys())
         index = _prefix_index(keys)
         cfg = self.config
@@ -330,8 +350,9 @@ class AdapterCheckpoint(LazyCheckpoint):
 
         def claim(key: str, fk: str) -> None:
             if key in owner:
-                raise self._fail(fk, f"updates base key {key} which {owner[key]} "
-                                 "already updates")
+                raise self._fail(
+                    fk, f"updates base key {key} which {owner[key]} already updates"
+                )
             owner[key] = fk
 
         for mod in sorted(self._parsed.pairs):
@@ -343,8 +364,9 @@ class AdapterCheckpoint(LazyCheckpoint):
             a_shape, b_shape = self.files.shape(a_fk), self.files.shape(b_fk)
             for fk in (a_fk, b_fk):
                 if self.files.dtype(fk) not in _FLOATS:
-                    raise self._fail(fk, f"dtype {self.files.dtype(fk)} is not a float "
-                                     "dtype")
+                    raise self._fail(
+                        fk, f"dtype {self.files.dtype(fk)} is not a float dtype"
+                    )
             if embedding:
                 kind = "embedding"
                 ok = len(a_shape) == 2 and len(b_shape) == 2
@@ -353,45 +375,73 @@ class AdapterCheckpoint(LazyCheckpoint):
                 ok = True
             else:
                 kind = "conv"
-                ok = (len(a_shape) == len(b_shape) >= 3
-                      and all(s == 1 for s in b_shape[2:]))
+                ok = len(a_shape) == len(b_shape) >= 3 and all(
+                    s == 1 for s in b_shape[2:]
+                )
             if not ok:
-                raise self._fail(a_fk, f"A {a_shape} and B {b_shape} are not a LoRA "
-                                 f"pair npstune reads (base {key} {ck.shape(key)})")
+                raise self._fail(
+                    a_fk,
+                    f"A {a_shape} and B {b_shape} are not a LoRA "
+                    f"pair npstune reads (base {key} {ck.shape(key)})",
+                )
             rank = a_shape[0]
             if b_shape[1] != rank:
-                raise self._fail(b_fk, f"rank {b_shape[1]} (B {b_shape}) differs from "
-                                 f"A's rank {rank} (A {a_shape}) for base key {key}")
+                raise self._fail(
+                    b_fk,
+                    f"rank {b_shape[1]} (B {b_shape}) differs from "
+                    f"A's rank {rank} (A {a_shape}) for base key {key}",
+                )
             rp = pattern_key(list(rank_pat), mod)
             r_cfg = rank_pat[rp] if rp is not None else r_default
             if rank != r_cfg:
                 where = f"rank_pattern[{rp!r}]" if rp is not None else "r"
-                raise self._fail(a_fk, f"rank {rank} (A {a_shape}, B {b_shape}) but "
-                                 f"{ADAPTER_CONFIG} says {where}={r_cfg} for base key "
-                                 f"{key}")
+                raise self._fail(
+                    a_fk,
+                    f"rank {rank} (A {a_shape}, B {b_shape}) but "
+                    f"{ADAPTER_CONFIG} says {where}={r_cfg} for base key "
+                    f"{key}",
+                )
             ap = pattern_key(list(alpha_pat), mod)
             alpha = float(alpha_pat[ap] if ap is not None else a_default)
             scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-            term = LoraTerm(key, mod, a_fk, b_fk, kind, rank, alpha, scale,
-                            transpose=fifo and kind == "linear")
+            term = LoraTerm(
+                key,
+                mod,
+                a_fk,
+                b_fk,
+                kind,
+                rank,
+                alpha,
+                scale,
+                transpose=fifo and kind == "linear",
+            )
             got = term.shape(a_shape, b_shape)
             if got != tuple(ck.shape(key)):
                 fifo_note = ", fan_in_fan_out" if term.transpose else ""
-                raise self._fail(a_fk, f"B·A has shape {got} (A {a_shape}, B {b_shape}"
-                                 f"{fifo_note}) but base {ck.path} key {key} has shape "
-                                 f"{tuple(ck.shape(key))}")
+                raise self._fail(
+                    a_fk,
+                    f"B·A has shape {got} (A {a_shape}, B {b_shape}"
+                    f"{fifo_note}) but base {ck.path} key {key} has shape "
+                    f"{tuple(ck.shape(key))}",
+                )
             if ck.dtype(key) not in _FLOATS:
-                raise self._fail(a_fk, f"base key {key} has dtype {ck.dtype(key)}; "
-                                 "LoRA needs a float tensor")
+                raise self._fail(
+                    a_fk,
+                    f"base key {key} has dtype {ck.dtype(key)}; "
+                    "LoRA needs a float tensor",
+                )
             claim(key, a_fk)
             lora[key] = term
             if mod in self._parsed.biases:
                 fk = self._parsed.biases[mod]
                 bkey = self._match(f"{mod}.bias", keys, index, ck, fk)
                 if (self.files.shape(fk),) != (tuple(ck.shape(bkey)),):
-                    raise self._fail(fk, f"lora_B bias shape {self.files.shape(fk)} "
-                                     f"but base {ck.path} key {bkey} has shape "
-                                     f"{tuple(ck.shape(bkey))}")
+                    raise self._fail(
+                        fk,
+                        f"lora_B bias shape {self.files.shape(fk)} "
+                        f"but base {ck.path} key {bkey} has shape "
+                        f"{tuple(ck.shape(bkey))}",
+                    )
                 claim(bkey, fk)
                 bias[bkey] = BiasTerm(bkey, fk, scale, mod)
         for target in sorted(self._parsed.full):
@@ -402,37 +452,61 @@ class AdapterCheckpoint(LazyCheckpoint):
                 # A/B (save_embedding_layers): the base's own tensor, nothing to add
                 if torch.equal(self.files[fk], ck[key].to(self.files.dtype(fk))):
                     continue
-                raise self._fail(fk, f"holds a base layer for {key} that differs from "
-                                 f"{ck.path}: this adapter was made for another base")
+                raise self._fail(
+                    fk,
+                    f"holds a base layer for {key} that differs from "
+                    f"{ck.path}: this adapter was made for another base",
+                )
             if tuple(self.files.shape(fk)) != tuple(ck.shape(key)):
-                raise self._fail(fk, f"shape {self.files.shape(fk)} but base {ck.path} "
-                                 f"key {key} has shape {tuple(ck.shape(key))}")
+                raise self._fail(
+                    fk,
+                    f"shape {self.files.shape(fk)} but base {ck.path} "
+                    f"key {key} has shape {tuple(ck.shape(key))}",
+                )
             if (self.files.dtype(fk) in _FLOATS) != (ck.dtype(key) in _FLOATS):
-                raise self._fail(fk, f"dtype {self.files.dtype(fk)} vs base key {key} "
-                                 f"dtype {ck.dtype(key)}")
+                raise self._fail(
+                    fk,
+                    f"dtype {self.files.dtype(fk)} vs base key {key} "
+                    f"dtype {ck.dtype(key)}",
+                )
             claim(key, fk)
             full[key] = fk
         self._base, self.lora, self.bias, self.full = ck, lora, bias, full
         self._keys = sorted(keys)
         self._cache = None
 
-    def _match(self, target: str, keys: set[str], index: Mapping[str, list[str]],
-               base: LazyCheckpoint, fk: str) -> str:
+    def _match(
+        self,
+        target: str,
+        keys: set[str],
+        index: Mapping[str, list[str]],
+        base: LazyCheckpoint,
+        fk: str,
+    ) -> str:
         """The base key ``target`` names: as is, else with a leading prefix added or
         removed (at most ``_MAX_PREFIX`` components; the match must be unique)."""
         if target in keys:
             return target
         parts = target.split(".")
-        hits = {".".join(parts[j:]) for j in range(1, _MAX_PREFIX + 1)
-                if len(parts) - j >= 2 and ".".join(parts[j:]) in keys}
+        hits = {
+            ".".join(parts[j:])
+            for j in range(1, _MAX_PREFIX + 1)
+            if len(parts) - j >= 2 and ".".join(parts[j:]) in keys
+        }
         hits.update(index.get(target, ()))
         if len(hits) == 1:
             return hits.pop()
         if hits:
-            raise self._fail(fk, f"{target} matches several base keys "
-                             f"({', '.join(sorted(hits)[:3])}) of {base.path}")
-        raise self._fail(fk, f"targets {target}, which base {base.path} does not hold "
-                         "(also tried with a leading prefix added or removed)")
+            raise self._fail(
+                fk,
+                f"{target} matches several base keys "
+                f"({', '.join(sorted(hits)[:3])}) of {base.path}",
+            )
+        raise self._fail(
+            fk,
+            f"targets {target}, which base {base.path} does not hold "
+            "(also tried with a leading prefix added or removed)",
+        )
 
     def _fail(self, file_key: str, message: str) -> CheckpointError:
         """The error for one adapter tensor: ``ADAPTER_DIR:FILE_KEY: message``."""
@@ -496,8 +570,13 @@ class AdapterCheckpoint(LazyCheckpoint):
         cd = _compute_dtype(b.dtype)
         return (b.to(cd) + self.delta(key, start, start + b.numel(), cd)).to(b.dtype)
 
-    def delta(self, key: str, start: int = 0, stop: int | None = None,
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def delta(
+        self,
+        key: str,
+        start: int = 0,
+        stop: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
         """τ[key] elements ``[start, stop)`` (flat) in ``dtype``, computed in float64
         from the adapter's tensors (only the rows the range covers); zeros for keys the
         adapter does not touch."""
@@ -507,8 +586,9 @@ class AdapterCheckpoint(LazyCheckpoint):
         count = max(stop - start, 0)
         if key in self.full:
             fk = self.full[key]
-            d = (self.files.read(fk, start, stop).to(torch.float64)
-                 - base.read(key, start, stop).to(torch.float64))
+            d = self.files.read(fk, start, stop).to(torch.float64) - base.read(
+                key, start, stop
+            ).to(torch.float64)
         elif key in self.bias:
             t = self.bias[key]
             d = self.files.read(t.file_key, start, stop).to(torch.float64) * t.scale
@@ -534,8 +614,9 @@ class AdapterCheckpoint(LazyCheckpoint):
             self._cache = (t.key, a, b)
         return a, b
 
-    def _lora_rows(self, t: LoraTerm, shape: tuple[int, ...], start: int,
-                   stop: int) -> torch.Tensor:
+    def _lora_rows(
+        self, t: LoraTerm, shape: tuple[int, ...], start: int, stop: int
+    ) -> torch.Tensor:
         """Flat float64 ΔW elements ``[start, stop)``, from the rows that hold them."""
         if stop <= start:
             return torch.zeros(0, dtype=torch.float64)
@@ -562,8 +643,10 @@ class AdapterCheckpoint(LazyCheckpoint):
 
     def __repr__(self) -> str:
         base = self._base.path if self._base is not None else None
-        return (f"AdapterCheckpoint({str(self.path)!r}, base={str(base)!r}, "
-                f"lora={len(self.lora)}, full={len(self.full)})")
+        return (
+            f"AdapterCheckpoint({str(self.path)!r}, base={str(base)!r}, "
+            f"lora={len(self.lora)}, full={len(self.full)})"
+        )
 
 
 def _prefix_index(keys: set[str]) -> dict[str, list[str]]:
@@ -585,8 +668,10 @@ def check_combinable(
     out: list[AdapterCheckpoint] = []
     for m in adapters:
         if not isinstance(m, AdapterCheckpoint):
-            raise ConfigError(f"{what}: {m.path} is not a LoRA adapter; every --models "
-                              "input must be a PEFT LoRA adapter directory")
+            raise ConfigError(
+                f"{what}: {m.path} is not a LoRA adapter; every --models "
+                "input must be a PEFT LoRA adapter directory"
+            )
         out.append(m)
     if not out:
         raise ConfigError(f"{what}: no adapters given")
@@ -594,23 +679,31 @@ def check_combinable(
     base = first.base_checkpoint
     for m in out[1:]:
         if not m.is_over(base):
-            raise ConfigError(f"{what}: {m.path} is read over another base than "
-                              f"{first.path}")
-        groups = (("LoRA", m.lora, first.lora), ("lora bias", m.bias, first.bias),
-                  ("full-tensor", m.full, first.full))
+            raise ConfigError(
+                f"{what}: {m.path} is read over another base than {first.path}"
+            )
+        groups = (
+            ("LoRA", m.lora, first.lora),
+            ("lora bias", m.bias, first.bias),
+            ("full-tensor", m.full, first.full),
+        )
         for name, mine, theirs in groups:
             diff = sorted(set(mine) ^ set(theirs))
             if diff:
                 has, lacks = (m, first) if diff[0] in mine else (first, m)
-                raise ConfigError(f"{what}: {has.path} has a {name} update of "
-                                  f"{diff[0]} but {lacks.path} does not (all adapters "
-                                  "must target the same keys)")
+                raise ConfigError(
+                    f"{what}: {has.path} has a {name} update of "
+                    f"{diff[0]} but {lacks.path} does not (all adapters "
+                    "must target the same keys)"
+                )
         for key, t in m.lora.items():
             f = first.lora[key]
             if (t.kind, t.transpose) != (f.kind, f.transpose):
-                raise ConfigError(f"{what}: {m.path} and {first.path} store {key} "
-                                  f"differently ({t.kind}, transposed {t.transpose} vs "
-                                  f"{f.kind}, transposed {f.transpose})")
+                raise ConfigError(
+                    f"{what}: {m.path} and {first.path} store {key} "
+                    f"differently ({t.kind}, transposed {t.transpose} vs "
+                    f"{f.kind}, transposed {f.transpose})"
+                )
     return out
 
 
@@ -620,8 +713,9 @@ def check_adapter_out(out: str | os.PathLike[str]) -> Path:
     if p.suffix.lower() in (".safetensors", ".bin", ".pt", ".pth") or (
         p.exists() and not p.is_dir()
     ):
-        raise ConfigError(f"--out {out}: an adapter is a directory; give a directory "
-                          "path")
+        raise ConfigError(
+            f"--out {out}: an adapter is a directory; give a directory path"
+        )
     if not p.parent.is_dir():
         raise CheckpointError(f"{p}: parent directory {p.parent} does not exist")
     return p
@@ -690,12 +784,14 @@ def write_combined_adapter(
                 plan.append(("bias", bt.key, fk))
     for bt in first.bias.values():
         if bt.key in wanted and _weight_of(first, bt) not in wanted:
-            raise ConfigError(f"--out-format adapter: {bt.key} takes part but its "
-                              f"module's weight {_weight_of(first, bt)} does not; "
-                              "include both or neither")
+            raise ConfigError(
+                f"--out-format adapter: {bt.key} takes part but its "
+                f"module's weight {_weight_of(first, bt)} does not; "
+                "include both or neither"
+            )
     for key in sorted(first.full):
         fk = first.full[key]
-        name = fk[len(PEFT_PREFIX):] if fk.startswith(PEFT_PREFIX) else fk
+        name = fk[len(PEFT_PREFIX) :] if fk.startswith(PEFT_PREFIX) else fk
         parts = name.split(".")
         if "modules_to_save" in parts:
             j = parts.index("modules_to_save")
@@ -703,8 +799,9 @@ def write_combined_adapter(
         fk = PEFT_PREFIX + ".".join(p for p in parts if p != "base_layer")
         specs[fk] = (tuple(first.shape(key)), first.dtype(key))
         plan.append(("full", key, fk))
-    config = _combined_config(adapters, ranks, base_name, bool(
-        any(kind == "bias" for kind, _, _ in plan)))
+    config = _combined_config(
+        adapters, ranks, base_name, bool(any(kind == "bias" for kind, _, _ in plan))
+    )
     tmp = out.parent / f".{out.name}.npstune-tmp-{os.getpid()}"
     remove_path(tmp)
     tmp.mkdir()
@@ -717,9 +814,16 @@ def write_combined_adapter(
                 a = torch.cat([m.files[m.lora[key].a].to(dt) for m in adapters], 0)
                 writer.write(fk, a)
             elif kind == "B":
-                b = torch.cat([(m.files[m.lora[key].b].to(torch.float64)
-                                * (w * m.lora[key].scale)).to(dt)
-                               for m, w in zip(adapters, weights)], 1)
+                b = torch.cat(
+                    [
+                        (
+                            m.files[m.lora[key].b].to(torch.float64)
+                            * (w * m.lora[key].scale)
+                        ).to(dt)
+                        for m, w in zip(adapters, weights)
+                    ],
+                    1,
+                )
                 writer.write(fk, b)
             elif kind == "bias":
                 total = torch.zeros(specs[fk][0], dtype=torch.float64)
@@ -742,8 +846,12 @@ def write_combined_adapter(
     return config
 
 
-def _combined_config(adapters: Sequence[AdapterCheckpoint], ranks: Mapping[str, int],
-                     base_name: str | None, lora_bias: bool) -> dict[str, Any]:
+def _combined_config(
+    adapters: Sequence[AdapterCheckpoint],
+    ranks: Mapping[str, int],
+    base_name: str | None,
+    lora_bias: bool,
+) -> dict[str, Any]:
     """PEFT's adapter_config.json for the concatenated adapter (scale 1 everywhere)."""
     cfgs = [m.config for m in adapters]
     counts: dict[int, int] = {}
@@ -751,8 +859,12 @@ def _combined_config(adapters: Sequence[AdapterCheckpoint], ranks: Mapping[str, 
         counts[r] = counts.get(r, 0) + 1
     r_main = max(counts, key=lambda r: (counts[r], r)) if counts else 8
     others = {re.escape(mod): r for mod, r in sorted(ranks.items()) if r != r_main}
-    targeting = ("target_modules", "exclude_modules", "layers_to_transform",
-                 "layers_pattern")
+    targeting = (
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+    )
     same = all(all(c.get(f) == cfgs[0].get(f) for c in cfgs) for f in targeting)
     config: dict[str, Any] = {
         "peft_type": "LORA",
@@ -769,11 +881,15 @@ def _combined_config(adapters: Sequence[AdapterCheckpoint], ranks: Mapping[str, 
         "lora_bias": lora_bias,
         "inference_mode": True,
         "init_lora_weights": True,
-        "base_model_name_or_path": _common([c.get("base_model_name_or_path")
-                                            for c in cfgs]) or base_name,
+        "base_model_name_or_path": _common(
+            [c.get("base_model_name_or_path") for c in cfgs]
+        )
+        or base_name,
         "task_type": _common([c.get("task_type") for c in cfgs]),
-        "modules_to_save": sorted({m for c in cfgs
-                                   for m in (c.get("modules_to_save") or [])}) or None,
+        "modules_to_save": sorted(
+            {m for c in cfgs for m in (c.get("modules_to_save") or [])}
+        )
+        or None,
     }
     if same:
         config.update({f: cfgs[0][f] for f in targeting if cfgs[0].get(f) is not None})

@@ -3,9 +3,10 @@
 Forms (DESIGN §8): a ``.safetensors`` file, a sharded safetensors directory
 (``model.safetensors.index.json``), a torch state-dict file (loaded with
 ``weights_only=True``), and a Hugging Face model directory (``config.json`` beside the
-weights). Safetensors data is read with positioned reads into fresh buffers rather than a
-memory map, so resident memory stays near the tensors being combined even for checkpoints
-far larger than RAM; at most one shard file per checkpoint is open at a time.
+weights). Safetensors data is read with positioned reads into fresh buffers rather than
+a memory map, so resident memory stays near the tensors being combined even for
+checkpoints far larger than RAM; at most one shard file per checkpoint is open at a
+time.
 
 A PEFT LoRA adapter directory (``adapter_config.json`` beside ``adapter_model.*``) opens
 as the fine-tuned model it describes over a base (:mod:`npstune.checkpoints.adapter`).
@@ -47,7 +48,12 @@ from npstune.fsutil import (
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
-HF_WEIGHT_FILES = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", TORCH_INDEX)
+HF_WEIGHT_FILES = (
+    "model.safetensors",
+    SAFETENSORS_INDEX,
+    "pytorch_model.bin",
+    TORCH_INDEX,
+)
 FORMS = ("safetensors", "sharded", "torch", "hf")
 
 
@@ -56,7 +62,11 @@ def checkpoint_name(path: str | os.PathLike[str]) -> str:
     p = Path(path)
     if p.name.endswith(".index.json"):
         p = p.parent
-    return p.stem if p.is_file() or p.suffix in (".safetensors", ".pt", ".bin", ".pth") else p.name
+    return (
+        p.stem
+        if p.is_file() or p.suffix in (".safetensors", ".pt", ".bin", ".pth")
+        else p.name
+    )
 
 
 class LazyCheckpoint(Mapping[str, torch.Tensor]):
@@ -81,8 +91,10 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
         self._lock = threading.Lock()
         self._open: tuple[Path, Any] | None = None
         self.form, self.weights = self._detect()
-        self._keys = sorted(self._infos) if self._torch_state is None else sorted(
-            self._torch_state
+        self._keys = (
+            sorted(self._infos)
+            if self._torch_state is None
+            else sorted(self._torch_state)
         )
 
     # ------------------------------------------------------------------ detection
@@ -95,8 +107,10 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
                         self.hf_dir = p
                         self._load_weights(p / name)
                         return "hf", p / name
-                raise CheckpointError(f"{p}: Hugging Face directory without weights "
-                                      f"(looked for {', '.join(HF_WEIGHT_FILES)})")
+                raise CheckpointError(
+                    f"{p}: Hugging Face directory without weights "
+                    f"(looked for {', '.join(HF_WEIGHT_FILES)})"
+                )
             if (p / SAFETENSORS_INDEX).is_file():
                 self._load_weights(p / SAFETENSORS_INDEX)
                 return "sharded", p / SAFETENSORS_INDEX
@@ -104,10 +118,14 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
                 self._load_weights(p / "model.safetensors")
                 return "sharded", p / "model.safetensors"
             if (p / "adapter_config.json").is_file():
-                raise CheckpointError(f"{p}: a PEFT adapter, not a full checkpoint: "
-                                      "open it with open_checkpoint(path, base=BASE)")
-            raise CheckpointError(f"{p}: directory holds no checkpoint "
-                                  f"(no config.json, {SAFETENSORS_INDEX} or model.safetensors)")
+                raise CheckpointError(
+                    f"{p}: a PEFT adapter, not a full checkpoint: "
+                    "open it with open_checkpoint(path, base=BASE)"
+                )
+            raise CheckpointError(
+                f"{p}: directory holds no checkpoint "
+                f"(no config.json, {SAFETENSORS_INDEX} or model.safetensors)"
+            )
         if p.name.endswith(".index.json"):
             self._load_weights(p)
             return "sharded", p
@@ -124,7 +142,9 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
                 weight_map: dict[str, str] = index["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{f}: unreadable shard index ({exc})") from exc
-            self.metadata = {str(k): str(v) for k, v in (index.get("metadata") or {}).items()}
+            self.metadata = {
+                str(k): str(v) for k, v in (index.get("metadata") or {}).items()
+            }
             self.shard_of = dict(weight_map)
             if f.name == TORCH_INDEX:
                 state: dict[str, torch.Tensor] = {}
@@ -142,8 +162,10 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
                     self._file_of[key] = (sp, start)
             missing = set(weight_map) - set(self._infos)
             if missing:
-                raise CheckpointError(f"{f}: index names tensors no shard holds: "
-                                      f"{', '.join(sorted(missing)[:3])}")
+                raise CheckpointError(
+                    f"{f}: index names tensors no shard holds: "
+                    f"{', '.join(sorted(missing)[:3])}"
+                )
             return
         if f.suffix == ".safetensors":
             infos, meta, start = read_header(f)
@@ -197,7 +219,8 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
         return math.prod(self.shape(key))
 
     def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Elements ``[start, stop)`` of ``key`` in row-major order, as a flat tensor."""
+        """Elements ``[start, stop)`` of ``key`` in row-major order,
+        as a flat tensor."""
         if self._torch_state is not None:
             return self._torch_state[key].reshape(-1)[start:stop]
         info = self._info(key)
@@ -240,11 +263,15 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
         return 0 if self._open is None else 1
 
     def __repr__(self) -> str:
-        return f"LazyCheckpoint({str(self.path)!r}, form={self.form!r}, tensors={len(self)})"
+        return (
+            f"LazyCheckpoint({str(self.path)!r}, form={self.form!r}, "
+            f"tensors={len(self)})"
+        )
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """Load a torch state-dict file safely (no code execution), memory-mapped if possible."""
+    """Load a torch state-dict file safely (no code execution),
+    memory-mapped if possible."""
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -259,7 +286,11 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable torch file ({exc})") from exc
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+    if (
+        isinstance(obj, Mapping)
+        and "state_dict" in obj
+        and isinstance(obj["state_dict"], Mapping)
+    ):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
@@ -288,7 +319,9 @@ def open_checkpoint(
 
 # ---------------------------------------------------------------------- writing
 def _is_weight_file(p: Path) -> bool:
-    return p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name.endswith(".index.json")
+    return p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name.endswith(
+        ".index.json"
+    )
 
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -323,8 +356,8 @@ class CheckpointWriter:
     """Write a checkpoint tensor by tensor (or chunk by chunk), atomically, in the form
     :func:`output_form` gives for ``out`` (the one its name names, else ``like``'s).
 
-    Use as a context manager: on a clean exit the temporary output is renamed to ``out``;
-    on an exception it is removed and ``out`` is left as it was.
+    Use as a context manager: on a clean exit the temporary output is renamed to
+    ``out``; on an exception it is removed and ``out`` is left as it was.
     """
 
     def __init__(
@@ -342,7 +375,9 @@ class CheckpointWriter:
         self.form = output_form(out, like)
         parent = self.out.parent
         if not parent.exists():
-            raise CheckpointError(f"{self.out}: parent directory {parent} does not exist")
+            raise CheckpointError(
+                f"{self.out}: parent directory {parent} does not exist"
+            )
         self.tmp = parent / f".{self.out.name}.npstune-tmp-{os.getpid()}"
         self._writers: dict[str, StreamingSafetensorsWriter] = {}
         self._route: dict[str, str] = {}
@@ -360,8 +395,11 @@ class CheckpointWriter:
         if self.form == "hf" and self.like.hf_dir is not None:
             _copy_non_weights(self.like.hf_dir, self.tmp)
         weights = self.like.weights
-        sharded = (self.like.form in ("sharded", "hf") and bool(self.like.shard_of)
-                   and weights.name.endswith(".index.json"))
+        sharded = (
+            self.like.form in ("sharded", "hf")
+            and bool(self.like.shard_of)
+            and weights.name.endswith(".index.json")
+        )
         if not sharded:
             self._open_file(self.tmp / "model.safetensors", self.specs)
             return self
@@ -370,7 +408,10 @@ class CheckpointWriter:
         for key, spec in self.specs.items():
             shard = self.like.shard_of.get(key, first)
             if shard.endswith(".bin"):
-                shard = shard[: -len(".bin")].replace("pytorch_model", "model") + ".safetensors"
+                shard = (
+                    shard[: -len(".bin")].replace("pytorch_model", "model")
+                    + ".safetensors"
+                )
             groups.setdefault(shard, {})[key] = spec
         for shard, specs in groups.items():
             self._open_file(self.tmp / shard, specs)
@@ -382,18 +423,23 @@ class CheckpointWriter:
         atomic_write_text(self.tmp / SAFETENSORS_INDEX, json.dumps(index, indent=2))
         return self
 
-    def _open_file(self, path: Path, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    def _open_file(
+        self, path: Path, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+    ) -> None:
         w = StreamingSafetensorsWriter(path, specs, self.metadata)
         self._writers[path.name] = w
         for key in specs:
             self._route[key] = path.name
 
     def write(self, key: str, tensor: torch.Tensor, start: int = 0) -> None:
-        """Write a whole tensor, or a flat row-major chunk beginning at element ``start``."""
+        """Write a whole tensor, or a flat row-major chunk beginning at element
+        ``start``."""
         if self._torch_state is not None:
             shape, dtype = self.specs[key]
             if start == 0 and tensor.numel() == math.prod(shape):
-                self._torch_state[key] = tensor.detach().to(dtype).reshape(shape).clone()
+                self._torch_state[key] = (
+                    tensor.detach().to(dtype).reshape(shape).clone()
+                )
                 return
             full = self._torch_state.setdefault(key, torch.empty(shape, dtype=dtype))
             full.view(-1)[start : start + tensor.numel()] = tensor.reshape(-1)
@@ -441,9 +487,9 @@ def remove_path(p: Path) -> None:
 
 
 def replace_path(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` (a file or a directory whose files are synced) to ``out``,
-    replacing an existing file or directory only at the end; the rename is made durable
-    (:func:`~npstune.fsutil.replace_durably` for a file; the parent fsynced)."""
+    """Move the finished ``tmp`` (a file or a directory whose files are synced) to
+    ``out``, replacing an existing file or directory only at the end; the rename is made
+    durable (:func:`~npstune.fsutil.replace_durably` for a file; the parent fsynced)."""
     if out.is_dir() and not out.is_symlink():
         old = out.parent / f".{out.name}.npstune-old-{os.getpid()}"
         remove_path(old)
@@ -466,7 +512,8 @@ def write_state_dict(
 ) -> Path:
     """Write an in-memory state dict (small models, tests) in ``like``'s form.
 
-    Without ``like`` the form follows the suffix of ``out``: ``.safetensors`` or a torch file.
+    Without ``like`` the form follows the suffix of ``out``: ``.safetensors`` or a torch
+    file.
     """
     out = Path(out)
     specs = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
@@ -490,10 +537,12 @@ def write_state_dict(
             torch.save({k: v.contiguous() for k, v in state.items()}, buf)
             atomic_write_bytes(out, buf.getvalue())
             return out
-        raise ConfigError(f"{out}: cannot infer a checkpoint form from the name; pass like=")
-    with CheckpointWriter(out, like, specs, metadata) as w:
+        raise ConfigError(
+            f"{out}: cannot infer a checkpoint form from the name; pass like="
+        )
+    with CheckpointWriter(out, like, specs, metadata) as writer:
         for k in sorted(state):
-            w.write(k, state[k])
+            writer.write(k, state[k])
     return out
 
 
@@ -503,7 +552,8 @@ def write_sharded(
     max_shard_bytes: int,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write a state dict as a sharded safetensors directory with an index (tests, zoo)."""
+    """Write a state dict as a sharded safetensors directory with an index
+    (tests, zoo)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -521,7 +571,11 @@ def write_sharded(
         name = f"model-{i:05d}-of-{total:05d}.safetensors"
         write_state_dict(out / name, shard, metadata=metadata)
         weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-             "weight_map": weight_map}
+    index = {
+        "metadata": {
+            "total_size": sum(v.numel() * v.element_size() for v in state.values())
+        },
+        "weight_map": weight_map,
+    }
     atomic_write_text(out / SAFETENSORS_INDEX, json.dumps(index, indent=2))
     return out

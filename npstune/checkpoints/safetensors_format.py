@@ -1,11 +1,11 @@
 """The safetensors file format, read and written tensor by tensor.
 
 Layout (https://github.com/huggingface/safetensors): 8-byte little-endian header length,
-a JSON header ``{key: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}``,
-then the raw little-endian tensor bytes. We parse the header ourselves so a truncated file
-is caught before any tensor is read, and we write files in a streaming fashion: the header
-is known from the plan (shapes and dtypes), so each tensor goes straight to its offset and
-no full state dict is ever held in memory.
+a JSON header ``{key: {dtype, shape, data_offsets: [begin, end]}, "__metadata__":
+{...}}``, then the raw little-endian tensor bytes. We parse the header ourselves so a
+truncated file is caught before any tensor is read, and we write files in a streaming
+fashion: the header is known from the plan (shapes and dtypes), so each tensor goes
+straight to its offset and no full state dict is ever held in memory.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import json
 import math
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -43,7 +43,8 @@ ALIGN = 8
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Shape, dtype and byte range (relative to the data section) of one stored tensor."""
+    """Shape, dtype and byte range (relative to the data section) of one stored
+    tensor."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -68,12 +69,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file (file too short)")
+                raise CheckpointError(
+                    f"{path}: not a safetensors file (file too short)"
+                )
             (hlen,) = struct.unpack("<Q", raw)
             if hlen > MAX_HEADER or 8 + hlen > size:
                 raise CheckpointError(
-                    f"{path}: truncated or not a safetensors file (header length {hlen} "
-                    f"but file has {size} bytes)"
+                    f"{path}: truncated or not a safetensors file (header length "
+                    f"{hlen} but file has {size} bytes)"
                 )
             header = json.loads(f.read(hlen))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -89,14 +92,18 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
             begin, end = (int(x) for x in entry["data_offsets"])
             shape = tuple(int(s) for s in entry["shape"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}:{key}: malformed header entry ({exc})") from exc
+            raise CheckpointError(
+                f"{path}:{key}: malformed header entry ({exc})"
+            ) from exc
         info = TensorInfo(shape, dtype, begin, end)
         if end - begin != info.numel * _itemsize(dtype):
-            raise CheckpointError(f"{path}:{key}: byte range does not match shape {shape}")
+            raise CheckpointError(
+                f"{path}:{key}: byte range does not match shape {shape}"
+            )
         if end > data_len:
             raise CheckpointError(
-                f"{path}:{key}: file is truncated (tensor ends at byte {end} of the data "
-                f"section, which has only {data_len} bytes)"
+                f"{path}:{key}: file is truncated (tensor ends at byte {end} of the "
+                f"data section, which has only {data_len} bytes)"
             )
         infos[key] = info
     return infos, dict(meta), 8 + hlen
@@ -109,9 +116,9 @@ def _itemsize(dtype: torch.dtype) -> int:
 class StreamingSafetensorsWriter:
     """Write one safetensors file tensor by tensor, at offsets fixed up front.
 
-    ``specs`` maps key -> (shape, dtype) for every tensor the file will hold. Tensors may
-    then be written in any order with :meth:`write`; :meth:`close` checks that every key
-    was written. The file is written to ``path`` directly: callers make it atomic by
+    ``specs`` maps key -> (shape, dtype) for every tensor the file will hold. Tensors
+    may then be written in any order with :meth:`write`; :meth:`close` checks that every
+    key was written. The file is written to ``path`` directly: callers make it atomic by
     writing into a temporary location and renaming (see ``checkpoints.io``).
     """
 
@@ -151,7 +158,8 @@ class StreamingSafetensorsWriter:
         self._fh.truncate(self._data_start + pos)
 
     def write(self, key: str, tensor: torch.Tensor, start: int = 0) -> None:
-        """Write ``tensor`` (or a row-major chunk of it beginning at element ``start``)."""
+        """Write ``tensor`` (or a row-major chunk of it beginning at element
+        ``start``)."""
         try:
             off, nbytes, shape, dtype = self._offsets[key]
         except KeyError:
@@ -163,7 +171,9 @@ class StreamingSafetensorsWriter:
         flat = tensor.detach().reshape(-1).contiguous().cpu()
         item = flat.element_size()
         if start * item + flat.numel() * item > nbytes:
-            raise CheckpointError(f"{self.path}:{key}: chunk runs past the tensor's end")
+            raise CheckpointError(
+                f"{self.path}:{key}: chunk runs past the tensor's end"
+            )
         self._fh.seek(self._data_start + off + start * item)
         if flat.numel():
             self._fh.write(flat.view(torch.uint8).numpy().data)

@@ -14,7 +14,8 @@ import click
 
 from npstune.errors import NpstuneError
 
-# name -> "module:attribute" of a click command; adding a subcommand touches one line here.
+# name -> "module:attribute" of a click command; adding a subcommand touches one line
+# here.
 COMMANDS: dict[str, str] = {
     "merge": "npstune.cli.merge:merge",
     "methods": "npstune.cli.methods:methods",
@@ -41,7 +42,9 @@ class LazyGroup(click.Group):
         module, attr = target.split(":")
         try:
             return getattr(importlib.import_module(module), attr)
-        except ModuleNotFoundError as exc:  # a subcommand not built yet, or a missing extra
+        except (
+            ModuleNotFoundError
+        ) as exc:  # a subcommand not built yet, or a missing extra
             if exc.name and exc.name.startswith("npstune"):
                 return None
             raise

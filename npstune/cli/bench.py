@@ -1,4 +1,5 @@
-"""``npstune bench NAME [--zoo SIZE] [ARGS...]``: run a benchmark module from ``benchmarks/``.
+"""``npstune bench NAME [--zoo SIZE] [ARGS...]``: run a benchmark module from
+``benchmarks/``.
 
 NAME is one of ``benchmarks.BENCHMARKS``; everything after NAME (``--help`` too) goes to
 the module's own ``main(argv)``.
@@ -18,7 +19,9 @@ from npstune.errors import ConfigError
 class BenchCommand(click.Command):
     """Its help lists the benchmark table, read when the help is shown."""
 
-    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_help_text(
+        self, ctx: click.Context, formatter: click.HelpFormatter
+    ) -> None:
         super().format_help_text(ctx, formatter)
         try:
             from benchmarks import BENCHMARKS
@@ -28,15 +31,23 @@ class BenchCommand(click.Command):
             formatter.write_dl(list(BENCHMARKS.items()))
 
 
-@click.command("bench", cls=BenchCommand,
-               context_settings={"ignore_unknown_options": True,
-                                 "allow_interspersed_args": False})
-@click.option("--zoo", "zoo_size", default=None, type=RegistryChoice(zoo_sizes),
-              help="Zoo size, passed on as the benchmark's --zoo.")
+@click.command(
+    "bench",
+    cls=BenchCommand,
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.option(
+    "--zoo",
+    "zoo_size",
+    default=None,
+    type=RegistryChoice(zoo_sizes),
+    help="Zoo size, passed on as the benchmark's --zoo.",
+)
 @click.argument("name")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 def bench(zoo_size: str | None, name: str, extra: tuple[str, ...]) -> None:
-    """Run benchmark NAME; it prints a table and writes benchmarks/results/NAME.md/.json.
+    """Run benchmark NAME; it prints a table and writes
+    benchmarks/results/NAME.md/.json.
 
     Arguments after NAME go to the benchmark (`npstune bench NAME --help` lists them).
     """
@@ -44,8 +55,10 @@ def bench(zoo_size: str | None, name: str, extra: tuple[str, ...]) -> None:
     try:
         valid = benchmarks()
     except ModuleNotFoundError as exc:
-        raise ConfigError(f"the benchmarks are not available ({exc}); run from a source "
-                          "checkout installed with `pip install -e .`") from exc
+        raise ConfigError(
+            f"the benchmarks are not available ({exc}); run from a source "
+            "checkout installed with `pip install -e .`"
+        ) from exc
     if mod_name not in valid:
         raise ConfigError(f"unknown benchmark {name!r}; valid: {', '.join(valid)}")
     module = importlib.import_module(f"benchmarks.{mod_name}")

@@ -48,8 +48,11 @@ def sparse_methods_with(field: str) -> list[str]:
     from npstune.compress.store import SPARSE_METHODS
     from npstune.merge.registry import get_method
 
-    return [n for n, m in SPARSE_METHODS.items()
-            if field in get_method(m).params.model_fields]
+    return [
+        n
+        for n, m in SPARSE_METHODS.items()
+        if field in get_method(m).params.model_fields
+    ]
 
 
 def value_dtypes() -> list[str]:

@@ -44,7 +44,9 @@ def parse_floats(text: str | None, name: str) -> list[float] | None:
     try:
         return [float(x) for x in text.replace(" ", "").split(",") if x != ""]
     except ValueError:
-        raise ConfigError(f"{name}: expected comma-separated numbers, got {text!r}") from None
+        raise ConfigError(
+            f"{name}: expected comma-separated numbers, got {text!r}"
+        ) from None
 
 
 def check_output(out: str | Path, inputs: list[str | Path]) -> Path:
@@ -53,7 +55,9 @@ def check_output(out: str | Path, inputs: list[str | Path]) -> Path:
     for i in inputs:
         p = Path(i).resolve()
         if o == p or p.is_relative_to(o) or (p.is_dir() and o.is_relative_to(p)):
-            raise ConfigError(f"--out {out}: would overwrite the input {i}; choose another path")
+            raise ConfigError(
+                f"--out {out}: would overwrite the input {i}; choose another path"
+            )
     return o
 
 
@@ -63,21 +67,30 @@ class RegistryChoice(click.Choice):
     retypes no registry name, follows plugins, and ``npstune --help`` imports no
     registry."""
 
-    def __init__(self, names: Callable[[], Iterable[str]], case_sensitive: bool = True) -> None:
+    def __init__(
+        self, names: Callable[[], Iterable[str]], case_sensitive: bool = True
+    ) -> None:
         self._names = names
         self.case_sensitive = case_sensitive
 
-    @property  # type: ignore[override]
-    def choices(self) -> tuple[str, ...]:
+    # click.Choice's choices is a plain attribute; here it is read-only on purpose
+    # (always the registry's current names)
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(self._names())
 
 
 class HelpFromRegistry(click.Option):
     """An option whose help ends with a list a registry gives when the help is shown:
-    ``help_names=(prefix, function)`` appends ``prefix + ", ".join(function()) + "."``."""
+    ``help_names=(prefix, function)`` appends ``prefix + ", ".join(function()) +
+    "."``."""
 
-    def __init__(self, *args: Any, help_names: tuple[str, Callable[[], Iterable[str]]],
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        help_names: tuple[str, Callable[[], Iterable[str]]],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._base_help = self.help or ""
         self._help_names = help_names

@@ -1,5 +1,5 @@
-"""``npstune search CONFIG.yaml [--resume] [--backend NAME]`` (DESIGN §8); NAME is one of
-``npstune.search.backends.BACKENDS``."""
+"""``npstune search CONFIG.yaml [--resume] [--backend NAME]`` (DESIGN §8); NAME is one
+of ``npstune.search.backends.BACKENDS``."""
 
 from __future__ import annotations
 

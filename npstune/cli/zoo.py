@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import click
 
 from npstune.cli import names
 from npstune.cli.options import RegistryChoice
 
-_CACHE = click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-                      help="Zoo cache (default: $NPSTUNE_ZOO_DIR or ~/.cache/npstune/zoo).")
+_CACHE = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Zoo cache (default: $NPSTUNE_ZOO_DIR or ~/.cache/npstune/zoo).",
+)
 
 
 @click.group()
@@ -20,10 +25,13 @@ def zoo() -> None:
 
 
 @zoo.command()
-@click.option("--size", type=RegistryChoice(names.zoo_sizes), default="small",
-              show_default=True)
+@click.option(
+    "--size", type=RegistryChoice(names.zoo_sizes), default="small", show_default=True
+)
 @_CACHE
-@click.option("--threads", type=int, default=None, help="Torch threads (default: all cores).")
+@click.option(
+    "--threads", type=int, default=None, help="Torch threads (default: all cores)."
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def build(size: str, cache_dir: str | None, threads: int | None, quiet: bool) -> None:
     """Build the zoo of SIZE (a no-op when it is already built with this recipe)."""
@@ -44,29 +52,52 @@ def list_(cache_dir: str | None, as_json: bool) -> None:
     from npstune.zoo.recipe import ZOO_SIZES
 
     cache = resolve_cache_dir(cache_dir)
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for size, recipe in ZOO_SIZES.items():
         root = zoo_dir(recipe, cache)
         m = read_manifest(root)
-        out[size] = {"path": str(root), "status": m.get("status") if m else "not built",
-                     "tasks": list(recipe.tasks), "manifest": m}
+        out[size] = {
+            "path": str(root),
+            "status": m.get("status") if m else "not built",
+            "tasks": list(recipe.tasks),
+            "manifest": m,
+        }
     if as_json:
-        click.echo(json.dumps({s: {**v, "manifest": None, "accuracy": {
-            t: e["accuracy"] for t, e in (v["manifest"] or {}).get("tasks", {}).items()}}
-            for s, v in out.items()}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    s: {
+                        **v,
+                        "manifest": None,
+                        "accuracy": {
+                            t: e["accuracy"]
+                            for t, e in (v["manifest"] or {}).get("tasks", {}).items()
+                        },
+                    }
+                    for s, v in out.items()
+                },
+                indent=2,
+            )
+        )
         return
     for size, v in out.items():
         click.echo(f"{size}: {v['status']}  ({v['path']})")
         if v["manifest"]:
             _print_tasks(v["manifest"])
         else:
-            click.echo(f"  tasks: {', '.join(v['tasks'])}  (npstune zoo build --size {size})")
+            click.echo(
+                f"  tasks: {', '.join(v['tasks'])}  (npstune zoo build --size {size})"
+            )
 
 
 def _print_tasks(manifest: dict) -> None:
-    click.echo(f"  {'task':<16} {'classes':>7} {'finetuned':>9} {'base+head':>9} {'probe':>6}")
+    click.echo(
+        f"  {'task':<16} {'classes':>7} {'finetuned':>9} {'base+head':>9} {'probe':>6}"
+    )
     for name, t in manifest["tasks"].items():
         a = t.get("accuracy", {})
         probe = f"{a['probe_test']:.3f}" if "probe_test" in a else "-"
-        click.echo(f"  {name:<16} {t['num_classes']:>7} {a.get('finetuned_test', 0):>9.3f} "
-                   f"{a.get('base_head_test', 0):>9.3f} {probe:>6}")
+        click.echo(
+            f"  {name:<16} {t['num_classes']:>7} {a.get('finetuned_test', 0):>9.3f} "
+            f"{a.get('base_head_test', 0):>9.3f} {probe:>6}"
+        )

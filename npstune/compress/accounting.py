@@ -9,9 +9,10 @@ The paper's formulas, for ``T`` tasks and ``N`` merged parameters per model at 3
 
 ``k·N`` is the kept count ``⌈k·N⌉`` of DESIGN §2 (equal to ``k·N`` whenever that is an
 integer), so every result is an exact integer. Frozen parameters (outside the task
-vectors: frozen while fine-tuning, filtered out, integer buffers) are stored once by every
-method; they are reported apart as base-only bits (32 per parameter) and added only to
-``total_bits``. Optionally the real bytes on disk are put beside the paper's bits.
+vectors: frozen while fine-tuning, filtered out, integer buffers) are stored once by
+every method; they are reported apart as base-only bits (32 per parameter) and added
+only to ``total_bits``. Optionally the real bytes on disk are put beside the paper's
+bits.
 """
 
 from __future__ import annotations
@@ -23,20 +24,36 @@ from npstune.sparsify import keep_count
 
 #: Accounting family of every method name the CLI, the benchmarks and the paper use.
 FAMILIES: dict[str, str] = {
-    "finetuned": "finetuned", "fine-tuned": "finetuned", "individual": "finetuned",
-    "merged": "merged", "zero-shot": "merged", "pretrained": "merged",
-    "average": "merged", "averaging": "merged", "task-arithmetic": "merged",
-    "ties": "merged", "fisher": "merged", "regmean": "merged",
-    "consensus-ta": "merged", "consensus-ties": "merged",
-    "tall-ties": "tall", "tall": "tall", "tall-masks": "tall",
-    "nps": "sparse", "magnitude": "sparse", "dare": "sparse", "darex": "sparse",
-    "ties-trim": "sparse", "sparse": "sparse",
+    "finetuned": "finetuned",
+    "fine-tuned": "finetuned",
+    "individual": "finetuned",
+    "merged": "merged",
+    "zero-shot": "merged",
+    "pretrained": "merged",
+    "average": "merged",
+    "averaging": "merged",
+    "task-arithmetic": "merged",
+    "ties": "merged",
+    "fisher": "merged",
+    "regmean": "merged",
+    "consensus-ta": "merged",
+    "consensus-ties": "merged",
+    "tall-ties": "tall",
+    "tall": "tall",
+    "tall-masks": "tall",
+    "nps": "sparse",
+    "magnitude": "sparse",
+    "dare": "sparse",
+    "darex": "sparse",
+    "ties-trim": "sparse",
+    "sparse": "sparse",
 }
 
 
 @dataclass(frozen=True)
 class StorageBits:
-    """Bits one method needs for ``tasks`` models of ``n`` merged (+ ``frozen``) params."""
+    """Bits one method needs for ``tasks`` models of ``n`` merged
+    (+ ``frozen``) params."""
 
     method: str
     family: str
@@ -67,10 +84,17 @@ class StorageBits:
     def as_dict(self) -> dict[str, object]:
         """JSON-ready numbers (every bit count an exact integer)."""
         return {
-            "method": self.method, "family": self.family, "tasks": self.tasks, "n": self.n,
-            "k": self.k, "frozen": self.frozen, "paper_bits": self.paper_bits,
-            "frozen_bits": self.frozen_bits, "total_bits": self.total_bits,
-            "disk_bytes": self.disk_bytes, "ratio": self.ratio,
+            "method": self.method,
+            "family": self.family,
+            "tasks": self.tasks,
+            "n": self.n,
+            "k": self.k,
+            "frozen": self.frozen,
+            "paper_bits": self.paper_bits,
+            "frozen_bits": self.frozen_bits,
+            "total_bits": self.total_bits,
+            "disk_bytes": self.disk_bytes,
+            "ratio": self.ratio,
         }
 
 
@@ -86,7 +110,8 @@ def storage_bits(
     """The paper's storage bits of ``method`` (any name in :data:`FAMILIES`).
 
     Args:
-        method: a method name, e.g. ``"nps"``, ``"ties"``, ``"finetuned"``, ``"tall-ties"``.
+        method: a method name, e.g. ``"nps"``, ``"ties"``, ``"finetuned"``,
+            ``"tall-ties"``.
         tasks: number of tasks T (>= 1).
         n: merged parameters per model N (the task vectors' entries).
         k: keep ratio; required by the sparse methods (NPS, magnitude, DARE).
@@ -95,11 +120,15 @@ def storage_bits(
     """
     family = FAMILIES.get(method)
     if family is None:
-        raise ConfigError(f"storage accounting: unknown method {method!r}; "
-                          f"valid: {', '.join(sorted(FAMILIES))}")
+        raise ConfigError(
+            f"storage accounting: unknown method {method!r}; "
+            f"valid: {', '.join(sorted(FAMILIES))}"
+        )
     if tasks < 1 or n < 0 or frozen < 0:
-        raise ConfigError(f"storage accounting: need tasks >= 1, n >= 0, frozen >= 0; "
-                          f"got tasks={tasks}, n={n}, frozen={frozen}")
+        raise ConfigError(
+            f"storage accounting: need tasks >= 1, n >= 0, frozen >= 0; "
+            f"got tasks={tasks}, n={n}, frozen={frozen}"
+        )
     if family == "finetuned":
         bits = 32 * tasks * n
     elif family == "merged":

@@ -2,14 +2,15 @@
 
 - positions: whichever is smaller of (a) the gaps between consecutive kept indices
   (``np.diff``), stored in the narrowest unsigned width that holds the largest gap,
-  byte-shuffled, zstd; (b) the keep-mask packed to bits (``np.packbits``), zstd. Both land
-  near the entropy of the mask (gaps win at small k, the bitmask at large k). Codecs:
-  ``none`` (nothing kept), ``all`` (everything kept), ``bits``, ``gaps1|2|4|8``.
+  byte-shuffled, zstd; (b) the keep-mask packed to bits (``np.packbits``), zstd. Both
+  land near the entropy of the mask (gaps win at small k, the bitmask at large k).
+  Codecs: ``none`` (nothing kept), ``all`` (everything kept), ``bits``, ``gaps1|2|4|8``.
 - values: one value per kept entry in the value dtype, byte-shuffled (byte j of every
   value together: sign/exponent bytes repeat a lot, mantissa bytes hardly), zstd.
 - exceptions: uncompressed ``uint64`` indices into the kept list, then the exact output
-  values (checkpoint dtype) there. A lossless store writes one where the stored value does
-  not rebuild the merge output bit for bit (rare: large cancellations, fp16 overflow).
+  values (checkpoint dtype) there. A lossless store writes one where the stored value
+  does not rebuild the merge output bit for bit (rare: large cancellations, fp16
+  overflow).
 
 All multi-byte data is little-endian. Pure functions: no I/O, no checksums (the store
 adds those).
@@ -40,11 +41,14 @@ def unshuffle(data: bytes, width: int) -> np.ndarray:
 
 
 def bits_of(t: torch.Tensor) -> torch.Tensor:
-    """The raw bit patterns of a float tensor, as a signed integer tensor of equal width."""
+    """The raw bit patterns of a float tensor,
+    as a signed integer tensor of equal width."""
     return t.view(_INT_OF_SIZE[t.element_size()])
 
 
-def encode_positions(mask: torch.Tensor, cctx: zstandard.ZstdCompressor) -> tuple[str, bytes]:
+def encode_positions(
+    mask: torch.Tensor, cctx: zstandard.ZstdCompressor
+) -> tuple[str, bytes]:
     """(codec, blob) of a flat boolean keep-mask."""
     m = mask.cpu().numpy()
     kept = int(m.sum())
@@ -60,8 +64,11 @@ def encode_positions(mask: torch.Tensor, cctx: zstandard.ZstdCompressor) -> tupl
     return ("bits", bits) if len(bits) < len(gap_blob) else (f"gaps{width}", gap_blob)
 
 
-def decode_positions(codec: str, blob: bytes, n: int, kept: int, where: str) -> torch.Tensor:
-    """Kept indices (int64, ascending) of a block of ``n`` entries; errors name ``where``."""
+def decode_positions(
+    codec: str, blob: bytes, n: int, kept: int, where: str
+) -> torch.Tensor:
+    """Kept indices (int64, ascending) of a block of ``n`` entries;
+    errors name ``where``."""
     if codec == "none":
         idx = np.empty(0, dtype=np.int64)
     elif codec == "all":
@@ -72,13 +79,15 @@ def decode_positions(codec: str, blob: bytes, n: int, kept: int, where: str) -> 
         idx = np.flatnonzero(mask).astype(np.int64)
     elif codec.startswith("gaps") and codec in POSITION_CODECS:
         width = int(codec[4:])
-        raw = unshuffle(_unzstd(blob, kept * width, where), width)
-        gaps = raw.view(f"<u{width}").astype(np.int64)
+        packed = unshuffle(_unzstd(blob, kept * width, where), width)
+        gaps = packed.view(f"<u{width}").astype(np.int64)
         idx = np.cumsum(gaps + 1) - 1
     else:
         raise CheckpointError(f"{where}: unknown position codec {codec!r}")
     if idx.size != kept or (idx.size and (idx[-1] >= n or idx[0] < 0)):
-        raise CheckpointError(f"{where}: positions do not match the manifest (corrupted?)")
+        raise CheckpointError(
+            f"{where}: positions do not match the manifest (corrupted?)"
+        )
     return torch.from_numpy(idx)
 
 
@@ -90,7 +99,9 @@ def encode_values(values: torch.Tensor, cctx: zstandard.ZstdCompressor) -> bytes
     return cctx.compress(shuffle(v.view(torch.uint8).numpy(), v.element_size()))
 
 
-def decode_values(blob: bytes, dtype: torch.dtype, count: int, where: str) -> torch.Tensor:
+def decode_values(
+    blob: bytes, dtype: torch.dtype, count: int, where: str
+) -> torch.Tensor:
     """Inverse of :func:`encode_values`."""
     if count == 0:
         return torch.empty(0, dtype=dtype)
@@ -113,13 +124,17 @@ def decode_exceptions(
     """(indices into the kept list, exact values) of :func:`encode_exceptions`."""
     width = torch.empty((), dtype=dtype).element_size()
     if len(blob) != count * (8 + width):
-        raise CheckpointError(f"{where}: exception list has the wrong size (corrupted?)")
+        raise CheckpointError(
+            f"{where}: exception list has the wrong size (corrupted?)"
+        )
     if count == 0:
         return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=dtype)
     idx = np.frombuffer(blob[: 8 * count], dtype="<u8").astype(np.int64)
     if int(idx.max()) >= kept:
         raise CheckpointError(f"{where}: exception index out of range (corrupted?)")
-    vals = torch.from_numpy(np.frombuffer(blob[8 * count :], np.uint8).copy()).view(dtype)
+    vals = torch.from_numpy(np.frombuffer(blob[8 * count :], np.uint8).copy()).view(
+        dtype
+    )
     return torch.from_numpy(idx), vals
 
 
@@ -127,7 +142,11 @@ def _unzstd(blob: bytes, size: int, where: str) -> bytes:
     try:
         raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=size)
     except zstandard.ZstdError as exc:
-        raise CheckpointError(f"{where}: cannot decompress ({exc}; corrupted?)") from exc
+        raise CheckpointError(
+            f"{where}: cannot decompress ({exc}; corrupted?)"
+        ) from exc
     if len(raw) != size:
-        raise CheckpointError(f"{where}: decoded {len(raw)} bytes, expected {size} (corrupted?)")
+        raise CheckpointError(
+            f"{where}: decoded {len(raw)} bytes, expected {size} (corrupted?)"
+        )
     return raw

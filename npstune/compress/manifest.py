@@ -1,4 +1,5 @@
-"""The store's ``manifest.json``: what was compressed, how, and the checksums to trust it.
+"""The store's ``manifest.json``: what was compressed, how, and the checksums to trust
+it.
 
 Layout of a store directory::
 
@@ -8,9 +9,10 @@ Layout of a store directory::
 
 Each tensor of a task is cut into blocks (row-major element ranges, the merge engine's
 chunks). A block is one record ``[start, stop, kept, codec, pos_len, val_len, exc_count,
-exc_len, blake2b]``: its position, value and exception blobs follow each other in the data
-file, in block order, so offsets are running sums and the file size is their total.
-``blake2b`` (8-byte digest, hex) covers the three blobs; each task file also has a sha256.
+exc_len, blake2b]``: its position, value and exception blobs follow each other in the
+data file, in block order, so offsets are running sums and the file size is their total.
+``blake2b`` (8-byte digest, hex) covers the three blobs; each task file also has a
+sha256.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ VERSION = 1
 MANIFEST = "manifest.json"
 
 DTYPES: dict[str, torch.dtype] = {
-    "fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+    "fp64": torch.float64,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -51,7 +56,8 @@ class FileRef(_Model):
 
 
 class BaseRef(_Model):
-    """Where the base is (relative paths are inside the store) and its content hashes."""
+    """Where the base is (relative paths are inside the store) and its content
+    hashes."""
 
     path: str
     copied: bool
@@ -99,7 +105,9 @@ class Manifest(_Model):
     value_dtype: str | None
     zstd_level: int
     base: BaseRef
-    keys: dict[str, int]  # every base key -> numel (decides frozen vs merged accounting)
+    keys: dict[
+        str, int
+    ]  # every base key -> numel (decides frozen vs merged accounting)
     tasks: list[TaskEntry]
 
     def task(self, name: str) -> TaskEntry:
@@ -120,30 +128,49 @@ def read_manifest(store: Path) -> Manifest:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: unreadable ({exc}; corrupted?)") from exc
-    if isinstance(raw, dict) and raw.get("format") == FORMAT and raw.get("version") != VERSION:
-        raise CheckpointError(f"{path}: store format version {raw.get('version')} is not "
-                              f"supported (this npstune reads version {VERSION})")
+    if (
+        isinstance(raw, dict)
+        and raw.get("format") == FORMAT
+        and raw.get("version") != VERSION
+    ):
+        raise CheckpointError(
+            f"{path}: store format version {raw.get('version')} is not "
+            f"supported (this npstune reads version {VERSION})"
+        )
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(x) for x in first["loc"])
-        raise CheckpointError(f"{path}: malformed manifest at {loc}: {first['msg']}") from None
+        raise CheckpointError(
+            f"{path}: malformed manifest at {loc}: {first['msg']}"
+        ) from None
 
 
 def dumps(obj: Any, indent: int = 0) -> str:
     """JSON with one level of indentation per nesting, lists of scalars on one line."""
     pad, inner = " " * indent, " " * (indent + 1)
     if isinstance(obj, dict) and obj:
-        items = [f"{inner}{json.dumps(k)}: {dumps(v, indent + 1)}" for k, v in obj.items()]
+        items = [
+            f"{inner}{json.dumps(k)}: {dumps(v, indent + 1)}" for k, v in obj.items()
+        ]
         return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    if isinstance(obj, (list, tuple)) and any(isinstance(x, (dict, list, tuple)) for x in obj):
-        return "[\n" + ",\n".join(inner + dumps(x, indent + 1) for x in obj) + "\n" + pad + "]"
+    if isinstance(obj, (list, tuple)) and any(
+        isinstance(x, (dict, list, tuple)) for x in obj
+    ):
+        return (
+            "[\n"
+            + ",\n".join(inner + dumps(x, indent + 1) for x in obj)
+            + "\n"
+            + pad
+            + "]"
+        )
     return json.dumps(obj, separators=(",", ":"))
 
 
 def weight_files(ck: LazyCheckpoint) -> list[tuple[str, Path]]:
-    """(name relative to the checkpoint's directory, path) of every file holding weights."""
+    """(name relative to the checkpoint's directory,
+    path) of every file holding weights."""
     anchor = ck.path if ck.path.is_dir() else ck.path.parent
     files = {ck.weights} | {ck.weights.parent / s for s in set(ck.shard_of.values())}
     return sorted((str(f.relative_to(anchor)), f) for f in files)
@@ -151,23 +178,28 @@ def weight_files(ck: LazyCheckpoint) -> list[tuple[str, Path]]:
 
 def hash_checkpoint(ck: LazyCheckpoint) -> list[FileRef]:
     """Size and sha256 of every weight file of ``ck``."""
-    return [FileRef(name=name, size=f.stat().st_size, sha256=sha256_file(f))
-            for name, f in weight_files(ck)]
+    return [
+        FileRef(name=name, size=f.stat().st_size, sha256=sha256_file(f))
+        for name, f in weight_files(ck)
+    ]
 
 
 def verify_base(ck: LazyCheckpoint, ref: BaseRef) -> None:
     """Refuse a base whose form, file sizes or sha256 differ from the manifest's."""
     files = weight_files(ck)
     want = sorted((f.size, f.sha256) for f in ref.files)
-    if ck.form != ref.form or sorted(f.stat().st_size for _, f in files) != [s for s, _ in want]:
+    if ck.form != ref.form or sorted(f.stat().st_size for _, f in files) != [
+        s for s, _ in want
+    ]:
         raise CheckpointError(
-            f"{ck.path}: base does not match the store (expected a {ref.form} checkpoint of "
-            f"{len(ref.files)} weight file(s), sizes {[s for s, _ in want]}); refusing to use it"
+            f"{ck.path}: base does not match the store (expected a {ref.form} "
+            f"checkpoint of {len(ref.files)} weight file(s), sizes "
+            f"{[s for s, _ in want]}); refusing to use it"
         )
     hashed = [(name, f.stat().st_size, sha256_file(f)) for name, f in files]
     if sorted((s, h) for _, s, h in hashed) != want:
         bad = next(name for name, s, h in hashed if (s, h) not in want)
         raise CheckpointError(
-            f"{ck.path}: base file {bad} has a different sha256 than the store recorded; "
-            "the base changed since compression, refusing to use it"
+            f"{ck.path}: base file {bad} has a different sha256 than the store "
+            "recorded; the base changed since compression, refusing to use it"
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypedDict, runtime_checkable
 
 from torch import Tensor
 
@@ -24,8 +24,9 @@ class Evaluator(Protocol):
         ...
 
 
-def evaluate_many(evaluator: Evaluator, state: State, tasks: Iterable[str],
-                  split: str = "test") -> dict[str, float]:
+def evaluate_many(
+    evaluator: Evaluator, state: State, tasks: Iterable[str], split: str = "test"
+) -> dict[str, float]:
     """Accuracy per task; uses the evaluator's own ``evaluate_many`` when it has one."""
     own = getattr(evaluator, "evaluate_many", None)
     if callable(own):
@@ -36,16 +37,18 @@ def evaluate_many(evaluator: Evaluator, state: State, tasks: Iterable[str],
 class CallableEvaluator:
     """Wrap ``fn(state, task, split) -> float`` as an :class:`Evaluator`."""
 
-    def __init__(self, fn: Callable[[State, str, str], float],
-                 tasks: Iterable[str] | None = None):
+    def __init__(
+        self, fn: Callable[[State, str, str], float], tasks: Iterable[str] | None = None
+    ):
         self.fn = fn
         self.tasks = list(tasks) if tasks is not None else None
 
     def evaluate(self, state: State, task: str, split: str = "test") -> float:
         return float(self.fn(state, task, split))
 
-    def evaluate_many(self, state: State, tasks: Iterable[str] | None = None,
-                      split: str = "test") -> dict[str, float]:
+    def evaluate_many(
+        self, state: State, tasks: Iterable[str] | None = None, split: str = "test"
+    ) -> dict[str, float]:
         names = list(tasks) if tasks is not None else list(self.tasks or [])
         return {t: self.evaluate(state, t, split) for t in names}
 
@@ -58,7 +61,8 @@ class CallableEvaluator:
 
 
 def metric_of(evaluator: Evaluator, task: str) -> str:
-    """The name of ``task``'s metric ("accuracy" unless the evaluator says otherwise)."""
+    """The name of ``task``'s metric ("accuracy" unless the evaluator says
+    otherwise)."""
     fn = getattr(evaluator, "metric", None)
     return str(fn(task)) if callable(fn) else "accuracy"
 
@@ -70,13 +74,24 @@ def reported(evaluator: Evaluator, task: str, score: float) -> float:
 
 
 def examples_of(evaluator: Evaluator, task: str, split: str) -> int | None:
-    """How many examples ``task``'s ``split`` scores (None if the evaluator can't say)."""
+    """How many examples ``task``'s ``split`` scores
+    (None if the evaluator can't say)."""
     fn = getattr(evaluator, "examples", None)
     return int(fn(task, split)) if callable(fn) else None
 
 
-def evaluation_report(evaluator: Evaluator, state: State, tasks: Iterable[str],
-                      split: str = "test") -> dict[str, object]:
+class EvaluationReport(TypedDict):
+    """What :func:`evaluation_report` returns (a plain dict, JSON-ready)."""
+
+    scores: dict[str, float]
+    metrics: dict[str, str]
+    examples: dict[str, int | None]
+    mean: float
+
+
+def evaluation_report(
+    evaluator: Evaluator, state: State, tasks: Iterable[str], split: str = "test"
+) -> EvaluationReport:
     """The ``npstune eval --evaluator --json`` object: scores, metrics, examples, mean.
 
     ``scores`` holds each task's reported value (accuracy, exact match, perplexity);

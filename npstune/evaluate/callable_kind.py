@@ -54,7 +54,9 @@ class DottedCallable:
             self._fn = obj
         return self._fn
 
-    def __call__(self, state: Mapping[str, torch.Tensor], task: str, split: str) -> float:
+    def __call__(
+        self, state: Mapping[str, torch.Tensor], task: str, split: str
+    ) -> float:
         return float(self.resolve()(state, task, split))
 
 
@@ -76,11 +78,18 @@ def build(options: CallableOptions, ctx: BuildContext) -> CallableEvaluator:
     """Resolve the function now (fail early, in the driver) and wrap it."""
     fn = DottedCallable(options.function, str(ctx.root.resolve()))
     fn.resolve()
-    tasks = options.tasks if options.tasks is not None else (
-        list(ctx.tasks) if ctx.tasks is not None else None)
+    tasks = (
+        options.tasks
+        if options.tasks is not None
+        else (list(ctx.tasks) if ctx.tasks is not None else None)
+    )
     return CallableEvaluator(fn, tasks)
 
 
-KIND = EvaluatorKind("callable", CallableOptions, build,
-                     summary="a Python function fn(state, task, split) -> float",
-                     needs_model=False)
+KIND = EvaluatorKind(
+    "callable",
+    CallableOptions,
+    build,
+    summary="a Python function fn(state, task, split) -> float",
+    needs_model=False,
+)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import math
@@ -101,14 +102,17 @@ class CausalLMTask(KindOptions):
     def _mode_keys(self) -> CausalLMTask:
         for key, (mode, default) in _MODE_KEYS.items():
             if self.mode != mode and getattr(self, key) != default:
-                raise ValueError(f"{key} applies to mode {mode} only "
-                                 f"(this task's mode is {self.mode})")
+                raise ValueError(
+                    f"{key} applies to mode {mode} only "
+                    f"(this task's mode is {self.mode})"
+                )
         if self.answer_regex is not None:
             try:
                 re.compile(self.answer_regex)
             except re.error as exc:
-                raise ValueError(f"answer_regex: not a valid regular expression "
-                                 f"({exc})") from None
+                raise ValueError(
+                    f"answer_regex: not a valid regular expression ({exc})"
+                ) from None
         return self
 
 
@@ -125,8 +129,10 @@ class CausalLMOptions(KindOptions):
             return self
         for name, t in self.tasks.items():
             if t.mode == "generate" and t.max_new_tokens >= self.max_length:
-                raise ValueError(f"max_length ({self.max_length}) must exceed "
-                                 f"max_new_tokens ({t.max_new_tokens}) of task {name}")
+                raise ValueError(
+                    f"max_length ({self.max_length}) must exceed "
+                    f"max_new_tokens ({t.max_new_tokens}) of task {name}"
+                )
         return self
 
 
@@ -175,11 +181,14 @@ def _choices(value: Any, where: str, i: int) -> list[str]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise ConfigError(f"{where}: record {i}: choices must be a list "
-                              f"(or a JSON list), got {value!r}") from None
+            raise ConfigError(
+                f"{where}: record {i}: choices must be a list "
+                f"(or a JSON list), got {value!r}"
+            ) from None
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{where}: record {i}: choices must be a list, "
-                          f"got {type(value).__name__}")
+        raise ConfigError(
+            f"{where}: record {i}: choices must be a list, got {type(value).__name__}"
+        )
     if not value:
         raise ConfigError(f"{where}: record {i}: choices is empty")
     out = []
@@ -200,22 +209,29 @@ def _answer_index(value: Any, k: int, where: str, i: int) -> int:
     elif isinstance(value, float) and value.is_integer():
         a = int(value)
     if a is None:
-        raise ConfigError(f"{where}: record {i}: answer must be a choice index, "
-                          f"got {value!r}")
+        raise ConfigError(
+            f"{where}: record {i}: answer must be a choice index, got {value!r}"
+        )
     if not 0 <= a < k:
-        raise ConfigError(f"{where}: record {i}: answer index {a} is out of range "
-                          f"for {k} choices")
+        raise ConfigError(
+            f"{where}: record {i}: answer index {a} is out of range for {k} choices"
+        )
     return a
 
 
-def _right_batches(rows: Sequence[Sequence[int]], starts: Sequence[int],
-                   index: Sequence[int], batch_size: int, pad: int,
-                   device: torch.device) -> list[_Batch]:
+def _right_batches(
+    rows: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    index: Sequence[int],
+    batch_size: int,
+    pad: int,
+    device: torch.device,
+) -> list[_Batch]:
     """Rows ``index`` sorted by length (longest first), right-padded into batches."""
     order = sorted(index, key=lambda r: -len(rows[r]))
     out = []
     for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
+        chunk = order[s : s + batch_size]
         width = max(len(rows[r]) for r in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -224,29 +240,41 @@ def _right_batches(rows: Sequence[Sequence[int]], starts: Sequence[int],
             n = len(rows[r])
             ids[b, :n] = torch.tensor(rows[r], dtype=torch.long)
             mask[b, :n] = 1
-            target[b, starts[r] - 1:n - 1] = True
-        out.append(_Batch(torch.tensor(chunk, dtype=torch.long, device=device),
-                          ids.to(device), mask.to(device), target.to(device)))
+            target[b, starts[r] - 1 : n - 1] = True
+        out.append(
+            _Batch(
+                torch.tensor(chunk, dtype=torch.long, device=device),
+                ids.to(device),
+                mask.to(device),
+                target.to(device),
+            )
+        )
     return out
 
 
-def _left_batches(prompts: Sequence[Sequence[int]], batch_size: int, pad: int,
-                  device: torch.device) -> list[_Batch]:
+def _left_batches(
+    prompts: Sequence[Sequence[int]], batch_size: int, pad: int, device: torch.device
+) -> list[_Batch]:
     """Prompts sorted by length, left-padded into batches (for generation)."""
     order = sorted(range(len(prompts)), key=lambda r: -len(prompts[r]))
     out = []
     for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
+        chunk = order[s : s + batch_size]
         width = max(len(prompts[r]) for r in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for b, r in enumerate(chunk):
             n = len(prompts[r])
-            ids[b, width - n:] = torch.tensor(prompts[r], dtype=torch.long)
-            mask[b, width - n:] = 1
-        out.append(_Batch(torch.tensor(chunk, dtype=torch.long, device=device),
-                          ids.to(device), mask.to(device),
-                          torch.zeros((len(chunk), 0), dtype=torch.bool)))
+            ids[b, width - n :] = torch.tensor(prompts[r], dtype=torch.long)
+            mask[b, width - n :] = 1
+        out.append(
+            _Batch(
+                torch.tensor(chunk, dtype=torch.long, device=device),
+                ids.to(device),
+                mask.to(device),
+                torch.zeros((len(chunk), 0), dtype=torch.bool),
+            )
+        )
     return out
 
 
@@ -261,8 +289,9 @@ def _is_causal(config: Any) -> bool:
         classes.update([v] if isinstance(v, str) else v)
     archs = list(getattr(config, "architectures", None) or [])
     if archs:
-        return any(a in classes or a.endswith(("ForCausalLM", "LMHeadModel"))
-                   for a in archs)
+        return any(
+            a in classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs
+        )
     return getattr(config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
@@ -271,26 +300,34 @@ def load_causal_lm(path: Path, device: torch.device) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not path.is_dir():
-        raise ConfigError(f"{path}: not a model directory; kind causal-lm needs an "
-                          "AutoModelForCausalLM checkpoint directory")
+        raise ConfigError(
+            f"{path}: not a model directory; kind causal-lm needs an "
+            "AutoModelForCausalLM checkpoint directory"
+        )
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"{path}: cannot read the model config "
-                          f"({_first(exc)})") from None
+        raise ConfigError(
+            f"{path}: cannot read the model config ({_first(exc)})"
+        ) from None
     if not _is_causal(config):
         archs = ", ".join(getattr(config, "architectures", None) or [config.model_type])
-        raise ConfigError(f"{path}: not a causal language model (architectures: "
-                          f"{archs}); kind causal-lm needs an AutoModelForCausalLM "
-                          "checkpoint")
+        raise ConfigError(
+            f"{path}: not a causal language model (architectures: "
+            f"{archs}); kind causal-lm needs an AutoModelForCausalLM "
+            "checkpoint"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=torch.float32, local_files_only=True)
+            path, config=config, dtype=torch.float32, local_files_only=True
+        )
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"{path}: cannot load the model or tokenizer "
-                          f"({_first(exc)})") from None
-    return model.to(device).eval(), tok
+        raise ConfigError(
+            f"{path}: cannot load the model or tokenizer ({_first(exc)})"
+        ) from None
+    # transformers wraps .to with functools.wraps, which mypy leaves unbound (self)
+    return model.to(device).eval(), tok  # type: ignore[arg-type]
 
 
 def _first(exc: BaseException) -> str:
@@ -327,8 +364,10 @@ class CausalLMEvaluator:
             limit = getattr(self._model.config, "max_position_embeddings", None)
         self.max_length: int | None = int(limit) if limit else None
         if options.chat_template and not getattr(tok, "chat_template", None):
-            raise ConfigError(f"{ctx.source}: chat_template: true, but the tokenizer "
-                              f"of {self.model_dir} has no chat template")
+            raise ConfigError(
+                f"{ctx.source}: chat_template: true, but the tokenizer "
+                f"of {self.model_dir} has no chat template"
+            )
         self._splits: dict[tuple[str, str], _Split] = {}
         names = list(ctx.tasks) if ctx.tasks is not None else self.tasks
         for t in names:
@@ -364,9 +403,14 @@ class CausalLMEvaluator:
     def _encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         tok = self._tok
         if self.options.chat_template:
-            texts = [tok.apply_chat_template([{"role": "user", "content": p}],
-                                             tokenize=False, add_generation_prompt=True)
-                     for p in prompts]
+            texts = [
+                tok.apply_chat_template(
+                    [{"role": "user", "content": p}],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+                for p in prompts
+            ]
             ids = tok(texts, add_special_tokens=False)["input_ids"]
         else:
             ids = tok(prompts)["input_ids"]
@@ -377,8 +421,10 @@ class CausalLMEvaluator:
     def _task(self, task: str) -> CausalLMTask:
         t = self.options.tasks.get(task)
         if t is None:
-            raise ConfigError(f"{self.ctx.source}: unknown task {task!r}; valid: "
-                              f"{', '.join(self.tasks)}")
+            raise ConfigError(
+                f"{self.ctx.source}: unknown task {task!r}; valid: "
+                f"{', '.join(self.tasks)}"
+            )
         return t
 
     def split(self, task: str, split: str) -> _Split:
@@ -390,17 +436,27 @@ class CausalLMEvaluator:
         if key not in self._splits:
             rel = getattr(t.data, split)
             if rel is None:
-                raise ConfigError(f"{self.ctx.source}: task {task!r} has no {split} "
-                                  f"data (data: {split}: is not set)")
+                raise ConfigError(
+                    f"{self.ctx.source}: task {task!r} has no {split} "
+                    f"data (data: {split}: is not set)"
+                )
             path = self.ctx.path(rel)
             recs = read_records(path, task, split)
             recs = recs[: self.ctx.limit(split, len(recs))]
             require(recs, FIELDS[t.mode], path, task, split)
-            prep = {"choice": self._prep_choice, "generate": self._prep_generate,
-                    "perplexity": self._prep_text}[t.mode]
+            prep = {
+                "choice": self._prep_choice,
+                "generate": self._prep_generate,
+                "perplexity": self._prep_text,
+            }[t.mode]
             self._splits[key] = prep(recs, _where(path, task, split), t)
-            logger.info("causal-lm: %s/%s: %d examples, %d rows", task, split,
-                        self._splits[key].n, len(self._splits[key].rows))
+            logger.info(
+                "causal-lm: %s/%s: %d examples, %d rows",
+                task,
+                split,
+                self._splits[key].n,
+                len(self._splits[key].rows),
+            )
         return self._splits[key]
 
     def _cut(self, prompt: list[int], cont: list[int]) -> tuple[list[int], int]:
@@ -411,11 +467,14 @@ class CausalLMEvaluator:
             full, start = full[over:], max(1, start - over)
         return full, start
 
-    def _prep_choice(self, recs: list[dict[str, Any]], where: str,
-                     t: CausalLMTask) -> _Split:
+    def _prep_choice(
+        self, recs: list[dict[str, Any]], where: str, t: CausalLMTask
+    ) -> _Split:
         choices = [_choices(r["choices"], where, i) for i, r in enumerate(recs, 1)]
-        answers = [_answer_index(r["answer"], len(c), where, i)
-                   for i, (r, c) in enumerate(zip(recs, choices), 1)]
+        answers = [
+            _answer_index(r["answer"], len(c), where, i)
+            for i, (r, c) in enumerate(zip(recs, choices), 1)
+        ]
         prompts = self._encode_prompts([str(r["prompt"]) for r in recs])
         flat = [c for cs in choices for c in cs]
         conts = self._tok(flat, add_special_tokens=False)["input_ids"]
@@ -431,8 +490,9 @@ class CausalLMEvaluator:
                 cont = list(conts[pos])
                 pos += 1
                 if not cont:
-                    raise ConfigError(f"{where}: record {i + 1}: choice {j} ({c!r}) "
-                                      "has no tokens")
+                    raise ConfigError(
+                        f"{where}: record {i + 1}: choice {j} ({c!r}) has no tokens"
+                    )
                 full, start = self._cut(prompts[i], cont)
                 r = seen.setdefault((tuple(full), start), len(rows))
                 if r == len(rows):  # identical (prompt, choice) rows are scored once
@@ -443,14 +503,19 @@ class CausalLMEvaluator:
                     norms[i, j] = float(max(len(c), 1))
         gold = [int(idx[i, a]) for i, a in enumerate(answers)]
         return _Split(
-            n=len(recs), rows=rows, starts=starts, gold=gold,
+            n=len(recs),
+            rows=rows,
+            starts=starts,
+            gold=gold,
             batches=self._batches(rows, starts, range(len(rows))),
-            choice_rows=idx.to(self.device), norms=norms.to(self.device),
+            choice_rows=idx.to(self.device),
+            norms=norms.to(self.device),
             answers=torch.tensor(answers, dtype=torch.long, device=self.device),
         )
 
-    def _prep_generate(self, recs: list[dict[str, Any]], where: str,
-                       t: CausalLMTask) -> _Split:
+    def _prep_generate(
+        self, recs: list[dict[str, Any]], where: str, t: CausalLMTask
+    ) -> _Split:
         prompts = self._encode_prompts([str(r["prompt"]) for r in recs])
         if self.max_length:
             room = self.max_length - t.max_new_tokens
@@ -463,40 +528,56 @@ class CausalLMEvaluator:
             rows.append(full)
             starts.append(start)
         return _Split(
-            n=len(recs), rows=rows, starts=starts,
+            n=len(recs),
+            rows=rows,
+            starts=starts,
             gold=[i for i, (r, s) in enumerate(zip(rows, starts)) if len(r) > s],
-            prompt_batches=_left_batches(prompts, self.ctx.batch_size, self._pad,
-                                         self.device),
+            prompt_batches=_left_batches(
+                prompts, self.ctx.batch_size, self._pad, self.device
+            ),
             targets=targets,
         )
 
-    def _prep_text(self, recs: list[dict[str, Any]], where: str,
-                   t: CausalLMTask) -> _Split:
+    def _prep_text(
+        self, recs: list[dict[str, Any]], where: str, t: CausalLMTask
+    ) -> _Split:
         ids = self._tok([str(r["text"]) for r in recs])["input_ids"]
         rows = [list(x)[: self.max_length] if self.max_length else list(x) for x in ids]
         cut = sum(len(x) > len(r) for x, r in zip(ids, rows))
         if cut:
-            logger.warning("causal-lm: %s: %d texts cut to max_length %d tokens",
-                           where, cut, self.max_length)
+            logger.warning(
+                "causal-lm: %s: %d texts cut to max_length %d tokens",
+                where,
+                cut,
+                self.max_length,
+            )
         if sum(max(len(r) - 1, 0) for r in rows) == 0:
             raise ConfigError(f"{where}: no text has two or more tokens to score")
         starts = [1] * len(rows)
         keep = [i for i, r in enumerate(rows) if len(r) >= 2]
-        return _Split(n=len(recs), rows=rows, starts=starts, gold=keep,
-                      batches=self._batches(rows, starts, keep))
+        return _Split(
+            n=len(recs),
+            rows=rows,
+            starts=starts,
+            gold=keep,
+            batches=self._batches(rows, starts, keep),
+        )
 
-    def _batches(self, rows: Sequence[Sequence[int]], starts: Sequence[int],
-                 index: Iterable[int]) -> list[_Batch]:
-        return _right_batches(rows, starts, list(index), self.ctx.batch_size, self._pad,
-                              self.device)
+    def _batches(
+        self, rows: Sequence[Sequence[int]], starts: Sequence[int], index: Iterable[int]
+    ) -> list[_Batch]:
+        return _right_batches(
+            rows, starts, list(index), self.ctx.batch_size, self._pad, self.device
+        )
 
     # -- scoring -----------------------------------------------------------------------
     def on_device(self, device: str) -> CausalLMEvaluator:
         """The same evaluator on another device (data read and tokenized again)."""
         import dataclasses
 
-        return CausalLMEvaluator(self.options, dataclasses.replace(self.ctx,
-                                                                   device=device))
+        return CausalLMEvaluator(
+            self.options, dataclasses.replace(self.ctx, device=device)
+        )
 
     def load_state(self, state: State, source: str = "state") -> None:
         """Copy ``state`` (the checkpoint's keys; tied ``lm_head`` may be absent)."""
@@ -546,10 +627,12 @@ class CausalLMEvaluator:
         out: list[str] = [""] * sp.n
         for b in sp.prompt_batches:
             with self._autocast():
-                gen = self._model.generate(input_ids=b.ids, attention_mask=b.mask,
-                                           generation_config=gc)
-            texts = self._tok.batch_decode(gen[:, b.ids.shape[1]:],
-                                           skip_special_tokens=True)
+                gen = self._model.generate(
+                    input_ids=b.ids, attention_mask=b.mask, generation_config=gc
+                )
+            texts = self._tok.batch_decode(
+                gen[:, b.ids.shape[1] :], skip_special_tokens=True
+            )
             for i, text in zip(b.index.tolist(), texts):
                 out[i] = text
         return out
@@ -575,12 +658,16 @@ class CausalLMEvaluator:
         if t.mode == "generate":
             gens = self._generate(sp, t)
             pat = re.compile(t.answer_regex) if t.answer_regex is not None else None
-            hits = [self._extract(g, pat) == a.strip()
-                    for g, a in zip(gens, sp.targets)]
+            hits = [
+                self._extract(g, pat) == a.strip() for g, a in zip(gens, sp.targets)
+            ]
             return sum(hits) / sp.n, gens
         sums = self._row_logprobs(sp)
-        counts = torch.tensor([len(r) - s for r, s in zip(sp.rows, sp.starts)],
-                              dtype=torch.float64, device=self.device).clamp_min(0)
+        counts = torch.tensor(
+            [len(r) - s for r, s in zip(sp.rows, sp.starts)],
+            dtype=torch.float64,
+            device=self.device,
+        ).clamp_min(0)
         per = (-sums / counts.clamp_min(1)).tolist()
         return float(sums.sum() / counts.sum()), per
 
@@ -591,8 +678,9 @@ class CausalLMEvaluator:
         self.load_state(state)
         return self._predict(task, split)[0]
 
-    def evaluate_many(self, state: State, tasks: Iterable[str] | None = None,
-                      split: str = "test") -> dict[str, float]:
+    def evaluate_many(
+        self, state: State, tasks: Iterable[str] | None = None, split: str = "test"
+    ) -> dict[str, float]:
         """Score per task, loading ``state`` once (all tasks by default)."""
         names = list(tasks) if tasks is not None else self.tasks
         for t in names:
@@ -607,8 +695,9 @@ class CausalLMEvaluator:
         self.load_state(state)
         return self._predict(task, split)[1]
 
-    def choice_scores(self, state: State, task: str,
-                      split: str = "test") -> list[list[float]]:
+    def choice_scores(
+        self, state: State, task: str, split: str = "test"
+    ) -> list[list[float]]:
         """Per example, each choice's score (log-likelihood, / characters if
         ``length_normalize``) — what the argmax runs over."""
         if self._task(task).mode != "choice":
@@ -643,8 +732,13 @@ class CausalLMEvaluator:
         sp = self.split(task, "calibration")
         return sp, sp.gold[:examples]
 
-    def fisher(self, state: State, task: str, keys: Sequence[str],
-               examples: int = DEFAULT_EXAMPLES) -> dict[str, Tensor]:
+    def fisher(
+        self,
+        state: State,
+        task: str,
+        keys: Sequence[str],
+        examples: int = DEFAULT_EXAMPLES,
+    ) -> dict[str, Tensor]:
         """Diagonal empirical Fisher on calibration examples, one per backward pass.
 
         The loss is the mean NLL of the example's scored tokens: the correct choice
@@ -656,7 +750,7 @@ class CausalLMEvaluator:
 
         def losses() -> Iterator[Callable[[], Tensor]]:
             for r in gold:
-                yield lambda r=r: self._row_loss(sp, r)
+                yield functools.partial(self._row_loss, sp, r)
 
         return diagonal_fisher(self._model, self._param_names(keys), losses())
 
@@ -665,11 +759,16 @@ class CausalLMEvaluator:
         with self._autocast():
             logits = self._model(input_ids=ids).logits
         s = sp.starts[r]
-        lp = logits[0, s - 1:-1].float().log_softmax(-1)
+        lp = logits[0, s - 1 : -1].float().log_softmax(-1)
         return -lp.gather(-1, ids[0, s:, None]).mean()
 
-    def grams(self, state: State, task: str, keys: Sequence[str],
-              examples: int = DEFAULT_EXAMPLES) -> dict[str, Tensor]:
+    def grams(
+        self,
+        state: State,
+        task: str,
+        keys: Sequence[str],
+        examples: int = DEFAULT_EXAMPLES,
+    ) -> dict[str, Tensor]:
         """Σ xᵀx of each asked linear layer's inputs over the non-padding tokens of the
         calibration examples' sequences (prompt + correct choice / answer, or text)."""
         self._task(task)
@@ -680,9 +779,11 @@ class CausalLMEvaluator:
 
         def runs() -> Iterator[tuple[Callable[[], object], Tensor]]:
             for b in batches:
+
                 def run(b: _Batch = b) -> object:
                     with self._autocast():
                         return self._model(input_ids=b.ids, attention_mask=b.mask)
+
                 yield run, b.mask
 
         return linear_grams(self._model, {k: k for k in keys}, runs())
@@ -694,8 +795,10 @@ def build(options: CausalLMOptions, ctx: BuildContext) -> CausalLMEvaluator:
 
 
 KIND = EvaluatorKind(
-    "causal-lm", CausalLMOptions, build,
+    "causal-lm",
+    CausalLMOptions,
+    build,
     summary="causal LMs: multiple-choice log-likelihood, greedy generation exact "
-            "match, perplexity",
+    "match, perplexity",
     needs_model=True,
 )

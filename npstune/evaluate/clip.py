@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -65,8 +65,13 @@ TINY_CLIP_NAME = "npstune-tiny-clip"
 TINY_CLIP_CONFIG = {  # 3.4M params, random weights, forward in ~0.1 s (DESIGN §9)
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2,
-                 "layers": 2},
+    "text_cfg": {
+        "context_length": 16,
+        "vocab_size": 49408,
+        "width": 64,
+        "heads": 2,
+        "layers": 2,
+    },
 }
 
 
@@ -81,9 +86,12 @@ def register_tiny_clip(directory: str | Path) -> str:
 
 
 @torch.no_grad()
-def zero_shot_head(encode_prompts: Callable[[list[str]], Tensor],
-                   classnames: Sequence[str], templates: Sequence[str],
-                   batch_size: int = 256) -> Tensor:
+def zero_shot_head(
+    encode_prompts: Callable[[list[str]], Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    batch_size: int = 256,
+) -> Tensor:
     """W [D, C]: per class, the mean of its L2-normalised prompt embeddings,
     renormalised.
 
@@ -94,10 +102,14 @@ def zero_shot_head(encode_prompts: Callable[[list[str]], Tensor],
         raise ConfigError("a zero-shot head needs at least one class and one template")
     prompts = [tpl.format(c) for c in classnames for tpl in templates]
     step = max(1, batch_size)
-    emb = torch.cat([
-        nn.functional.normalize(encode_prompts(prompts[s:s + step]).float(), dim=-1)
-        for s in range(0, len(prompts), step)
-    ])
+    emb = torch.cat(
+        [
+            nn.functional.normalize(
+                encode_prompts(prompts[s : s + step]).float(), dim=-1
+            )
+            for s in range(0, len(prompts), step)
+        ]
+    )
     mean = emb.view(len(classnames), len(templates), -1).mean(1)
     return nn.functional.normalize(mean, dim=-1).T.contiguous()
 
@@ -107,13 +119,24 @@ def zero_shot_logits(features: Tensor, head: Tensor) -> Tensor:
     return 100.0 * nn.functional.normalize(features.float(), dim=-1) @ head
 
 
-def normalize_pixels(images: Tensor, mean: Sequence[float],
-                     std: Sequence[float]) -> Tensor:
+def normalize_pixels(
+    images: Tensor, mean: Sequence[float], std: Sequence[float]
+) -> Tensor:
     """uint8 images [N, 3, H, W] -> float32 on [0, 1], normalised per channel."""
     x = images.to(torch.float32) / 255.0
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+class OpenClipModel(Protocol):
+    """What the default model adapters use: open_clip's ``CLIP`` API."""
+
+    visual: nn.Module
+
+    def encode_text(self, text: Tensor) -> Tensor: ...
+
+    def encode_image(self, image: Tensor) -> Tensor: ...
 
 
 @dataclass
@@ -147,10 +170,16 @@ class ClipZeroShotEvaluator:
     :meth:`encode_images` and :meth:`load_state`.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Callable[[list[str]], Any],
-                 tasks: Mapping[str, ClipTask], device: str | torch.device = "cpu",
-                 batch_size: int = 64, prefix: str = "visual.",
-                 pixel_norm: tuple[Sequence[float], Sequence[float]] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Callable[[list[str]], Any],
+        tasks: Mapping[str, ClipTask],
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        prefix: str = "visual.",
+        pixel_norm: tuple[Sequence[float], Sequence[float]] | None = None,
+    ):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
@@ -164,9 +193,13 @@ class ClipZeroShotEvaluator:
         self._heads: dict[str, Tensor] = {}
 
     @classmethod
-    def from_open_clip(cls, model_name: str, tasks: Mapping[str, ClipTask],
-                       pretrained: str | None = None,
-                       **kw: Any) -> ClipZeroShotEvaluator:
+    def from_open_clip(
+        cls,
+        model_name: str,
+        tasks: Mapping[str, ClipTask],
+        pretrained: str | None = None,
+        **kw: Any,
+    ) -> ClipZeroShotEvaluator:
         """Build the model and tokenizer with open_clip (``pretrained=None``: no
         download)."""
         open_clip = import_open_clip()
@@ -194,41 +227,52 @@ class ClipZeroShotEvaluator:
         try:
             return self.tasks_[name]
         except KeyError:
-            raise ConfigError(f"unknown task {name!r}; valid: "
-                              f"{', '.join(self.tasks_)}") from None
+            raise ConfigError(
+                f"unknown task {name!r}; valid: {', '.join(self.tasks_)}"
+            ) from None
 
     def _split(self, task: str, split: str) -> tuple[Tensor, Tensor]:
         t = self._task(task)
         if split not in t.splits:
-            raise ConfigError(f"task {task!r} has no {split!r} split; it has: "
-                              f"{', '.join(t.splits) or 'none'}")
+            raise ConfigError(
+                f"task {task!r} has no {split!r} split; it has: "
+                f"{', '.join(t.splits) or 'none'}"
+            )
         return t.splits[split]
 
     # -- model adapters (override for other CLIP APIs) --------------------------------
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         """Text embeddings [len(prompts), D] of the (pretrained) text tower."""
-        return self.model.encode_text(self.tokenizer(prompts).to(self.device))
+        model = cast(OpenClipModel, self.model)  # the API these adapters assume
+        return model.encode_text(self.tokenizer(prompts).to(self.device))
 
     def encode_images(self, pixels: Tensor) -> Tensor:
         """Image embeddings [N, D] of preprocessed pixels [N, 3, H, W]."""
-        return self.model.encode_image(pixels)
+        return cast(OpenClipModel, self.model).encode_image(pixels)
 
     def zero_shot_head(self, task: str) -> Tensor:
         """W [D, C] of ``task``, built on first use (see :func:`zero_shot_head`)."""
         if task not in self._heads:
             t = self._task(task)
-            self._heads[task] = zero_shot_head(self.encode_prompts, list(t.classnames),
-                                               list(t.templates), self.batch_size)
+            self._heads[task] = zero_shot_head(
+                self.encode_prompts,
+                list(t.classnames),
+                list(t.templates),
+                self.batch_size,
+            )
         return self._heads[task]
 
     def load_state(self, state: State, source: str = "state") -> None:
         """Load an image-tower state (keys with or without ``prefix``), checked by
         name."""
-        tower = self.model.visual
+        tower = cast(OpenClipModel, self.model).visual
         own = tower.state_dict()
         p = self.prefix
-        st = {k[len(p):] if p and k.startswith(p) else k: v for k, v in state.items()
-              if not p or k.startswith(p) or k in own}
+        st = {
+            k[len(p) :] if p and k.startswith(p) else k: v
+            for k, v in state.items()
+            if not p or k.startswith(p) or k in own
+        }
         extra = [k for k in st if k not in own]
         missing_ = [k for k in own if k not in st]
         if extra or missing_:
@@ -251,7 +295,7 @@ class ClipZeroShotEvaluator:
         amp = autocast_dtype(self.device)
         preds = []
         for s in range(0, len(labels), self.batch_size):
-            x = self._pixels(images[s:s + self.batch_size])
+            x = self._pixels(images[s : s + self.batch_size])
             with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
                 f = self.encode_images(x)
             preds.append(zero_shot_logits(f, w).argmax(-1).cpu())
@@ -274,8 +318,9 @@ class ClipZeroShotEvaluator:
         self.load_state(state)
         return self._score(task, split)
 
-    def evaluate_many(self, state: State, tasks: Iterable[str] | None = None,
-                      split: str = "test") -> dict[str, float]:
+    def evaluate_many(
+        self, state: State, tasks: Iterable[str] | None = None, split: str = "test"
+    ) -> dict[str, float]:
         names = list(tasks) if tasks is not None else self.tasks
         for t in names:
             self.zero_shot_head(t)

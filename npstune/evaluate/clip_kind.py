@@ -35,7 +35,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -53,10 +53,14 @@ from npstune.evaluate.clip import (
 from npstune.evaluate.hf import load_into_module, read_state
 from npstune.evaluate.kinds import SPLITS, BuildContext, EvaluatorKind, KindOptions
 
+if TYPE_CHECKING:  # transformers is imported when the hf backend is built
+    from transformers import CLIPModel, PreTrainedTokenizerBase
+
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
-                            ".tiff", ".ppm", ".pgm"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
 LIST_SUFFIXES = (".csv", ".jsonl")
 #: Key prefixes of a Hugging Face ``CLIPModel``'s image tower.
 VISION_PREFIXES = ("vision_model.", "visual_projection.")
@@ -186,8 +190,12 @@ class ImageSplits(Mapping[str, tuple[Tensor, Tensor]]):
     Only the first ``counts[split]`` examples are decoded (the context's limits).
     """
 
-    def __init__(self, sources: Mapping[str, SplitSource], image_size: int,
-                 counts: Mapping[str, int]):
+    def __init__(
+        self,
+        sources: Mapping[str, SplitSource],
+        image_size: int,
+        counts: Mapping[str, int],
+    ):
         self.sources = dict(sources)
         self.image_size = int(image_size)
         self.counts = dict(counts)
@@ -227,8 +235,9 @@ class ImageSplits(Mapping[str, tuple[Tensor, Tensor]]):
                 images[i] = load_image(f, self.image_size)
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise ConfigError(f"{src.where}: cannot read image {f} "
-                                  f"({why or type(exc).__name__})") from None
+                raise ConfigError(
+                    f"{src.where}: cannot read image {f} ({why or type(exc).__name__})"
+                ) from None
         labels = torch.tensor(src.labels[:n], dtype=torch.long)
         logger.info("clip: %s: %d images at %d px", src.where, n, self.image_size)
         return images, labels
@@ -247,18 +256,24 @@ def _images_in(folder: Path) -> list[Path]:
     def visible(f: Path) -> bool:
         return not any(part.startswith(".") for part in f.relative_to(folder).parts)
 
-    return sorted(f for f in folder.rglob("*") if f.is_file()
-                  and f.suffix.lower() in IMAGE_SUFFIXES and visible(f))
+    return sorted(
+        f
+        for f in folder.rglob("*")
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and visible(f)
+    )
 
 
 def _scan_folder(folder: Path, where: str) -> _Raw:
     """One subfolder of images per class; examples round-robin over the classes."""
-    subs = sorted(d for d in folder.iterdir()
-                  if d.is_dir() and not d.name.startswith("."))
+    subs = sorted(
+        d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
+    )
     per = {d.name: _images_in(d) for d in subs}
     if not any(per.values()):
-        raise ConfigError(f"{where}: image folder {folder} has no images (expected one "
-                          "subfolder of images per class)")
+        raise ConfigError(
+            f"{where}: image folder {folder} has no images (expected one "
+            "subfolder of images per class)"
+        )
     empty = [name for name, files in per.items() if not files]
     if empty:
         raise ConfigError(f"{where}: class subfolder {folder / empty[0]} has no images")
@@ -281,8 +296,10 @@ def _list_rows(path: Path, where: str) -> list[tuple[int, Any, Any]]:
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(text.splitlines())
         if not {"path", "label"} <= set(reader.fieldnames or ()):
-            raise ConfigError(f"{where}: {path}: expected a header with columns "
-                              f"path,label (got {','.join(reader.fieldnames or ())})")
+            raise ConfigError(
+                f"{where}: {path}: expected a header with columns "
+                f"path,label (got {','.join(reader.fieldnames or ())})"
+            )
         for row in reader:
             rows.append((reader.line_num, row.get("path"), row.get("label")))
         return rows
@@ -292,11 +309,13 @@ def _list_rows(path: Path, where: str) -> list[tuple[int, Any, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: {path}:{n}: not valid JSON "
-                              f"({exc.msg})") from None
+            raise ConfigError(
+                f"{where}: {path}:{n}: not valid JSON ({exc.msg})"
+            ) from None
         if not isinstance(row, dict):
-            raise ConfigError(f"{where}: {path}:{n}: expected an object with path "
-                              "and label")
+            raise ConfigError(
+                f"{where}: {path}:{n}: expected an object with path and label"
+            )
         rows.append((n, row.get("path"), row.get("label")))
     return rows
 
@@ -324,8 +343,9 @@ def _show(names: Sequence[str], k: int = 8) -> str:
     return ", ".join(names[:k]) + more
 
 
-def _task_data(name: str, topts: ClipTaskOptions, ctx: BuildContext
-               ) -> tuple[list[str], dict[str, SplitSource]]:
+def _task_data(
+    name: str, topts: ClipTaskOptions, ctx: BuildContext
+) -> tuple[list[str], dict[str, SplitSource]]:
     """Class names (for prompts) and each split's sources; checks the data's shape."""
     where = f"{ctx.source}: tasks.{name}"
     raw: dict[str, _Raw] = {}
@@ -340,14 +360,16 @@ def _task_data(name: str, topts: ClipTaskOptions, ctx: BuildContext
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
             raw[split], forms[split] = _read_list(path, w), "file list"
         elif path.exists():
-            raise ConfigError(f"{w}: {path} is neither an image folder nor a "
-                              ".csv/.jsonl file list")
+            raise ConfigError(
+                f"{w}: {path} is neither an image folder nor a .csv/.jsonl file list"
+            )
         else:
             raise ConfigError(f"{w}: data path {path} does not exist")
     if len(set(forms.values())) > 1:
         desc = " but ".join(f"{s} is a {f}" for s, f in forms.items())
-        raise ConfigError(f"{where}.data: {desc}; use one form for all splits of a "
-                          "task")
+        raise ConfigError(
+            f"{where}.data: {desc}; use one form for all splits of a task"
+        )
     folder = "folder" in forms.values()
     found = sorted({k for r in raw.values() for k in r.keys})
     cn, wc = topts.classnames, f"{where}.classnames"
@@ -355,8 +377,9 @@ def _task_data(name: str, topts: ClipTaskOptions, ctx: BuildContext
         order, names = found, found
     elif isinstance(cn, list):
         if folder and len(cn) != len(found):
-            raise ConfigError(f"{wc}: {len(cn)} names for {len(found)} class folders "
-                              f"({_show(found)})")
+            raise ConfigError(
+                f"{wc}: {len(cn)} names for {len(found)} class folders ({_show(found)})"
+            )
         order, names = (found if folder else list(cn)), list(cn)
     else:
         if folder:
@@ -365,8 +388,10 @@ def _task_data(name: str, topts: ClipTaskOptions, ctx: BuildContext
                 raise ConfigError(f"{wc}: class folder {lack[0]!r} has no name")
             extra = [k for k in cn if k not in found]
             if extra:
-                raise ConfigError(f"{wc}: {extra[0]!r} is not a class folder "
-                                  f"(folders: {_show(found)})")
+                raise ConfigError(
+                    f"{wc}: {extra[0]!r} is not a class folder "
+                    f"(folders: {_show(found)})"
+                )
         order = found if folder else list(cn)
         names = [cn[k] for k in order]
     index = {k: i for i, k in enumerate(order)}
@@ -374,11 +399,14 @@ def _task_data(name: str, topts: ClipTaskOptions, ctx: BuildContext
     for split, r in raw.items():
         for key, line in zip(r.keys, r.lines, strict=True):
             if key not in index:
-                raise ConfigError(f"{where}.data.{split}: {r.path}:{line}: label "
-                                  f"{key!r} is not among the class names "
-                                  f"({_show(order)})")
-        sources[split] = SplitSource(f"{where}.data.{split}", r.files,
-                                     tuple(index[k] for k in r.keys))
+                raise ConfigError(
+                    f"{where}.data.{split}: {r.path}:{line}: label "
+                    f"{key!r} is not among the class names "
+                    f"({_show(order)})"
+                )
+        sources[split] = SplitSource(
+            f"{where}.data.{split}", r.files, tuple(index[k] for k in r.keys)
+        )
     return names, sources
 
 
@@ -398,28 +426,61 @@ class HFClipEvaluator(ClipZeroShotEvaluator):
     tower, and the image features do not depend on it.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, tasks: Mapping[str, ClipTask],
-                 device: str | torch.device = "cpu", batch_size: int = 64,
-                 pixel_norm: tuple[Sequence[float], Sequence[float]] | None = None,
-                 max_length: int | None = None):
-        super().__init__(model, tokenizer, tasks, device=device, batch_size=batch_size,
-                         prefix="", pixel_norm=pixel_norm)
+    model: CLIPModel
+    tokenizer: PreTrainedTokenizerBase
+
+    def __init__(
+        self,
+        model: CLIPModel,
+        tokenizer: PreTrainedTokenizerBase,
+        tasks: Mapping[str, ClipTask],
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        pixel_norm: tuple[Sequence[float], Sequence[float]] | None = None,
+        max_length: int | None = None,
+    ):
+        super().__init__(
+            model,
+            tokenizer,
+            tasks,
+            device=device,
+            batch_size=batch_size,
+            prefix="",
+            pixel_norm=pixel_norm,
+        )
         cfg = model.config.text_config
-        self.max_length = int(max_length or cfg.max_position_embeddings)
-        self._tower = nn.ModuleDict({"vision_model": model.vision_model,
-                                     "visual_projection": model.visual_projection})
+        # transformers types the sub-configs dict | config | None (the __init__
+        # arguments); a built CLIPConfig always holds the config objects
+        self.max_length = int(
+            max_length or cfg.max_position_embeddings  # type: ignore[union-attr]
+        )
+        self._tower = nn.ModuleDict(
+            {
+                "vision_model": model.vision_model,
+                "visual_projection": model.visual_projection,
+            }
+        )
         self._shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     def encode_prompts(self, prompts: list[str]) -> Tensor:
-        tok = self.tokenizer(prompts, padding=True, truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
-        return _features(self.model.get_text_features(
-            input_ids=tok["input_ids"].to(self.device),
-            attention_mask=tok["attention_mask"].to(self.device)))
+        tok = self.tokenizer(
+            prompts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return _features(
+            self.model.get_text_features(
+                input_ids=tok["input_ids"].to(self.device),
+                attention_mask=tok["attention_mask"].to(self.device),
+            )
+        )
 
     def encode_images(self, pixels: Tensor) -> Tensor:
         kw = {}
-        if pixels.shape[-1] != self.model.config.vision_config.image_size:
+        size = self.model.config.vision_config.image_size  # type: ignore[union-attr]
+        if pixels.shape[-1] != size:  # (vision_config: see __init__)
             kw["interpolate_pos_encoding"] = True  # image_size: set off the model's
         return _features(self.model.get_image_features(pixel_values=pixels, **kw))
 
@@ -432,8 +493,9 @@ class HFClipEvaluator(ClipZeroShotEvaluator):
             if k not in self._shapes:
                 raise CheckpointError(f"{source}: key {k!r} is not in the CLIP model")
             if tuple(v.shape) != self._shapes[k]:
-                raise ShapeMismatchError(f"{source}:{k}: shape {tuple(v.shape)} != "
-                                         f"model {self._shapes[k]}")
+                raise ShapeMismatchError(
+                    f"{source}:{k}: shape {tuple(v.shape)} != model {self._shapes[k]}"
+                )
         load_into_module(self._tower, vision, source)
 
 
@@ -453,14 +515,18 @@ def _backend(options: ClipOptions, ctx: BuildContext) -> str:
     if options.backend == "hf" or (options.backend == "auto" and mtype == "clip"):
         if mtype != "clip":
             got = f"model_type {mtype!r}" if mtype else "no config.json"
-            raise ConfigError(f"{ctx.source}: backend hf needs a Hugging Face CLIP "
-                              f"directory; {ctx.model} has {got}")
+            raise ConfigError(
+                f"{ctx.source}: backend hf needs a Hugging Face CLIP "
+                f"directory; {ctx.model} has {got}"
+            )
         return "hf"
     if options.backend == "open_clip" or options.open_clip_model:
         return "open_clip"
-    raise ConfigError(f"{ctx.source}: cannot tell the CLIP backend: {ctx.model} is not "
-                      "a Hugging Face CLIP directory; set backend: open_clip and "
-                      "open_clip_model:")
+    raise ConfigError(
+        f"{ctx.source}: cannot tell the CLIP backend: {ctx.model} is not "
+        "a Hugging Face CLIP directory; set backend: open_clip and "
+        "open_clip_model:"
+    )
 
 
 def _norm_from(model: Path) -> tuple[Sequence[float], Sequence[float]]:
@@ -468,46 +534,63 @@ def _norm_from(model: Path) -> tuple[Sequence[float], Sequence[float]]:
     if p.is_file():
         try:
             cfg = json.loads(p.read_text())
-            return (tuple(map(float, cfg["image_mean"])),
-                    tuple(map(float, cfg["image_std"])))
+            return (
+                tuple(map(float, cfg["image_mean"])),
+                tuple(map(float, cfg["image_std"])),
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{p}: cannot read image_mean/image_std "
-                              f"({exc})") from None
+            raise ConfigError(
+                f"{p}: cannot read image_mean/image_std ({exc})"
+            ) from None
     return OPENAI_MEAN, OPENAI_STD
 
 
-def _build_hf(options: ClipOptions, ctx: BuildContext,
-              data: Mapping[str, tuple[list[str], list[str], dict[str, SplitSource]]]
-              ) -> ClipZeroShotEvaluator:
+def _build_hf(
+    options: ClipOptions,
+    ctx: BuildContext,
+    data: Mapping[str, tuple[list[str], list[str], dict[str, SplitSource]]],
+) -> ClipZeroShotEvaluator:
     from transformers import AutoTokenizer, CLIPModel
 
     assert ctx.model is not None
-    model = CLIPModel.from_pretrained(str(ctx.model)).to(torch.float32).eval()
+    pretrained = CLIPModel.from_pretrained(str(ctx.model))
+    # transformers wraps .to with functools.wraps, which mypy leaves unbound (self)
+    model = pretrained.to(torch.float32).eval()  # type: ignore[arg-type]
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(ctx.model))
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ConfigError(f"{ctx.source}: {ctx.model}: no usable tokenizer "
-                          f"({first or type(exc).__name__})") from None
+        raise ConfigError(
+            f"{ctx.source}: {ctx.model}: no usable tokenizer "
+            f"({first or type(exc).__name__})"
+        ) from None
     size = options.image_size or int(model.config.vision_config.image_size)
     max_len = int(model.config.text_config.max_position_embeddings)
     tok_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(tok_max, int) and 0 < tok_max < max_len:
         max_len = tok_max
-    return HFClipEvaluator(model, tokenizer, _tasks(data, size, ctx), device=ctx.device,
-                           batch_size=ctx.batch_size, pixel_norm=_norm_from(ctx.model),
-                           max_length=max_len)
+    return HFClipEvaluator(
+        model,
+        tokenizer,
+        _tasks(data, size, ctx),
+        device=ctx.device,
+        batch_size=ctx.batch_size,
+        pixel_norm=_norm_from(ctx.model),
+        max_length=max_len,
+    )
 
 
-def _build_open_clip(options: ClipOptions, ctx: BuildContext,
-                     data: Mapping[str, tuple[list[str], list[str],
-                                              dict[str, SplitSource]]]
-                     ) -> ClipZeroShotEvaluator:
+def _build_open_clip(
+    options: ClipOptions,
+    ctx: BuildContext,
+    data: Mapping[str, tuple[list[str], list[str], dict[str, SplitSource]]],
+) -> ClipZeroShotEvaluator:
     open_clip = import_open_clip()
     name = options.open_clip_model
     if not name:
-        raise ConfigError(f"{ctx.source}: backend open_clip needs open_clip_model: "
-                          "(e.g. ViT-B-32)")
+        raise ConfigError(
+            f"{ctx.source}: backend open_clip needs open_clip_model: (e.g. ViT-B-32)"
+        )
     assert ctx.model is not None
     try:
         model = open_clip.create_model(name, pretrained=None)
@@ -522,16 +605,25 @@ def _build_open_clip(options: ClipOptions, ctx: BuildContext,
     if size is None:
         s = cfg.get("size") or getattr(model.visual, "image_size", None)
         if s is None:
-            raise ConfigError(f"{ctx.source}: set image_size: (open_clip model {name} "
-                              "does not say)")
+            raise ConfigError(
+                f"{ctx.source}: set image_size: (open_clip model {name} does not say)"
+            )
         size = int(s[0] if isinstance(s, (tuple, list)) else s)
-    return ClipZeroShotEvaluator(model, open_clip.get_tokenizer(name),
-                                 _tasks(data, size, ctx), device=ctx.device,
-                                 batch_size=ctx.batch_size, pixel_norm=norm)
+    return ClipZeroShotEvaluator(
+        model,
+        open_clip.get_tokenizer(name),
+        _tasks(data, size, ctx),
+        device=ctx.device,
+        batch_size=ctx.batch_size,
+        pixel_norm=norm,
+    )
 
 
-def _tasks(data: Mapping[str, tuple[list[str], list[str], dict[str, SplitSource]]],
-           size: int, ctx: BuildContext) -> dict[str, ClipTask]:
+def _tasks(
+    data: Mapping[str, tuple[list[str], list[str], dict[str, SplitSource]]],
+    size: int,
+    ctx: BuildContext,
+) -> dict[str, ClipTask]:
     out = {}
     for name, (classnames, templates, sources) in data.items():
         counts = {s: ctx.limit(s, len(src.files)) for s, src in sources.items()}
@@ -546,12 +638,16 @@ def build(options: ClipOptions, ctx: BuildContext) -> ClipZeroShotEvaluator:
     names = list(ctx.tasks) if ctx.tasks is not None else list(options.tasks)
     unknown = [t for t in names if t not in options.tasks]
     if unknown:
-        raise ConfigError(f"{ctx.source}: unknown task {unknown[0]!r}; valid: "
-                          f"{', '.join(options.tasks)}")
+        raise ConfigError(
+            f"{ctx.source}: unknown task {unknown[0]!r}; valid: "
+            f"{', '.join(options.tasks)}"
+        )
     bad = [s for s in ctx.prepare if s not in SPLITS]
     if bad:
-        raise ConfigError(f"{ctx.source}: unknown split {bad[0]!r} to prepare; valid: "
-                          f"{', '.join(SPLITS)}")
+        raise ConfigError(
+            f"{ctx.source}: unknown split {bad[0]!r} to prepare; valid: "
+            f"{', '.join(SPLITS)}"
+        )
     backend = _backend(options, ctx)
     data = {}
     for t in names:
@@ -571,8 +667,10 @@ def build(options: ClipOptions, ctx: BuildContext) -> ClipZeroShotEvaluator:
 
 
 KIND = EvaluatorKind(
-    "clip", ClipOptions, build,
+    "clip",
+    ClipOptions,
+    build,
     summary="CLIP zero-shot image classification: prompt heads from the pretrained "
-            "text tower, image folders or file lists (HF CLIPModel or open_clip)",
+    "text tower, image folders or file lists (HF CLIPModel or open_clip)",
     needs_model=True,
 )

@@ -1,4 +1,5 @@
-"""Hugging Face model helpers shared by the evaluator kinds: skeletons and state loading."""
+"""Hugging Face model helpers shared by the evaluator kinds:
+skeletons and state loading."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ def read_state(path: str | Path) -> dict[str, Tensor]:
         ck.close()
 
 
-def load_into_module(module: nn.Module, state: Mapping[str, Tensor],
-                     source: str = "state") -> None:
+def load_into_module(
+    module: nn.Module, state: Mapping[str, Tensor], source: str = "state"
+) -> None:
     """Copy ``state`` into ``module`` in place, checked by key and shape.
 
     Keys the module does not have are an error; keys the module has but ``state``
@@ -34,22 +36,27 @@ def load_into_module(module: nn.Module, state: Mapping[str, Tensor],
     own = module.state_dict(keep_vars=True)
     extra = [k for k in state if k not in own and not k.endswith("position_ids")]
     if extra:
-        raise CheckpointError(f"{source}: key {extra[0]!r} is not in the model "
-                              f"({len(extra)} unexpected keys)")
+        raise CheckpointError(
+            f"{source}: key {extra[0]!r} is not in the model "
+            f"({len(extra)} unexpected keys)"
+        )
     given_ptrs = {own[k].data_ptr() for k in state if k in own}
-    missing = [k for k, v in own.items() if k not in state
-               and v.data_ptr() not in given_ptrs]
+    missing = [
+        k for k, v in own.items() if k not in state and v.data_ptr() not in given_ptrs
+    ]
     if missing:
-        raise CheckpointError(f"{source}: key {missing[0]!r} is missing "
-                              f"({len(missing)} missing keys)")
+        raise CheckpointError(
+            f"{source}: key {missing[0]!r} is missing ({len(missing)} missing keys)"
+        )
     with torch.no_grad():
         for k, v in state.items():
             if k not in own:
                 continue
             dst = own[k]
             if tuple(v.shape) != tuple(dst.shape):
-                raise ShapeMismatchError(f"{source}:{k}: shape {tuple(v.shape)} != "
-                                         f"model {tuple(dst.shape)}")
+                raise ShapeMismatchError(
+                    f"{source}:{k}: shape {tuple(v.shape)} != model {tuple(dst.shape)}"
+                )
             dst.copy_(v.to(device=dst.device, dtype=dst.dtype))
 
 

@@ -21,12 +21,14 @@ FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 
 
 def read_records(path: Path, task: str = "", split: str = "") -> list[dict[str, Any]]:
-    """Every row of a data file as a dict; ConfigError if missing, unreadable or empty."""
+    """Every row of a data file as a dict; ConfigError if missing,
+    unreadable or empty."""
     where = _where(path, task, split)
     if not path.is_file():
         raise ConfigError(f"{where}: data file not found")
     suffix = path.suffix.lower()
     try:
+        rows: list[Any]
         if suffix == ".jsonl":
             rows = []
             with path.open(encoding="utf-8") as fh:
@@ -40,9 +42,9 @@ def read_records(path: Path, task: str = "", split: str = "") -> list[dict[str, 
                             ) from None
         elif suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
-            rows = data if isinstance(data, list) else None
-            if rows is None:
+            if not isinstance(data, list):
                 raise ConfigError(f"{where}: expected a JSON list of records")
+            rows = data
         elif suffix == ".csv":
             with path.open(encoding="utf-8", newline="") as fh:
                 rows = list(csv.DictReader(fh))
@@ -67,8 +69,13 @@ def read_records(path: Path, task: str = "", split: str = "") -> list[dict[str, 
     return [dict(r) for r in rows]
 
 
-def require(rows: Iterable[Mapping[str, Any]], fields: Iterable[str], path: Path,
-            task: str = "", split: str = "") -> None:
+def require(
+    rows: Iterable[Mapping[str, Any]],
+    fields: Iterable[str],
+    path: Path,
+    task: str = "",
+    split: str = "",
+) -> None:
     """ConfigError naming the first record that lacks one of ``fields``."""
     need = list(fields)
     for i, r in enumerate(rows, 1):

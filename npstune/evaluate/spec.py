@@ -39,32 +39,46 @@ class EvaluatorFile:
     batch_size: int | None = None
     source: str = "evaluator"
 
-    def build(self, *, model: str | Path | None = None, device: str = "cpu",
-              batch_size: int | None = None,
-              max_examples: Mapping[str, int | None] | None = None,
-              fraction: Mapping[str, float] | None = None, zoo: Any = None,
-              tasks: Sequence[str] | None = None,
-              prepare: Sequence[str] = ()) -> Any:
+    def build(
+        self,
+        *,
+        model: str | Path | None = None,
+        device: str = "cpu",
+        batch_size: int | None = None,
+        max_examples: Mapping[str, int | None] | None = None,
+        fraction: Mapping[str, float] | None = None,
+        zoo: Any = None,
+        tasks: Sequence[str] | None = None,
+        prepare: Sequence[str] = (),
+    ) -> Any:
         """The evaluator, with ``prepare``'s splits loaded (the file's model wins)."""
         kind = get_kind(self.kind)
         m = self.model or (Path(model) if model is not None else None)
         if kind.needs_model and m is None:
-            raise ConfigError(f"{self.source}: kind {self.kind} needs a model directory "
-                              "(give model: in the file, or evaluate an HF directory)")
+            raise ConfigError(
+                f"{self.source}: kind {self.kind} needs a model directory "
+                "(give model: in the file, or evaluate an HF directory)"
+            )
         if m is not None and m.is_file() and self.model is None:
             m = m.parent if (m.parent / "config.json").is_file() else m
         ctx = BuildContext(
-            model=m, root=self.root, device=device,
+            model=m,
+            root=self.root,
+            device=device,
             batch_size=batch_size or self.batch_size or 32,
-            max_examples=dict(max_examples or {}), fraction=dict(fraction or {}),
-            zoo=zoo, tasks=tuple(tasks) if tasks is not None else None,
-            prepare=tuple(prepare), source=self.source,
+            max_examples=dict(max_examples or {}),
+            fraction=dict(fraction or {}),
+            zoo=zoo,
+            tasks=tuple(tasks) if tasks is not None else None,
+            prepare=tuple(prepare),
+            source=self.source,
         )
         return kind.build(self.options, ctx)
 
 
-def parse_evaluator(data: Mapping[str, Any], root: str | Path,
-                    source: str = "evaluator") -> EvaluatorFile:
+def parse_evaluator(
+    data: Mapping[str, Any], root: str | Path, source: str = "evaluator"
+) -> EvaluatorFile:
     """Validate an evaluator mapping (a file's content or a search's inline section)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a mapping with kind: and tasks:")
@@ -98,13 +112,16 @@ def load_evaluator_file(path: str | Path) -> EvaluatorFile:
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such evaluator file") from None
     except (OSError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = (
+            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        )
         raise ConfigError(f"{p}: not valid YAML ({first})") from None
     return parse_evaluator(data or {}, p.resolve().parent, str(p))
 
 
 def one_line(exc: ValidationError) -> str:
-    """A pydantic error as ``loc: message; loc: message`` (union branch names dropped)."""
+    """A pydantic error as ``loc: message; loc: message``
+    (union branch names dropped)."""
     out = []
     for e in exc.errors():
         loc = ".".join(str(x) for x in e["loc"] if not _is_branch(str(x))) or "config"

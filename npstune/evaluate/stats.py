@@ -1,8 +1,8 @@
 """Calibration statistics for data-driven merges (Fisher, RegMean), behind one protocol.
 
 An evaluator that can give gradients or linear-layer inputs implements
-:class:`CalibrationStats`; ``npstune.merge.fisher`` / ``regmean`` only ever call these two
-methods, so they work with every such kind (the zoo, ``text-classification``,
+:class:`CalibrationStats`; ``npstune.merge.fisher`` / ``regmean`` only ever call these
+two methods, so they work with every such kind (the zoo, ``text-classification``,
 ``causal-lm``):
 
 - ``fisher``: the diagonal empirical Fisher, the mean over examples of
@@ -31,19 +31,30 @@ DEFAULT_EXAMPLES = 256
 class CalibrationStats(Protocol):
     """Per-task statistics for Fisher / RegMean (see module docstring)."""
 
-    def fisher(self, state: State, task: str, keys: Sequence[str],
-               examples: int = DEFAULT_EXAMPLES) -> dict[str, Tensor]:
+    def fisher(
+        self,
+        state: State,
+        task: str,
+        keys: Sequence[str],
+        examples: int = DEFAULT_EXAMPLES,
+    ) -> dict[str, Tensor]:
         """Diagonal empirical Fisher of ``state`` on ``task``'s calibration examples."""
         ...
 
-    def grams(self, state: State, task: str, keys: Sequence[str],
-              examples: int = DEFAULT_EXAMPLES) -> dict[str, Tensor]:
+    def grams(
+        self,
+        state: State,
+        task: str,
+        keys: Sequence[str],
+        examples: int = DEFAULT_EXAMPLES,
+    ) -> dict[str, Tensor]:
         """Σ xᵀx of the inputs of each linear layer whose weight key is in ``keys``."""
         ...
 
 
-def diagonal_fisher(module: nn.Module, names: Mapping[str, str],
-                    losses: Iterable[Callable[[], Tensor]]) -> dict[str, Tensor]:
+def diagonal_fisher(
+    module: nn.Module, names: Mapping[str, str], losses: Iterable[Callable[[], Tensor]]
+) -> dict[str, Tensor]:
     """Mean of squared gradients over per-example losses.
 
     ``names`` maps a state key to the module's parameter name; each element of
@@ -61,8 +72,9 @@ def diagonal_fisher(module: nn.Module, names: Mapping[str, str],
     try:
         with torch.enable_grad():
             for loss_fn in losses:
-                grads = torch.autograd.grad(loss_fn(), list(wanted.values()),
-                                            allow_unused=True)
+                grads = torch.autograd.grad(
+                    loss_fn(), list(wanted.values()), allow_unused=True
+                )
                 for k, g in zip(wanted, grads):
                     if g is not None:
                         acc[k] += g.detach().float() ** 2
@@ -73,9 +85,11 @@ def diagonal_fisher(module: nn.Module, names: Mapping[str, str],
     return {k: (a / max(count, 1)).cpu() for k, a in acc.items()}
 
 
-def linear_grams(module: nn.Module, names: Mapping[str, str],
-                 batches: Iterable[tuple[Callable[[], object], Tensor]]
-                 ) -> dict[str, Tensor]:
+def linear_grams(
+    module: nn.Module,
+    names: Mapping[str, str],
+    batches: Iterable[tuple[Callable[[], object], Tensor]],
+) -> dict[str, Tensor]:
     """Σ xᵀx (float64) of each listed linear layer's inputs over the masked tokens.
 
     ``names`` maps a weight's state key to its module's parameter name
@@ -91,8 +105,9 @@ def linear_grams(module: nn.Module, names: Mapping[str, str],
         if not isinstance(mod, nn.Linear):
             continue
 
-        def hook(_m: nn.Module, inputs: tuple[Tensor, ...], _o: object,
-                 key: str = key) -> None:
+        def hook(
+            _m: nn.Module, inputs: tuple[Tensor, ...], _o: object, key: str = key
+        ) -> None:
             x = inputs[0].reshape(-1, inputs[0].shape[-1])
             m = current["mask"]
             if m.numel() == x.shape[0]:

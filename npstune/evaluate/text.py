@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,9 @@ from npstune.evaluate.stats import DEFAULT_EXAMPLES, diagonal_fisher, linear_gra
 from npstune.zoo import model as zm
 from npstune.zoo.core import Zoo
 from npstune.zoo.datasets import SPLITS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +40,14 @@ class TextClassificationEvaluator:
         max_len: token limit (default: the zoo recipe's).
     """
 
-    def __init__(self, zoo: Zoo, device: str | torch.device = "cpu", batch_size: int = 64,
-                 max_examples: int | None = None, max_len: int | None = None):
+    def __init__(
+        self,
+        zoo: Zoo,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        max_examples: int | None = None,
+        max_len: int | None = None,
+    ):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if max_examples is not None and max_examples < 1:
@@ -48,9 +57,11 @@ class TextClassificationEvaluator:
         self.batch_size = batch_size
         self.max_examples = max_examples
         self.max_len = max_len or int(zoo.manifest["recipe"]["max_len"])
-        self._body = zm.new_body(zoo.base_path).to(self.device).eval()
+        body = zm.new_body(zoo.base_path)
+        # transformers wraps .to with functools.wraps, which mypy leaves unbound (self)
+        self._body = body.to(self.device).eval()  # type: ignore[arg-type]
         self._base_path: Path = zoo.base_path
-        self._tokenizer = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
         self._batches: dict[tuple[str, str], zm.Batches] = {}
         self._heads: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -58,7 +69,7 @@ class TextClassificationEvaluator:
     def tasks(self) -> list[str]:
         return self.zoo.tasks
 
-    # -- caches ---------------------------------------------------------------------------
+    # -- caches ------------------------------------------------------------------------
     def batches(self, task: str, split: str) -> zm.Batches:
         """The tokenized, length-sorted, padded batches of a split (built once)."""
         if split not in SPLITS:
@@ -74,7 +85,11 @@ class TextClassificationEvaluator:
                 texts, labels = texts[: self.max_examples], labels[: self.max_examples]
             ids = zm.tokenize(self._tokenizer, texts, self.max_len)
             self._batches[key] = zm.Batches.build(
-                ids, labels, self.batch_size, self._tokenizer.pad_token_id or 0, self.device
+                ids,
+                labels,
+                self.batch_size,
+                self._tokenizer.pad_token_id or 0,
+                self.device,
             )
         return self._batches[key]
 
@@ -84,7 +99,7 @@ class TextClassificationEvaluator:
             self._heads[task] = (w.to(self.device), b.to(self.device))
         return self._heads[task]
 
-    # -- scoring --------------------------------------------------------------------------
+    # -- scoring -----------------------------------------------------------------------
     def load_state(self, state: State, source: str = "state") -> None:
         """Copy ``state`` into the kept skeleton (keys checked against the base's)."""
         zm.load_into(self._body, state, source)
@@ -100,7 +115,7 @@ class TextClassificationEvaluator:
             out = self._body(input_ids=ids, attention_mask=mask).last_hidden_state
             logits = torch.nn.functional.linear(zm.mean_pool(out, mask), w, bias)
             n = ids.shape[0]
-            correct += int((logits.argmax(-1) == labels[start:start + n]).sum())
+            correct += int((logits.argmax(-1) == labels[start : start + n]).sum())
             start += n
         return correct / max(1, start)
 
@@ -110,8 +125,9 @@ class TextClassificationEvaluator:
         self.load_state(state)
         return self._score(task, split)
 
-    def evaluate_many(self, state: State, tasks: Iterable[str] | None = None,
-                      split: str = "test") -> dict[str, float]:
+    def evaluate_many(
+        self, state: State, tasks: Iterable[str] | None = None, split: str = "test"
+    ) -> dict[str, float]:
         """Accuracy per task, loading ``state`` once (all zoo tasks by default)."""
         names = list(tasks) if tasks is not None else self.zoo.tasks
         for t in names:
@@ -119,20 +135,26 @@ class TextClassificationEvaluator:
         self.load_state(state)
         return {t: self._score(t, split) for t in names}
 
-
-    # -- calibration statistics (Fisher, RegMean; npstune.evaluate.stats) ----------------
-    def _rows(self, task: str, examples: int) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
+    # -- calibration statistics (Fisher, RegMean; npstune.evaluate.stats) --------------
+    def _rows(
+        self, task: str, examples: int
+    ) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
         b = self.batches(task, "calibration")
         seen = 0
         for ids, mask in b.batches:
             if seen >= examples:
                 return
             n = min(ids.shape[0], examples - seen)
-            yield ids[:n], mask[:n], b.labels[seen:seen + n]
+            yield ids[:n], mask[:n], b.labels[seen : seen + n]
             seen += n
 
-    def fisher(self, state: State, task: str, keys: Sequence[str],
-               examples: int = DEFAULT_EXAMPLES) -> dict[str, Tensor]:
+    def fisher(
+        self,
+        state: State,
+        task: str,
+        keys: Sequence[str],
+        examples: int = DEFAULT_EXAMPLES,
+    ) -> dict[str, Tensor]:
         """Diagonal empirical Fisher of the task's cross-entropy, one batch a pass
         (build the evaluator with ``batch_size=1`` for one example a pass)."""
         self.zoo.task(task)
@@ -143,28 +165,46 @@ class TextClassificationEvaluator:
         def losses() -> Iterable[Any]:
             for ids, mask, y in self._rows(task, examples):
                 yield lambda ids=ids, mask=mask, y=y: nn.functional.cross_entropy(
-                    nn.functional.linear(zm.mean_pool(body(
-                        input_ids=ids, attention_mask=mask).last_hidden_state, mask),
-                        w, b), y, reduction="sum")
+                    nn.functional.linear(
+                        zm.mean_pool(
+                            body(input_ids=ids, attention_mask=mask).last_hidden_state,
+                            mask,
+                        ),
+                        w,
+                        b,
+                    ),
+                    y,
+                    reduction="sum",
+                )
 
         return diagonal_fisher(body, {k: k for k in keys}, losses())
 
-    def grams(self, state: State, task: str, keys: Sequence[str],
-              examples: int = DEFAULT_EXAMPLES) -> dict[str, Tensor]:
+    def grams(
+        self,
+        state: State,
+        task: str,
+        keys: Sequence[str],
+        examples: int = DEFAULT_EXAMPLES,
+    ) -> dict[str, Tensor]:
         """Σ xᵀx of each linear layer's inputs over the non-padding tokens."""
         self.zoo.task(task)
         self.load_state(state)
         body = self._body
-        runs = ((lambda ids=ids, mask=mask: body(input_ids=ids, attention_mask=mask),
-                 mask) for ids, mask, _ in self._rows(task, examples))
+        runs = (
+            (lambda ids=ids, mask=mask: body(input_ids=ids, attention_mask=mask), mask)
+            for ids, mask, _ in self._rows(task, examples)
+        )
         return linear_grams(body, {k: k for k in keys}, runs)
 
     def on_device(self, device: str) -> TextClassificationEvaluator:
         """The same evaluator on another device (tokenization is redone, once)."""
-        return TextClassificationEvaluator(self.zoo, device=device,
-                                           batch_size=self.batch_size,
-                                           max_examples=self.max_examples,
-                                           max_len=self.max_len)
+        return TextClassificationEvaluator(
+            self.zoo,
+            device=device,
+            batch_size=self.batch_size,
+            max_examples=self.max_examples,
+            max_len=self.max_len,
+        )
 
 
 def read_body_state(path: str | Path) -> dict[str, Tensor]:
@@ -183,9 +223,26 @@ def read_body_state(path: str | Path) -> dict[str, Tensor]:
     raise CheckpointError(f"{p}: expected a .safetensors file or an HF model directory")
 
 
-def evaluate_checkpoint(zoo: Zoo, path: str | Path, split: str = "test",
-                        tasks: Iterable[str] | None = None, device: str = "cpu"
-                        ) -> dict[str, object]:
+class CheckpointReport(TypedDict):
+    """What :func:`evaluate_checkpoint` returns (a plain dict, JSON-ready)."""
+
+    zoo: str
+    model: str
+    split: str
+    accuracy: dict[str, float]
+    mean: float
+    finetuned: dict[str, float | None]
+    normalized: dict[str, float]
+    mean_normalized: float | None
+
+
+def evaluate_checkpoint(
+    zoo: Zoo,
+    path: str | Path,
+    split: str = "test",
+    tasks: Iterable[str] | None = None,
+    device: str = "cpu",
+) -> CheckpointReport:
     """Score a body checkpoint on zoo tasks: per-task, mean and normalized accuracy.
 
     Normalized accuracy is accuracy / the task's fine-tuned accuracy on the same split

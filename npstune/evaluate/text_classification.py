@@ -1,4 +1,5 @@
-"""Kind ``text-classification``: a Hugging Face encoder scored with each task's own head.
+"""Kind ``text-classification``: a Hugging Face encoder scored with each task's own
+head.
 
 ```yaml
 kind: text-classification
@@ -34,7 +35,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
@@ -47,6 +48,9 @@ from npstune.evaluate.kinds import SPLITS, BuildContext, EvaluatorKind, KindOpti
 from npstune.evaluate.records import read_records, require
 from npstune.evaluate.stats import DEFAULT_EXAMPLES, diagonal_fisher, linear_grams
 from npstune.zoo import model as zm
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class TextTaskSpec(KindOptions):
@@ -86,14 +90,16 @@ class TextClassifier:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         if ctx.model is None or not (ctx.model / "config.json").is_file():
-            raise ConfigError(f"{ctx.source}: kind text-classification needs an HF "
-                              f"model directory with config.json (got {ctx.model})")
+            raise ConfigError(
+                f"{ctx.source}: kind text-classification needs an HF "
+                f"model directory with config.json (got {ctx.model})"
+            )
         self.o, self.ctx = options, ctx
         self.device = torch.device(ctx.device)
         self.config = AutoConfig.from_pretrained(str(ctx.model))
         self.tokenizer = AutoTokenizer.from_pretrained(str(ctx.model))
         self._body = AutoModel.from_config(self.config).to(self.device).eval()
-        self._full: dict[Path, nn.Module] = {}
+        self._full: dict[Path, PreTrainedModel] = {}
         self._heads: dict[str, _Head] = {}
         self._batches: dict[tuple[str, str], zm.Batches] = {}
         for t in ctx.tasks if ctx.tasks is not None else self.tasks:
@@ -112,8 +118,10 @@ class TextClassifier:
         try:
             return self.o.tasks[task]
         except KeyError:
-            raise ConfigError(f"{self.ctx.source}: unknown task {task!r}; valid: "
-                              f"{', '.join(self.o.tasks)}") from None
+            raise ConfigError(
+                f"{self.ctx.source}: unknown task {task!r}; valid: "
+                f"{', '.join(self.o.tasks)}"
+            ) from None
 
     def metric(self, task: str) -> str:
         return "accuracy"
@@ -136,26 +144,33 @@ class TextClassifier:
             w, b = zm.load_head(path)
             names = spec.label_names or _head_labels(path)
             if names is None:
-                raise ConfigError(f"{where}: label_names is missing (the head file "
-                                  "names no labels)")
+                raise ConfigError(
+                    f"{where}: label_names is missing (the head file names no labels)"
+                )
             if w.ndim != 2 or b.shape != (w.shape[0],) or len(names) != w.shape[0]:
-                raise ConfigError(f"{where}: head {tuple(w.shape)} does not fit "
-                                  f"{len(names)} label names")
+                raise ConfigError(
+                    f"{where}: head {tuple(w.shape)} does not fit "
+                    f"{len(names)} label names"
+                )
             if w.shape[1] != self.config.hidden_size:
-                raise ConfigError(f"{where}: head width {w.shape[1]} != the model's "
-                                  f"hidden size {self.config.hidden_size}")
+                raise ConfigError(
+                    f"{where}: head width {w.shape[1]} != the model's "
+                    f"hidden size {self.config.hidden_size}"
+                )
             return _Head(list(names), w.to(self.device), b.to(self.device))
         state = read_state(path)
-        keys = [k for k in state if any(fnmatch.fnmatchcase(k, g) for g in spec.head_keys)]
+        keys = [
+            k for k in state if any(fnmatch.fnmatchcase(k, g) for g in spec.head_keys)
+        ]
         if not keys:
-            raise ConfigError(f"{where}: {path} holds no tensor matching head_keys "
-                              f"{spec.head_keys}")
+            raise ConfigError(
+                f"{where}: {path} holds no tensor matching head_keys {spec.head_keys}"
+            )
         cfg_dir = path if path.is_dir() else path.parent
         names = spec.label_names or _config_labels(cfg_dir)
         if names is None:
             raise ConfigError(f"{where}: label_names is missing")
-        return _Head(list(names), checkpoint=path,
-                     tensors={k: state[k] for k in keys})
+        return _Head(list(names), checkpoint=path, tensors={k: state[k] for k in keys})
 
     def batches(self, task: str, split: str) -> zm.Batches:
         """The tokenized, length-sorted, padded batches of a split (built once)."""
@@ -165,24 +180,34 @@ class TextClassifier:
         if key not in self._batches:
             spec = self._spec(task)
             if split not in spec.data:
-                raise ConfigError(f"{self.ctx.source}, task {task!r}: no {split!r} "
-                                  "data file")
+                raise ConfigError(
+                    f"{self.ctx.source}, task {task!r}: no {split!r} data file"
+                )
             path = self.ctx.path(spec.data[split])
             rows = read_records(path, task, split)
             rows = rows[: self.ctx.limit(split, len(rows))]
             require(rows, [spec.text_field, spec.label_field], path, task, split)
             names = self.head(task).labels
-            labels = [_label(r[spec.label_field], names, path, task, i)
-                      for i, r in enumerate(rows, 1)]
-            ids = zm.tokenize(self.tokenizer, [str(r[spec.text_field]) for r in rows],
-                              self.o.max_length)
+            labels = [
+                _label(r[spec.label_field], names, path, task, i)
+                for i, r in enumerate(rows, 1)
+            ]
+            ids = zm.tokenize(
+                self.tokenizer,
+                [str(r[spec.text_field]) for r in rows],
+                self.o.max_length,
+            )
             self._batches[key] = zm.Batches.build(
-                ids, labels, self.ctx.batch_size, self.tokenizer.pad_token_id or 0,
-                self.device)
+                ids,
+                labels,
+                self.ctx.batch_size,
+                self.tokenizer.pad_token_id or 0,
+                self.device,
+            )
         return self._batches[key]
 
-    # -- models -------------------------------------------------------------------------
-    def _model(self, task: str, state: State) -> nn.Module:
+    # -- models ------------------------------------------------------------------------
+    def _model(self, task: str, state: State) -> PreTrainedModel:
         """The module that scores ``task``, with ``state`` (and its head) loaded."""
         h = self.head(task)
         if h.checkpoint is None:
@@ -193,20 +218,27 @@ class TextClassifier:
             from transformers import AutoConfig, AutoModelForSequenceClassification
 
             d = h.checkpoint if h.checkpoint.is_dir() else h.checkpoint.parent
-            cfg = (AutoConfig.from_pretrained(str(d)) if (d / "config.json").is_file()
-                   else self.config)
+            cfg = (
+                AutoConfig.from_pretrained(str(d))
+                if (d / "config.json").is_file()
+                else self.config
+            )
             cfg.num_labels = len(h.labels)
             m = AutoModelForSequenceClassification.from_config(cfg).to(self.device)
             self._full[h.checkpoint] = m.eval()
         prefix = getattr(m, "base_model_prefix", "")
         own = m.state_dict()
-        body = {(k if k in own or not prefix else f"{prefix}.{k}"): v
-                for k, v in state.items()}
+        body = {
+            (k if k in own or not prefix else f"{prefix}.{k}"): v
+            for k, v in state.items()
+        }
         body.update(h.tensors or {})
         load_into_module(m, body, "state")
         return m
 
-    def _logits(self, module: nn.Module, task: str, ids: Tensor, mask: Tensor) -> Tensor:
+    def _logits(
+        self, module: nn.Module, task: str, ids: Tensor, mask: Tensor
+    ) -> Tensor:
         h = self.head(task)
         if h.checkpoint is not None:
             return module(input_ids=ids, attention_mask=mask).logits
@@ -224,7 +256,7 @@ class TextClassifier:
         """The same evaluator on another device (data read and tokenized again)."""
         return TextClassifier(self.o, dataclasses.replace(self.ctx, device=device))
 
-    # -- scoring --------------------------------------------------------------------------
+    # -- scoring -----------------------------------------------------------------------
     @torch.inference_mode()
     def _score(self, module: nn.Module, task: str, split: str) -> float:
         b = self.batches(task, split)
@@ -232,7 +264,7 @@ class TextClassifier:
         for ids, mask in b.batches:
             pred = self._logits(module, task, ids, mask).argmax(-1)
             n = ids.shape[0]
-            correct += int((pred == b.labels[start:start + n]).sum())
+            correct += int((pred == b.labels[start : start + n]).sum())
             start += n
         return correct / max(1, start)
 
@@ -240,14 +272,17 @@ class TextClassifier:
         """Accuracy of the encoder ``state`` on ``task``'s ``split``."""
         return self._score(self._model(task, state), task, split)
 
-    def evaluate_many(self, state: State, tasks: Iterable[str] | None = None,
-                      split: str = "test") -> dict[str, float]:
+    def evaluate_many(
+        self, state: State, tasks: Iterable[str] | None = None, split: str = "test"
+    ) -> dict[str, float]:
         """Accuracy per task (all the file's tasks by default)."""
         names = list(tasks) if tasks is not None else self.tasks
         return {t: self.evaluate(state, t, split) for t in names}
 
-    # -- calibration statistics (Fisher, RegMean) ------------------------------------------
-    def _examples(self, task: str, examples: int) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
+    # -- calibration statistics (Fisher, RegMean) --------------------------------------
+    def _examples(
+        self, task: str, examples: int
+    ) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
         b = self.batches(task, "calibration")
         seen = 0
         for ids, mask in b.batches:
@@ -255,7 +290,7 @@ class TextClassifier:
                 if seen >= examples:
                     return
                 n = int(mask[i].sum())
-                yield ids[i:i + 1, :n], mask[i:i + 1, :n], b.labels[seen:seen + 1]
+                yield ids[i : i + 1, :n], mask[i : i + 1, :n], b.labels[seen : seen + 1]
                 seen += 1
 
     def _param_names(self, module: nn.Module, keys: Sequence[str]) -> dict[str, str]:
@@ -268,20 +303,32 @@ class TextClassifier:
                 out[k] = name
         return out
 
-    def fisher(self, state: State, task: str, keys: Sequence[str],
-               examples: int = DEFAULT_EXAMPLES) -> dict[str, Tensor]:
-        """Diagonal empirical Fisher of the task's cross-entropy (one example a pass)."""
+    def fisher(
+        self,
+        state: State,
+        task: str,
+        keys: Sequence[str],
+        examples: int = DEFAULT_EXAMPLES,
+    ) -> dict[str, Tensor]:
+        """Diagonal empirical Fisher of the task's cross-entropy
+        (one example a pass)."""
         module = self._model(task, state)
 
         def losses() -> Iterable[Any]:
             for ids, mask, y in self._examples(task, examples):
                 yield lambda ids=ids, mask=mask, y=y: nn.functional.cross_entropy(
-                    self._logits(module, task, ids, mask), y, reduction="sum")
+                    self._logits(module, task, ids, mask), y, reduction="sum"
+                )
 
         return diagonal_fisher(module, self._param_names(module, keys), losses())
 
-    def grams(self, state: State, task: str, keys: Sequence[str],
-              examples: int = DEFAULT_EXAMPLES) -> dict[str, Tensor]:
+    def grams(
+        self,
+        state: State,
+        task: str,
+        keys: Sequence[str],
+        examples: int = DEFAULT_EXAMPLES,
+    ) -> dict[str, Tensor]:
         """Σ xᵀx of each linear layer's inputs over the non-padding tokens."""
         module = self._model(task, state)
         body = module if self.head(task).checkpoint is None else module.base_model
@@ -342,8 +389,10 @@ def _label(value: Any, names: Sequence[str], path: Path, task: str, row: int) ->
         i = int(s)
         if 0 <= i < len(names):
             return i
-    raise ConfigError(f"{path}, task {task!r}: record {row}: label {value!r} is not "
-                      f"among the label names {list(names)}")
+    raise ConfigError(
+        f"{path}, task {task!r}: record {row}: label {value!r} is not "
+        f"among the label names {list(names)}"
+    )
 
 
 def build(options: TextClassificationOptions, ctx: BuildContext) -> TextClassifier:
@@ -352,6 +401,8 @@ def build(options: TextClassificationOptions, ctx: BuildContext) -> TextClassifi
 
 
 KIND = EvaluatorKind(
-    "text-classification", TextClassificationOptions, build,
+    "text-classification",
+    TextClassificationOptions,
+    build,
     summary="HF encoder + each task's own head (file or fine-tuned checkpoint)",
 )

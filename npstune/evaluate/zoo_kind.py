@@ -16,7 +16,8 @@ from npstune.evaluate.kinds import BuildContext, EvaluatorKind, KindOptions
 
 
 class ZooOptions(KindOptions):
-    """Which zoo (default: the search's), and its token limit (default: the recipe's)."""
+    """Which zoo (default: the search's), and its token limit (default:
+    the recipe's)."""
 
     zoo: Literal["small", "full"] | None = None
     zoo_cache: str | None = None
@@ -45,8 +46,13 @@ def build(options: ZooOptions, ctx: BuildContext) -> object:
         sizes = [len(zoo.split(t, split)[1]) for t in tasks]
         n = min([n or s for s in sizes] + sizes)
         n = max(1, math.floor(n * ctx.fraction.get(split, 1.0) + 1e-9))
-    ev = TextClassificationEvaluator(zoo, device=ctx.device, batch_size=ctx.batch_size,
-                                     max_examples=n, max_len=options.max_len)
+    ev = TextClassificationEvaluator(
+        zoo,
+        device=ctx.device,
+        batch_size=ctx.batch_size,
+        max_examples=n,
+        max_len=options.max_len,
+    )
     for t in tasks:  # tokenize and load heads now: workers never touch the zoo files
         for s in ctx.prepare:
             ev.batches(t, s)
@@ -54,6 +60,10 @@ def build(options: ZooOptions, ctx: BuildContext) -> object:
     return ev
 
 
-KIND = EvaluatorKind("zoo", ZooOptions, build,
-                     summary="the offline zoo's text tasks (MiniLM body + task heads)",
-                     needs_model=False)
+KIND = EvaluatorKind(
+    "zoo",
+    ZooOptions,
+    build,
+    summary="the offline zoo's text tasks (MiniLM body + task heads)",
+    needs_model=False,
+)

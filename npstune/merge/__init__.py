@@ -60,7 +60,8 @@ def merge(
         params: the method's parameters (validated; ConfigError on bad input).
         out: where to write the result (the form its name names, else the base's);
             None returns the merged state in memory (``MergeResult.state``).
-        include, exclude: glob patterns of keys that take part / are copied from the base.
+        include, exclude: glob patterns of keys that take part / are copied from the
+            base.
         device: where the arithmetic runs.
         data: calibration data for data-driven methods (Fisher, RegMean).
         progress: show a progress bar over tensors.
@@ -70,8 +71,16 @@ def merge(
     from npstune.taskvector import plan_merge
 
     paths = [m if isinstance(m, LazyCheckpoint) else str(m) for m in models]
-    plan = plan_merge(base if isinstance(base, LazyCheckpoint) else str(base), paths,
-                      include, exclude)
-    return run_merge(plan, get_method(method), dict(params) if isinstance(params, Mapping)
-                     else params, out, device=device, data=data, progress=progress,
-                     masks=masks)
+    plan = plan_merge(
+        base if isinstance(base, LazyCheckpoint) else str(base), paths, include, exclude
+    )
+    return run_merge(
+        plan,
+        get_method(method),
+        dict(params) if isinstance(params, Mapping) else params,
+        out,
+        device=device,
+        data=data,
+        progress=progress,
+        masks=masks,
+    )

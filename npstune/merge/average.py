@@ -21,6 +21,9 @@ def average(p: AverageParams, chunk: Chunk) -> torch.Tensor:
 
 
 SPEC = MergeSpec(
-    "average", AverageParams, kernel=average,
-    paper="https://arxiv.org/abs/2203.05482", summary="mean of the fine-tuned weights",
+    "average",
+    AverageParams,
+    kernel=average,
+    paper="https://arxiv.org/abs/2203.05482",
+    summary="mean of the fine-tuned weights",
 )

@@ -1,9 +1,10 @@
-"""The merge engine: one method = typed params + an optional global pass + a chunk kernel.
+"""The merge engine: one method = typed params + an optional global pass + a chunk
+kernel.
 
-A method's ``prepare(inputs, params)`` runs the streaming statistics passes a global method
-needs (thresholds, partitions) and returns a context; its ``kernel(ctx, chunk)`` maps one
-chunk of every task vector to the merged delta of that chunk (compute dtype), and a
-pruning method returns each task's keep mask of the chunk with it
+A method's ``prepare(inputs, params)`` runs the streaming statistics passes a global
+method needs (thresholds, partitions) and returns a context; its ``kernel(ctx, chunk)``
+maps one chunk of every task vector to the merged delta of that chunk (compute dtype),
+and a pruning method returns each task's keep mask of the chunk with it
 (:class:`~npstune.merge.masks.KernelOut`). The engine walks keys in sorted order and
 chunks in row-major order — the position order every tie-break uses — adds the delta to
 the base, casts to the base's dtype and writes it, and streams the masks to an optional
@@ -53,10 +54,12 @@ class MergeInputs:
     def tasks(self) -> int:
         return len(self.plan.models)
 
-    def joint_scores(self, tasks: list[int] | None = None
-                     ) -> Callable[[], Iterator[tuple[torch.Tensor, ...]]]:
+    def joint_scores(
+        self, tasks: list[int] | None = None
+    ) -> Callable[[], Iterator[tuple[torch.Tensor, ...]]]:
         """A re-iterable source of (|τ_t| for t in ``tasks``) chunk tuples, reading the
-        base once per chunk for all the tasks (for :func:`~npstune.sparsify.select_streams`)."""
+        base once per chunk for all the tasks (for
+        :func:`~npstune.sparsify.select_streams`)."""
         ts = list(range(self.tasks)) if tasks is None else tasks
         return lambda: self.plan.joint_score_chunks(ts, None, self.device)
 
@@ -78,11 +81,13 @@ class MergeSpec(Generic[P]):
     #: blocks (so the engine may work through a read chunk in cache-sized blocks)
     blockwise: bool = True
     #: a method with outputs of its own (EMR: one model per task) replaces the engine:
-    #: ``runner(plan, params, out, device=, progress=, metadata=, masks=) -> MergeResult``
+    #: ``runner(plan, params, out, device=, progress=, metadata=, masks=) ->
+    #: MergeResult``
     runner: Callable[..., MergeResult] | None = None
 
     def make_params(self, values: dict[str, Any] | MethodParams | None = None) -> P:
-        """Validate ``values`` against this method's params (ConfigError on bad input)."""
+        """Validate ``values`` against this method's params
+        (ConfigError on bad input)."""
         if isinstance(values, self.params):
             return values
         try:
@@ -101,7 +106,8 @@ class MergeSpec(Generic[P]):
 
 @dataclass
 class MergeResult:
-    """What a merge returns: the merged state (in memory) or the path written, plus meta.
+    """What a merge returns: the merged state (in memory) or the path written, plus
+    meta.
 
     ``masks`` summarises the keep masks of a pruning method: ``{task name: {key: kept
     entries}}`` (task names as ``plan.task_names``); None for methods that keep no mask.
@@ -126,7 +132,8 @@ def run_merge(
     out_format: OutFormat = "model",
     masks: MaskSink | None = None,
 ) -> MergeResult:
-    """Merge ``plan``'s models with ``spec`` into ``out`` (or into memory when ``out`` is None).
+    """Merge ``plan``'s models with ``spec`` into ``out`` (or into memory when ``out``
+    is None).
 
     ``out_format="adapter"`` (``average``/``task-arithmetic`` of LoRA adapters only)
     writes the merge as one exact PEFT LoRA adapter directory instead of a full model.
@@ -136,22 +143,33 @@ def run_merge(
     """
     p = spec.make_params(params)
     if out_format not in OUT_FORMATS:
-        raise ConfigError(f"--out-format {out_format!r}: expected one of "
-                          f"{', '.join(OUT_FORMATS)}")
+        raise ConfigError(
+            f"--out-format {out_format!r}: expected one of {', '.join(OUT_FORMATS)}"
+        )
     if out_format == "adapter":
         adapter_weights(spec.name, p, len(plan.models))  # refuse other methods first
         if out is None:
-            raise ConfigError("--out-format adapter needs an output directory "
-                              "(out=...)")
+            raise ConfigError(
+                "--out-format adapter needs an output directory (out=...)"
+            )
         from npstune.checkpoints.adapter import check_adapter_out, check_combinable
 
         check_adapter_out(out)
         check_combinable(plan.models)
     if spec.needs_data and data is None:
-        raise ConfigError(f"{spec.name} needs calibration data: pass --zoo SIZE (or data=...)")
+        raise ConfigError(
+            f"{spec.name} needs calibration data: pass --zoo SIZE (or data=...)"
+        )
     if spec.runner is not None:
-        return spec.runner(plan, p, out, device=device, progress=progress, metadata=metadata,
-                           masks=masks)
+        return spec.runner(
+            plan,
+            p,
+            out,
+            device=device,
+            progress=progress,
+            metadata=metadata,
+            masks=masks,
+        )
     t0 = time.perf_counter()
     inputs = MergeInputs(plan, device, data)
     ctx = spec.prepare(inputs, p)
@@ -216,8 +234,12 @@ def run_merge(
         meta["density"] = [k / plan.n if plan.n else 0.0 for k in kept]
     if out_format == "adapter":
         meta["rank"] = rank
-    return MergeResult(state, Path(out) if out is not None else None, meta,
-                       counts.summary(plan.task_names) if seen_masks else None)
+    return MergeResult(
+        state,
+        Path(out) if out is not None else None,
+        meta,
+        counts.summary(plan.task_names) if seen_masks else None,
+    )
 
 
 OutFormat = Literal["model", "adapter"]
@@ -233,14 +255,24 @@ ADAPTER_METHODS: dict[str, Callable[[Any, int], list[float]]] = {
 def adapter_weights(method: str, params: Any, tasks: int) -> list[float]:
     """Per-task weights w_t of Σ_t w_t·B_t·A_t for ``--out-format adapter``."""
     if method not in ADAPTER_METHODS:
-        raise ConfigError(f"--out-format adapter: method {method!r} does not keep a "
-                          f"low-rank result; allowed: {', '.join(ADAPTER_METHODS)}")
+        raise ConfigError(
+            f"--out-format adapter: method {method!r} does not keep a "
+            f"low-rank result; allowed: {', '.join(ADAPTER_METHODS)}"
+        )
     return ADAPTER_METHODS[method](params, tasks)
 
 
-def _write_adapter(plan: MergePlan, spec: MergeSpec[Any], p: MethodParams, ctx: Any,
-                   out: str | os.PathLike[str], whole: bool, device: str | torch.device,
-                   block: int | None, metadata: dict[str, str]) -> dict[str, int]:
+def _write_adapter(
+    plan: MergePlan,
+    spec: MergeSpec[Any],
+    p: MethodParams,
+    ctx: Any,
+    out: str | os.PathLike[str],
+    whole: bool,
+    device: str | torch.device,
+    block: int | None,
+    metadata: dict[str, str],
+) -> dict[str, int]:
     """Write the merge as one LoRA adapter; full tensors (``modules_to_save``) get the
     method's merged values, exactly as the full-model output holds them."""
     from npstune.checkpoints.adapter import check_combinable, write_combined_adapter
@@ -255,12 +287,13 @@ def _write_adapter(plan: MergePlan, spec: MergeSpec[Any], p: MethodParams, ctx: 
         t = torch.empty(plan.numel[key], dtype=dtype)
         blocks = merged_blocks(plan, spec, ctx, key, whole, device, block)
         for blk in blocks:
-            t[blk.start:blk.stop] = blk.merged.cpu()
+            t[blk.start : blk.stop] = blk.merged.cpu()
         return t.reshape(shape)
 
     weights = adapter_weights(spec.name, p, len(adapters))
-    cfg = write_combined_adapter(out, adapters, weights, delta, full_value,
-                                 str(plan.base.path), metadata)
+    cfg = write_combined_adapter(
+        out, adapters, weights, delta, full_value, str(plan.base.path), metadata
+    )
     return {"r": int(cfg["r"]), **{k: int(v) for k, v in cfg["rank_pattern"].items()}}
 
 
@@ -271,13 +304,18 @@ KERNEL_BLOCK = 1 << 18
 
 
 def merged_blocks(
-    plan: MergePlan, spec: MergeSpec[Any], ctx: Any, key: str, whole: bool,
-    device: str | torch.device = "cpu", block: int | None = None,
+    plan: MergePlan,
+    spec: MergeSpec[Any],
+    ctx: Any,
+    key: str,
+    whole: bool,
+    device: str | torch.device = "cpu",
+    block: int | None = None,
 ) -> Iterator[Block]:
     """The merged values of one delta tensor, block by block, in position order: a
-    :class:`~npstune.merge.masks.Block` (start, stop, chunk, θ_base + delta in the base's
-    dtype on ``device``, the per-task keep masks). One block when ``whole``; else one per
-    read chunk, or per ``block`` elements of it when ``block`` is given."""
+    :class:`~npstune.merge.masks.Block` (start, stop, chunk, θ_base + delta in the
+    base's dtype on ``device``, the per-task keep masks). One block when ``whole``; else
+    one per read chunk, or per ``block`` elements of it when ``block`` is given."""
     n = plan.numel[key]
     for start, stop in [(0, n)] if whole and n else plan.chunks(key):
         chunk = plan.read_chunk(key, start, stop, device)
@@ -285,7 +323,9 @@ def merged_blocks(
         for lo in range(0, stop - start, step):
             c = chunk if step >= stop - start else chunk.slice(lo, lo + step)
             out = spec.kernel(ctx, c)
-            delta, masks = (out.delta, out.masks) if isinstance(out, KernelOut) else (out, ())
+            delta, masks = (
+                (out.delta, out.masks) if isinstance(out, KernelOut) else (out, ())
+            )
             yield Block(c.start, c.stop, c, (c.base_cd + delta).to(c.base.dtype), masks)
 
 

@@ -35,7 +35,9 @@ class Choice:
     state: State | None = None
 
 
-def direction(plan: MergePlan, method: str, params: Mapping[str, Any] | None = None) -> State:
+def direction(
+    plan: MergePlan, method: str, params: Mapping[str, Any] | None = None
+) -> State:
     """D = merge(λ = 1) − θ_pre on the delta keys, in float64 (one merge)."""
     p = dict(params or {})
     p["lam"] = 1.0
@@ -53,8 +55,13 @@ def scaled(plan: MergePlan, delta: Mapping[str, torch.Tensor], lam: float) -> St
     return out
 
 
-def choose_lambda(plan: MergePlan, method: str, score: Callable[[State], float],
-                  params: Mapping[str, Any] | None = None, grid: Sequence[float] | None = None) -> Choice:
+def choose_lambda(
+    plan: MergePlan,
+    method: str,
+    score: Callable[[State], float],
+    params: Mapping[str, Any] | None = None,
+    grid: Sequence[float] | None = None,
+) -> Choice:
     """Best λ on calibration data for ``method`` (TA grid 0.1..1.5, TIES 0.8..2.5)."""
     grid = grid or (TIES_GRID if "ties" in method else TA_GRID)
     d = direction(plan, method, params)
@@ -71,10 +78,19 @@ def choose_lambda(plan: MergePlan, method: str, score: Callable[[State], float],
     return best
 
 
-def choose_darex_q(plan: MergePlan, k: float, score: Callable[[State], float], lam: float = 1.0,
-                   seed: int = 0, coarse: int = 5, fine: int = 4) -> Choice:
+def choose_darex_q(
+    plan: MergePlan,
+    k: float,
+    score: Callable[[State], float],
+    lam: float = 1.0,
+    seed: int = 0,
+    coarse: int = 5,
+    fine: int = 4,
+) -> Choice:
     """DAREx-q: q ∈ [k, 1] by a coarse grid, then a finer grid around the best point."""
-    s1 = direction(plan, "darex", {"k": k, "q": 1.0, "seed": seed})  # Σ mask·τ (rescale 1)
+    s1 = direction(
+        plan, "darex", {"k": k, "q": 1.0, "seed": seed}
+    )  # Σ mask·τ (rescale 1)
     tried: dict[float, float] = {}
 
     def at(q: float) -> float:
@@ -86,16 +102,23 @@ def choose_darex_q(plan: MergePlan, k: float, score: Callable[[State], float], l
     step = (1.0 - k) / (coarse - 1)
     for i in range(coarse):
         at(k + i * step)
-    best_q = max(tried, key=tried.get)
+    best_q = max(tried, key=tried.__getitem__)
     for j in range(1, fine + 1):
         for q in (best_q - j * step / (fine + 1), best_q + j * step / (fine + 1)):
             at(q)
-    best_q = max(tried, key=tried.get)
-    return Choice(best_q, tried[best_q], sorted(tried.items()), scaled(plan, s1, lam / best_q))
+    best_q = max(tried, key=tried.__getitem__)
+    return Choice(
+        best_q, tried[best_q], sorted(tried.items()), scaled(plan, s1, lam / best_q)
+    )
 
 
-def tall_models(plan: MergePlan, score_task: Callable[[State, int], float], mtl: str = "task-arithmetic",
-                params: Mapping[str, Any] | None = None, grid: Sequence[float] = TALL_GRID) -> list[Choice]:
+def tall_models(
+    plan: MergePlan,
+    score_task: Callable[[State, int], float],
+    mtl: str = "task-arithmetic",
+    params: Mapping[str, Any] | None = None,
+    grid: Sequence[float] = TALL_GRID,
+) -> list[Choice]:
     """TALL masks: per task t, λ_t from ``grid`` by task t's calibration accuracy of
     θ_pre + mask_t ⊙ τ_MTL, with mask_t = |τ_t| ≥ λ_t·|τ_MTL − τ_t|. Returns one
     :class:`Choice` per task (its state is that task's model)."""
@@ -109,7 +132,9 @@ def tall_models(plan: MergePlan, score_task: Callable[[State, int], float], mtl:
             masked = {}
             for k in plan.delta_keys:
                 m = tall_masks([taus[t][k].double()], mtl_d[k], [lam])[0]
-                masked[k] = torch.where(m, mtl_d[k], torch.zeros((), dtype=torch.float64))
+                masked[k] = torch.where(
+                    m, mtl_d[k], torch.zeros((), dtype=torch.float64)
+                )
             st = scaled(plan, masked, 1.0)
             s = score_task(st, t)
             tried.append((lam, s))

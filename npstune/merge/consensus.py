@@ -39,8 +39,9 @@ class ConsensusTiesParams(ConsensusTaParams):
     scope: Scope = "global"
 
 
-def tall_masks(taus: Sequence[torch.Tensor], mtl: torch.Tensor,
-               lams: Sequence[float]) -> list[torch.Tensor]:
+def tall_masks(
+    taus: Sequence[torch.Tensor], mtl: torch.Tensor, lams: Sequence[float]
+) -> list[torch.Tensor]:
     """TALL mask per task (bool, τ's shape): |τ_t| ≥ λ_t·|τ_MTL − τ_t|."""
     return [tau.abs() >= lam * (mtl - tau).abs() for tau, lam in zip(taus, lams)]
 
@@ -76,8 +77,10 @@ def _kernel(ctx: ConsensusCtx, chunk: Chunk) -> KernelOut:
     masks = tall_masks(taus, mtl, [ctx.p.tall_lam] * len(taus))
     keep = consensus_keep(masks, ctx.p.consensus)
     ctx.kept += int(torch.count_nonzero(keep))
-    return KernelOut(ctx.p.lam * torch.where(keep, mtl, torch.zeros((), dtype=mtl.dtype)),
-                     tuple(masks))
+    return KernelOut(
+        ctx.p.lam * torch.where(keep, mtl, torch.zeros((), dtype=mtl.dtype)),
+        tuple(masks),
+    )
 
 
 def _prepare_ta(inputs: MergeInputs, p: ConsensusTaParams) -> ConsensusCtx:
@@ -89,15 +92,25 @@ def _prepare_ties(inputs: MergeInputs, p: ConsensusTiesParams) -> ConsensusCtx:
     """TIES's passes (trim thresholds, majority sign) for τ_MTL = the TIES vector."""
     from npstune.merge.ties import TiesParams
 
-    return ConsensusCtx(p, prepare_ties(inputs, TiesParams(k=p.k, lam=1.0, scope=p.scope)))
+    return ConsensusCtx(
+        p, prepare_ties(inputs, TiesParams(k=p.k, lam=1.0, scope=p.scope))
+    )
 
 
 TA_SPEC = MergeSpec(
-    "consensus-ta", ConsensusTaParams, kernel=_kernel, prepare=_prepare_ta,
-    paper="https://arxiv.org/abs/2405.07813", summary="TALL-mask consensus over Σ τ_t",
+    "consensus-ta",
+    ConsensusTaParams,
+    kernel=_kernel,
+    prepare=_prepare_ta,
+    paper="https://arxiv.org/abs/2405.07813",
+    summary="TALL-mask consensus over Σ τ_t",
 )
 TIES_SPEC = MergeSpec(
-    "consensus-ties", ConsensusTiesParams, kernel=_kernel, prepare=_prepare_ties,
+    "consensus-ties",
+    ConsensusTiesParams,
+    kernel=_kernel,
+    prepare=_prepare_ties,
     whole_tensor=lambda p: p.scope == "tensor",
-    paper="https://arxiv.org/abs/2405.07813", summary="TALL-mask consensus over the TIES vector",
+    paper="https://arxiv.org/abs/2405.07813",
+    summary="TALL-mask consensus over the TIES vector",
 )

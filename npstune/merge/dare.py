@@ -13,7 +13,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from npstune.merge.base import MergeInputs, MergeSpec, MethodParams
-from npstune.merge.pruning import Pruner, PruneAdd, RandomPruner, prune_add_kernel
+from npstune.merge.pruning import PruneAdd, Pruner, RandomPruner, prune_add_kernel
 
 
 class DareParams(MethodParams):
@@ -48,10 +48,18 @@ def prepare_dare(inputs: MergeInputs, p: DareParams) -> PruneAdd:
 
 
 SPEC = MergeSpec(
-    "dare", DareParams, kernel=prune_add_kernel, prepare=prepare_dare,
-    paper="https://arxiv.org/abs/2311.03099", summary="random keep k, rescale 1/k",
+    "dare",
+    DareParams,
+    kernel=prune_add_kernel,
+    prepare=prepare_dare,
+    paper="https://arxiv.org/abs/2311.03099",
+    summary="random keep k, rescale 1/k",
 )
 DAREX_SPEC = MergeSpec(
-    "darex", DarexParams, kernel=prune_add_kernel, prepare=prepare_dare,
-    paper="https://arxiv.org/abs/2410.09344", summary="random keep k, rescale 1/q",
+    "darex",
+    DarexParams,
+    kernel=prune_add_kernel,
+    prepare=prepare_dare,
+    paper="https://arxiv.org/abs/2410.09344",
+    summary="random keep k, rescale 1/q",
 )

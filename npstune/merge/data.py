@@ -1,4 +1,5 @@
-"""Calibration statistics for the data-driven merges (Fisher, RegMean), from an evaluator.
+"""Calibration statistics for the data-driven merges (Fisher, RegMean), from an
+evaluator.
 
 The statistics themselves live in the evaluate layer, behind
 :class:`~npstune.evaluate.stats.CalibrationStats` (zoo, ``text-classification``,
@@ -10,9 +11,9 @@ Merges can also be given precomputed statistics (``{"fisher": [...]}`` /
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -20,6 +21,13 @@ from torch import Tensor
 from npstune.checkpoints import LazyCheckpoint
 from npstune.errors import ConfigError
 from npstune.evaluate.stats import DEFAULT_EXAMPLES, CalibrationStats
+
+
+class _StatsEvaluator(CalibrationStats, Protocol):
+    """An evaluator (every kind names its tasks) that gives calibration statistics."""
+
+    @property
+    def tasks(self) -> Sequence[str]: ...
 
 
 class EvaluatorData:
@@ -30,15 +38,22 @@ class EvaluatorData:
     position when there are as many tasks as models.
     """
 
-    def __init__(self, evaluator: Any, examples: int = DEFAULT_EXAMPLES,
-                 task_of: Callable[[LazyCheckpoint, int], str] | None = None,
-                 models: int | None = None) -> None:
+    def __init__(
+        self,
+        evaluator: Any,
+        examples: int = DEFAULT_EXAMPLES,
+        task_of: Callable[[LazyCheckpoint, int], str] | None = None,
+        models: int | None = None,
+    ) -> None:
         if not isinstance(evaluator, CalibrationStats):
             raise ConfigError(
                 f"{type(evaluator).__name__} gives no calibration statistics; fisher "
                 "and regmean need an evaluator of kind zoo, text-classification or "
-                "causal-lm")
-        self.evaluator, self.examples = evaluator, examples
+                "causal-lm"
+            )
+        # the check above is the statistics' part; every evaluator kind has tasks
+        self.evaluator = cast(_StatsEvaluator, evaluator)
+        self.examples = examples
         self._task_of = task_of
         self.models = models
 
@@ -50,33 +65,41 @@ class EvaluatorData:
             return model.name
         if self.models is not None and len(tasks) == self.models:
             return tasks[index]
-        raise ConfigError(f"{model.path}: no task named {model.name!r} in the "
-                          f"evaluator (tasks: {', '.join(tasks)}); name each model's "
-                          "file after its task, or give one task per model, in order")
+        raise ConfigError(
+            f"{model.path}: no task named {model.name!r} in the "
+            f"evaluator (tasks: {', '.join(tasks)}); name each model's "
+            "file after its task, or give one task per model, in order"
+        )
 
     def _state(self, model: LazyCheckpoint) -> dict[str, Tensor]:
         return {k: model[k] for k in model.keys()}
 
-    def fisher(self, model: LazyCheckpoint, keys: list[str], index: int = 0
-               ) -> dict[str, Tensor]:
+    def fisher(
+        self, model: LazyCheckpoint, keys: list[str], index: int = 0
+    ) -> dict[str, Tensor]:
         """Diagonal empirical Fisher of ``model`` on its task's calibration examples."""
-        return self.evaluator.fisher(self._state(model), self.task_of(model, index),
-                                     keys, self.examples)
+        return self.evaluator.fisher(
+            self._state(model), self.task_of(model, index), keys, self.examples
+        )
 
-    def grams(self, model: LazyCheckpoint, keys: list[str], index: int = 0
-              ) -> dict[str, Tensor]:
+    def grams(
+        self, model: LazyCheckpoint, keys: list[str], index: int = 0
+    ) -> dict[str, Tensor]:
         """Σ xᵀx of the inputs of each linear layer whose weight key is in ``keys``."""
-        return self.evaluator.grams(self._state(model), self.task_of(model, index),
-                                    keys, self.examples)
+        return self.evaluator.grams(
+            self._state(model), self.task_of(model, index), keys, self.examples
+        )
 
 
-def zoo_data(zoo: Any, device: str | torch.device = "cpu",
-             examples: int = DEFAULT_EXAMPLES) -> EvaluatorData:
+def zoo_data(
+    zoo: Any, device: str | torch.device = "cpu", examples: int = DEFAULT_EXAMPLES
+) -> EvaluatorData:
     """Zoo-backed statistics: one example per pass, each model's task by its path."""
     from npstune.evaluate import TextClassificationEvaluator
 
-    ev = TextClassificationEvaluator(zoo, device=device, batch_size=1,
-                                     max_examples=examples)
+    ev = TextClassificationEvaluator(
+        zoo, device=device, batch_size=1, max_examples=examples
+    )
 
     def task_of(model: LazyCheckpoint, index: int = 0) -> str:
         path = Path(model.path).resolve()
@@ -86,8 +109,10 @@ def zoo_data(zoo: Any, device: str | torch.device = "cpu",
                 return name
         if model.name in zoo.tasks:
             return model.name
-        raise ConfigError(f"{model.path}: not a model of the {zoo.size} zoo "
-                          f"(tasks: {', '.join(zoo.tasks)})")
+        raise ConfigError(
+            f"{model.path}: not a model of the {zoo.size} zoo "
+            f"(tasks: {', '.join(zoo.tasks)})"
+        )
 
     return EvaluatorData(ev, examples, task_of)
 
@@ -99,7 +124,9 @@ def stats_for(data: Any, kind: str, plan: Any) -> list[Mapping[str, Tensor]]:
             raise ConfigError(f"data has no {kind!r} statistics")
         stats = list(data[kind])
         if len(stats) != len(plan.models):
-            raise ConfigError(f"{kind}: expected {len(plan.models)} entries, got {len(stats)}")
+            raise ConfigError(
+                f"{kind}: expected {len(plan.models)} entries, got {len(stats)}"
+            )
         return stats
     if data is None:
         raise ConfigError("this method needs calibration data: an evaluator or a zoo")
@@ -109,19 +136,26 @@ def stats_for(data: Any, kind: str, plan: Any) -> list[Mapping[str, Tensor]]:
     return [fn(m, plan.delta_keys, i) for i, m in enumerate(plan.models)]
 
 
-def data_for(zoo_size: str | None, device: Any = "cpu", evaluator: str | None = None,
-             base: str | None = None) -> EvaluatorData:
+def data_for(
+    zoo_size: str | None,
+    device: Any = "cpu",
+    evaluator: str | None = None,
+    base: str | None = None,
+) -> EvaluatorData:
     """The data of ``npstune merge --method fisher|regmean``: ``--evaluator FILE``
     (its calibration split; architecture from ``base``) or ``--zoo SIZE``."""
     if evaluator:
         from npstune.evaluate.spec import load_evaluator_file
 
-        ev = load_evaluator_file(evaluator).build(model=base, device=str(device),
-                                                  batch_size=1, prepare=("calibration",))
+        ev = load_evaluator_file(evaluator).build(
+            model=base, device=str(device), batch_size=1, prepare=("calibration",)
+        )
         return EvaluatorData(ev)
     if not zoo_size:
-        raise ConfigError("this method needs calibration data: pass --evaluator FILE "
-                          "or --zoo small|full")
+        raise ConfigError(
+            "this method needs calibration data: pass --evaluator FILE "
+            "or --zoo small|full"
+        )
     from npstune.zoo import load_zoo
 
     return zoo_data(load_zoo(zoo_size), device=device)

@@ -69,11 +69,18 @@ def rescalers(plan: MergePlan, device: str | torch.device = "cpu") -> list[float
 def storage(plan: MergePlan) -> dict[str, float]:
     """Bytes EMR keeps: τ_uni (base dtypes), T bit-packed masks, T float32 rescalers."""
     tasks, masks = len(plan.models), len(plan.models) * math.ceil(plan.n / 8)
-    uni = sum(plan.numel[k] * torch.finfo(plan.base.dtype(k)).bits // 8
-              for k in plan.delta_keys)
+    uni = sum(
+        plan.numel[k] * torch.finfo(plan.base.dtype(k)).bits // 8
+        for k in plan.delta_keys
+    )
     total = uni + masks + 4 * tasks
-    return {"unified_bytes": uni, "mask_bytes": masks, "rescaler_bytes": 4 * tasks,
-            "total_bytes": total, "vs_task_vectors": total / max(1, tasks * uni)}
+    return {
+        "unified_bytes": uni,
+        "mask_bytes": masks,
+        "rescaler_bytes": 4 * tasks,
+        "total_bytes": total,
+        "vs_task_vectors": total / max(1, tasks * uni),
+    }
 
 
 def task_paths(plan: MergePlan, out: str | Path) -> list[Path]:
@@ -83,8 +90,10 @@ def task_paths(plan: MergePlan, out: str | Path) -> list[Path]:
     names = [m.name for m in plan.models]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ConfigError(f"emr: two models are named {dup[0]!r}; their outputs in "
-                          f"{out} would collide (rename one)")
+        raise ConfigError(
+            f"emr: two models are named {dup[0]!r}; their outputs in "
+            f"{out} would collide (rename one)"
+        )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"emr: --out {out} must be a directory (one model per task)")
     if not out.parent.exists():
@@ -94,8 +103,9 @@ def task_paths(plan: MergePlan, out: str | Path) -> list[Path]:
     inputs = {Path(c.path).resolve() for c in (plan.base, *plan.models)}
     clash = [p for p in paths if p.resolve() in inputs]
     if clash:
-        raise ConfigError(f"emr: output {clash[0]} would overwrite an input; "
-                          "choose another --out")
+        raise ConfigError(
+            f"emr: output {clash[0]} would overwrite an input; choose another --out"
+        )
     out.mkdir(exist_ok=True)
     return paths
 
@@ -104,8 +114,11 @@ class _Memory:
     """An in-memory stand-in for a CheckpointWriter (tensors in ``dtype``, default the
     base's)."""
 
-    def __init__(self, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        dtype: torch.dtype | None = None,
+    ) -> None:
         self.specs, self.dtype = specs, dtype
         self.state: dict[str, torch.Tensor] = {}
 
@@ -115,10 +128,15 @@ class _Memory:
         full.view(-1)[start : start + t.numel()] = t.reshape(-1)
 
 
-def emr_merge(plan: MergePlan, out: str | Path | None = None, *,
-              device: str | torch.device = "cpu", progress: bool = False,
-              metadata: dict[str, str] | None = None,
-              masks: MaskSink | None = None) -> MergeResult:
+def emr_merge(
+    plan: MergePlan,
+    out: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    metadata: dict[str, str] | None = None,
+    masks: MaskSink | None = None,
+) -> MergeResult:
     """Write one EMR model per task into directory ``out`` (or keep them in memory).
 
     The masks M_t stream to ``masks`` (a :class:`~npstune.merge.masks.MaskSink`) chunk
@@ -137,14 +155,24 @@ def emr_merge(plan: MergePlan, out: str | Path | None = None, *,
     counts = MaskCounts(len(names))
     collector = None
     if paths is None:  # in memory: keep the masks too
-        collector = MaskCollector({k: specs[k][0] for k in plan.delta_keys}, plan.task_names)
+        collector = MaskCollector(
+            {k: specs[k][0] for k in plan.delta_keys}, plan.task_names
+        )
     sink = tee(counts, collector, masks)
     unified = _Memory(specs, torch.float64)
     with ExitStack() as stack:
-        writers: list[Any] = [_Memory(specs) for _ in names] if paths is None else [
-            stack.enter_context(CheckpointWriter(p, plan.base, specs,
-                                                 {**meta_out, "npstune_task": name}))
-            for p, name in zip(paths, names)]
+        writers: list[Any] = (
+            [_Memory(specs) for _ in names]
+            if paths is None
+            else [
+                stack.enter_context(
+                    CheckpointWriter(
+                        p, plan.base, specs, {**meta_out, "npstune_task": name}
+                    )
+                )
+                for p, name in zip(paths, names)
+            ]
+        )
         for key in progress_bar(plan.keys, progress, "merge emr"):
             if key not in delta_keys:
                 for w in writers:
@@ -160,33 +188,46 @@ def emr_merge(plan: MergePlan, out: str | Path | None = None, *,
                 if paths is None:
                     unified.write(key, uni.cpu(), start)
     meta: dict[str, Any] = {
-        "method": "emr", "params": {}, "tasks": names, "n": plan.n,
-        "rescalers": dict(zip(names, lams)), "kept": counts.totals(), "storage": storage(plan),
+        "method": "emr",
+        "params": {},
+        "tasks": names,
+        "n": plan.n,
+        "rescalers": dict(zip(names, lams)),
+        "kept": counts.totals(),
+        "storage": storage(plan),
         "paths": None if paths is None else [str(p) for p in paths],
-        "prepare_s": t_prepare, "total_s": time.perf_counter() - t0,
+        "prepare_s": t_prepare,
+        "total_s": time.perf_counter() - t0,
     }
     if paths is None:
         meta["states"] = {n: w.state for n, w in zip(names, writers)}
         assert collector is not None
         meta["masks"] = {n: collector.masks[u] for n, u in zip(names, plan.task_names)}
         meta["unified"] = unified.state
-    return MergeResult(None, None if out is None else Path(out), meta,
-                       counts.summary(plan.task_names))
+    return MergeResult(
+        None, None if out is None else Path(out), meta, counts.summary(plan.task_names)
+    )
 
 
-def _runner(plan: MergePlan, p: EmrParams, out: str | Path | None,
-            **kw: Any) -> MergeResult:
+def _runner(
+    plan: MergePlan, p: EmrParams, out: str | Path | None, **kw: Any
+) -> MergeResult:
     return emr_merge(plan, out, **kw)
 
 
 def _kernel(ctx: Any, chunk: Chunk) -> torch.Tensor:
-    raise ConfigError("emr makes one model per task, not one merged model: use "
-                      "run_merge / npstune merge --method emr --out DIR, or "
-                      "npstune.merge.emr.emr_merge")
+    raise ConfigError(
+        "emr makes one model per task, not one merged model: use "
+        "run_merge / npstune merge --method emr --out DIR, or "
+        "npstune.merge.emr.emr_merge"
+    )
 
 
 SPEC = MergeSpec(
-    "emr", EmrParams, kernel=_kernel, runner=_runner,
+    "emr",
+    EmrParams,
+    kernel=_kernel,
+    runner=_runner,
     paper="https://arxiv.org/abs/2405.17461",
     summary="elected τ_uni + per-task mask and rescaler: one model per task",
 )

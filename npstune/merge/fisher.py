@@ -19,7 +19,8 @@ from npstune.taskvector import Chunk
 
 
 class FisherParams(MethodParams):
-    """λ scales the merged task vector (1 = plain Fisher merging); floor guards zeros."""
+    """λ scales the merged task vector (1 = plain Fisher merging);
+    floor guards zeros."""
 
     lam: float = Field(1.0, ge=0, le=10)
     floor: float = Field(1e-12, ge=0)
@@ -39,8 +40,10 @@ def prepare(inputs: MergeInputs, p: FisherParams) -> FisherCtx:
 def fisher(ctx: FisherCtx, chunk: Chunk) -> torch.Tensor:
     """λ·Σ F_t τ_t / Σ F_t for one chunk (plain mean where all F_t are ~0)."""
     dt = chunk.taus[0].dtype
-    fs = [f[chunk.key].reshape(-1)[chunk.start : chunk.stop].to(chunk.taus[0].device, dt)
-          for f in ctx.fishers]
+    fs = [
+        f[chunk.key].reshape(-1)[chunk.start : chunk.stop].to(chunk.taus[0].device, dt)
+        for f in ctx.fishers
+    ]
     fs = [f.clamp_min(ctx.p.floor) for f in fs]
     num = sum(f * t for f, t in zip(fs, chunk.taus))
     den = sum(fs)
@@ -48,6 +51,11 @@ def fisher(ctx: FisherCtx, chunk: Chunk) -> torch.Tensor:
 
 
 SPEC = MergeSpec(
-    "fisher", FisherParams, kernel=fisher, prepare=prepare, needs_data=True,
-    paper="https://arxiv.org/abs/2111.09832", summary="Fisher-weighted average (256 examples)",
+    "fisher",
+    FisherParams,
+    kernel=fisher,
+    prepare=prepare,
+    needs_data=True,
+    paper="https://arxiv.org/abs/2111.09832",
+    summary="Fisher-weighted average (256 examples)",
 )

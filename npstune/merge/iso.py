@@ -53,9 +53,11 @@ def iso_cts_sizes(
     r = round((p - c0) / tasks)  # Python rounds half to even
     c = p - tasks * r
     if c < 0:
-        raise ConfigError(f"iso-cts: {where or 'matrix'} (p = {p}, T = {tasks}): "
-                          f"common_fraction {fraction} gives {r} dims per task and a "
-                          f"negative common size {c}; raise common_fraction")
+        raise ConfigError(
+            f"iso-cts: {where or 'matrix'} (p = {p}, T = {tasks}): "
+            f"common_fraction {fraction} gives {r} dims per task and a "
+            f"negative common size {c}; raise common_fraction"
+        )
     return c, r
 
 
@@ -108,18 +110,27 @@ def _prepare_cts(inputs: MergeInputs, p: IsoCtsParams) -> MatrixCtx:
     for key in plan.delta_keys:
         shape = plan.base.shape(key)
         if len(shape) == 2 and key not in ctx.exclude and min(shape) > 0:
-            iso_cts_sizes(min(shape), inputs.tasks, p.common_fraction,
-                          f"{plan.base.path}:{key}")
+            iso_cts_sizes(
+                min(shape), inputs.tasks, p.common_fraction, f"{plan.base.path}:{key}"
+            )
     return ctx
 
 
 C_SPEC = MergeSpec(
-    "iso-c", IsoCParams, kernel=_kernel, prepare=_prepare_c,
-    whole_tensor=lambda p: True, paper="https://arxiv.org/abs/2502.04959",
+    "iso-c",
+    IsoCParams,
+    kernel=_kernel,
+    prepare=_prepare_c,
+    whole_tensor=lambda p: True,
+    paper="https://arxiv.org/abs/2502.04959",
     summary="per matrix: flatten the spectrum of Σ τ_t to its mean singular value",
 )
 CTS_SPEC = MergeSpec(
-    "iso-cts", IsoCtsParams, kernel=_kernel, prepare=_prepare_cts,
-    whole_tensor=lambda p: True, paper="https://arxiv.org/abs/2502.04959",
+    "iso-cts",
+    IsoCtsParams,
+    kernel=_kernel,
+    prepare=_prepare_cts,
+    whole_tensor=lambda p: True,
+    paper="https://arxiv.org/abs/2502.04959",
     summary="per matrix: common subspace of Σ τ_t + task-specific rest, isotropic",
 )

@@ -27,7 +27,10 @@ def prepare(inputs: MergeInputs, p: MagnitudeParams) -> PruneAdd:
 
 
 SPEC = MergeSpec(
-    "magnitude", MagnitudeParams, kernel=prune_add_kernel, prepare=prepare,
+    "magnitude",
+    MagnitudeParams,
+    kernel=prune_add_kernel,
+    prepare=prepare,
     whole_tensor=lambda p: p.scope == "tensor",
     summary="top-k |τ_t| per task, then θ_pre + λ·Σ",
 )

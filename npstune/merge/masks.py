@@ -4,8 +4,9 @@ A pruning method's kernel returns, with each block's merged delta, one flat bool
 mask per task (:class:`KernelOut`, masks in the plan's model order). The engine hands
 every block's masks to an optional sink, ``sink(task, key, start, mask)``, in position
 order (keys sorted, then row-major) right after merging the block, and counts the kept
-entries per task and key for :attr:`~npstune.merge.base.MergeResult.masks`. Nothing holds
-a whole model's masks unless the consumer chooses to (:class:`MaskCollector`, small models).
+entries per task and key for :attr:`~npstune.merge.base.MergeResult.masks`. Nothing
+holds a whole model's masks unless the consumer chooses to (:class:`MaskCollector`,
+small models).
 
 The mask a method reports for task t (``npstune methods`` names it too):
 
@@ -82,10 +83,13 @@ class MaskCollector:
     Args:
         shapes: key -> tensor shape (e.g. ``{k: plan.base.shape(k) for k in
             plan.delta_keys}``).
-        names: task names in plan order (``plan.task_names``); :attr:`masks` is keyed by them.
+        names: task names in plan order (``plan.task_names``); :attr:`masks` is keyed
+            by them.
     """
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], names: Sequence[str]) -> None:
+    def __init__(
+        self, shapes: Mapping[str, tuple[int, ...]], names: Sequence[str]
+    ) -> None:
         self.shapes = dict(shapes)
         self.names = list(names)
         self.masks: dict[str, dict[str, torch.Tensor]] = {n: {} for n in self.names}

@@ -9,7 +9,6 @@ The search (``npstune.search``) finds w; this method applies given weights.
 
 from __future__ import annotations
 
-
 from pydantic import Field
 
 from npstune.merge.base import MergeInputs, MergeSpec, MethodParams, Scope
@@ -28,13 +27,19 @@ class NpsParams(MethodParams):
 
 
 def prepare(inputs: MergeInputs, p: NpsParams) -> PruneAdd:
-    """Partition and reweighted threshold per task (4 joint streaming passes, global scope)."""
+    """Partition and reweighted threshold per task (4 joint streaming passes,
+    global scope)."""
     rows = task_weight_rows(p.weights, inputs.tasks, p.subspaces)
-    return PruneAdd(NpsPruner.prepare_all(inputs, p.k, p.scope, rows, p.subspaces), p.lam)
+    return PruneAdd(
+        NpsPruner.prepare_all(inputs, p.k, p.scope, rows, p.subspaces), p.lam
+    )
 
 
 SPEC = MergeSpec(
-    "nps", NpsParams, kernel=prune_add_kernel, prepare=prepare,
+    "nps",
+    NpsParams,
+    kernel=prune_add_kernel,
+    prepare=prepare,
     whole_tensor=lambda p: p.scope == "tensor",
     paper="https://arxiv.org/abs/2505.18713",
     summary="NPS: reweight M rank subspaces by w, top-k, then θ_pre + λ·Σ",

@@ -2,8 +2,8 @@
 
 ``order_stats(rows, ranks, n)`` returns, for each stream, the values at the given
 0-based ranks of its ascending sort, reading ``rows()`` (one list of chunks per step,
-one chunk per stream) a few times. Small inputs are sorted in memory. Otherwise a radix select
-runs over the float64 bit patterns mapped to int64 keys whose signed order is the
+one chunk per stream) a few times. Small inputs are sorted in memory. Otherwise a radix
+select runs over the float64 bit patterns mapped to int64 keys whose signed order is the
 values' order: each pass histograms one 16-bit digit (64 Ki counters per stream and
 prefix) among the keys that share the digits found so far; once every statistic has at
 most ``COLLECT`` candidates left, one more pass gathers them and a sort finishes. So the
@@ -48,8 +48,9 @@ def _sorted(rows: Rows, ranks: list[list[int]]) -> list[list[float]]:
     return [[float(s[r]) for r in rs] for s, rs in zip(srt, ranks)]
 
 
-def order_stats(rows: Rows, ranks: list[list[int]], n: int,
-                in_memory: bool | None = None) -> list[list[float]]:
+def order_stats(
+    rows: Rows, ranks: list[list[int]], n: int, in_memory: bool | None = None
+) -> list[list[float]]:
     """Values at 0-based ``ranks[s]`` of stream ``s`` sorted ascending (``n`` values
     per stream; ``in_memory`` forces or forbids the one-sort path; by default it is
     taken when n ≤ ``IN_MEMORY``)."""
@@ -59,8 +60,10 @@ def order_stats(rows: Rows, ranks: list[list[int]], n: int,
     tgt = [[(0, r) for r in rs] for rs in ranks]
     for level in range(4):
         shift, width = 48 - 16 * level, 16 * level  # digit position, prefix bits
-        hist = [{pf: torch.zeros(_DIGITS, dtype=torch.int64) for pf, _ in row}
-                for row in tgt]
+        hist = [
+            {pf: torch.zeros(_DIGITS, dtype=torch.int64) for pf, _ in row}
+            for row in tgt
+        ]
         for step in rows():
             for i, x in enumerate(step):
                 u = _ordered(x)
@@ -91,5 +94,7 @@ def order_stats(rows: Rows, ranks: list[list[int]], n: int,
             u = _ordered(x)
             for j, (prefix, _) in enumerate(tgt[i]):
                 cand[i][j].append(u[(u >> (64 - width)) == prefix].cpu())
-    return [[_value(int(torch.sort(torch.cat(c)).values[r]))
-             for c, (_, r) in zip(cs, row)] for cs, row in zip(cand, tgt)]
+    return [
+        [_value(int(torch.sort(torch.cat(c)).values[r])) for c, (_, r) in zip(cs, row)]
+        for cs, row in zip(cand, tgt)
+    ]

@@ -75,16 +75,25 @@ def clipped_scores(
     return cs, betas
 
 
-def row_stats(rows: Rows, d: int, tasks: int, p: PcbParams,
-              in_memory: bool | None = None) -> RowStats:
+def row_stats(
+    rows: Rows, d: int, tasks: int, p: PcbParams, in_memory: bool | None = None
+) -> RowStats:
     """The order statistics of every row: 2 selections (|X|, then β)."""
     ilo, ihi = clamp_indices(d, p.clip, p.clip)
-    got = order_stats(lambda: ([x.abs() for x in r] for r in rows()),
-                      [[ilo, ihi]] * tasks, d, in_memory)
+    got = order_stats(
+        lambda: ([x.abs() for x in r] for r in rows()),
+        [[ilo, ihi]] * tasks,
+        d,
+        in_memory,
+    )
     st = RowStats([g[0] for g in got], [g[1] for g in got])
     ithr = clamp_indices(d, 1 - p.ratio, 0)[0]
-    got = order_stats(lambda: (clipped_scores(r, st)[1] for r in rows()),
-                      [[ithr, d - 1]] * tasks, d, in_memory)
+    got = order_stats(
+        lambda: (clipped_scores(r, st)[1] for r in rows()),
+        [[ithr, d - 1]] * tasks,
+        d,
+        in_memory,
+    )
     st.thr, st.top = [g[0] for g in got], [g[1] for g in got]
     return st
 
@@ -101,8 +110,12 @@ class PcbCtx:
         return {"kept": self.kept}
 
 
-def pcb_merge(taus: list[torch.Tensor], st: RowStats, lams: list[float],
-              kept: list[int] | None = None) -> torch.Tensor:
+def pcb_merge(
+    taus: list[torch.Tensor],
+    st: RowStats,
+    lams: list[float],
+    kept: list[int] | None = None,
+) -> torch.Tensor:
     """τ_m = Σ_t λ_t C_t ⊙ scale_t / max(Σ_t scale_t, 1e-12) of one chunk."""
     cs, betas = clipped_scores(taus, st)
     num = torch.zeros_like(taus[0])
@@ -147,7 +160,10 @@ def pcb(ctx: PcbCtx, chunk: Chunk) -> torch.Tensor:
 
 
 SPEC = MergeSpec(
-    "pcb", PcbParams, kernel=pcb, prepare=prepare,
+    "pcb",
+    PcbParams,
+    kernel=pcb,
+    prepare=prepare,
     whole_tensor=lambda p: p.scope != "global",
     paper="https://arxiv.org/abs/2410.02396",
     summary="PCB: intra/inter balancing scores, keep top ρ, score-weighted mean",

@@ -3,7 +3,8 @@
 A pruner is prepared once (its global pass, if any) and then called chunk by chunk in
 position order; it returns the keep-mask and the (rescaled / reweighted) values of that
 chunk of τ_t. The kernels hand the masks on to the engine (:mod:`npstune.merge.masks`),
-which counts them (a merge's exact ``kept`` and ``density``) and streams them to its sink.
+which counts them (a merge's exact ``kept`` and ``density``) and streams them to its
+sink.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ class MagnitudePruner(Pruner):
     cursor: ThresholdCursor | None = None  # global scope
 
     @classmethod
-    def prepare_all(cls, inputs: MergeInputs, k: float, scope: str,
-                    tasks: list[int] | None = None) -> list[MagnitudePruner]:
+    def prepare_all(
+        cls, inputs: MergeInputs, k: float, scope: str, tasks: list[int] | None = None
+    ) -> list[MagnitudePruner]:
         """One pruner per task (default: all), the global thresholds found in one joint
         two-pass select over every task vector."""
         ts = list(range(inputs.tasks)) if tasks is None else tasks
@@ -61,7 +63,9 @@ class MagnitudePruner(Pruner):
         if scope == "global":
             n = inputs.plan.n
             K = keep_count(k, n)
-            for p, (th,) in zip(pruners, select_streams(inputs.joint_scores(ts), [[K]] * len(ts), n)):
+            for p, (th,) in zip(
+                pruners, select_streams(inputs.joint_scores(ts), [[K]] * len(ts), n)
+            ):
                 p.cursor = th.cursor()
         return pruners
 
@@ -87,14 +91,20 @@ class RandomPruner(Pruner):
     def mask_values(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         tau = chunk.taus[self.task]
         mask = bernoulli_mask(
-            tau.numel(), self.k, seed=self.seed, task=self.name, key=chunk.key, start=chunk.start
+            tau.numel(),
+            self.k,
+            seed=self.seed,
+            task=self.name,
+            key=chunk.key,
+            start=chunk.start,
         ).to(tau.device)
         return mask, tau / self.rescale
 
 
 @dataclass
 class NpsPruner(Pruner):
-    """NPS: rank partition into M subspaces, reweight by w, top-k of the reweighted |τ|."""
+    """NPS: rank partition into M subspaces, reweight by w,
+    top-k of the reweighted |τ|."""
 
     k: float = 0.05
     weights: torch.Tensor = field(default_factory=lambda: torch.ones(8))
@@ -104,15 +114,23 @@ class NpsPruner(Pruner):
 
     @classmethod
     def prepare_all(
-        cls, inputs: MergeInputs, k: float, scope: str, rows: Sequence[Sequence[float]],
-        subspaces: int, tasks: list[int] | None = None,
+        cls,
+        inputs: MergeInputs,
+        k: float,
+        scope: str,
+        rows: Sequence[Sequence[float]],
+        subspaces: int,
+        tasks: list[int] | None = None,
     ) -> list[NpsPruner]:
-        """One pruner per task (weights ``rows[i]`` for ``tasks[i]``; default all tasks);
-        global scope: the partitions, then the reweighted thresholds, each in one joint
-        two-pass select over every task vector (4 passes in all, whatever the task count)."""
+        """One pruner per task (weights ``rows[i]`` for ``tasks[i]``; default all
+        tasks); global scope: the partitions, then the reweighted thresholds, each in
+        one joint two-pass select over every task vector (4 passes in all, whatever the
+        task count)."""
         ts = list(range(inputs.tasks)) if tasks is None else tasks
         ws = [check_weights(r, subspaces) for r in rows]
-        pruners = [cls(task=t, k=k, weights=w, subspaces=subspaces) for t, w in zip(ts, ws)]
+        pruners = [
+            cls(task=t, k=k, weights=w, subspaces=subspaces) for t, w in zip(ts, ws)
+        ]
         if scope == "global":
             n = inputs.plan.n
             scores = inputs.joint_scores(ts)
@@ -121,10 +139,15 @@ class NpsPruner(Pruner):
             def reweighted():
                 pcs = [part.cursor() for part in parts]
                 for step in scores():
-                    yield tuple(w.to(s.device)[pc.ids(s).long()] * s for w, pc, s in zip(ws, pcs, step))
+                    yield tuple(
+                        w.to(s.device)[pc.ids(s).long()] * s
+                        for w, pc, s in zip(ws, pcs, step)
+                    )
 
             K = keep_count(k, n)
-            for p, part, (thr,) in zip(pruners, parts, select_streams(reweighted, [[K]] * len(ts), n)):
+            for p, part, (thr,) in zip(
+                pruners, parts, select_streams(reweighted, [[K]] * len(ts), n)
+            ):
                 p.partition = part
                 p.cursors = (part.cursor(), thr.cursor())
         return pruners
@@ -143,7 +166,9 @@ class NpsPruner(Pruner):
             rew = self.weights.to(scores.device)[ids.long()] * scores
             mask = tcur.mask(rew)
         tau = chunk.taus[self.task]
-        return mask, self.weights.to(device=tau.device, dtype=tau.dtype)[ids.long()] * tau
+        return mask, self.weights.to(device=tau.device, dtype=tau.dtype)[
+            ids.long()
+        ] * tau
 
 
 @dataclass
@@ -161,6 +186,8 @@ def prune_add_kernel(ctx: PruneAdd, chunk: Chunk) -> KernelOut:
     masks = []
     for pr in ctx.pruners:
         mask, values = pr(chunk)
-        total += torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+        total += torch.where(
+            mask, values, torch.zeros((), dtype=values.dtype, device=values.device)
+        )
         masks.append(mask)
     return KernelOut(ctx.lam * total, tuple(masks))

@@ -47,12 +47,16 @@ def get_method(name: str) -> MergeSpec[Any]:
     """The spec registered under ``name``; ConfigError listing valid names otherwise."""
     target = METHODS.get(name) or _plugins().get(name)
     if target is None:
-        raise ConfigError(f"unknown method {name!r}; valid: {', '.join(method_names())}")
+        raise ConfigError(
+            f"unknown method {name!r}; valid: {', '.join(method_names())}"
+        )
     module, attr = target.split(":")
     try:
         spec = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"method {name!r} cannot be loaded from {target}: {exc}") from exc
+        raise ConfigError(
+            f"method {name!r} cannot be loaded from {target}: {exc}"
+        ) from exc
     if not isinstance(spec, MergeSpec):
         raise ConfigError(f"{target} is not a MergeSpec")
     return spec

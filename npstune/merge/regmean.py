@@ -35,10 +35,14 @@ class RegMeanCtx:
     p: RegMeanParams
 
 
-def regmean_solve(grams: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
-    """Closed-form RegMean weight (out × in) from per-task Grams and weights (float64)."""
-    lhs = 0
-    rhs = 0
+def regmean_solve(
+    grams: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], alpha: float
+) -> torch.Tensor:
+    """Closed-form RegMean weight (out × in) from per-task Grams and weights
+    (float64)."""
+    # float64 zeros: the same sums as from the int 0 (0.0 + x == 0 + x, any device)
+    lhs = torch.zeros((), dtype=torch.float64)
+    rhs = torch.zeros((), dtype=torch.float64)
     for g, w in zip(grams, weights):
         g = g.double()
         g = alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
@@ -64,7 +68,12 @@ def regmean(ctx: RegMeanCtx, chunk: Chunk) -> torch.Tensor:
 
 
 SPEC = MergeSpec(
-    "regmean", RegMeanParams, kernel=regmean, prepare=prepare, needs_data=True,
+    "regmean",
+    RegMeanParams,
+    kernel=regmean,
+    prepare=prepare,
+    needs_data=True,
     whole_tensor=lambda p: True,
-    paper="https://arxiv.org/abs/2212.09849", summary="closed-form linear-layer merge from Gram matrices",
+    paper="https://arxiv.org/abs/2212.09849",
+    summary="closed-form linear-layer merge from Gram matrices",
 )

@@ -27,6 +27,9 @@ def task_arithmetic(p: TaskArithmeticParams, chunk: Chunk) -> torch.Tensor:
 
 
 SPEC = MergeSpec(
-    "task-arithmetic", TaskArithmeticParams, kernel=task_arithmetic,
-    paper="https://arxiv.org/abs/2212.04089", summary="θ_pre + λ·Σ τ_t",
+    "task-arithmetic",
+    TaskArithmeticParams,
+    kernel=task_arithmetic,
+    paper="https://arxiv.org/abs/2212.04089",
+    summary="θ_pre + λ·Σ τ_t",
 )

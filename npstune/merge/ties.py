@@ -6,9 +6,9 @@ vector); elected sign = sign(Σ_t trimmed τ_t), and where that sum is exactly 0
 majority sign, sign(Σ over the scope of the elected signs), as the reference code's
 ``resolve_zero_signs(..., "majority")`` does (global scope: over every entry of the task
 vectors, a streaming statistics pass before the merge; per tensor: over the tensor; a
-majority sum of 0 leaves those signs 0, so their entries merge to 0); merged τ = mean over t
-of the trimmed entries whose sign equals the elected one (zeros ignored); θ = θ_pre + λ·τ
-(λ = 1).
+majority sum of 0 leaves those signs 0, so their entries merge to 0); merged τ = mean
+over t of the trimmed entries whose sign equals the elected one (zeros ignored); θ =
+θ_pre + λ·τ (λ = 1).
 """
 
 from __future__ import annotations
@@ -72,9 +72,12 @@ def majority_sign(inputs: MergeInputs, pruners: Sequence[Pruner]) -> int:
     sum is 0 only where its trimmed entry is, which merges to 0 whatever the sign."""
     if len(pruners) < 2:
         return 0
-    fresh = [replace(p, cursor=p.cursor.threshold.cursor())
-             if isinstance(p, MagnitudePruner) and p.cursor is not None else p
-             for p in pruners]
+    fresh = [
+        replace(p, cursor=p.cursor.threshold.cursor())
+        if isinstance(p, MagnitudePruner) and p.cursor is not None
+        else p
+        for p in pruners
+    ]
     ctx = TiesCtx(fresh, 1.0)
     plan, balance = inputs.plan, 0
     for key in plan.delta_keys:
@@ -84,10 +87,12 @@ def majority_sign(inputs: MergeInputs, pruners: Sequence[Pruner]) -> int:
     return (balance > 0) - (balance < 0)
 
 
-def elect_signs(trimmed: list[torch.Tensor], majority: int | None = None) -> torch.Tensor:
-    """sign(Σ_t trimmed_t), with ``majority`` where the sum is exactly 0 and some trimmed
-    entry is not (where all are 0 the sign is left 0: those entries merge to 0 anyway).
-    ``majority`` None: the majority sign of this input itself (its scope)."""
+def elect_signs(
+    trimmed: list[torch.Tensor], majority: int | None = None
+) -> torch.Tensor:
+    """sign(Σ_t trimmed_t), with ``majority`` where the sum is exactly 0 and some
+    trimmed entry is not (where all are 0 the sign is left 0: those entries merge to 0
+    anyway). ``majority`` None: the majority sign of this input itself (its scope)."""
     total = _sum(trimmed)
     elected = torch.sign(total)
     if majority is None:
@@ -102,7 +107,9 @@ def elect_signs(trimmed: list[torch.Tensor], majority: int | None = None) -> tor
     return elected
 
 
-def disjoint_mean(trimmed: list[torch.Tensor], majority: int | None = None) -> torch.Tensor:
+def disjoint_mean(
+    trimmed: list[torch.Tensor], majority: int | None = None
+) -> torch.Tensor:
     """Elect sign (:func:`elect_signs`: sign(Σ trimmed), a zero sum taking the majority
     sign ``majority``, or this input's own when None); mean of the nonzero entries that
     agree with it.
@@ -111,9 +118,9 @@ def disjoint_mean(trimmed: list[torch.Tensor], majority: int | None = None) -> t
     stacked ``sum(0)`` agrees for up to three tasks and may round differently beyond).
 
     Computed without stacking the tasks: ``v_t = max(trimmed_t · elected, 0)`` is
-    ``|trimmed_t|`` where it agrees (same sign, nonzero; multiplying by ±1 or 0 is exact)
-    and 0 elsewhere, so the mean is ``elected · Σ v_t / #{v_t > 0}``, bit for bit the
-    direct formula's (agreeing entries share a sign, and fl(−a − b) = −fl(a + b)).
+    ``|trimmed_t|`` where it agrees (same sign, nonzero; multiplying by ±1 or 0 is
+    exact) and 0 elsewhere, so the mean is ``elected · Σ v_t / #{v_t > 0}``, bit for bit
+    the direct formula's (agreeing entries share a sign, and fl(−a − b) = −fl(a + b)).
     Consumes ``trimmed`` (the tensors are reused in place)."""
     elected = elect_signs(trimmed, majority)
     num = trimmed[0].mul_(elected).clamp_min_(0)  # Σ v_t, accumulated in v_0
@@ -125,8 +132,11 @@ def disjoint_mean(trimmed: list[torch.Tensor], majority: int | None = None) -> t
     return num.mul_(elected).div_(count.clamp_min_(1))
 
 
-def trimmed(ctx: TiesCtx, chunk: Chunk) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
-    """Each task's chunk with the untrimmed entries zeroed, and each task's trim mask."""
+def trimmed(
+    ctx: TiesCtx, chunk: Chunk
+) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """Each task's chunk with the untrimmed entries zeroed,
+    and each task's trim mask."""
     out, masks = [], []
     for pr in ctx.pruners:
         mask, values = pr(chunk)
@@ -143,7 +153,11 @@ def ties(ctx: TiesCtx, chunk: Chunk) -> KernelOut:
 
 
 SPEC = MergeSpec(
-    "ties", TiesParams, kernel=ties, prepare=prepare,
+    "ties",
+    TiesParams,
+    kernel=ties,
+    prepare=prepare,
     whole_tensor=lambda p: p.scope == "tensor",
-    paper="https://arxiv.org/abs/2306.01708", summary="trim top-k, elect sign, disjoint mean",
+    paper="https://arxiv.org/abs/2306.01708",
+    summary="trim top-k, elect sign, disjoint mean",
 )

@@ -52,9 +52,11 @@ def check_keys(plan: MergePlan, names: list[str]) -> frozenset[str]:
     """``names`` as a set, ConfigError if one is not a key of the plan."""
     unknown = sorted(set(names) - set(plan.keys))
     if unknown:
-        raise ConfigError(f"exclude_keys: {unknown[0]!r} is not a key of "
-                          f"{plan.base.path} ({len(unknown)} such names; names are "
-                          "exact, not patterns)")
+        raise ConfigError(
+            f"exclude_keys: {unknown[0]!r} is not a key of "
+            f"{plan.base.path} ({len(unknown)} such names; names are "
+            "exact, not patterns)"
+        )
     return frozenset(names)
 
 
@@ -63,8 +65,9 @@ def per_task(value: float | list[float], tasks: int, name: str) -> list[float] |
     if not isinstance(value, list):
         return None
     if len(value) != tasks:
-        raise ConfigError(f"{name}: expected one value per task ({tasks}), "
-                          f"got {len(value)}")
+        raise ConfigError(
+            f"{name}: expected one value per task ({tasks}), got {len(value)}"
+        )
     return [float(v) for v in value]
 
 
@@ -137,7 +140,11 @@ def prepare(inputs: MergeInputs, p: TsvParams) -> MatrixCtx:
 
 
 SPEC = MergeSpec(
-    "tsv-m", TsvParams, kernel=tsv_m, prepare=prepare, whole_tensor=lambda p: True,
+    "tsv-m",
+    TsvParams,
+    kernel=tsv_m,
+    prepare=prepare,
+    whole_tensor=lambda p: True,
     paper="https://arxiv.org/abs/2412.00081",
     summary="per matrix: each task's top 1/T singular triplets, orthogonalised U and V",
 )

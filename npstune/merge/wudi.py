@@ -12,7 +12,8 @@ Deterministic. Scope: one whole tensor at a time (float64).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import cast
 
 import torch
 from pydantic import Field
@@ -39,6 +40,11 @@ class WudiParams(MatrixParams):
     lr: float = Field(1e-5, gt=0, le=1)
 
 
+def _total(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum(terms)`` (0 + t_1 + ...) of a non-empty stream of tensors."""
+    return cast(torch.Tensor, sum(terms))
+
+
 def wudi_gradient(mats: list[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """X ↦ ∇L(X) = 2 Σ_t (X − τ_t) τ_tᵀτ_t / ‖τ_t‖², zero tasks dropped.
 
@@ -51,12 +57,12 @@ def wudi_gradient(mats: list[torch.Tensor]) -> Callable[[torch.Tensor], torch.Te
         return lambda x: torch.zeros_like(x)
     m, n = kept[0][0].shape
     if n <= 2 * len(kept) * m:
-        g = sum(a.T @ a / nrm for a, nrm in kept)
-        b = sum(a @ (a.T @ a) / nrm for a, nrm in kept)
+        g = _total(a.T @ a / nrm for a, nrm in kept)
+        b = _total(a @ (a.T @ a) / nrm for a, nrm in kept)
         return lambda x: 2 * (x @ g - b)
     scaled = [(a, a / nrm) for a, nrm in kept]
-    b = sum((a @ s.T) @ a for a, s in scaled)
-    return lambda x: 2 * (sum((x @ s.T) @ a for a, s in scaled) - b)
+    b = _total((a @ s.T) @ a for a, s in scaled)
+    return lambda x: 2 * (_total((x @ s.T) @ a for a, s in scaled) - b)
 
 
 def wudi_solve(mats: list[torch.Tensor], steps: int, lr: float) -> torch.Tensor:
@@ -91,7 +97,11 @@ def prepare(inputs: MergeInputs, p: WudiParams) -> MatrixCtx:
 
 
 SPEC = MergeSpec(
-    "wudi", WudiParams, kernel=wudi, prepare=prepare, whole_tensor=lambda p: True,
+    "wudi",
+    WudiParams,
+    kernel=wudi,
+    prepare=prepare,
+    whole_tensor=lambda p: True,
     paper="https://arxiv.org/abs/2503.08099",
     summary="per matrix: Adam steps on Σ_t ‖(X − τ_t)τ_tᵀ‖²/‖τ_t‖² from Σ τ_t",
 )

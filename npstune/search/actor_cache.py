@@ -19,13 +19,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from ray.tune.utils.object_cache import _ObjectCache
 
 log = logging.getLogger(__name__)
 
 
 def _spare_cache(base: type, keep: int) -> type:
-    class SpareActorCache(base):  # type: ignore[misc, valid-type]
+    class SpareActorCache(base):
         """Tune's actor cache that keeps up to ``keep`` idle actors between trials."""
 
         def cache_object(self, key: Any, obj: Any) -> bool:
@@ -67,8 +70,11 @@ def keep_idle_actors(n: int) -> Iterator[bool]:
         log.debug("Ray Tune's actor cache is not the expected one; not patched")
         yield False
         return
-    tune_controller._ObjectCache = _spare_cache(_ObjectCache, n)
+    # patching a class of Ray's module is the point here: mypy refuses any assignment
+    # to a class name ("Cannot assign to a type")
+    spare = cast("type[_ObjectCache]", _spare_cache(_ObjectCache, n))
+    tune_controller._ObjectCache = spare  # type: ignore[misc]
     try:
         yield True
     finally:
-        tune_controller._ObjectCache = _ObjectCache
+        tune_controller._ObjectCache = _ObjectCache  # type: ignore[misc]

@@ -137,7 +137,7 @@ class _Arrays:
     """An object whose tensor attributes travel as numpy arrays (see
     ObjectivePayload)."""
 
-    def __init__(self, cls: type, attrs: dict[str, Any]) -> None:
+    def __init__(self, cls: type[Any], attrs: dict[str, Any]) -> None:
         self.cls, self.attrs = cls, attrs
 
     @staticmethod
@@ -163,7 +163,8 @@ class _Arrays:
         return cls(type(obj), {k: cls.wrap(v) for k, v in vars(obj).items()})
 
     def restore(self) -> Any:
-        obj = self.cls.__new__(self.cls)
+        cls: Any = self.cls  # mypy reads type[Any].__new__ as type.__new__
+        obj = cls.__new__(cls)
         obj.__dict__.update({k: self.unwrap(v) for k, v in self.attrs.items()})
         return obj
 
@@ -183,34 +184,47 @@ def build_payload(
     models, names = [models[i] for i in sel.vectors], [names[i] for i in sel.vectors]
     evaluator = make_evaluator(cfg, zoo, sel.eval_tasks, CALIBRATION)
     common: dict[str, Any] = dict(
-        use=cfg.use, vector_tasks=names, eval_tasks=sel.eval_tasks,
-        evaluator=evaluator, transfer=sel.transfer, base_path=str(base),
+        use=cfg.use,
+        vector_tasks=names,
+        eval_tasks=sel.eval_tasks,
+        evaluator=evaluator,
+        transfer=sel.transfer,
+        base_path=str(base),
         model_paths=[str(m) for m in models],
     )
     plan = plan_merge(base, models)
     if cfg.method != "nps":
         from npstune.search.params import MethodSpace
 
-        space = MethodSpace(cfg.method, cfg.params, cfg.per_task, len(models),
-                            cfg.source or "search")
-        payload: Payload = MethodPayload(space=space, method=cfg.method, n=plan.n,
-                                         **common)
+        space = MethodSpace(
+            cfg.method, cfg.params, cfg.per_task, len(models), cfg.source or "search"
+        )
+        payload: Payload = MethodPayload(
+            space=space, method=cfg.method, n=plan.n, **common
+        )
     else:
         ranked = []
         for t, tv in enumerate(plan.task_vectors()):
             ranked.append(RankedTaskVector(tv.to_dict(), cfg.nps.subspaces))
-            say(f"ranked task vector {t + 1}/{len(models)} ({names[t]}, "
-                f"n={ranked[-1].n:,})")
+            say(
+                f"ranked task vector {t + 1}/{len(models)} ({names[t]}, "
+                f"n={ranked[-1].n:,})"
+            )
         keys = ranked[0].keys
         base_flat = torch.cat([plan.base[k].reshape(-1).float() for k in keys])
         dtypes = {k: plan.base.dtype(k) for k in keys}
-        rest = {k: plan.base[k].clone() for k in plan.base.keys()
-                if k not in set(keys)}
+        rest = {k: plan.base[k].clone() for k in plan.base.keys() if k not in set(keys)}
         frozen = sum(v.numel() for v in rest.values() if v.is_floating_point())
         payload = ObjectivePayload(
-            space=ParamSpace(cfg.nps, len(models)), ranked=ranked,
-            base_flat=base_flat, base_rest=rest, dtypes=dtypes, n=plan.n,
-            frozen=frozen, **common)
+            space=ParamSpace(cfg.nps, len(models)),
+            ranked=ranked,
+            base_flat=base_flat,
+            base_rest=rest,
+            dtypes=dtypes,
+            n=plan.n,
+            frozen=frozen,
+            **common,
+        )
     if use.needs_references:  # normalization reference: each fine-tuned model
         payload.references[CALIBRATION] = payload.objective().individual(CALIBRATION)
     say(f"objective ready in {time.perf_counter() - t0:.1f} s")
@@ -249,7 +263,9 @@ class BaseObjective:
         self.space = payload.space
         self.use = get_use(payload.use)
 
-    def states(self, cand: Any) -> Iterable[tuple[list[str], Mapping[str, torch.Tensor]]]:
+    def states(
+        self, cand: Any
+    ) -> Iterable[tuple[list[str], Mapping[str, torch.Tensor]]]:
         """(tasks to score, state) pairs of a candidate, one at a time."""
         raise NotImplementedError
 
@@ -285,8 +301,9 @@ class BaseObjective:
 
     def aggregate(self, accs: Mapping[str, float], split: str) -> dict[str, float]:
         """Per-task accuracies -> the use's objective plus its parts."""
-        return self.use.aggregate(accs, self.p.references.get(split, {}),
-                                  self.p.transfer)
+        return self.use.aggregate(
+            accs, self.p.references.get(split, {}), self.p.transfer
+        )
 
     def score_state(
         self,
@@ -311,9 +328,11 @@ class BaseObjective:
         for task, path in zip(self.p.vector_tasks, self.p.model_paths):
             ck = open_checkpoint(path, base=self.p.base_path)
             state = {k: ck[k] for k in ck.keys()}
-            accs.update(evaluate_many(ev, state,
-                                      self.use.individual_tasks(task, self.p.eval_tasks),
-                                      split))
+            accs.update(
+                evaluate_many(
+                    ev, state, self.use.individual_tasks(task, self.p.eval_tasks), split
+                )
+            )
         return accs
 
 
@@ -369,13 +388,16 @@ class MethodObjective(BaseObjective):
         return state
 
     def _per_task(self, params: dict[str, Any], t: int) -> dict[str, Any]:
-        return {k: (v[t:t + 1] if k in self.space.per_task else v)
-                for k, v in params.items()}
+        return {
+            k: (v[t : t + 1] if k in self.space.per_task else v)
+            for k, v in params.items()
+        }
 
     def states(self, cand: Any) -> Iterable[tuple[list[str], Mapping[str, Any]]]:
         if self.use.per_vector_states:
-            for t, (task, path) in enumerate(zip(self.p.vector_tasks,
-                                                 self.p.model_paths)):
+            for t, (task, path) in enumerate(
+                zip(self.p.vector_tasks, self.p.model_paths)
+            ):
                 yield [task], self._merge([path], self._per_task(cand.params, t))
         else:
             yield self.p.eval_tasks, self._merge(self.p.model_paths, cand.params)

@@ -17,7 +17,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, SupportsFloat, cast
 
 import numpy as np
 from annotated_types import Ge, Gt, Le, Lt
@@ -62,7 +62,7 @@ class UnitBox:
         span = np.where(self._span > 0, self._span, 1.0)
         return np.clip((x - self._low) / span, 0.0, 1.0)
 
-    def from_unit(self, x: Sequence[float]) -> dict[str, float]:
+    def from_unit(self, x: Sequence[float] | np.ndarray) -> dict[str, float]:
         x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
         return {n: float(v) for n, v in zip(self.names, self._low + x * self._span)}
 
@@ -101,6 +101,12 @@ def _types(ann: Any) -> set[Any]:
     return {ann}
 
 
+def _bound(value: object) -> float:
+    """A numeric field bound as a float (annotated_types types the bounds as the
+    comparison protocols SupportsGe etc.; method params bound numbers)."""
+    return float(cast(SupportsFloat, value))
+
+
 def declared(params_cls: type) -> dict[str, Declared]:
     """Each field of a method's Params class: type, range, per-task, default."""
     out = {}
@@ -110,16 +116,25 @@ def declared(params_cls: type) -> dict[str, Declared]:
         lo_open = hi_open = False
         for m in f.metadata:
             if isinstance(m, Ge):
-                low = float(m.ge)
+                low = _bound(m.ge)
             elif isinstance(m, Gt):
-                low, lo_open = float(m.gt), True
+                low, lo_open = _bound(m.gt), True
             elif isinstance(m, Le):
-                high = float(m.le)
+                high = _bound(m.le)
             elif isinstance(m, Lt):
-                high, hi_open = float(m.lt), True
+                high, hi_open = _bound(m.lt), True
         numeric = bool(kinds & {float, int}) and bool not in kinds
-        out[name] = Declared(name, numeric, int in kinds and float not in kinds,
-                             list in kinds, low, high, lo_open, hi_open, f.default)
+        out[name] = Declared(
+            name,
+            numeric,
+            int in kinds and float not in kinds,
+            list in kinds,
+            low,
+            high,
+            lo_open,
+            hi_open,
+            f.default,
+        )
     return out
 
 
@@ -139,8 +154,14 @@ class MethodSpace(UnitBox):
     Names: ``NAME`` (shared) or ``t{t}_NAME`` (per task).
     """
 
-    def __init__(self, method: str, params: Mapping[str, Any],
-                 per_task: Sequence[str], tasks: int, where: str = "search") -> None:
+    def __init__(
+        self,
+        method: str,
+        params: Mapping[str, Any],
+        per_task: Sequence[str],
+        tasks: int,
+        where: str = "search",
+    ) -> None:
         from npstune.merge import get_method
 
         self.method, self.tasks = method, tasks
@@ -151,65 +172,91 @@ class MethodSpace(UnitBox):
         self.per_task = set(per_task)
         for name in [*params, *per_task]:
             if name not in decl:
-                raise ConfigError(f"{where}: method {method} has no parameter "
-                                  f"{name!r}; valid: {', '.join(decl) or '(none)'}")
+                raise ConfigError(
+                    f"{where}: method {method} has no parameter "
+                    f"{name!r}; valid: {', '.join(decl) or '(none)'}"
+                )
         for name in self.per_task:
             if not decl[name].per_task:
-                raise ConfigError(f"{where}: per_task: {method}'s {name} takes one "
-                                  "value, not one per task")
+                raise ConfigError(
+                    f"{where}: per_task: {method}'s {name} takes one "
+                    "value, not one per task"
+                )
         for name, value in params.items():
             d = decl[name]
             if isinstance(value, Mapping):
                 searched += self._bounds(d, value, where)
             elif name in self.per_task:
-                raise ConfigError(f"{where}: params.{name}: per_task needs bounds "
-                                  "{low, high}")
+                raise ConfigError(
+                    f"{where}: params.{name}: per_task needs bounds {{low, high}}"
+                )
             else:
                 self.fixed[name] = value
         for name in self.per_task - set(params):  # per-task with declared bounds
             searched += self._bounds(decl[name], {}, where)
         if not searched:
-            raise ConfigError(f"{where}: params: give bounds {{low, high}} for at least "
-                              f"one of {method}'s parameters "
-                              f"({', '.join(n for n, d in decl.items() if d.numeric)})")
+            raise ConfigError(
+                f"{where}: params: give bounds {{low, high}} for at least "
+                f"one of {method}'s parameters "
+                f"({', '.join(n for n, d in decl.items() if d.numeric)})"
+            )
         super().__init__(searched)
         self.spec.make_params(self._values(self.init_config()))  # the start is valid
 
     def _bounds(self, d: Declared, value: Mapping[str, Any], where: str) -> list[Param]:
         if not d.numeric:
-            raise ConfigError(f"{where}: params.{d.name}: not a numeric parameter of "
-                              f"{self.method}; give a fixed value")
+            raise ConfigError(
+                f"{where}: params.{d.name}: not a numeric parameter of "
+                f"{self.method}; give a fixed value"
+            )
         extra = set(value) - {"low", "high", "init"}
         if extra:
-            raise ConfigError(f"{where}: params.{d.name}: unknown key "
-                              f"{sorted(extra)[0]!r} (expected low, high, init)")
-        rng = (f"{'(' if d.low_open else '['}{d.low}, {d.high}"
-               f"{')' if d.high_open else ']'}")
+            raise ConfigError(
+                f"{where}: params.{d.name}: unknown key "
+                f"{sorted(extra)[0]!r} (expected low, high, init)"
+            )
+        rng = (
+            f"{'(' if d.low_open else '['}{d.low}, {d.high}"
+            f"{')' if d.high_open else ']'}"
+        )
         low = value.get("low", None if d.low_open else d.low)
         high = value.get("high", None if d.high_open else d.high)
         if low is None or high is None:
-            raise ConfigError(f"{where}: params.{d.name}: give low and high (declared "
-                              f"range {rng})")
+            raise ConfigError(
+                f"{where}: params.{d.name}: give low and high (declared range {rng})"
+            )
         low, high = float(low), float(high)
         if not (math.isfinite(low) and math.isfinite(high)) or low > high:
-            raise ConfigError(f"{where}: params.{d.name}: bounds [{low}, {high}] are "
-                              "not finite with low <= high")
+            raise ConfigError(
+                f"{where}: params.{d.name}: bounds [{low}, {high}] are "
+                "not finite with low <= high"
+            )
         for v in (low, high):
-            if ((d.low is not None and (v < d.low or (d.low_open and v == d.low)))
-                    or (d.high is not None and (v > d.high
-                                                 or (d.high_open and v == d.high)))):
-                raise ConfigError(f"{where}: params.{d.name}: bound {v:g} is outside "
-                                  f"{self.method}'s declared range {rng}")
+            if (d.low is not None and (v < d.low or (d.low_open and v == d.low))) or (
+                d.high is not None and (v > d.high or (d.high_open and v == d.high))
+            ):
+                raise ConfigError(
+                    f"{where}: params.{d.name}: bound {v:g} is outside "
+                    f"{self.method}'s declared range {rng}"
+                )
         init = value.get("init")
         if init is None:
-            init = d.default if isinstance(d.default, (int, float)) and \
-                low <= float(d.default) <= high else (low + high) / 2
+            init = (
+                d.default
+                if isinstance(d.default, (int, float))
+                and low <= float(d.default) <= high
+                else (low + high) / 2
+            )
         init = float(init)
         if not low <= init <= high:
-            raise ConfigError(f"{where}: params.{d.name}: init {init:g} outside "
-                              f"[{low:g}, {high:g}]")
-        names = ([f"t{t}_{d.name}" for t in range(self.tasks)]
-                 if d.name in self.per_task else [d.name])
+            raise ConfigError(
+                f"{where}: params.{d.name}: init {init:g} outside [{low:g}, {high:g}]"
+            )
+        names = (
+            [f"t{t}_{d.name}" for t in range(self.tasks)]
+            if d.name in self.per_task
+            else [d.name]
+        )
         return [Param(n, low, high, init, d.integer) for n in names]
 
     def _values(self, config: Mapping[str, Any]) -> dict[str, Any]:

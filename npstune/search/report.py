@@ -19,8 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from npstune.compress import FAMILIES, storage_bits
 from npstune.errors import ConfigError, NpstuneError
 from npstune.search.monitor import Ledger, TrialRecord
@@ -137,8 +135,16 @@ def final_report(
         cand = obj.space.candidate(best.params)
         test = obj.score(cand, TEST, test_ev)
         label = "NPS (searched)" if cfg.method == "nps" else f"{cfg.method} (searched)"
-        rows.append(Row(cfg.method, label, dict(best.metrics), test, obj.bits(cand),
-                        cand.as_dict()))
+        rows.append(
+            Row(
+                cfg.method,
+                label,
+                dict(best.metrics),
+                test,
+                obj.bits(cand),
+                cand.as_dict(),
+            )
+        )
         best_info = _best_info(cfg, payload, best, cand, test)
     report = Report(payload.use, use.metric_label, tasks, rows, best_info)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,12 +175,12 @@ def _baseline(name: str, cfg: SearchConfig, obj: Any, test_ev: Any) -> Row:
     if name == "pretrained":
         from npstune.evaluate.hf import read_state
 
-        state = read_state(p.base_path)
+        pre = read_state(p.base_path)
         return Row(
             name,
             "pretrained (zero-shot heads)",
-            obj.score_state(state, CALIBRATION),
-            obj.score_state(state, TEST, test_ev),
+            obj.score_state(pre, CALIBRATION),
+            obj.score_state(pre, TEST, test_ev),
             storage_bits(fam, T, n).paper_bits,
         )
     if name == "individual":
@@ -187,14 +193,25 @@ def _baseline(name: str, cfg: SearchConfig, obj: Any, test_ev: Any) -> Row:
         )
     if name in ("nps-w1", "defaults"):
         if (name == "nps-w1") != (cfg.method == "nps"):
-            raise ConfigError(f"report.baselines: {name} is for "
-                              f"{'method nps' if name == 'nps-w1' else 'method searches'}"
-                              f" (this search's method is {cfg.method})")
+            raise ConfigError(
+                f"report.baselines: {name} is for "
+                f"{'method nps' if name == 'nps-w1' else 'method searches'}"
+                f" (this search's method is {cfg.method})"
+            )
         cand = obj.space.baseline()
-        label = (f"NPS w=1 (magnitude pruning, k={cand.k:g})" if name == "nps-w1"
-                 else f"{cfg.method} (defaults)")
-        return Row(name, label, obj.score(cand), obj.score(cand, TEST, test_ev),
-                   obj.bits(cand), cand.as_dict())
+        label = (
+            f"NPS w=1 (magnitude pruning, k={cand.k:g})"
+            if name == "nps-w1"
+            else f"{cfg.method} (defaults)"
+        )
+        return Row(
+            name,
+            label,
+            obj.score(cand),
+            obj.score(cand, TEST, test_ev),
+            obj.bits(cand),
+            cand.as_dict(),
+        )
     from npstune.merge import get_method, merge
 
     spec = get_method(name)

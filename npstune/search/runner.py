@@ -201,6 +201,7 @@ def ensure_zoo(cfg: SearchConfig, say: Echo) -> Any:
     """The configured zoo, built first (with progress) if it is not there yet."""
     from npstune.zoo import build_zoo, load_zoo
 
+    assert cfg.zoo is not None  # callers ask only for a configured zoo
     try:
         return load_zoo(cfg.zoo, cfg.zoo_cache)
     except ConfigError as exc:
@@ -245,8 +246,10 @@ def _parent_params(
 def _space_params(cfg: SearchConfig) -> dict[str, Any]:
     """The search space as MLflow parameters (the nps: section, or params:)."""
     if cfg.method != "nps":
-        return {"params": json.dumps(cfg.params, sort_keys=True),
-                "per_task": ",".join(cfg.per_task)}
+        return {
+            "params": json.dumps(cfg.params, sort_keys=True),
+            "per_task": ",".join(cfg.per_task),
+        }
     return {
         "subspaces": cfg.nps.subspaces,
         "weights_per_task": cfg.nps.weights.per_task,
@@ -313,7 +316,9 @@ def trial_resources(cfg: SearchConfig, concurrency: int) -> dict[str, float]:
         )
     n_gpu = have.get("GPU", 0.0)
     if gpus == "auto":
-        gpus = min(1.0, n_gpu / concurrency) if n_gpu else 0.0
+        # a float local: inferred against gpus' type, min() would be float | "auto"
+        share: float = min(1.0, n_gpu / concurrency) if n_gpu else 0.0
+        gpus = share
     elif gpus > 0 and n_gpu == 0:
         raise SearchError(
             f"resources.gpus_per_trial {gpus:g} requested but the Ray cluster "
@@ -383,7 +388,9 @@ def _tune(
                 failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
             ),
         )
-        with keep_idle_actors(concurrency):  # no actor restarts at generation boundaries
+        with keep_idle_actors(
+            concurrency
+        ):  # no actor restarts at generation boundaries
             tuner.fit()
     finally:
         if started:

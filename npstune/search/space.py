@@ -22,28 +22,33 @@ import itertools
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from npstune.errors import ConfigError
-from npstune.sparsify import DEFAULT_SUBSPACES
-
 from npstune.search.backends import BACKENDS  # noqa: E402 - light: a name table
 from npstune.search.params import Param, UnitBox  # noqa: E402
 from npstune.search.uses import USES  # noqa: E402
+from npstune.sparsify import DEFAULT_SUBSPACES
 
 # The file's choices come from their registries (a new use or backend is one entry).
-Use = Literal[tuple(USES)]  # type: ignore[valid-type]
-Backend = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
+# A Literal built at run time is no static type: type checkers see the names as str.
+if TYPE_CHECKING:
+    Use = str
+    Backend = str
+else:
+    Use = Literal[tuple(USES)]
+    Backend = Literal[tuple(BACKENDS)]
 
 #: The one metric every trial reports and every backend optimises (mode "max").
 METRIC = "objective"
 MODE = "max"
+
 
 def default_baselines(use: str, method: str) -> list[str]:
     """Baselines in the final table when a file names none (params: DESIGN §8
@@ -118,11 +123,13 @@ class NpsSpec(_Frozen):
             d = decl[name]
             vals = [v] if isinstance(v, (int, float)) else [v.low, v.high]
             for x in vals:
-                if ((d.low is not None and (x < d.low or (d.low_open and x == d.low)))
-                        or (d.high is not None and x > d.high)):
+                if (
+                    d.low is not None and (x < d.low or (d.low_open and x == d.low))
+                ) or (d.high is not None and x > d.high):
                     raise ValueError(
                         f"{name} must lie in {'(' if d.low_open else '['}{d.low:g}, "
-                        f"{d.high:g}]")
+                        f"{d.high:g}]"
+                    )
         return self
 
 
@@ -130,8 +137,8 @@ class EvaluatorSpec(_Frozen):
     """How a candidate is scored: any registered evaluator kind.
 
     Written inline (``evaluator: {kind: causal-lm, tasks: ...}``) or as the path of an
-    evaluator file (``evaluator: eval.yaml``, relative to the search file). Keys that are
-    not the search's own (below) are the kind's options, validated by the kind
+    evaluator file (``evaluator: eval.yaml``, relative to the search file). Keys that
+    are not the search's own (below) are the kind's options, validated by the kind
     (:mod:`npstune.evaluate.kinds`); ``root`` is the directory the kind's relative paths
     resolve against (set by the loader). ``calibration_*``/``test_examples`` limit the
     examples scored per task.
@@ -256,8 +263,11 @@ class SearchConfig(_Frozen):
             raise ValueError(
                 "missing model: give zoo: small|full, or base: and models:"
             )
-        if (self.evaluator.kind == "zoo" and self.zoo is None
-                and not self.evaluator.options.get("zoo")):
+        if (
+            self.evaluator.kind == "zoo"
+            and self.zoo is None
+            and not self.evaluator.options.get("zoo")
+        ):
             raise ValueError("evaluator kind zoo needs zoo: small|full")
         from npstune.search.uses import get_use
 
@@ -272,19 +282,26 @@ class SearchConfig(_Frozen):
         from npstune.merge.registry import method_names
 
         if self.method not in method_names():
-            raise ValueError(f"method: unknown method {self.method!r}; valid: "
-                             f"{', '.join(method_names())}")
+            raise ValueError(
+                f"method: unknown method {self.method!r}; valid: "
+                f"{', '.join(method_names())}"
+            )
         if self.method == "nps" and (self.params or self.per_task):
-            raise ValueError("method nps: its search space is the nps: section, not "
-                             "params:/per_task:")
+            raise ValueError(
+                "method nps: its search space is the nps: section, not "
+                "params:/per_task:"
+            )
         if self.method != "nps":
             if "nps" in self.model_fields_set:
-                raise ValueError(f"method {self.method}: the nps: section is for "
-                                 "method nps; give params: bounds instead")
+                raise ValueError(
+                    f"method {self.method}: the nps: section is for "
+                    "method nps; give params: bounds instead"
+                )
             from npstune.search.params import MethodSpace
 
-            MethodSpace(self.method, self.params, self.per_task, 2,
-                        "params")  # names, types and ranges checked now
+            MethodSpace(
+                self.method, self.params, self.per_task, 2, "params"
+            )  # names, types and ranges checked now
         return self
 
     @property
@@ -453,8 +470,11 @@ def _resolve_evaluator(data: dict[str, Any], path: Path) -> None:
             raise ConfigError(f"{ev_path}: not valid YAML ({first})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{ev_path}: expected a mapping with kind: and tasks:")
-        data["evaluator"] = {**loaded, "file": str(ev_path),
-                             "root": str(ev_path.parent)}
+        data["evaluator"] = {
+            **loaded,
+            "file": str(ev_path),
+            "root": str(ev_path.parent),
+        }
     elif isinstance(ev, dict):
         ev.setdefault("root", str(path.resolve().parent))
 
@@ -536,5 +556,3 @@ class ParamSpace(UnitBox):
         return Candidate(
             tuple((1.0,) * self.nps.subspaces for _ in range(self.tasks)), c.k, c.lam
         )
-
-

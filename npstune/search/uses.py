@@ -44,8 +44,9 @@ class Use:
     def select(self, cfg: Any, names: Sequence[str]) -> Selection:
         return Selection(list(range(len(names))), list(names))
 
-    def scored_tasks(self, vector_tasks: Sequence[str], eval_tasks: Sequence[str]
-                     ) -> list[str]:
+    def scored_tasks(
+        self, vector_tasks: Sequence[str], eval_tasks: Sequence[str]
+    ) -> list[str]:
         """The tasks a shared state (pretrained, a merge) is scored on."""
         return list(eval_tasks)
 
@@ -53,8 +54,12 @@ class Use:
         """The tasks the fine-tuned model of ``task`` is scored on."""
         return [task]
 
-    def aggregate(self, accs: Mapping[str, float], refs: Mapping[str, float],
-                  transfer: tuple[list[str], str] | None) -> dict[str, float]:
+    def aggregate(
+        self,
+        accs: Mapping[str, float],
+        refs: Mapping[str, float],
+        transfer: tuple[list[str], str] | None,
+    ) -> dict[str, float]:
         """Per-task scores -> the objective plus its parts."""
         out = {f"acc/{t}": float(a) for t, a in accs.items()}
         vals = list(accs.values())
@@ -74,16 +79,25 @@ class Transfer(Use):
     def select(self, cfg: Any, names: Sequence[str]) -> Selection:
         t = cfg.transfer
         if t.target not in names:
-            raise ConfigError(f"transfer.target {t.target!r} is not one of the models: "
-                              f"{', '.join(names)}")
-        return Selection([list(names).index(t.target)], [*t.pre_tasks, t.target],
-                         (list(t.pre_tasks), t.target))
+            raise ConfigError(
+                f"transfer.target {t.target!r} is not one of the models: "
+                f"{', '.join(names)}"
+            )
+        return Selection(
+            [list(names).index(t.target)],
+            [*t.pre_tasks, t.target],
+            (list(t.pre_tasks), t.target),
+        )
 
     def individual_tasks(self, task: str, eval_tasks: Sequence[str]) -> list[str]:
         return list(eval_tasks)
 
-    def aggregate(self, accs: Mapping[str, float], refs: Mapping[str, float],
-                  transfer: tuple[list[str], str] | None) -> dict[str, float]:
+    def aggregate(
+        self,
+        accs: Mapping[str, float],
+        refs: Mapping[str, float],
+        transfer: tuple[list[str], str] | None,
+    ) -> dict[str, float]:
         out = super().aggregate(accs, refs, transfer)
         assert transfer is not None
         pre_tasks, tgt = transfer
@@ -102,12 +116,17 @@ class Compression(Use):
     needs_references = True
     baselines = ("pretrained", "individual")
 
-    def scored_tasks(self, vector_tasks: Sequence[str], eval_tasks: Sequence[str]
-                     ) -> list[str]:
+    def scored_tasks(
+        self, vector_tasks: Sequence[str], eval_tasks: Sequence[str]
+    ) -> list[str]:
         return list(vector_tasks)
 
-    def aggregate(self, accs: Mapping[str, float], refs: Mapping[str, float],
-                  transfer: tuple[list[str], str] | None) -> dict[str, float]:
+    def aggregate(
+        self,
+        accs: Mapping[str, float],
+        refs: Mapping[str, float],
+        transfer: tuple[list[str], str] | None,
+    ) -> dict[str, float]:
         out = super().aggregate(accs, refs, transfer)
         norm = [accs[t] / refs[t] for t in accs if refs.get(t)]
         out["normalized_accuracy"] = sum(norm) / len(norm) if norm else float("nan")

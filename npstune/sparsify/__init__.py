@@ -1,6 +1,7 @@
 """Sparsifiers: pure mask functions over task-vector chunks (no I/O, no logging).
 
-- :mod:`~npstune.sparsify.topk`: exact top-k (global via streaming radix select, or per tensor)
+- :mod:`~npstune.sparsify.topk`: exact top-k (global via streaming radix select, or per
+  tensor)
 - :mod:`~npstune.sparsify.random`: seeded Bernoulli masks (DARE, DAREx)
 - :mod:`~npstune.sparsify.nps`: NPS rank partition, reweighting
 """

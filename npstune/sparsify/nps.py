@@ -1,11 +1,12 @@
 """NPS subspaces: rank τ by |τ|, split the ranks into M equal parts, reweight, top-k.
 
-Subspace m (1-based) holds ranks ⌊(m−1)·n/M⌋ … ⌊m·n/M⌋−1 (rank 0 = largest |τ|, ties
-to the earlier position). The partition depends only on τ, so it is computed once per task
-vector: it is M−1 exact top-K thresholds (:func:`npstune.sparsify.topk.select_many`), and an
-entry's subspace is the number of those thresholds it falls below. Reweighting multiplies
-the entries of subspace m by w_m; the mask keeps the top-k of the reweighted magnitudes
-under the same exact rule; the pruned vector is mask ⊙ τ' (DESIGN §2, NPS steps 1–3).
+Subspace m (1-based) holds ranks ⌊(m−1)·n/M⌋ … ⌊m·n/M⌋−1 (rank 0 = largest |τ|, ties to
+the earlier position). The partition depends only on τ, so it is computed once per task
+vector: it is M−1 exact top-K thresholds (:func:`npstune.sparsify.topk.select_many`),
+and an entry's subspace is the number of those thresholds it falls below. Reweighting
+multiplies the entries of subspace m by w_m; the mask keeps the top-k of the reweighted
+magnitudes under the same exact rule; the pruned vector is mask ⊙ τ' (DESIGN §2, NPS
+steps 1–3).
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ class Partition:
     bounds: tuple[Threshold, ...]
 
     def cursor(self) -> PartitionCursor:
-        """A fresh cursor that labels consecutive chunks (position order) with subspaces."""
+        """A fresh cursor that labels consecutive chunks
+        (position order) with subspaces."""
         return PartitionCursor(self)
 
 
 class PartitionCursor:
-    """Labels chunks of |τ| (in position order) with 0-based subspace indices (uint8)."""
+    """Labels chunks of |τ| (in position order) with 0-based subspace indices
+    (uint8)."""
 
     def __init__(self, partition: Partition) -> None:
         self.partition = partition
@@ -49,9 +52,10 @@ class PartitionCursor:
     def ids(self, scores: torch.Tensor) -> torch.Tensor:
         """Subspace index of every entry of ``scores`` (same shape, uint8).
 
-        s = #{j : entry not in the top ⌊j·n/M⌋}: one comparison per boundary (``<=`` once
-        its tie quota is spent, ``<`` while it covers every equal score to come); only a
-        chunk where a quota runs out needs that boundary's position-ordered tie scan.
+        s = #{j : entry not in the top ⌊j·n/M⌋}: one comparison per boundary (``<=``
+        once its tie quota is spent, ``<`` while it covers every equal score to come);
+        only a chunk where a quota runs out needs that boundary's position-ordered tie
+        scan.
         """
         flat = scores.reshape(-1)
         s = torch.zeros(flat.shape, dtype=torch.uint8, device=flat.device)
@@ -64,25 +68,34 @@ class PartitionCursor:
             s += flat < v
             eq = flat == v
             if bool(eq.any()):
-                s += eq & ~c.mask(flat)  # equal to the boundary but past its quota: below it
+                s += eq & ~c.mask(
+                    flat
+                )  # equal to the boundary but past its quota: below it
         return s.reshape(scores.shape)
 
 
 def partition(
-    chunks: Callable[[], Iterable[torch.Tensor]], n: int, subspaces: int = DEFAULT_SUBSPACES
+    chunks: Callable[[], Iterable[torch.Tensor]],
+    n: int,
+    subspaces: int = DEFAULT_SUBSPACES,
 ) -> Partition:
     """Compute the rank partition of the scores ``chunks()`` yields (two passes)."""
     return partitions(lambda: ((c,) for c in chunks()), n, subspaces, 1)[0]
 
 
 def partitions(
-    chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], n: int, subspaces: int, streams: int
+    chunks: Callable[[], Iterable[Sequence[torch.Tensor]]],
+    n: int,
+    subspaces: int,
+    streams: int,
 ) -> list[Partition]:
     """The rank partitions of several score streams read together (``chunks()`` yields
     one tuple of chunks per step; two passes in all, see
     :func:`~npstune.sparsify.topk.select_streams`)."""
     if not isinstance(subspaces, int) or subspaces < 1 or subspaces > 255:
-        raise ConfigError(f"subspaces must be an integer in [1, 255], got {subspaces!r}")
+        raise ConfigError(
+            f"subspaces must be an integer in [1, 255], got {subspaces!r}"
+        )
     ks = [j * n // subspaces for j in range(1, subspaces)]
     bounds = select_streams(chunks, [ks] * streams, n) if ks else [[]] * streams
     return [Partition(n, subspaces, tuple(b)) for b in bounds]
@@ -94,12 +107,15 @@ def check_weights(weights: Sequence[float], subspaces: int) -> torch.Tensor:
     if w.numel() != subspaces:
         raise ConfigError(f"expected {subspaces} subspace weights, got {w.numel()}")
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise ConfigError(f"subspace weights must be finite and >= 0, got {list(weights)}")
+        raise ConfigError(
+            f"subspace weights must be finite and >= 0, got {list(weights)}"
+        )
     return w
 
 
-def task_weight_rows(weights: Sequence[float] | None, tasks: int, subspaces: int
-                     ) -> list[list[float]]:
+def task_weight_rows(
+    weights: Sequence[float] | None, tasks: int, subspaces: int
+) -> list[list[float]]:
     """One row of M subspace weights per task from NPS ``--weights``: None (all 1), M
     values (shared by every task) or T·M values, task-major (row t is values
     ``t·M … t·M + M − 1``). ConfigError for any other count."""
@@ -116,6 +132,8 @@ def task_weight_rows(weights: Sequence[float] | None, tasks: int, subspaces: int
     )
 
 
-def reweight(tau: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def reweight(
+    tau: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """τ' = w[subspace] · τ, in τ's dtype."""
     return weights.to(device=tau.device, dtype=tau.dtype)[ids.long()] * tau

@@ -1,4 +1,5 @@
-"""Random (DARE-family) masks: keep each entry with probability k, on a fixed block grid.
+"""Random (DARE-family) masks: keep each entry with probability k, on a fixed block
+grid.
 
 A tensor's entries are split into fixed blocks of :data:`DRAW_BLOCK` elements from its
 first element (row-major); block b's draws come from a generator seeded by (seed, task
@@ -16,8 +17,8 @@ import torch
 
 from npstune.sparsify.topk import check_ratio
 
-#: Elements per random-draw block (divides the engine's read chunks and kernel blocks, so
-#: no block is drawn twice in a merge).
+#: Elements per random-draw block (divides the engine's read chunks and kernel blocks,
+#: so no block is drawn twice in a merge).
 DRAW_BLOCK = 1 << 16
 
 
@@ -30,8 +31,9 @@ def block_seed(seed: int, task: str, key: str, block: int) -> int:
 def bernoulli_mask(
     numel: int, k: float, *, seed: int, task: str | int, key: str, start: int = 0
 ) -> torch.Tensor:
-    """Flat boolean mask of elements ``[start, start + numel)`` of ``key``, each kept with
-    probability ``k``: the same entries whatever range of the tensor is asked for."""
+    """Flat boolean mask of elements ``[start, start + numel)`` of ``key``, each kept
+    with probability ``k``: the same entries whatever range of the tensor is asked
+    for."""
     check_ratio(k)
     if numel <= 0:
         return torch.zeros(0, dtype=torch.bool)

@@ -1,10 +1,11 @@
-"""NPS candidates without re-sorting: a task vector kept in rank order (DESIGN §2 "Better still").
+"""NPS candidates without re-sorting: a task vector kept in rank order (DESIGN §2
+"Better still").
 
-A search evaluates hundreds of weight vectors w for the same τ. The rank partition does not
-depend on w, so :class:`RankedTaskVector` sorts |τ| once (stable: equal magnitudes keep
-position order) and stores τ in rank order with each entry's position. Subspace m is then
-the contiguous slice ``[lo_m, hi_m)`` of that order, and within it the reweighted
-magnitudes ``fl(w_m·|τ|)`` are still non-increasing. So:
+A search evaluates hundreds of weight vectors w for the same τ. The rank partition does
+not depend on w, so :class:`RankedTaskVector` sorts |τ| once (stable: equal magnitudes
+keep position order) and stores τ in rank order with each entry's position. Subspace m
+is then the contiguous slice ``[lo_m, hi_m)`` of that order, and within it the
+reweighted magnitudes ``fl(w_m·|τ|)`` are still non-increasing. So:
 
 - the top-k threshold for any w is the K-th largest value of M sorted lists, found by a
   binary search over float32 bit patterns where each count is a ``searchsorted`` per
@@ -63,12 +64,16 @@ class RankedTaskVector:
         device: str | torch.device = "cpu",
     ) -> None:
         if not isinstance(subspaces, int) or not 1 <= subspaces <= 255:
-            raise ConfigError(f"subspaces must be an integer in [1, 255], got {subspaces!r}")
+            raise ConfigError(
+                f"subspaces must be an integer in [1, 255], got {subspaces!r}"
+            )
         self.keys = sorted(taus)
         self.shapes = {k: tuple(taus[k].shape) for k in self.keys}
         self.subspaces = subspaces
         self.device = torch.device(device)
-        flat = torch.cat([taus[k].reshape(-1).float() for k in self.keys]).to(self.device)
+        flat = torch.cat([taus[k].reshape(-1).float() for k in self.keys]).to(
+            self.device
+        )
         self.n = flat.numel()
         mags = flat.abs()
         # stable descending sort: equal magnitudes keep position order (rank rule)
@@ -94,7 +99,9 @@ class RankedTaskVector:
             if wm == 0:
                 counts.append(0)
                 continue
-            x = np.float32(t / wm)  # smallest |τ| whose product reaches t, up to rounding
+            x = np.float32(
+                t / wm
+            )  # smallest |τ| whose product reaches t, up to rounding
             while x > 0 and np.float32(wm * np.nextafter(x, np.float32(0))) >= t:
                 x = np.nextafter(x, np.float32(0))
             while np.isfinite(x) and np.float32(wm * x) < t:
@@ -123,9 +130,11 @@ class RankedTaskVector:
         return Threshold(float(t), K - gt, K)
 
     # ---------------------------------------------------------------- candidates
-    def _kept(self, weights: Sequence[float] | torch.Tensor, k: float) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The kept entries as (positions, τ values, w_m) parts: one prefix per subspace,
-        plus the tied entries at the threshold that win by position."""
+    def _kept(
+        self, weights: Sequence[float] | torch.Tensor, k: float
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The kept entries as (positions, τ values, w_m) parts: one prefix per
+        subspace, plus the tied entries at the threshold that win by position."""
         w = check_weights(list(map(float, weights)), self.subspaces)
         th = self.threshold(w, k)
         wn = w.numpy()
@@ -138,7 +147,9 @@ class RankedTaskVector:
             g, e = gt_counts[m], ge_counts[m]
             wm = w[m].to(self.device)
             if g:
-                parts.append((self.positions[lo : lo + g], self.sorted_tau[lo : lo + g], wm))
+                parts.append(
+                    (self.positions[lo : lo + g], self.sorted_tau[lo : lo + g], wm)
+                )
             if e > g:
                 tie_pos.append(self.positions[lo + g : lo + e])
                 tie_val.append(wm * self.sorted_tau[lo + g : lo + e])
@@ -154,18 +165,25 @@ class RankedTaskVector:
         if not parts:
             empty = torch.empty(0, dtype=torch.int64, device=self.device)
             return SparseDelta(empty, empty.float(), self.n)
-        return SparseDelta(torch.cat([p for p, _, _ in parts]),
-                           torch.cat([wm * v for _, v, wm in parts]), self.n)
+        return SparseDelta(
+            torch.cat([p for p, _, _ in parts]),
+            torch.cat([wm * v for _, v, wm in parts]),
+            self.n,
+        )
 
     def scatter_into(
-        self, out: torch.Tensor, weights: Sequence[float] | torch.Tensor, k: float,
-        lam: float = 1.0, accumulate: bool = False,
+        self,
+        out: torch.Tensor,
+        weights: Sequence[float] | torch.Tensor,
+        k: float,
+        lam: float = 1.0,
+        accumulate: bool = False,
     ) -> int:
         """Write (or, with ``accumulate``, add) λ·τ̂ into the flat float32 ``out``.
 
         No concatenation and no pass over the n entries: only the k·n kept entries are
-        touched. ``out`` must be zero where τ̂ is written unless ``accumulate``. Returns the
-        number of entries kept.
+        touched. ``out`` must be zero where τ̂ is written unless ``accumulate``. Returns
+        the number of entries kept.
         """
         kept = 0
         for pos, vals, wm in self._kept(weights, k):
@@ -195,7 +213,8 @@ def fuse(
     lam: float | Sequence[float],
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Flat Σ_t λ_t·τ̂_t (float32) over tasks that share keys: the fusion candidate's delta.
+    """Flat Σ_t λ_t·τ̂_t (float32) over tasks that share keys: the fusion candidate's
+    delta.
 
     ``out`` (length n, float32) is reused if given, so a search allocates it once.
     """

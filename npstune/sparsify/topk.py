@@ -7,9 +7,9 @@ How: scores are non-negative float32, whose bit patterns sort like the numbers, 
 K-th largest score is found by a two-pass radix select over the bits: pass 1 histograms
 the high 16 bits of every score, which pins down the bucket holding the K-th largest;
 pass 2 histograms the low 16 bits inside that bucket, which pins down the exact value
-``t``. The result is a :class:`Threshold` (``t`` and a tie quota ``q``): an entry is kept
-when its score is ``> t``, or ``== t`` and it is among the first ``q`` such entries in
-position order. Memory: two histograms of 64 Ki counters, whatever ``n`` is.
+``t``. The result is a :class:`Threshold` (``t`` and a tie quota ``q``): an entry is
+kept when its score is ``> t``, or ``== t`` and it is among the first ``q`` such entries
+in position order. Memory: two histograms of 64 Ki counters, whatever ``n`` is.
 """
 
 from __future__ import annotations
@@ -30,14 +30,19 @@ SMALL = 1 << 18  # up to this many scores, one sort beats two 64 Ki-bucket histo
 
 
 def keep_count(k: float, n: int) -> int:
-    """``⌈k·n⌉`` computed exactly on the decimal value of ``k`` (0.07·100 is 7, not 8)."""
+    """``⌈k·n⌉`` computed exactly on the decimal value of ``k`` (0.07·100 is 7,
+    not 8)."""
     check_ratio(k)
     return min(n, math.ceil(Fraction(repr(float(k))) * n))
 
 
 def check_ratio(k: float, name: str = "k") -> None:
     """Raise ConfigError unless ``0 < k <= 1``."""
-    if not isinstance(k, (int, float)) or isinstance(k, bool) or not (0.0 < float(k) <= 1.0):
+    if (
+        not isinstance(k, (int, float))
+        or isinstance(k, bool)
+        or not (0.0 < float(k) <= 1.0)
+    ):
         raise ConfigError(f"{name} must be in (0, 1], got {k!r}")
 
 
@@ -45,9 +50,10 @@ def check_ratio(k: float, name: str = "k") -> None:
 class Threshold:
     """Keep ``score > value``, plus the first ``quota`` entries with ``score == value``.
 
-    ``keep`` is the total kept (``count_gt + quota``). ``value`` is +inf when nothing is kept.
-    ``equal`` counts the scores equal to ``value`` (None: not known); when the quota takes
-    them all, the rule is simply ``score >= value`` and needs no position bookkeeping.
+    ``keep`` is the total kept (``count_gt + quota``). ``value`` is +inf when nothing is
+    kept. ``equal`` counts the scores equal to ``value`` (None: not known); when the
+    quota takes them all, the rule is simply ``score >= value`` and needs no position
+    bookkeeping.
     """
 
     value: float
@@ -61,7 +67,8 @@ class Threshold:
 
 
 class ThresholdCursor:
-    """Applies a :class:`Threshold` to consecutive chunks, spending the tie quota in order.
+    """Applies a :class:`Threshold` to consecutive chunks, spending the tie quota in
+    order.
 
     Only chunks where the quota is partly spent need a scan of the equal scores: once it
     is spent the rule is ``score > value``, and while it covers every equal score still
@@ -77,7 +84,8 @@ class ThresholdCursor:
 
     @property
     def rule(self) -> str:
-        """``">"``, ``">="`` or ``"scan"``: how the next chunk's equal scores are decided."""
+        """``">"``, ``">="`` or ``"scan"``: how the next chunk's equal scores are
+        decided."""
         if self.left == 0:
             return ">"
         return ">=" if self.left == self.equal_left else "scan"
@@ -109,28 +117,34 @@ def _bits(scores: torch.Tensor) -> torch.Tensor:
 
 
 def select_many(
-    chunks: Callable[[], Iterable[torch.Tensor]], ks: Sequence[int], n: int | None = None
+    chunks: Callable[[], Iterable[torch.Tensor]],
+    ks: Sequence[int],
+    n: int | None = None,
 ) -> list[Threshold]:
     """Exact thresholds keeping the top ``ks[i]`` scores, for several ``ks`` at once.
 
-    ``chunks()`` must yield the non-negative float32 scores in position order each time it
-    is called (it is called twice: one pass per 16-bit digit). NaN scores are not allowed.
+    ``chunks()`` must yield the non-negative float32 scores in position order each time
+    it is called (it is called twice: one pass per 16-bit digit). NaN scores are not
+    allowed.
     """
     return select_streams(lambda: ((c,) for c in chunks()), [ks], n)[0]
 
 
 def select_streams(
-    chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], ks: Sequence[Sequence[int]],
+    chunks: Callable[[], Iterable[Sequence[torch.Tensor]]],
+    ks: Sequence[Sequence[int]],
     n: int | None = None,
 ) -> list[list[Threshold]]:
-    """:func:`select_many` for several score streams read together (e.g. the task vectors
-    of one merge, which share the base's reads): ``chunks()`` yields one tuple of chunks
-    per step, ``ks[s]`` are stream ``s``'s keep counts; returns one list per stream.
-    Two passes over ``chunks()`` whatever the number of streams."""
+    """:func:`select_many` for several score streams read together (e.g. the task
+    vectors of one merge, which share the base's reads): ``chunks()`` yields one tuple
+    of chunks per step, ``ks[s]`` are stream ``s``'s keep counts; returns one list per
+    stream. Two passes over ``chunks()`` whatever the number of streams."""
     S = len(ks)
     hi: list[torch.Tensor | None] = [None] * S
     total = [0] * S
-    small: list[list[torch.Tensor] | None] = [[] for _ in range(S)]  # few scores: sort instead
+    small: list[list[torch.Tensor] | None] = [
+        [] for _ in range(S)
+    ]  # few scores: sort instead
     for step in chunks():
         for i, sc in enumerate(step):
             b = _bits(sc)
@@ -145,7 +159,8 @@ def select_streams(
                 b = torch.cat(sm)
                 small[i] = None
             h = torch.bincount(b >> 16, minlength=_HI).cpu()
-            hi[i] = h if hi[i] is None else hi[i] + h
+            prev = hi[i]
+            hi[i] = h if prev is None else prev + h
     for i in range(S):
         if n is not None and n != total[i]:
             raise ConfigError(f"expected {n} scores, saw {total[i]}")
@@ -158,11 +173,19 @@ def select_streams(
     for i in range(S):
         sm = small[i]
         if sm is not None:
-            out[i] = _select_sorted(torch.cat([b.cpu() for b in sm]) if sm
-                                    else torch.empty(0, dtype=torch.int32), ks[i])
+            out[i] = _select_sorted(
+                torch.cat([b.cpu() for b in sm])
+                if sm
+                else torch.empty(0, dtype=torch.int32),
+                ks[i],
+            )
             continue
-        hist_hi = hi[i].numpy()
-        above_hi = _above(hist_hi)  # above[d] = number of scores whose high digit is > d
+        h_i = hi[i]
+        assert h_i is not None  # a stream leaves the small path with its histogram
+        hist_hi = h_i.numpy()
+        above_hi = _above(
+            hist_hi
+        )  # above[d] = number of scores whose high digit is > d
         for K in ks[i]:
             if K == 0:
                 plans[i].append(None)
@@ -172,7 +195,8 @@ def select_streams(
         digits[i] = sorted({p[1] for p in plans[i] if p is not None})
     lo = [{d: torch.zeros(_LO, dtype=torch.int64) for d in digits[i]} for i in range(S)]
     if any(lo):
-        member = []  # per stream: lookup table of its boundary digits (cheaper than isin)
+        # per stream: lookup table of its boundary digits (cheaper than isin)
+        member = []
         for ds in digits:
             lut = torch.zeros(_HI, dtype=torch.bool)
             lut[ds] = True
@@ -206,7 +230,9 @@ def select_streams(
             j = _digit(above_lo[d] + above, lo_np[d], K)
             bits = (d << 16) | j
             value = float(np.array([bits], dtype=np.int32).view(np.float32)[0])
-            res.append(Threshold(value, K - int(above_lo[d][j] + above), K, int(lo_np[d][j])))
+            res.append(
+                Threshold(value, K - int(above_lo[d][j] + above), K, int(lo_np[d][j]))
+            )
         out[i] = res
     return [out[i] for i in range(S)]
 
@@ -222,7 +248,11 @@ def _select_sorted(bits: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
         v = desc[K - 1]
         gt = int(torch.searchsorted(-desc, -v, right=False))  # entries strictly greater
         ge = int(torch.searchsorted(-desc, -v, right=True))  # entries greater or equal
-        value = float(v.view(torch.float32).item() if v.dim() else v.reshape(1).view(torch.float32)[0])
+        value = float(
+            v.view(torch.float32).item()
+            if v.dim()
+            else v.reshape(1).view(torch.float32)[0]
+        )
         out.append(Threshold(value, K - gt, K, ge - gt))
     return out
 
@@ -246,7 +276,8 @@ def select(
 
 
 def topk_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
-    """Exact top-``k`` keep-mask of one tensor of non-negative scores (per-tensor scope)."""
+    """Exact top-``k`` keep-mask of one tensor of non-negative scores
+    (per-tensor scope)."""
     n = scores.numel()
     th = select(lambda: [scores], keep_count(k, n), n)
     return th.cursor().mask(scores.float())

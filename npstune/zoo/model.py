@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -22,8 +23,16 @@ from torch import Tensor, nn
 
 from npstune.errors import CheckpointError
 
-HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-            "special_tokens_map.json")
+if TYPE_CHECKING:  # transformers is imported when a body is built
+    from transformers import PreTrainedModel
+
+HF_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 
 
 def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
@@ -34,8 +43,14 @@ def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
 
 def tokenize(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
     """Token ids of each text (with [CLS]/[SEP]), truncated to ``max_len``, unpadded."""
-    enc = tokenizer(list(texts), truncation=True, max_length=max_len, padding=False,
-                    return_attention_mask=False, return_token_type_ids=False)
+    enc = tokenizer(
+        list(texts),
+        truncation=True,
+        max_length=max_len,
+        padding=False,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
     return enc["input_ids"]
 
 
@@ -59,12 +74,18 @@ class Batches:
     order: list[int]  # example index of each row, in batch order
 
     @classmethod
-    def build(cls, ids: Sequence[Sequence[int]], labels: Sequence[int], batch_size: int,
-              pad_id: int = 0, device: str | torch.device = "cpu") -> Batches:
+    def build(
+        cls,
+        ids: Sequence[Sequence[int]],
+        labels: Sequence[int],
+        batch_size: int,
+        pad_id: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> Batches:
         order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
         batches = []
         for s in range(0, len(order), batch_size):
-            chunk = order[s:s + batch_size]
+            chunk = order[s : s + batch_size]
             a, m = pad([ids[i] for i in chunk], pad_id)
             batches.append((a.to(device), m.to(device)))
         lab = torch.tensor([labels[i] for i in order], dtype=torch.long, device=device)
@@ -74,16 +95,22 @@ class Batches:
 @torch.no_grad()
 def pooled_features(body: nn.Module, batches: Batches) -> Tensor:
     """Mean-pooled last hidden states for every row of ``batches`` (batch order)."""
-    outs = [mean_pool(body(input_ids=a, attention_mask=m).last_hidden_state, m)
-            for a, m in batches.batches]
+    outs = [
+        mean_pool(body(input_ids=a, attention_mask=m).last_hidden_state, m)
+        for a, m in batches.batches
+    ]
     return torch.cat(outs)
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
-    return float((logits.argmax(-1) == labels).float().mean()) if len(labels) else float("nan")
+    return (
+        float((logits.argmax(-1) == labels).float().mean())
+        if len(labels)
+        else float("nan")
+    )
 
 
-# --- fine-tuning -----------------------------------------------------------------------------
+# --- fine-tuning ----------------------------------------------------------------------
 @dataclass
 class TrainResult:
     head_weight: Tensor
@@ -93,25 +120,43 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-def finetune(body: nn.Module, train_ids: Sequence[Sequence[int]], train_labels: Sequence[int],
-             num_classes: int, *, epochs: int, batch_size: int, lr_body: float,
-             lr_head: float, weight_decay: float, warmup: float, seed: int,
-             pad_id: int = 0, progress: Callable[[int], object] | None = None
-             ) -> TrainResult:
-    """Fine-tune ``body`` in place (embeddings and pooler frozen) with a new linear head.
+def finetune(
+    body: PreTrainedModel,
+    train_ids: Sequence[Sequence[int]],
+    train_labels: Sequence[int],
+    num_classes: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr_body: float,
+    lr_head: float,
+    weight_decay: float,
+    warmup: float,
+    seed: int,
+    pad_id: int = 0,
+    progress: Callable[[int], object] | None = None,
+) -> TrainResult:
+    """Fine-tune ``body`` in place (embeddings and pooler frozen) with a new linear
+    head.
 
     AdamW with a linear warmup/decay schedule; batches are shuffled with a seeded
-    generator and padded to their longest text. ``progress(n)`` is called after each step.
+    generator and padded to their longest text. ``progress(n)`` is called after each
+    step.
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks and head init
     hidden = body.config.hidden_size
     head = nn.Linear(hidden, num_classes)
     for name, p in body.named_parameters():
-        p.requires_grad_(not (name.startswith("embeddings.") or name.startswith("pooler.")))
+        p.requires_grad_(
+            not (name.startswith("embeddings.") or name.startswith("pooler."))
+        )
     params = [p for p in body.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
-        [{"params": params, "lr": lr_body}, {"params": head.parameters(), "lr": lr_head}],
+        [
+            {"params": params, "lr": lr_body},
+            {"params": head.parameters(), "lr": lr_head},
+        ],
         weight_decay=weight_decay,
     )
     n = len(train_ids)
@@ -119,7 +164,8 @@ def finetune(body: nn.Module, train_ids: Sequence[Sequence[int]], train_labels: 
     total = epochs * steps_per_epoch
     n_warm = max(1, int(warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / n_warm, max(0.0, (total - s) / max(1, total - n_warm)))
+        opt,
+        lambda s: min((s + 1) / n_warm, max(0.0, (total - s) / max(1, total - n_warm))),
     )
     labels = torch.tensor(list(train_labels), dtype=torch.long)
     loss_fn = nn.CrossEntropyLoss()
@@ -129,7 +175,7 @@ def finetune(body: nn.Module, train_ids: Sequence[Sequence[int]], train_labels: 
     for _ in range(epochs):
         perm = torch.randperm(n, generator=gen).tolist()
         for s in range(0, n, batch_size):
-            idx = perm[s:s + batch_size]
+            idx = perm[s : s + batch_size]
             ids, mask = pad([train_ids[i] for i in idx], pad_id)
             out = body(input_ids=ids, attention_mask=mask).last_hidden_state
             loss = loss_fn(head(mean_pool(out, mask)), labels[idx])
@@ -143,12 +189,25 @@ def finetune(body: nn.Module, train_ids: Sequence[Sequence[int]], train_labels: 
     body.eval()
     for p in body.parameters():
         p.requires_grad_(False)
-    return TrainResult(head.weight.detach().clone(), head.bias.detach().clone(), total,
-                       time.perf_counter() - t0, losses)
+    return TrainResult(
+        head.weight.detach().clone(),
+        head.bias.detach().clone(),
+        total,
+        time.perf_counter() - t0,
+        losses,
+    )
 
 
-def fit_probe(features: Tensor, labels: Tensor, num_classes: int, *, seed: int,
-              steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-4) -> nn.Linear:
+def fit_probe(
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    *,
+    seed: int,
+    steps: int = 300,
+    lr: float = 0.05,
+    weight_decay: float = 1e-4,
+) -> nn.Linear:
     """A linear probe on frozen features (full-batch Adam on standardised inputs)."""
     torch.manual_seed(seed)
     mu, sd = features.mean(0), features.std(0).clamp(min=1e-6)
@@ -168,7 +227,7 @@ def fit_probe(features: Tensor, labels: Tensor, num_classes: int, *, seed: int,
     return out
 
 
-# --- files -----------------------------------------------------------------------------------
+# --- files ----------------------------------------------------------------------------
 def safetensors_keys(path: Path) -> list[str]:
     try:
         with safe_open(str(path), "pt") as f:
@@ -203,8 +262,11 @@ def save_body(state: Mapping[str, Tensor], base_dir: Path, out_dir: Path) -> Non
 
 def save_head(path: Path, weight: Tensor, bias: Tensor, labels: Sequence[str]) -> None:
     """A task head: ``weight`` [C, H], ``bias`` [C], label names in the metadata."""
-    save_file({"weight": weight.contiguous(), "bias": bias.contiguous()}, str(path),
-              metadata={"format": "pt", "labels": json.dumps(list(labels))})
+    save_file(
+        {"weight": weight.contiguous(), "bias": bias.contiguous()},
+        str(path),
+        metadata={"format": "pt", "labels": json.dumps(list(labels))},
+    )
     os.chmod(path, 0o644)
 
 
@@ -214,11 +276,12 @@ def load_head(path: Path) -> tuple[Tensor, Tensor]:
         return t["weight"], t["bias"]
     except Exception as exc:
         raise CheckpointError(
-            f"{path}: unreadable task head ({exc}); rebuild the zoo with `npstune zoo build`"
+            f"{path}: unreadable task head ({exc}); rebuild the zoo with `npstune zoo "
+            "build`"
         ) from exc
 
 
-def new_body(model_dir: Path) -> nn.Module:
+def new_body(model_dir: Path) -> PreTrainedModel:
     """An untrained skeleton built from ``model_dir/config.json`` (no weights read)."""
     from transformers import AutoConfig, AutoModel
 
@@ -234,7 +297,9 @@ def read_state(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
 
 
-def load_into(body: nn.Module, state: Mapping[str, Tensor], source: str = "state") -> None:
+def load_into(
+    body: nn.Module, state: Mapping[str, Tensor], source: str = "state"
+) -> None:
     """Copy ``state`` into ``body``; keys must match the body's (buffers it doesn't
     persist, e.g. ``embeddings.position_ids``, are accepted and ignored)."""
     own = body.state_dict()
@@ -243,21 +308,24 @@ def load_into(body: nn.Module, state: Mapping[str, Tensor], source: str = "state
     if extra or missing_:
         key = (extra or missing_)[0]
         what = "is not in the base model" if extra else "is missing"
-        raise CheckpointError(f"{source}: key {key!r} {what} "
-                              f"({len(extra)} unexpected, {len(missing_)} missing keys)")
+        raise CheckpointError(
+            f"{source}: key {key!r} {what} "
+            f"({len(extra)} unexpected, {len(missing_)} missing keys)"
+        )
     for k, t in own.items():
         if tuple(state[k].shape) != tuple(t.shape):
             from npstune.errors import ShapeMismatchError
 
-            raise ShapeMismatchError(f"{source}:{k}: shape {tuple(state[k].shape)} "
-                                     f"!= base {tuple(t.shape)}")
+            raise ShapeMismatchError(
+                f"{source}:{k}: shape {tuple(state[k].shape)} != base {tuple(t.shape)}"
+            )
     body.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
 _IGNORED_BUFFERS = frozenset({"embeddings.position_ids"})
 
 
-def load_body(model_dir: Path) -> nn.Module:
+def load_body(model_dir: Path) -> PreTrainedModel:
     """A body from an HF dir holding ``model.safetensors``, in eval mode."""
     body = new_body(model_dir)
     load_into(body, read_state(Path(model_dir) / "model.safetensors"), str(model_dir))

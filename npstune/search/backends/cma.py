@@ -31,7 +31,6 @@ from npstune.search.backends.state import (
 from npstune.search.space import METRIC, MODE, ParamSpace
 
 
-
 @contextmanager
 def seeded(seed: int, generation: int) -> Iterator[None]:
     """Seed numpy's global RNG (pycma samples from it) and restore it afterwards."""
@@ -101,7 +100,8 @@ class CmaSearcher(Searcher):
         self.max_concurrent = max_concurrent
         return True
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+    # Ray's hint (dict | None) leaves out Searcher.FINISHED, a str Ray itself returns
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if self.generation >= self.generations:
             return Searcher.FINISHED
         if self._asked is None:

@@ -78,12 +78,14 @@ class GenerationalNevergradSearch(NevergradSearch):
             )
         return True
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+    # Ray's hint (dict | None) leaves out Searcher.FINISHED, a str Ray itself returns
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if self.generation >= self.generations:
             return Searcher.FINISHED
         if self._asked_in_gen >= self.population:
             return None  # wait for this generation to finish
         raw = super().suggest(trial_id)
+        assert raw is not None  # NevergradSearch.suggest returns a config or raises
         x = [raw[f"x{i}"] for i in range(self.ps.dim)]
         i = self._index[trial_id] = self._asked_in_gen
         self._asked_in_gen += 1
@@ -98,7 +100,9 @@ class GenerationalNevergradSearch(NevergradSearch):
         value = value_or_penalty(raw, self.penalty)
         candidate = self._live_trial_mapping.pop(trial_id)
         self._index.pop(trial_id, None)
-        self._nevergrad_opt.tell(candidate, self._metric_op * value)
+        opt = self._nevergrad_opt
+        assert opt is not None  # set up before any trial was suggested
+        opt.tell(candidate, self._metric_op * value)
         self._done_in_gen += 1
         if self._done_in_gen >= self.population:
             self.generation += 1

@@ -29,8 +29,11 @@ def value_or_penalty(raw: Any, penalty: float) -> float:
     return v if math.isfinite(v) else float(penalty)
 
 
-def check_state(state: dict[str, Any], backend: str, names: list[str], population: int) -> None:
-    """Refuse a saved searcher state of another backend, version, space or population."""
+def check_state(
+    state: dict[str, Any], backend: str, names: list[str], population: int
+) -> None:
+    """Refuse a saved searcher state of another backend, version,
+    space or population."""
     if state.get("version") != STATE_VERSION or state.get("backend") != backend:
         raise SearchError(
             f"searcher state is not a {backend} v{STATE_VERSION} state "
@@ -48,9 +51,12 @@ def read_state(checkpoint_path: str) -> dict[str, Any]:
     try:
         return pickle.loads(Path(checkpoint_path).read_bytes())
     except (OSError, pickle.UnpicklingError, EOFError) as exc:
-        raise SearchError(f"{checkpoint_path}: unreadable searcher state ({exc})") from exc
+        raise SearchError(
+            f"{checkpoint_path}: unreadable searcher state ({exc})"
+        ) from exc
 
 
 def write_state(checkpoint_path: str, state: dict[str, Any]) -> None:
-    """Pickle ``state`` to ``checkpoint_path`` atomically (a kill leaves the old file)."""
+    """Pickle ``state`` to ``checkpoint_path`` atomically
+    (a kill leaves the old file)."""
     atomic_write_bytes(checkpoint_path, pickle.dumps(state))
