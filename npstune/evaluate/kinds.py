@@ -9,7 +9,6 @@ pointing at an :class:`EvaluatorKind`. A new kind is one file plus one line here
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -17,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
-
-from npstune.errors import ConfigError
 
 #: Built-in kinds: name -> "module:KIND", imported on first use.
 KINDS: dict[str, str] = {
@@ -110,18 +107,8 @@ def kind_names() -> list[str]:
 
 def get_kind(name: str) -> EvaluatorKind:
     """The kind registered under ``name``; ConfigError listing valid names otherwise."""
-    target = KINDS.get(name) or _plugins().get(name)
-    if target is None:
-        raise ConfigError(
-            f"unknown evaluator kind {name!r}; valid: {', '.join(kind_names())}"
-        )
-    module, attr = target.split(":")
-    try:
-        kind = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(
-            f"evaluator kind {name!r} cannot be loaded from {target}: {exc}"
-        ) from exc
-    if not isinstance(kind, EvaluatorKind):
-        raise ConfigError(f"{target} is not an EvaluatorKind")
-    return kind
+    from npstune.lazy import load_entry
+
+    return load_entry(
+        "evaluator kind", name, {**_plugins(), **KINDS}, kind_names(), EvaluatorKind
+    )

@@ -6,11 +6,9 @@ Adding a method touches one line here (or, for plugins, an entry point in the
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import entry_points
 from typing import Any
 
-from npstune.errors import ConfigError
 from npstune.merge.base import MergeSpec
 
 METHODS: dict[str, str] = {
@@ -45,18 +43,8 @@ def method_names() -> list[str]:
 
 def get_method(name: str) -> MergeSpec[Any]:
     """The spec registered under ``name``; ConfigError listing valid names otherwise."""
-    target = METHODS.get(name) or _plugins().get(name)
-    if target is None:
-        raise ConfigError(
-            f"unknown method {name!r}; valid: {', '.join(method_names())}"
-        )
-    module, attr = target.split(":")
-    try:
-        spec = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(
-            f"method {name!r} cannot be loaded from {target}: {exc}"
-        ) from exc
-    if not isinstance(spec, MergeSpec):
-        raise ConfigError(f"{target} is not a MergeSpec")
-    return spec
+    from npstune.lazy import load_entry
+
+    return load_entry(
+        "method", name, {**_plugins(), **METHODS}, method_names(), MergeSpec
+    )
