@@ -136,18 +136,6 @@ class TextClassificationEvaluator:
         return {t: self._score(t, split) for t in names}
 
     # -- calibration statistics (Fisher, RegMean; npstune.evaluate.stats) --------------
-    def _rows(
-        self, task: str, examples: int
-    ) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
-        b = self.batches(task, "calibration")
-        seen = 0
-        for ids, mask in b.batches:
-            if seen >= examples:
-                return
-            n = min(ids.shape[0], examples - seen)
-            yield ids[:n], mask[:n], b.labels[seen : seen + n]
-            seen += n
-
     def fisher(
         self,
         state: State,
@@ -163,7 +151,7 @@ class TextClassificationEvaluator:
         body = self._body
 
         def losses() -> Iterable[Any]:
-            for ids, mask, y in self._rows(task, examples):
+            for ids, mask, y in self.batches(task, "calibration").first(examples):
                 yield lambda ids=ids, mask=mask, y=y: nn.functional.cross_entropy(
                     nn.functional.linear(
                         zm.mean_pool(
@@ -192,7 +180,7 @@ class TextClassificationEvaluator:
         body = self._body
         runs = (
             (lambda ids=ids, mask=mask: body(input_ids=ids, attention_mask=mask), mask)
-            for ids, mask, _ in self._rows(task, examples)
+            for ids, mask, _ in self.batches(task, "calibration").first(examples)
         )
         return linear_grams(body, {k: k for k in keys}, runs)
 

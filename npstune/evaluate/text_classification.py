@@ -283,15 +283,10 @@ class TextClassifier:
     def _examples(
         self, task: str, examples: int
     ) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
-        b = self.batches(task, "calibration")
-        seen = 0
-        for ids, mask in b.batches:
+        for ids, mask, y in self.batches(task, "calibration").first(examples):
             for i in range(ids.shape[0]):
-                if seen >= examples:
-                    return
                 n = int(mask[i].sum())
-                yield ids[i : i + 1, :n], mask[i : i + 1, :n], b.labels[seen : seen + 1]
-                seen += 1
+                yield ids[i : i + 1, :n], mask[i : i + 1, :n], y[i : i + 1]
 
     def _param_names(self, module: nn.Module, keys: Sequence[str]) -> dict[str, str]:
         own = dict(module.named_parameters())
@@ -334,15 +329,8 @@ class TextClassifier:
         body = module if self.head(task).checkpoint is None else module.base_model
 
         def runs() -> Iterable[tuple[Any, Tensor]]:
-            b = self.batches(task, "calibration")
-            seen = 0
-            for ids, mask in b.batches:
-                take = min(ids.shape[0], examples - seen)
-                if take <= 0:
-                    return
-                i, m = ids[:take], mask[:take]
+            for i, m, _ in self.batches(task, "calibration").first(examples):
                 yield (lambda i=i, m=m: body(input_ids=i, attention_mask=m)), m
-                seen += take
 
         names = self._param_names(module, keys)
         prefix = getattr(module, "base_model_prefix", "")

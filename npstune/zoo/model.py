@@ -11,7 +11,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,6 +90,17 @@ class Batches:
             batches.append((a.to(device), m.to(device)))
         lab = torch.tensor([labels[i] for i in order], dtype=torch.long, device=device)
         return cls(batches, lab, order)
+
+    def first(self, n: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """(ids, mask, labels) of the batches holding the first ``n`` rows (batch
+        order), the last one cut to fit: the calibration examples statistics use."""
+        seen = 0
+        for ids, mask in self.batches:
+            take = min(ids.shape[0], n - seen)
+            if take <= 0:
+                return
+            yield ids[:take], mask[:take], self.labels[seen : seen + take]
+            seen += take
 
 
 @torch.no_grad()
