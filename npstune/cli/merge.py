@@ -14,6 +14,8 @@ from npstune.cli.options import (
     RegistryChoice,
     check_output,
     parse_floats,
+    split_params,
+    typed_params,
 )
 
 if TYPE_CHECKING:  # the merge engine (torch) loads when a merge runs
@@ -89,6 +91,23 @@ def _used_by(field: str) -> dict[str, Any]:
     **_used_by("consensus"),
 )
 @click.option(
+    "--param",
+    "param_items",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Any parameter the method declares (repeatable; typed and range-checked "
+    "by the method; `npstune methods` lists them). prune.NAME=VALUE sets one of "
+    "the --prune step's.",
+)
+@click.option(
+    "--prune",
+    type=RegistryChoice(names.prune_methods),
+    cls=HelpFromRegistry,
+    help="Prune every task vector first (its k, weights, subspaces, scope, seed, q "
+    "from the flags or prune.NAME=VALUE), then merge the pruned ones.",
+    help_names=("Methods: ", names.prunable_methods),
+)
+@click.option(
     "--include", multiple=True, help="Glob of keys that take part (repeatable)."
 )
 @click.option(
@@ -127,6 +146,8 @@ def merge(
     q: float | None,
     tall_lam: float | None,
     consensus: int | None,
+    param_items: tuple[str, ...],
+    prune: str | None,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     zoo_size: str | None,
@@ -141,7 +162,7 @@ def merge(
     from npstune.taskvector import plan_merge
 
     spec = get_method(method)
-    given = {
+    flags = {
         "k": k,
         "lam": lam,
         "scope": scope,
@@ -152,7 +173,10 @@ def merge(
         "tall_lam": tall_lam,
         "consensus": consensus,
     }
-    params = spec.make_params({n: v for n, v in given.items() if v is not None})
+    method_values, prune_step = _route(
+        spec, {n: v for n, v in flags.items() if v is not None}, param_items, prune
+    )
+    params = spec.make_params(method_values)
     if out_format == "adapter":
         adapter_weights(spec.name, params, len(models))  # refuse other methods first
     check_output(out, [base, *models])
@@ -172,7 +196,66 @@ def merge(
         data=data,
         progress=not quiet,
         out_format=out_format,
+        prune=prune_step,
     )
     keep = ("method", "tasks", "n", "kept", "rank", "total_s")
     summary = {k: v for k, v in result.meta.items() if k in keep}
+    if "prune" in result.meta:
+        summary["prune"] = {
+            k: result.meta["prune"][k] for k in ("method", "kept", "density")
+        }
     click.echo(f"wrote {out}  " + json.dumps(summary, default=str))
+
+
+def _route(
+    spec: Any, flags: dict[str, Any], items: tuple[str, ...], prune: str | None
+) -> tuple[dict[str, Any], Any]:
+    """The method's values and the pruning step from the flags and ``--param``.
+
+    Without ``--prune`` every flag is the method's. With it, a flag that only the
+    pruning takes (``--k`` before TSV-M) is the pruning's; one that both take is
+    ambiguous and must be said with ``--param NAME=`` (the method) or
+    ``--param prune.NAME=`` (the pruning)."""
+    from npstune.errors import ConfigError
+    from npstune.merge.preprune import Prune
+
+    pairs = split_params(items)
+    own = typed_params(
+        spec.params, spec.name, [(n, v) for n, v in pairs if not n.startswith("prune.")]
+    )
+    prune_pairs = [(n[6:], v) for n, v in pairs if n.startswith("prune.")]
+    if prune is None:
+        if prune_pairs:
+            raise ConfigError(f"--param prune.{prune_pairs[0][0]}: needs --prune")
+        method_values = dict(flags)
+        step = None
+    else:
+        step_names = Prune(prune).names()
+        mine = set(spec.params.model_fields)
+        both = sorted(n for n in flags if n in step_names and n in mine)
+        if both:
+            n = both[0]
+            raise ConfigError(
+                f"--{n.replace('_', '-')}: both {spec.name} and the {prune} pruning "
+                f"take {n}; say --param {n}=V ({spec.name}) or --param prune.{n}=V "
+                f"({prune})"
+            )
+        pspec = Prune(prune).spec
+        pvals = {n: v for n, v in flags.items() if n in step_names}
+        pvals.update(typed_params(pspec.params, f"the {prune} pruning", prune_pairs))
+        if "lam" in pvals:
+            pvals.pop("lam")  # typed_params accepts it; Prune refuses it clearly
+            raise ConfigError(
+                f"--param prune.lam: the {prune} pruning has no λ of its own (the "
+                "merge scales); valid: " + ", ".join(step_names)
+            )
+        method_values = {n: v for n, v in flags.items() if n not in step_names}
+        step = Prune(prune, pvals)
+        step.resolved()
+    for n in own:
+        if n in method_values:
+            raise ConfigError(
+                f"--param {n}: also given as --{n.replace('_', '-')}; give it once"
+            )
+    method_values.update(own)
+    return method_values, step

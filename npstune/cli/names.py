@@ -95,3 +95,15 @@ def benchmarks() -> list[str]:
     from benchmarks import BENCHMARKS
 
     return list(BENCHMARKS)
+
+
+def prune_methods() -> list[str]:
+    """``npstune merge --prune``: the pruning steps a merge can run first."""
+    from npstune.merge.preprune import prune_names
+
+    return prune_names()
+
+
+def prunable_methods() -> list[str]:
+    """Merge methods that take ``--prune`` (those that merge task vectors)."""
+    return [n for n in merge_methods() if n not in data_methods()]

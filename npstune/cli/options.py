@@ -100,3 +100,65 @@ class HelpFromRegistry(click.Option):
         listed = ", ".join(names()) or "none"
         self.help = f"{self._base_help} {prefix}{listed}.".strip()
         return super().get_help_record(ctx)
+
+
+def split_params(pairs: Iterable[str]) -> list[tuple[str, str]]:
+    """``--param NAME=VALUE`` occurrences as (NAME, VALUE); ConfigError otherwise."""
+    out = []
+    for item in pairs:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise ConfigError(f"--param {item!r}: expected NAME=VALUE")
+        out.append((name.strip(), value.strip()))
+    return out
+
+
+def typed_params(
+    params_cls: type, owner: str, pairs: Iterable[tuple[str, str]]
+) -> dict[str, Any]:
+    """``(NAME, text)`` pairs as values typed by ``params_cls``'s declaration (ranges
+    are checked when the method validates them): numbers for numeric parameters, a
+    comma-separated (or ``[...]``) list where the parameter takes a list, ``none`` for
+    an optional one, text otherwise. An unknown NAME is one ConfigError listing the
+    valid names of ``owner``."""
+    from npstune.search.params import declared
+
+    decl = declared(params_cls)
+    out: dict[str, Any] = {}
+    for name, text in pairs:
+        d = decl.get(name)
+        if d is None:
+            raise ConfigError(
+                f"--param {name}: not a parameter of {owner}; valid: "
+                f"{', '.join(decl) or '(none)'}"
+            )
+        if name in out:
+            raise ConfigError(f"--param {name}: given twice")
+        out[name] = _typed(d, text, f"--param {name}={text}")
+    return out
+
+
+def _typed(d: Any, text: str, where: str) -> Any:
+    if text.lower() in ("none", "null") and d.default is None:
+        return None
+    listed = text.startswith("[") or (d.per_task and "," in text)
+    if d.per_task and listed:
+        items = [x for x in text.strip("[]").replace(" ", "").split(",") if x != ""]
+        return [_scalar(d, x, where) for x in items]
+    if d.per_task and not d.numeric:  # a list of names (exclude_keys)
+        return [x for x in text.split(",") if x]
+    return _scalar(d, text, where)
+
+
+def _scalar(d: Any, text: str, where: str) -> Any:
+    if d.integer:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer") from None
+    if d.numeric:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number") from None
+    return text

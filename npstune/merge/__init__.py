@@ -17,6 +17,7 @@ from npstune.merge.base import (
     run_merge,
 )
 from npstune.merge.masks import KernelOut, MaskCollector, MaskCounts, MaskSink
+from npstune.merge.preprune import Prune, as_prune, prune_names
 from npstune.merge.registry import get_method, method_names
 
 __all__ = [
@@ -28,9 +29,11 @@ __all__ = [
     "MergeResult",
     "MergeSpec",
     "MethodParams",
+    "Prune",
     "get_method",
     "merge",
     "method_names",
+    "prune_names",
     "run_merge",
 ]
 
@@ -48,6 +51,7 @@ def merge(
     data: Any = None,
     progress: bool = False,
     masks: MaskSink | None = None,
+    prune: Prune | tuple[str, Mapping[str, Any]] | str | None = None,
 ) -> MergeResult:
     """Plan and run one merge: ``merge(base, [m1, m2], "ties", {"k": 0.2})``.
 
@@ -67,6 +71,9 @@ def merge(
         progress: show a progress bar over tensors.
         masks: receives every task's keep mask block by block (see
             :mod:`npstune.merge.masks`).
+        prune: prune every task vector first, then merge the pruned ones: a
+            :class:`~npstune.merge.preprune.Prune`, a name (``"nps"``, ``"magnitude"``,
+            ``"dare"``) or ``(name, params)``, e.g. ``("nps", {"k": 0.1})``.
     """
     from npstune.taskvector import plan_merge
 
@@ -83,4 +90,5 @@ def merge(
         data=data,
         progress=progress,
         masks=masks,
+        prune=as_prune(prune),
     )

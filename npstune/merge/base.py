@@ -14,13 +14,14 @@ whatever the model size.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -29,6 +30,9 @@ from npstune.checkpoints import CheckpointWriter
 from npstune.errors import ConfigError
 from npstune.merge.masks import Block, KernelOut, MaskCounts, MaskSink, tee
 from npstune.taskvector import Chunk, MergePlan
+
+if TYPE_CHECKING:
+    from npstune.merge.preprune import Prune
 
 Scope = Literal["global", "tensor"]
 
@@ -93,15 +97,27 @@ class MergeSpec(Generic[P]):
         try:
             return self.params.model_validate(dict(values or {}))
         except ValidationError as exc:
-            problems = []
+            problems: dict[str, list[str]] = {}
             for e in exc.errors():
-                loc = ".".join(str(x) for x in e["loc"]) or "params"
+                # the field and list positions; union branches' type tags dropped
+                parts = [
+                    str(x)
+                    for i, x in enumerate(e["loc"])
+                    if i == 0 or isinstance(x, int)
+                ]
+                loc = ".".join(parts) or "params"
                 msg = e["msg"]
                 if e["type"] == "extra_forbidden":
                     valid = ", ".join(sorted(self.params.model_fields)) or "none"
                     msg = f"not a parameter of {self.name} (valid: {valid})"
-                problems.append(f"{loc}: {msg}")
-            raise ConfigError(f"{self.name}: " + "; ".join(problems)) from None
+                problems.setdefault(loc, []).append(msg)
+            said = []
+            for loc, msgs in problems.items():
+                # a value of one union branch's type: its own complaint, not the
+                # other branches' "should be a valid list/number"
+                real = [m for m in msgs if not m.startswith("Input should be a valid")]
+                said.append(f"{loc}: {'; '.join(dict.fromkeys(real or msgs))}")
+            raise ConfigError(f"{self.name}: " + "; ".join(said)) from None
 
 
 @dataclass
@@ -131,9 +147,14 @@ def run_merge(
     metadata: dict[str, str] | None = None,
     out_format: OutFormat = "model",
     masks: MaskSink | None = None,
+    prune: Prune | None = None,
 ) -> MergeResult:
     """Merge ``plan``'s models with ``spec`` into ``out`` (or into memory when ``out``
     is None).
+
+    ``prune``: a pruning step in front of the method
+    (:class:`~npstune.merge.preprune.Prune`, e.g. ``Prune("nps", {"k": 0.1})``): the
+    method merges the pruned task vectors; ``meta["prune"]`` reports what it kept.
 
     ``out_format="adapter"`` (``average``/``task-arithmetic`` of LoRA adapters only)
     writes the merge as one exact PEFT LoRA adapter directory instead of a full model.
@@ -156,12 +177,30 @@ def run_merge(
 
         check_adapter_out(out)
         check_combinable(plan.models)
+    if prune is not None:
+        from npstune.merge.preprune import check_prunable
+
+        check_prunable(spec)
+        if out_format == "adapter":
+            raise ConfigError(
+                "--prune with --out-format adapter: a pruned merge is not low rank"
+            )
+        prune.resolved()  # bad pruning parameters fail before any work
+        metadata = {
+            **(metadata or {}),
+            "npstune_prune": json.dumps(prune.describe(), sort_keys=True),
+        }
     if spec.needs_data and data is None:
         raise ConfigError(
             f"{spec.name} needs calibration data: pass --zoo SIZE (or data=...)"
         )
+    t0 = time.perf_counter()
+    if prune is not None:
+        from npstune.merge.preprune import pruned_plan
+
+        plan = pruned_plan(plan, prune, device)
     if spec.runner is not None:
-        return spec.runner(
+        res = spec.runner(
             plan,
             p,
             out,
@@ -170,7 +209,9 @@ def run_merge(
             metadata=metadata,
             masks=masks,
         )
-    t0 = time.perf_counter()
+        if prune is not None:
+            res.meta["prune"] = plan.report()  # type: ignore[attr-defined]
+        return res
     inputs = MergeInputs(plan, device, data)
     ctx = spec.prepare(inputs, p)
     t_prepare = time.perf_counter() - t0
@@ -234,6 +275,8 @@ def run_merge(
         meta["density"] = [k / plan.n if plan.n else 0.0 for k in kept]
     if out_format == "adapter":
         meta["rank"] = rank
+    if prune is not None:
+        meta["prune"] = plan.report()  # type: ignore[attr-defined]
     return MergeResult(
         state,
         Path(out) if out is not None else None,

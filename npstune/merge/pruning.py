@@ -9,8 +9,9 @@ sink.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,10 +30,22 @@ from npstune.sparsify import (
 )
 from npstune.taskvector import Chunk
 
+#: maps a chunk of τ_t (any float dtype) to the values a pruner keeps of it
+Values = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
 
 @dataclass
 class Pruner:
-    """Base pruner: keeps everything. Subclasses override :meth:`mask_values`."""
+    """Base pruner: keeps everything. Subclasses override :meth:`keep`.
+
+    A global-scope pruner is stateful: it must see the chunks in position order (its
+    threshold cursors spend their tie quotas in order). :meth:`state` and
+    :meth:`restore` save and put back where it stands, so that a reader can revisit a
+    position (:class:`~npstune.merge.preprune.PrunedPlan`)."""
 
     task: int
 
@@ -41,8 +54,26 @@ class Pruner:
         return self.mask_values(chunk)
 
     def mask_values(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        mask, values = self.keep(chunk)
+        return mask, values(chunk.taus[self.task])
+
+    def keep(self, chunk: Chunk) -> tuple[torch.Tensor, Values]:
+        """The keep mask of task ``self.task``'s part of ``chunk`` and the map from τ
+        to the values kept (the same map for τ in the compute dtype and in float32)."""
         tau = chunk.taus[self.task]
-        return torch.ones_like(tau, dtype=torch.bool), tau
+        return torch.ones_like(tau, dtype=torch.bool), _same
+
+    @property
+    def per_tensor(self) -> bool:
+        """True when a mask needs the whole tensor in one chunk (per-tensor scope)."""
+        return False
+
+    def state(self) -> tuple[Any, ...]:
+        """Where the pruner stands in position order (stateless pruners: ())."""
+        return ()
+
+    def restore(self, state: tuple[Any, ...]) -> None:
+        """Put the pruner back where :meth:`state` found it."""
 
 
 @dataclass
@@ -69,10 +100,21 @@ class MagnitudePruner(Pruner):
                 p.cursor = th.cursor()
         return pruners
 
-    def mask_values(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+    def keep(self, chunk: Chunk) -> tuple[torch.Tensor, Values]:
         scores = chunk.taus32[self.task].abs()
         mask = self.cursor.mask(scores) if self.cursor else topk_mask(scores, self.k)
-        return mask, chunk.taus[self.task]
+        return mask, _same
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.cursor is None
+
+    def state(self) -> tuple[Any, ...]:
+        return (self.cursor.snapshot(),) if self.cursor else ()
+
+    def restore(self, state: tuple[Any, ...]) -> None:
+        if self.cursor:
+            self.cursor.restore(state[0])
 
 
 @dataclass
@@ -88,7 +130,7 @@ class RandomPruner(Pruner):
     seed: int = 0
     name: str = ""
 
-    def mask_values(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+    def keep(self, chunk: Chunk) -> tuple[torch.Tensor, Values]:
         tau = chunk.taus[self.task]
         mask = bernoulli_mask(
             tau.numel(),
@@ -98,7 +140,7 @@ class RandomPruner(Pruner):
             key=chunk.key,
             start=chunk.start,
         ).to(tau.device)
-        return mask, tau / self.rescale
+        return mask, lambda t: t / self.rescale
 
 
 @dataclass
@@ -152,7 +194,24 @@ class NpsPruner(Pruner):
                 p.cursors = (part.cursor(), thr.cursor())
         return pruners
 
-    def mask_values(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def per_tensor(self) -> bool:
+        return self.cursors is None
+
+    def state(self) -> tuple[Any, ...]:
+        if self.cursors is None:
+            return ()
+        pcur, tcur = self.cursors
+        return (*(c.snapshot() for c in pcur.cursors), tcur.snapshot())
+
+    def restore(self, state: tuple[Any, ...]) -> None:
+        if self.cursors is None:
+            return
+        pcur, tcur = self.cursors
+        for c, st in zip((*pcur.cursors, tcur), state):
+            c.restore(st)
+
+    def keep(self, chunk: Chunk) -> tuple[torch.Tensor, Values]:
         scores = chunk.taus32[self.task].abs()
         if self.cursors is None:  # per-tensor scope: this chunk is the whole tensor
             n = scores.numel()
@@ -165,10 +224,8 @@ class NpsPruner(Pruner):
             ids = pcur.ids(scores)
             rew = self.weights.to(scores.device)[ids.long()] * scores
             mask = tcur.mask(rew)
-        tau = chunk.taus[self.task]
-        return mask, self.weights.to(device=tau.device, dtype=tau.dtype)[
-            ids.long()
-        ] * tau
+        w, idx = self.weights.to(scores.device), ids.long()
+        return mask, lambda t: w.to(t.dtype)[idx] * t
 
 
 @dataclass

@@ -49,6 +49,11 @@ class PartitionCursor:
         self.partition = partition
         self._cursors = [ThresholdCursor(t) for t in partition.bounds]
 
+    @property
+    def cursors(self) -> list[ThresholdCursor]:
+        """One cursor per subspace boundary (to save and restore where they stand)."""
+        return self._cursors
+
     def ids(self, scores: torch.Tensor) -> torch.Tensor:
         """Subspace index of every entry of ``scores`` (same shape, uint8).
 

@@ -82,6 +82,15 @@ class ThresholdCursor:
         self.equal_left = threshold.equal
         self._t = torch.tensor(threshold.value, dtype=torch.float32)
 
+    def snapshot(self) -> tuple[int, int | None]:
+        """Where this cursor stands: the tie quota left and the equal scores still to
+        come (restore with :meth:`restore`)."""
+        return self.left, self.equal_left
+
+    def restore(self, state: tuple[int, int | None]) -> None:
+        """Put the cursor back where a :meth:`snapshot` found it."""
+        self.left, self.equal_left = state
+
     @property
     def rule(self) -> str:
         """``">"``, ``">="`` or ``"scan"``: how the next chunk's equal scores are
