@@ -197,7 +197,12 @@ def build_payload(
         from npstune.search.params import MethodSpace
 
         space = MethodSpace(
-            cfg.method, cfg.params, cfg.per_task, len(models), cfg.source or "search"
+            cfg.method,
+            cfg.params,
+            cfg.per_task,
+            len(models),
+            cfg.source or "search",
+            cfg.prune,
         )
         payload: Payload = MethodPayload(
             space=space, method=cfg.method, n=plan.n, **common
@@ -379,10 +384,14 @@ class MethodObjective(BaseObjective):
     Workers open the checkpoints by path (on a cluster: shared storage).
     """
 
-    def _merge(self, models: list[str], params: dict[str, Any]) -> Mapping[str, Any]:
+    def _merge(
+        self, models: list[str], params: dict[str, Any], prune: Any = None
+    ) -> Mapping[str, Any]:
         from npstune.merge import merge
 
-        state = merge(self.p.base_path, models, self.p.method, params).state
+        state = merge(
+            self.p.base_path, models, self.p.method, params, prune=prune
+        ).state
         if state is None:
             raise ConfigError(f"method {self.p.method} returns no single model")
         return state
@@ -398,9 +407,19 @@ class MethodObjective(BaseObjective):
             for t, (task, path) in enumerate(
                 zip(self.p.vector_tasks, self.p.model_paths)
             ):
-                yield [task], self._merge([path], self._per_task(cand.params, t))
+                yield (
+                    [task],
+                    self._merge(
+                        [path],
+                        self._per_task(cand.params, t),
+                        cand.prune_step(t, len(self.p.model_paths)),
+                    ),
+                )
         else:
-            yield self.p.eval_tasks, self._merge(self.p.model_paths, cand.params)
+            yield (
+                self.p.eval_tasks,
+                self._merge(self.p.model_paths, cand.params, cand.prune_step()),
+            )
 
     def bits(self, cand: Any) -> int:
         from npstune.compress import FAMILIES

@@ -140,12 +140,33 @@ def declared(params_cls: type) -> dict[str, Declared]:
 
 @dataclass(frozen=True)
 class MethodCandidate:
-    """One candidate of a method search: the method's full parameter values."""
+    """One candidate of a method search: the method's full parameter values, and the
+    pruning step in front of it (``{"method", "params"}``; None: no pruning)."""
 
     params: dict[str, Any]
+    prune: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.params)
+        return {**self.params, **({"prune": self.prune} if self.prune else {})}
+
+    def prune_step(self, task: int | None = None, tasks: int = 1) -> Any:
+        """The :class:`~npstune.merge.preprune.Prune` for a merge (``task``: task
+        ``task``'s own weight row when the weights are one row per task)."""
+        if self.prune is None:
+            return None
+        from npstune.merge.preprune import Prune
+
+        params = dict(self.prune["params"])
+        w, m = params.get("weights"), params.get("subspaces")
+        if (
+            task is not None
+            and w is not None
+            and m
+            and tasks > 1
+            and len(w) == tasks * m
+        ):
+            params["weights"] = w[task * m : (task + 1) * m]
+        return Prune(self.prune["method"], params)
 
 
 class MethodSpace(UnitBox):
@@ -161,10 +182,12 @@ class MethodSpace(UnitBox):
         per_task: Sequence[str],
         tasks: int,
         where: str = "search",
+        prune: Any = None,
     ) -> None:
         from npstune.merge import get_method
 
         self.method, self.tasks = method, tasks
+        self.prune = prune  # a PruneSpec (npstune.search.space) or None
         self.spec = get_method(method)
         decl = declared(self.spec.params)
         self.fixed: dict[str, Any] = {}
@@ -194,6 +217,8 @@ class MethodSpace(UnitBox):
                 self.fixed[name] = value
         for name in self.per_task - set(params):  # per-task with declared bounds
             searched += self._bounds(decl[name], {}, where)
+        if prune is not None:
+            searched += self._prune_params(prune, where)
         if not searched:
             raise ConfigError(
                 f"{where}: params: give bounds {{low, high}} for at least "
@@ -202,11 +227,88 @@ class MethodSpace(UnitBox):
             )
         super().__init__(searched)
         self.spec.make_params(self._values(self.init_config()))  # the start is valid
+        if prune is not None:
+            self.candidate(self.init_config()).prune_step().resolved()
+        if prune is not None and self.spec.needs_data:
+            from npstune.merge.preprune import check_prunable
 
-    def _bounds(self, d: Declared, value: Mapping[str, Any], where: str) -> list[Param]:
+            check_prunable(self.spec)
+
+    def _prune_params(self, prune: Any, where: str) -> list[Param]:
+        """The searched values of the pruning step: ``prune_k`` (``prune_q``) when
+        given bounds, NPS's weights ``prune_w{m}`` / ``prune_t{t}_w{m}``."""
+        from npstune.merge.preprune import Prune
+
+        decl = declared(Prune(prune.method).spec.params)
+        out: list[Param] = []
+        for name in ("k", "q"):
+            b = getattr(prune, name)
+            if b is not None and not isinstance(b, (int, float)):
+                d = decl[name]
+                ps = self._bounds(
+                    d,
+                    {"low": b.low, "high": b.high, "init": b.start},
+                    where,
+                    label=f"prune.{name}",
+                    owner=f"the {prune.method} pruning's",
+                )
+                out += [Param(f"prune_{p.name}", p.low, p.high, p.init) for p in ps]
+        if prune.method == "nps":
+            ws = prune.weights or _default_weights()
+            rows = range(self.tasks) if ws.per_task else [None]
+            for t in rows:
+                pre = "prune_" if t is None else f"prune_t{t}_"
+                out += [
+                    Param(f"{pre}w{m}", ws.low, ws.high, ws.init)
+                    for m in range(prune.subspaces)
+                ]
+        return out
+
+    def _prune_values(self, config: Mapping[str, Any]) -> dict[str, Any] | None:
+        pr = self.prune
+        if pr is None:
+            return None
+        vals: dict[str, Any] = {}
+        for name in ("k", "q"):
+            b = getattr(pr, name)
+            if b is None:
+                continue
+            vals[name] = (
+                float(b)
+                if isinstance(b, (int, float))
+                else float(config[f"prune_{name}"])
+            )
+        for name in ("scope", "seed"):
+            if getattr(pr, name) is not None:
+                vals[name] = getattr(pr, name)
+        if pr.method == "nps":
+            M = pr.subspaces
+            ws = pr.weights or _default_weights()
+            rows = (
+                [
+                    [float(config[f"prune_t{t}_w{m}"]) for m in range(M)]
+                    for t in range(self.tasks)
+                ]
+                if ws.per_task
+                else [[float(config[f"prune_w{m}"]) for m in range(M)]]
+            )
+            vals["subspaces"] = M
+            vals["weights"] = [w for row in rows for w in row]
+        return {"method": pr.method, "params": vals}
+
+    def _bounds(
+        self,
+        d: Declared,
+        value: Mapping[str, Any],
+        where: str,
+        label: str | None = None,
+        owner: str | None = None,
+    ) -> list[Param]:
+        label = label or f"params.{d.name}"
+        owner = owner or f"{self.method}'s"
         if not d.numeric:
             raise ConfigError(
-                f"{where}: params.{d.name}: not a numeric parameter of "
+                f"{where}: {label}: not a numeric parameter of "
                 f"{self.method}; give a fixed value"
             )
         extra = set(value) - {"low", "high", "init"}
@@ -236,8 +338,8 @@ class MethodSpace(UnitBox):
                 d.high is not None and (v > d.high or (d.high_open and v == d.high))
             ):
                 raise ConfigError(
-                    f"{where}: params.{d.name}: bound {v:g} is outside "
-                    f"{self.method}'s declared range {rng}"
+                    f"{where}: {label}: bound {v:g} is outside "
+                    f"{owner} declared range {rng}"
                 )
         init = value.get("init")
         if init is None:
@@ -262,6 +364,8 @@ class MethodSpace(UnitBox):
     def _values(self, config: Mapping[str, Any]) -> dict[str, Any]:
         vals: dict[str, Any] = dict(self.fixed)
         for p in self.params:
+            if p.name.startswith("prune_"):  # the pruning step's (_prune_values)
+                continue
             v: Any = float(config[p.name])
             vals[p.name] = int(round(v)) if p.integer else v
         for name in self.per_task:
@@ -270,8 +374,18 @@ class MethodSpace(UnitBox):
 
     def candidate(self, config: Mapping[str, Any]) -> MethodCandidate:
         """Natural values (a trial's config) -> the method's parameter values."""
-        return MethodCandidate(self._values(config))
+        return MethodCandidate(self._values(config), self._prune_values(config))
 
     def baseline(self) -> MethodCandidate:
-        """The method at its declared defaults (and the file's fixed values)."""
-        return MethodCandidate(self.spec.make_params(self.fixed).model_dump())
+        """The method at its declared defaults (and the file's fixed values), after
+        the pruning step at its start with every NPS weight 1 (magnitude pruning)."""
+        prune = self._prune_values(
+            {**self.init_config(), **{n: 1.0 for n in self.names if "_w" in n}}
+        )
+        return MethodCandidate(self.spec.make_params(self.fixed).model_dump(), prune)
+
+
+def _default_weights() -> Any:
+    from npstune.search.space import WeightsSpec
+
+    return WeightsSpec()

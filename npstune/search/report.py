@@ -134,7 +134,11 @@ def final_report(
         say("best candidate on the test split ...")
         cand = obj.space.candidate(best.params)
         test = obj.score(cand, TEST, test_ev)
-        label = "NPS (searched)" if cfg.method == "nps" else f"{cfg.method} (searched)"
+        label = (
+            "NPS (searched)"
+            if cfg.method == "nps"
+            else f"{_pruned(cfg)}{cfg.method} (searched)"
+        )
         rows.append(
             Row(
                 cfg.method,
@@ -166,6 +170,15 @@ def final_report(
     )
     report.files["results_json"] = str(out / "results.json")
     return report
+
+
+def _pruned(cfg: SearchConfig, start: bool = False) -> str:
+    """``"nps → "`` for a search with a pruning step (``start``: at its start, every
+    NPS weight 1)."""
+    if cfg.prune is None:
+        return ""
+    w1 = " w=1" if start and cfg.prune.method == "nps" else ""
+    return f"{cfg.prune.method}{w1} → "
 
 
 def _baseline(name: str, cfg: SearchConfig, obj: Any, test_ev: Any) -> Row:
@@ -202,7 +215,7 @@ def _baseline(name: str, cfg: SearchConfig, obj: Any, test_ev: Any) -> Row:
         label = (
             f"NPS w=1 (magnitude pruning, k={cand.k:g})"
             if name == "nps-w1"
-            else f"{cfg.method} (defaults)"
+            else f"{_pruned(cfg, start=True)}{cfg.method} (defaults)"
         )
         return Row(
             name,
@@ -295,7 +308,14 @@ def _save_model(
         if obj.use.per_vector_states:
             logger.warning("method search for %s: no single model to write", cfg.use)
             return out
-        merge(base, payload.model_paths, cfg.method, cand.params, out=dest)
+        merge(
+            base,
+            payload.model_paths,
+            cfg.method,
+            cand.params,
+            out=dest,
+            prune=cand.prune_step(),
+        )
         return dest
     if obj.use.per_vector_states:
         from npstune.compress import compress

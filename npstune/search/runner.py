@@ -249,6 +249,7 @@ def _space_params(cfg: SearchConfig) -> dict[str, Any]:
         return {
             "params": json.dumps(cfg.params, sort_keys=True),
             "per_task": ",".join(cfg.per_task),
+            "prune": cfg.prune.model_dump_json(exclude_none=True) if cfg.prune else "",
         }
     return {
         "subspaces": cfg.nps.subspaces,

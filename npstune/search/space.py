@@ -133,6 +133,47 @@ class NpsSpec(_Frozen):
         return self
 
 
+class PruneSpec(_Frozen):
+    """A pruning step searched in front of the method (``prune: nps`` or a mapping):
+    ``k`` (and DARE's ``q``) fixed or bounds; NPS searches its subspace ``weights``
+    (one vector shared by every task, or one per task; bounds as the nps: section's);
+    ``scope``, ``subspaces`` and DARE's ``seed`` fixed. Unset values take the pruning
+    method's declared defaults; its λ is the merge's, never the pruning's."""
+
+    method: str
+    k: float | Bounds | None = None
+    q: float | Bounds | None = None
+    subspaces: int = Field(DEFAULT_SUBSPACES, ge=1, le=255)
+    weights: WeightsSpec | None = None
+    scope: Literal["global", "tensor"] | None = None
+    seed: int | None = Field(None, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, data: Any) -> Any:
+        return {"method": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _check(self) -> PruneSpec:
+        from npstune.merge.preprune import Prune, prune_names
+
+        if self.method not in prune_names():
+            raise ValueError(
+                f"prune: unknown pruning {self.method!r}; valid: "
+                f"{', '.join(prune_names())}"
+            )
+        takes = set(Prune(self.method).names())
+        for name in ("q", "weights", "scope", "seed"):
+            if getattr(self, name) is not None and name not in takes:
+                raise ValueError(
+                    f"prune {self.method}: it takes no {name} "
+                    f"(its parameters: {', '.join(sorted(takes))})"
+                )
+        if "subspaces" in self.model_fields_set and self.method != "nps":
+            raise ValueError(f"prune {self.method}: subspaces is for prune nps")
+        return self
+
+
 class EvaluatorSpec(_Frozen):
     """How a candidate is scored: any registered evaluator kind.
 
@@ -249,6 +290,7 @@ class SearchConfig(_Frozen):
     method: str = "nps"
     params: dict[str, Any] = Field(default_factory=dict)
     per_task: list[str] = Field(default_factory=list)
+    prune: PruneSpec | None = None
     nps: NpsSpec = NpsSpec()
     search: SearchSettings = SearchSettings()
     resources: ResourcesSpec = ResourcesSpec()
@@ -286,6 +328,11 @@ class SearchConfig(_Frozen):
                 f"method: unknown method {self.method!r}; valid: "
                 f"{', '.join(method_names())}"
             )
+        if self.method == "nps" and self.prune is not None:
+            raise ValueError(
+                "method nps: it is a pruning itself; search it with the nps: "
+                "section, or put prune: before another method"
+            )
         if self.method == "nps" and (self.params or self.per_task):
             raise ValueError(
                 "method nps: its search space is the nps: section, not "
@@ -300,7 +347,7 @@ class SearchConfig(_Frozen):
             from npstune.search.params import MethodSpace
 
             MethodSpace(
-                self.method, self.params, self.per_task, 2, "params"
+                self.method, self.params, self.per_task, 2, "params", self.prune
             )  # names, types and ranges checked now
         return self
 
@@ -408,7 +455,10 @@ def load_configs(path: str | Path, **overrides: Any) -> list[SearchConfig]:
     """Every search a file describes: one, or one per ``sweep`` combination.
 
     A sweep variant is named ``<name>-<key>=<value>...`` and writes under
-    ``<output_dir>/<variant>``; all variants share the MLflow experiment.
+    ``<output_dir>/<variant>``; all variants share the MLflow experiment. A key that
+    starts with ``@`` is an axis of *overlays*: each value is a mapping of dotted keys
+    set together (``@merge: [{label: ta, method: task-arithmetic, params: {...}}]``;
+    ``label`` names the value).
     """
     path = Path(path)
     data = _read_yaml(path)
@@ -431,11 +481,23 @@ def load_configs(path: str | Path, **overrides: Any) -> list[SearchConfig]:
     keys = list(sweep)
     out_dir = data.get("output_dir") or f"npstune_runs/{data['name']}"
     data.setdefault("tracking", {}).setdefault("experiment", data["name"])
+    for key in keys:
+        if key.startswith("@") and not all(isinstance(v, dict) for v in sweep[key]):
+            raise ConfigError(
+                f"{path}: sweep.{key}: an overlay axis takes mappings of dotted keys"
+            )
     for combo in itertools.product(*(sweep[k] for k in keys)):
         variant = copy.deepcopy(data)
-        label = "-".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in zip(keys, combo))
+        label = "-".join(
+            f"{k.split('.')[-1].lstrip('@')}={_short(v)}" for k, v in zip(keys, combo)
+        )
         for k, v in zip(keys, combo):
-            _set_dotted(variant, k, v)
+            if k.startswith("@"):
+                for dk, dv in v.items():
+                    if dk != "label":
+                        _set_dotted(variant, dk, copy.deepcopy(dv))
+            else:
+                _set_dotted(variant, k, v)
         variant["name"] = f"{data['name']}-{label}"
         variant["output_dir"] = str(Path(out_dir) / label)
         out.append(_check_paths(_validate(variant, f"{path} [{label}]"), path))
@@ -453,6 +515,8 @@ def load_config(path: str | Path, **overrides: Any) -> SearchConfig:
 
 
 def _short(v: Any) -> str:
+    if isinstance(v, dict):  # an overlay or a section: its label, method or name
+        return str(v.get("label") or v.get("method") or v.get("name") or "value")
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
