@@ -37,17 +37,22 @@ from benchmarks.common import RESULTS, report
 from benchmarks.zoo_setup import ZooBench
 
 NAME = "ablations"
+#: the swept "key" of the prune-before-merge sweep: its cells cross two overlay axes
+PRUNE_MERGE = "prune → method"
 ROOT = Path(__file__).resolve().parent.parent / "searchspaces" / "ablations"
 SWEEPS = {  # name -> (file, swept key)
     "subspaces": ("subspaces.yaml", "nps.subspaces"),
     "calibration-size": ("calibration-size.yaml", "evaluator.calibration_fraction"),
     "keep-ratio": ("keep-ratio.yaml", "nps.k"),
     "backend": ("backend.yaml", "search.backend"),
+    "prune-before-merge": ("prune-before-merge.yaml", PRUNE_MERGE),
 }
 SEED_KEY = "search.seed"
 
 
 def _get(cfg: Any, dotted: str) -> Any:
+    if dotted == PRUNE_MERGE:  # a method search's cell: "<pruning> → <method>"
+        return f"{cfg.prune.method if cfg.prune else 'none'} → {cfg.method}"
     node: Any = cfg.model_dump(mode="json")
     for part in dotted.split("."):
         node = node[part]
@@ -103,8 +108,16 @@ def variants(
     file, key = SWEEPS[sweep]
     path = ROOT / file
     sweep_spec = yaml.safe_load(path.read_text())["sweep"]
-    values = list(sweep_spec[key])
     seed_list = list(sweep_spec.get(SEED_KEY, [1]))
+    values = (
+        [
+            f"{p.get('label', 'none')} → {m['method']}"
+            for m in sweep_spec["@merge"]
+            for p in sweep_spec["@prune"]
+        ]
+        if key == PRUNE_MERGE
+        else list(sweep_spec[key])
+    )
     if bench.quick:  # quick defaults: 2 values, 1 seed (--values / --seeds override)
         n_values = 2 if n_values is None else n_values
         seeds = 1 if seeds is None else seeds
@@ -117,10 +130,11 @@ def variants(
         "output_dir": str(out / sweep),
         "evaluator.calibration_examples": bench.cal_n,
         "evaluator.test_examples": bench.test_n,
-        "report.baselines": ["nps-w1"],
         "report.save_model": False,
         "tracking.experiment": "npstune-benchmarks-ablations",
     }
+    if key != PRUNE_MERGE:  # method searches keep their file's [defaults]
+        o["report.baselines"] = ["nps-w1"]
     o.update(bench.search_budget(generations, population, quick_generations=1))
     cfgs = load_configs(path, **o)
     return [
@@ -185,8 +199,20 @@ def run(
                     echo=lambda m, name=cfg.name: print(f"  [{name}] {m}", flush=True),
                 )
                 rep = outcome.report
-                nps = rep.row("nps") if rep else None
-                mag = rep.row("nps-w1") if rep else None
+                # the searched row (the last of the method's name) and its start: NPS
+                # w = 1, or the method at its defaults after the pruning's start
+                nps = None
+                if rep and cfg.method == "nps":
+                    nps = rep.row("nps")
+                elif rep:  # a method search: its baseline may carry its name too
+                    nps = next(
+                        (r for r in reversed(rep.rows) if r.method == cfg.method), None
+                    )
+                mag = (
+                    rep.row("nps-w1" if cfg.method == "nps" else "defaults")
+                    if rep
+                    else None
+                )
                 r = {
                     "sweep": sweep,
                     "value": value,
@@ -274,6 +300,24 @@ def run(
         "config (--resume); seconds: search time, a shared search counted once",
     ]
     return rows, runs, notes
+
+
+def prune_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The prune-before-merge cells as one row per merge method, one column per
+    pruning: ``test (calibration)``, and the gain of NPS pruning over none."""
+    cells = [r for r in rows if r["sweep"] == "prune-before-merge"]
+    out: dict[str, dict[str, Any]] = {}
+    for r in cells:
+        prune, method = str(r["value"]).split(" → ")
+        row = out.setdefault(method, {"merge": method})
+        row[prune] = f"{r['test_mean']:.4f} ({r['calibration_mean']:.4f})"
+        row[f"_{prune}"] = r["test_mean"]
+    table = []
+    for row in out.values():
+        if "_none" in row and "_nps" in row:
+            row["nps_minus_none"] = round(row["_nps"] - row["_none"], 4)
+        table.append({k: v for k, v in row.items() if not k.startswith("_")})
+    return table
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -385,7 +429,28 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
         raise
-    metrics = {f"test_{r['sweep']}_{r['value']}": r["test_mean"] for r in rows}
+    metrics = {
+        "test_"
+        + "".join(c if c.isalnum() else "_" for c in f"{r['sweep']}_{r['value']}"): r[
+            "test_mean"
+        ]
+        for r in rows
+    }
+    sections: dict[str, list[dict[str, Any]]] = {
+        f"Ablations, {bench.size} zoo (mean ± std over seeds)": rows
+    }
+    pivot = prune_table(rows)
+    if pivot:
+        sections["Prune before merge (test mean accuracy; calibration in brackets)"] = (
+            pivot
+        )
+        notes.append(
+            "prune before merge: each cell is one method search on the calibration "
+            "split (the merge's own λ/α, and the pruning's k and NPS weights where it "
+            "has them, searched with one CMA-ES budget); magnitude_test of those rows "
+            "is the method at its defaults after the pruning's start (NPS: w = 1)"
+        )
+    sections["Runs"] = runs
     meta = {
         **bench.meta(),
         "sweeps": sweeps,
@@ -397,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     figure = plot(rows, out_dir / f"{name}_sweeps.png")
     report(
         name,
-        {f"Ablations, {bench.size} zoo (mean ± std over seeds)": rows, "Runs": runs},
+        sections,
         meta=meta,
         notes=notes,
         started=started,

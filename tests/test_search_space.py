@@ -179,6 +179,45 @@ def test_ablation_sweeps_cover_the_issue_grid():
     assert fr == {0.25, 0.5, 1.0}
     ks = {c.nps.k for c in load_configs(abl / "keep-ratio.yaml")}
     assert min(ks) == 0.01 and max(ks) == 0.3 and len(ks) >= 5
+    cells = {
+        (c.method, c.prune.method if c.prune else None)
+        for c in load_configs(abl / "prune-before-merge.yaml")
+    }
+    assert cells == {
+        (m, p)
+        for m in ("task-arithmetic", "ties", "tsv-m", "iso-cts")
+        for p in (None, "magnitude", "nps")
+    }
+
+
+def test_prune_table_pivots_the_cells():
+    from benchmarks.ablations import prune_table
+
+    cells = [
+        ("none", "tsv-m", 0.70, 0.71),
+        ("nps", "tsv-m", 0.72, 0.74),
+        ("magnitude", "tsv-m", 0.71, 0.72),
+        ("none", "ties", 0.69, 0.7),
+    ]
+    rows = [
+        {
+            "sweep": "prune-before-merge",
+            "value": f"{p} → {m}",
+            "test_mean": t,
+            "calibration_mean": c,
+        }
+        for (p, m, t, c) in cells
+    ] + [{"sweep": "keep-ratio", "value": 0.1, "test_mean": 0.1, "calibration_mean": 0}]
+    assert prune_table(rows) == [
+        {
+            "merge": "tsv-m",
+            "none": "0.7000 (0.7100)",
+            "nps": "0.7200 (0.7400)",
+            "magnitude": "0.7100 (0.7200)",
+            "nps_minus_none": 0.02,
+        },
+        {"merge": "ties", "none": "0.6900 (0.7000)"},
+    ]
 
 
 # ---------------------------------------------------------------------------- the
