@@ -9,8 +9,10 @@ sink.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +27,7 @@ from npstune.sparsify import (
     keep_count,
     partition,
     partitions,
+    reweight,
     select_streams,
     topk_mask,
 )
@@ -176,13 +179,20 @@ class NpsPruner(Pruner):
         if scope == "global":
             n = inputs.plan.n
             scores = inputs.joint_scores(ts)
-            parts = partitions(scores, n, subspaces, len(ts))
+            key = _plan_fingerprint(inputs, ts, subspaces)
+            parts = _PARTITIONS.get(key) if key else None
+            if parts is None:
+                parts = partitions(scores, n, subspaces, len(ts))
+                if key:
+                    _PARTITIONS[key] = parts
+                    while len(_PARTITIONS) > _PARTITIONS_KEPT:
+                        _PARTITIONS.popitem(last=False)
 
             def reweighted():
                 pcs = [part.cursor() for part in parts]
                 for step in scores():
                     yield tuple(
-                        w.to(s.device)[pc.ids(s).long()] * s
+                        reweight(s, pc.ids(s), w)
                         for w, pc, s in zip(ws, pcs, step)
                     )
 
@@ -217,15 +227,52 @@ class NpsPruner(Pruner):
             n = scores.numel()
             part = partition(lambda: [scores], n, self.subspaces)
             ids = part.cursor().ids(scores)
-            rew = self.weights.to(scores.device)[ids.long()] * scores
-            mask = topk_mask(rew, self.k)
+            mask = topk_mask(reweight(scores, ids, self.weights), self.k)
         else:
             pcur, tcur = self.cursors
             ids = pcur.ids(scores)
-            rew = self.weights.to(scores.device)[ids.long()] * scores
-            mask = tcur.mask(rew)
-        w, idx = self.weights.to(scores.device), ids.long()
-        return mask, lambda t: w.to(t.dtype)[idx] * t
+            mask = tcur.mask(reweight(scores, ids, self.weights))
+        return mask, lambda t: reweight(t, ids, self.weights)
+
+
+#: The rank partitions of the task vectors last pruned by NPS in this process: they
+#: depend on τ alone, never on w, so a search's candidates (and repeated merges of the
+#: same checkpoints) skip the partition's two passes. Keyed by every input file's path,
+#: size and modification time, the delta keys, M and the device.
+_PARTITIONS: OrderedDict[tuple[Any, ...], list[Partition]] = OrderedDict()
+_PARTITIONS_KEPT = 4
+
+
+def _plan_fingerprint(
+    inputs: MergeInputs, tasks: Sequence[int], subspaces: int
+) -> tuple[Any, ...] | None:
+    """What the partitions of ``tasks`` depend on, or None when it cannot be told
+    (a derived plan such as a pruned one, an in-memory checkpoint)."""
+    from npstune.taskvector import MergePlan
+
+    plan = inputs.plan
+    if type(plan) is not MergePlan:
+        return None
+    files = []
+    for ck in (plan.base, *(plan.models[t] for t in tasks)):
+        path = getattr(ck, "path", None)
+        if path is None:
+            return None
+        p = Path(path)
+        try:
+            found = (
+                [p] if p.is_file() else sorted(x for x in p.iterdir() if x.is_file())
+            )
+            files.append(
+                tuple(
+                    (str(f), st.st_size, st.st_mtime_ns)
+                    for f in found
+                    for st in [f.stat()]
+                )
+            )
+        except OSError:
+            return None
+    return (tuple(files), tuple(plan.delta_keys), subspaces, str(inputs.device))
 
 
 @dataclass

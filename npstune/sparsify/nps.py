@@ -55,21 +55,35 @@ class PartitionCursor:
         return self._cursors
 
     def ids(self, scores: torch.Tensor) -> torch.Tensor:
-        """Subspace index of every entry of ``scores`` (same shape, uint8).
+        """Subspace index of every entry of ``scores`` (same shape, int32).
 
-        s = #{j : entry not in the top ⌊j·n/M⌋}: one comparison per boundary (``<=``
-        once its tie quota is spent, ``<`` while it covers every equal score to come);
-        only a chunk where a quota runs out needs that boundary's position-ordered tie
+        s = #{j : entry not in the top ⌊j·n/M⌋}. A boundary whose tie quota is spent
+        counts ``score <= v``, one that covers every equal score to come ``score < v``:
+        both are ``score < u`` (u = v, or the next float32 above v), so one
+        ``bucketize`` over the sorted u's labels the chunk in a single pass; only a
+        boundary whose quota runs out inside this chunk needs its position-ordered tie
         scan.
         """
         flat = scores.reshape(-1)
-        s = torch.zeros(flat.shape, dtype=torch.uint8, device=flat.device)
+        strict: list[float] = []
+        scans = []
         for c in self._cursors:
-            v = c.threshold.value
             rule = c.rule
-            if rule != "scan":
-                s += flat <= v if rule == ">" else flat < v
-                continue
+            if rule == "scan":
+                scans.append(c)
+            else:
+                strict.append(
+                    c.threshold.value if rule == ">=" else _next_up(c.threshold.value)
+                )
+        if strict:
+            u = torch.tensor(sorted(strict), dtype=torch.float32, device=flat.device)
+            # #{u > x} = len(u) - #{u <= x}
+            s = torch.bucketize(flat, u, right=True, out_int32=True)
+            s = s.neg_().add_(len(strict))
+        else:
+            s = torch.zeros(flat.shape, dtype=torch.int32, device=flat.device)
+        for c in scans:
+            v = c.threshold.value
             s += flat < v
             eq = flat == v
             if bool(eq.any()):
@@ -140,5 +154,12 @@ def task_weight_rows(
 def reweight(
     tau: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """τ' = w[subspace] · τ, in τ's dtype."""
-    return weights.to(device=tau.device, dtype=tau.dtype)[ids.long()] * tau
+    """τ' = w[subspace] · τ, in τ's dtype (``ids``: int32 or int64 subspace labels)."""
+    w = weights.to(device=tau.device, dtype=tau.dtype)
+    return torch.index_select(w, 0, ids.reshape(-1)).reshape(tau.shape) * tau
+
+
+def _next_up(v: float) -> float:
+    """The next float32 above ``v`` (+inf stays +inf)."""
+    t = torch.tensor(v, dtype=torch.float32)
+    return float(torch.nextafter(t, torch.tensor(float("inf"))))
