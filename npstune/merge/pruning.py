@@ -192,8 +192,7 @@ class NpsPruner(Pruner):
                 pcs = [part.cursor() for part in parts]
                 for step in scores():
                     yield tuple(
-                        reweight(s, pc.ids(s), w)
-                        for w, pc, s in zip(ws, pcs, step)
+                        reweight(s, pc.ids(s), w) for w, pc, s in zip(ws, pcs, step)
                     )
 
             K = keep_count(k, n)
