@@ -51,7 +51,7 @@ def _method_rows() -> list[dict]:
                 "summary": spec.summary,
                 "paper": spec.paper,
                 "needs_data": spec.needs_data,
-                "prunable": not spec.needs_data,  # takes `--prune` (a task-vector merge)
+                "prunable": not spec.needs_data,  # takes --prune (merges τ)
                 "params": spec.params.model_json_schema(),
             }
         )
