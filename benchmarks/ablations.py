@@ -65,6 +65,8 @@ def fingerprint(cfg: Any) -> str:
     d = cfg.model_dump(mode="json")
     for k in ("name", "source", "output_dir"):
         d.pop(k, None)
+    if d.get("prune") is None:  # configs from before the prune: section hash alike
+        d.pop("prune", None)
     return hashlib.sha1(
         json.dumps(d, sort_keys=True, default=str).encode()
     ).hexdigest()[:16]
