@@ -2,7 +2,10 @@
 
 One row per method at k = 0.05: fine-tuned (T full models), Task Arithmetic and TIES
 (one merged model, λ chosen on calibration data), TALL+TIES (base, TIES vector, T masks;
-λ_t chosen per task), and the sparse-per-task methods (each task keeps θ_pre + τ̂_t):
+λ_t chosen per task), EMR (base, unified vector τ_uni, T masks and T rescalers; no
+parameters, each task's own model θ_pre + λ_t·M_t ⊙ τ_uni on its own test split; its
+bytes in the base dtypes are a note, as no EMR store is written), and the
+sparse-per-task methods (each task keeps θ_pre + τ̂_t):
 magnitude (= NPS with w = 1), DARE, and NPS with weights searched on calibration data.
 Sparse rows also give the bytes ``npstune compress`` writes (lossless values). A second
 table sweeps k for magnitude and DARE: accuracy against storage. Normalized accuracy is
@@ -76,6 +79,7 @@ def run(
 ) -> tuple[dict[str, list[dict[str, Any]]], list[str], list[Path]]:
     from npstune.compress import storage_bits
     from npstune.merge.calibrate import choose_lambda, tall_models
+    from npstune.merge.emr import emr_merge
 
     T, n = len(bench.tasks), bench.plan.n
     frozen = sum(bench.plan.numel[k] for k in bench.plan.copy_keys)
@@ -128,6 +132,23 @@ def run(
         {t: bench.test_task(tall[i].state, t) for i, t in enumerate(bench.tasks)},
         choice="λ_t=" + ",".join(str(c.value) for c in tall),
     )
+    del tall
+    emr = emr_merge(bench.plan)  # in memory: T models, keyed by plan.task_names
+    states, names = emr.meta["states"], bench.plan.task_names
+    add(
+        "emr",
+        "emr",
+        {t: bench.test_task(states[u], t) for t, u in zip(bench.tasks, names)},
+        choice="no params; λ_t="
+        + ",".join(f"{emr.meta['rescalers'][u]:.3g}" for u in names),
+    )
+    notes.append(
+        f"emr keeps τ_uni, {T} one-bit masks and {T} float32 rescalers beside θ_pre: "
+        f"{emr.meta['storage']['total_bytes']} bytes in the base dtypes "
+        "(npstune.merge.emr.storage); no EMR store is written, so its disk_bytes "
+        "is empty"
+    )
+    del emr, states
     for method, params in (
         ("magnitude", {"k": K}),
         ("dare", {"k": K, "seed": bench.seed}),

@@ -30,6 +30,22 @@ FULL_GRIDS: dict[str, Any] = {
     "tall": (0.2, 0.3, 0.4, 0.5, 0.6),
     "q_coarse": 5,
     "q_fine": 2,
+    # TSV-M / Iso-C / Iso-CTS α: 1 is the methods' default (fusion_bench's configs) and
+    # the Iso paper tunes α on validation data. TSV-M's Δ is sum-like (every task's top
+    # directions side by side), so its α may sit below 1 as TA's λ does (0.3 on the full
+    # zoo); Iso's Δ puts the mean singular value of Σ τ_t (all p of them, tiny ones
+    # included) on every direction, far below the top ones, so its α sits well above 1:
+    # on the small zoo's calibration split TSV-M peaks near 2, Iso-C near 4, Iso-CTS at
+    # 5-6, all falling by 10 (the methods' α bound). 0.1 apart up to 1, then coarser
+    "alpha": tuple(round(0.1 * i, 1) for i in range(1, 11))
+    + tuple(round(1.0 + 0.2 * i, 1) for i in range(1, 11))
+    + (3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0, 10.0),
+    # PCB: keep ratio ρ 0.05-0.2 and λ from 0.8 as its repo's NLP sweeps (τ_m is a
+    # weighted mean of the kept entries, so λ ≥ 1 restores a sum-like scale, as TIES's
+    # grid), λ on to 3.0 rather than the repo's 2.2: the small zoo's calibration split
+    # peaks at 2.2 (ρ 0.1)
+    "pcb_ratio": (0.05, 0.1, 0.2),
+    "pcb_lam": tuple(round(0.8 + 0.2 * i, 1) for i in range(12)),
 }
 QUICK_GRIDS: dict[str, Any] = {
     "ta": (0.3, 1.0),
@@ -38,6 +54,9 @@ QUICK_GRIDS: dict[str, Any] = {
     "tall": (0.2, 0.4),
     "q_coarse": 2,
     "q_fine": 1,
+    "alpha": (0.5, 1.0, 2.0, 4.0, 6.0),
+    "pcb_ratio": (0.1,),
+    "pcb_lam": (1.0, 1.6, 2.2),
 }
 
 
@@ -337,8 +356,8 @@ class ZooBench:
 
     def notes(self) -> list[str]:
         return [
-            "test split only for the reported numbers; every λ, q, λ_t and NPS weight "
-            "was chosen on the calibration split",
+            "test split only for the reported numbers; every λ, α, ρ, q, λ_t and NPS "
+            "weight was chosen on the calibration split",
             "normalized = accuracy / the task's own fine-tuned accuracy; n = "
             f"{self.plan.n} task-vector entries (embeddings frozen)",
         ]

@@ -67,7 +67,9 @@ def test_transfer_quick(small_zoo, no_mlflow, tmp_path):
 def test_fusion_quick_and_resume(small_zoo, no_mlflow, tmp_path):
     from benchmarks import fusion
 
-    fusion.main([*QUICK, "--out-dir", str(tmp_path), "--no-search"])
+    # WUDI's 400 default steps take minutes on 2 cores: 20 here (the row says so)
+    args = [*QUICK, "--out-dir", str(tmp_path), "--no-search", "--wudi-steps", "20"]
+    fusion.main(args)
     data = _load(tmp_path, "fusion")
     (rows,) = data["sections"].values()
     methods = [r["method"] for r in rows]
@@ -83,20 +85,45 @@ def test_fusion_quick_and_resume(small_zoo, no_mlflow, tmp_path):
         "fisher",
         "regmean",
         "tall-masks",
+        "tsv-m",
+        "iso-c",
+        "iso-cts",
+        "pcb",
+        "wudi",
+        "wudi (λ on cal)",
+        "emr",
     } <= set(methods)
+    assert len(methods) == len(set(methods))
     tasks = data["tasks"]
     for r in rows:
-        assert all(_unit(r[t]) for t in tasks)
+        assert all(_unit(r[t]) for t in tasks), r["method"]
         assert r["mean"] == pytest.approx(sum(r[t] for t in tasks) / len(tasks))
+        assert r["normalized"] > 0 and r["seconds"] >= 0
     assert rows[1]["normalized"] == pytest.approx(1.0)
     from benchmarks.zoo_setup import (
         QUICK_GRIDS,
     )  # magnitude's λ from its own (wider) grid
 
-    lam = float(
-        next(r for r in rows if r["method"] == "magnitude")["choice"].split()[0][2:]
-    )
-    assert lam in QUICK_GRIDS["magnitude"]
+    by = {r["method"]: r for r in rows}
+
+    def chosen(method: str) -> list[str]:  # "λ=1.0 k=0.05" -> ["1.0", "0.05"]
+        words = by[method]["choice"].split()
+        return [w.split("=", 1)[1] for w in words if "=" in w][:2]
+
+    assert float(chosen("magnitude")[0]) in QUICK_GRIDS["magnitude"]
+    for m in ("tsv-m", "iso-c", "iso-cts"):  # α from the α grid, on calibration
+        assert by[m]["choice"].startswith("α=")
+        assert float(chosen(m)[0]) in QUICK_GRIDS["alpha"]
+    assert by["iso-cts"]["choice"].endswith(" common_fraction=0.8")
+    lam, ratio = map(float, chosen("pcb"))  # "λ=… ratio=…"
+    assert lam in QUICK_GRIDS["pcb_lam"] and ratio in QUICK_GRIDS["pcb_ratio"]
+    assert by["wudi"]["choice"] == "steps=20 lr=1e-05"  # no scale: nothing chosen
+    assert by["wudi (λ on cal)"]["choice"].endswith(" on Δ(steps=20 lr=1e-05)")
+    assert float(chosen("wudi (λ on cal)")[0]) in QUICK_GRIDS["ta"]
+    # EMR: no parameter; one rescaler per task, each task on its own model
+    assert by["emr"]["choice"].startswith("no params; λ_t=")
+    lams = by["emr"]["choice"].split("λ_t=")[1].split(",")
+    assert len(lams) == len(tasks) and all(float(v) > 0 for v in lams)
     # NPS rows of earlier searches (the default one and a named variant), as --resume
     # finds them
     path = tmp_path / "fusion.json"
@@ -109,10 +136,19 @@ def test_fusion_quick_and_resume(small_zoo, no_mlflow, tmp_path):
     data["sections"][key] = rows = rows + nps
     path.write_text(json.dumps(data))
     # --resume with the same setup reuses every row, NPS rows too even with --no-search
-    fusion.main([*QUICK, "--out-dir", str(tmp_path), "--no-search", "--resume"])
+    fusion.main([*args, "--resume"])
     again = _load(tmp_path, "fusion")
     assert list(again["sections"].values())[0] == rows
     assert again["calibration_evaluations"] == 0
+    # other WUDI steps: only the two WUDI rows are made again (in their places)
+    fusion.main([*args[:-1], "10", "--resume"])
+    third = list(_load(tmp_path, "fusion")["sections"].values())[0]
+    assert [r["method"] for r in third] == [r["method"] for r in rows]
+    for old, new in zip(rows, third):
+        if old["method"].startswith("wudi"):
+            assert "steps=10 lr=1e-05" in new["choice"]
+        else:
+            assert new == old
 
 
 # ---- compression ---------------------------------------------------------------------
@@ -125,10 +161,24 @@ def test_compression_quick(small_zoo, no_mlflow, tmp_path):
     main, curve = data["sections"].values()
     methods = [r["method"] for r in main]
     assert methods[0] == "fine-tuned" and methods[-1] == "nps (searched)"
-    assert {"task-arithmetic", "ties", "tall+ties", "magnitude", "dare"} <= set(methods)
+    assert {"task-arithmetic", "ties", "tall+ties", "emr", "magnitude", "dare"} <= set(
+        methods
+    )
     by = {r["method"]: r for r in main}
     assert by["fine-tuned"]["normalized"] == pytest.approx(1.0)
     assert by["fine-tuned"]["paper_bits_vs_ft"] == pytest.approx(1.0)
+    # EMR: base + τ_uni + T one-bit masks + T 32-bit rescalers (the accounting's one
+    # formula), its own model per task; no store on disk
+    from npstune.compress import storage_bits
+
+    n, T = data["n"], len(data["tasks"])
+    emr = by["emr"]
+    assert emr["paper_bits"] == storage_bits("emr", T, n).paper_bits
+    assert emr["paper_bits"] == by["tall+ties"]["paper_bits"] + 32 * T
+    assert emr["disk_bytes"] is None and emr["k"] is None
+    assert emr["choice"].startswith("no params; λ_t=") and _unit(emr["mean_acc"])
+    assert 0 < emr["normalized"] and emr["paper_bits_vs_ft"] < 1.0
+    assert any(note.startswith("emr keeps τ_uni") for note in data["notes"])
     for m in (
         "magnitude",
         "dare",

@@ -429,6 +429,10 @@ def test_storage_bits_match_the_paper_formulas_hand_computed():
         storage_bits("nps", 3, 1000, 0.05).paper_bits == 39_800
     )  # 32000 + 3·(1600+1000)
     assert storage_bits("dare", 3, 1000, 0.05).paper_bits == 39_800
+    # EMR: base, τ_uni, 3 one-bit masks, 3 rescalers = 64·1000 + 3·1000 + 32·3
+    assert storage_bits("emr", 3, 1000).paper_bits == 67_096
+    for one_model in ("tsv-m", "iso-c", "iso-cts", "wudi", "pcb"):
+        assert storage_bits(one_model, 3, 1000).paper_bits == 32_000
     # frozen parameters are base-only, counted once, 32 bits each
     s = storage_bits("nps", 3, 1000, 0.05, frozen=10, disk_bytes=4000)
     assert (s.frozen_bits, s.total_bits) == (320, 40_120)

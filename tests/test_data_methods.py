@@ -11,6 +11,8 @@ from npstune.merge import merge
 from npstune.merge.calibrate import (
     choose_darex_q,
     choose_lambda,
+    choose_scale,
+    delta_of,
     direction,
     scaled,
     tall_models,
@@ -113,6 +115,49 @@ def test_choose_lambda_finds_the_grid_point_closest_to_the_target(tmp_path):
         plan, "ties", _score_against(scaled(plan, direction(plan, "ties"), 1.3))
     )
     assert ties.value == 1.3 and [lam for lam, _ in ties.tried][0] == 0.8
+
+
+@pytest.mark.parametrize(
+    "method,params,scale",
+    [
+        ("tsv-m", {}, "alpha"),
+        ("iso-c", {}, "alpha"),
+        ("iso-cts", {"common_fraction": 0.8}, "alpha"),
+        ("pcb", {"ratio": 0.3}, "lam"),
+    ],
+)
+def test_rescaling_the_scale_one_direction_is_the_merge_at_that_scale(
+    tmp_path, method, params, scale
+):
+    """What the fusion table's α / λ grids rely on: a scalar α (TSV-M, Iso-C/CTS) or λ
+    (PCB) multiplies the whole Δ, averaged keys included, so one merge at 1 rescaled
+    is the merge at any α (to the base dtype's rounding)."""
+    bp, mps, base, fts = make_set(tmp_path)
+    plan = plan_merge(bp, mps)
+    d = direction(plan, method, params, scale)
+    for a in (0.4, 2.5):
+        want = merge(bp, mps, method, {**params, scale: a}).state
+        got = scaled(plan, d, a)
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+    target = _score_against(scaled(plan, d, 0.6))
+    ch = choose_lambda(plan, method, target, params, (0.3, 0.6, 1.0), scale=scale)
+    assert ch.value == 0.6 and [a for a, _ in ch.tried] == [0.3, 0.6, 1.0]
+
+
+def test_choose_scale_on_a_merged_state_without_a_scale(tmp_path):
+    """WUDI has no scale: its merged state's Δ (delta_of) is rescaled from outside,
+    and λ = 1 gives that state back bit for bit."""
+    bp, mps, base, fts = make_set(tmp_path)
+    plan = plan_merge(bp, mps)
+    st = merge(bp, mps, "wudi", {"steps": 5}).state
+    d = delta_of(plan, st)
+    assert all(torch.equal(v, scaled(plan, d, 1.0)[k]) for k, v in st.items())
+    ch = choose_scale(plan, d, _score_against(scaled(plan, d, 0.5)), (0.5, 1.0))
+    assert ch.value == 0.5
+    with pytest.raises(ConfigError):  # no α to set on WUDI: refused, not ignored
+        direction(plan, "wudi", {"steps": 5}, "alpha")
 
 
 def test_darex_q_search_stays_in_range_and_refines(tmp_path):

@@ -17,7 +17,7 @@ from npstune.merge.pcb import clamp_indices
 from npstune.merge.wudi import wudi_solve
 from npstune.taskvector import plan_merge
 from tests import oracle
-from tests.tiny import make_set
+from tests.tiny import finetune, make_set, tiny_state
 
 F64 = torch.float64
 FLOAT_KEYS = ["encoder.0.bias", "encoder.0.weight", "encoder.1.weight", "norm.weight"]
@@ -275,6 +275,8 @@ def test_emr_models_are_base_plus_rescaled_masked_unified(tmp_path):
         assert res.meta["kept"][t] == int(masks[t].sum())
     s = res.meta["storage"]
     assert s["total_bytes"] == 57 * 4 + 3 * math.ceil(57 / 8) + 3 * 4
+    # the paper's bits (compress.accounting): θ_pre and τ_uni at 32, masks at 1 bit
+    assert s["paper_bits"] == 64 * 57 + 3 * 57 + 32 * 3
     with pytest.raises(ConfigError, match="one model per task"):
         get_method("emr").kernel(None, None)
 
@@ -389,6 +391,45 @@ def test_pcb_excluded_keys_keep_the_base(tmp_path):
     res = merge(bp, mps, "pcb", p)
     assert torch.equal(res.state["encoder.0.weight"], base["encoder.0.weight"])
     assert not torch.equal(res.state["encoder.1.weight"], base["encoder.1.weight"])
+
+
+def test_emr_in_memory_keeps_every_task_when_file_names_repeat(tmp_path):
+    """A zoo's models are all ``tasks/<task>/model``: the in-memory outputs are keyed by
+    the plan's unique task names (model, model#2, …), one per task, not one per file
+    name (which kept only the last task's model)."""
+    base = tiny_state(0)
+    paths = []
+    for t in range(3):
+        d = tmp_path / f"t{t}"
+        d.mkdir()
+        paths.append(write_state_dict(d / "model.safetensors", finetune(base, t)))
+    bp = write_state_dict(tmp_path / "base.safetensors", base)
+    res = merge(bp, paths, "emr")
+    names = ["model", "model#2", "model#3"]
+    assert res.meta["tasks"] == names
+    for part in ("states", "masks", "rescalers"):
+        assert list(res.meta[part]) == names, part
+    # each task's model is the one EMR makes for that task alone among the same set
+    ref = merge(
+        bp,
+        [
+            write_state_dict(tmp_path / f"m{t}.safetensors", finetune(base, t))
+            for t in range(3)
+        ],
+        "emr",
+    ).meta
+    for name, ref_name in zip(names, ["m0", "m1", "m2"]):
+        assert res.meta["rescalers"][name] == ref["rescalers"][ref_name]
+        st, want = res.meta["states"][name], ref["states"][ref_name]
+        assert all(torch.equal(st[k], want[k]) for k in want)
+        assert all(
+            torch.equal(res.meta["masks"][name][k], ref["masks"][ref_name][k])
+            for k in ref["masks"][ref_name]
+        )
+    assert (
+        len({float(v["encoder.0.weight"].sum()) for v in res.meta["states"].values()})
+        == 3
+    )
 
 
 # ------------------------------------------------------------------ invariants

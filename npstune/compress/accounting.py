@@ -5,6 +5,7 @@ The paper's formulas, for ``T`` tasks and ``N`` merged parameters per model at 3
 - fine-tuned models (one per task):               ``32·T·N``
 - one merged model (TA, TIES, averaging, ...):     ``32·N``
 - TALL masks + TIES (base, τ_MTL, T bitmasks):     ``64·N + T·N``
+- EMR (base, τ_uni, T bitmasks, T rescalers):     ``64·N + T·N + 32·T``
 - sparse per task (NPS, magnitude, DARE):          ``32·N + T·(32·k·N + N)``
 
 ``k·N`` is the kept count ``⌈k·N⌉`` of DESIGN §2 (equal to ``k·N`` whenever that is an
@@ -41,6 +42,12 @@ FAMILIES: dict[str, str] = {
     "tall-ties": "tall",
     "tall": "tall",
     "tall-masks": "tall",
+    "tsv-m": "merged",
+    "iso-c": "merged",
+    "iso-cts": "merged",
+    "wudi": "merged",
+    "pcb": "merged",
+    "emr": "emr",
     "nps": "sparse",
     "magnitude": "sparse",
     "dare": "sparse",
@@ -135,6 +142,8 @@ def storage_bits(
         bits = 32 * n
     elif family == "tall":
         bits = 64 * n + tasks * n
+    elif family == "emr":
+        bits = 64 * n + tasks * n + 32 * tasks
     else:
         if k is None:
             raise ConfigError(f"storage accounting: {method} needs the keep ratio k")

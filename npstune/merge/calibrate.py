@@ -2,6 +2,9 @@
 
 Every merge here is θ_pre + λ·D with D independent of λ (and DAREx's rescaling is linear
 in 1/q), so each grid merges once and rescales D per grid point instead of re-merging.
+The scale is the parameter ``scale`` names: ``lam`` (TA, TIES, DARE, PCB, ...) or
+``alpha`` (TSV-M, Iso-C, Iso-CTS, whose scalar α multiplies the whole Δ); ``None`` for a
+method without one (WUDI), whose Δ is then scaled from the outside.
 ``score(state) -> float`` is the calibration metric (e.g. mean calibration accuracy over
 tasks); ``score_task(state, t)`` scores one task. Grids are the DESIGN §2 defaults.
 """
@@ -36,14 +39,23 @@ class Choice:
 
 
 def direction(
-    plan: MergePlan, method: str, params: Mapping[str, Any] | None = None
+    plan: MergePlan,
+    method: str,
+    params: Mapping[str, Any] | None = None,
+    scale: str | None = "lam",
 ) -> State:
-    """D = merge(λ = 1) − θ_pre on the delta keys, in float64 (one merge)."""
+    """D = merge(``scale`` = 1) − θ_pre on the delta keys, in float64 (one merge)."""
     p = dict(params or {})
-    p["lam"] = 1.0
+    if scale is not None:
+        p[scale] = 1.0
     merged = run_merge(plan, get_method(method), p).state
     assert merged is not None
-    return {k: merged[k].double() - plan.base[k].double() for k in plan.delta_keys}
+    return delta_of(plan, merged)
+
+
+def delta_of(plan: MergePlan, state: Mapping[str, torch.Tensor]) -> State:
+    """``state`` − θ_pre on the delta keys, in float64."""
+    return {k: state[k].double() - plan.base[k].double() for k in plan.delta_keys}
 
 
 def scaled(plan: MergePlan, delta: Mapping[str, torch.Tensor], lam: float) -> State:
@@ -61,10 +73,22 @@ def choose_lambda(
     score: Callable[[State], float],
     params: Mapping[str, Any] | None = None,
     grid: Sequence[float] | None = None,
+    scale: str = "lam",
 ) -> Choice:
-    """Best λ on calibration data for ``method`` (TA grid 0.1..1.5, TIES 0.8..2.5)."""
+    """Best λ (the parameter ``scale``) on calibration data for ``method`` (default
+    grids: TA 0.1..1.5, TIES 0.8..2.5); one merge at ``scale`` = 1."""
     grid = grid or (TIES_GRID if "ties" in method else TA_GRID)
-    d = direction(plan, method, params)
+    return choose_scale(plan, direction(plan, method, params, scale), score, grid)
+
+
+def choose_scale(
+    plan: MergePlan,
+    d: Mapping[str, torch.Tensor],
+    score: Callable[[State], float],
+    grid: Sequence[float],
+) -> Choice:
+    """Best λ of θ_pre + λ·D on calibration data over ``grid`` (D from
+    :func:`direction` or :func:`delta_of`)."""
     best: Choice | None = None
     tried = []
     for lam in grid:

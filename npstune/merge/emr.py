@@ -67,7 +67,12 @@ def rescalers(plan: MergePlan, device: str | torch.device = "cpu") -> list[float
 
 
 def storage(plan: MergePlan) -> dict[str, float]:
-    """Bytes EMR keeps: τ_uni (base dtypes), T bit-packed masks, T float32 rescalers."""
+    """Bytes EMR keeps beside θ_pre: τ_uni (base dtypes), T bit-packed masks, T float32
+    rescalers. The paper's 32-bit accounting of the same parts (θ_pre included) is
+    ``storage_bits("emr", …)`` in :mod:`npstune.compress.accounting`; ``paper_bits``
+    here is that number."""
+    from npstune.compress.accounting import storage_bits
+
     tasks, masks = len(plan.models), len(plan.models) * math.ceil(plan.n / 8)
     uni = sum(
         plan.numel[k] * torch.finfo(plan.base.dtype(k)).bits // 8
@@ -80,6 +85,7 @@ def storage(plan: MergePlan) -> dict[str, float]:
         "rescaler_bytes": 4 * tasks,
         "total_bytes": total,
         "vs_task_vectors": total / max(1, tasks * uni),
+        "paper_bits": storage_bits("emr", tasks, plan.n).paper_bits,
     }
 
 
@@ -148,7 +154,10 @@ def emr_merge(
     t0 = time.perf_counter()
     lams = rescalers(plan, device)
     t_prepare = time.perf_counter() - t0
-    names, specs = [m.name for m in plan.models], plan.specs
+    # the unique task names (``model``, ``model#2`` … where file names repeat, as every
+    # zoo's ``tasks/<task>/model`` does): the in-memory states, masks and rescalers are
+    # keyed by them; files (``out``) refuse repeated names
+    names, specs = plan.task_names, plan.specs
     meta_out = {"npstune_method": "emr", "npstune_params": "{}", **(metadata or {})}
     delta_keys = set(plan.delta_keys)
     paths = None if out is None else task_paths(plan, out)
@@ -202,7 +211,7 @@ def emr_merge(
     if paths is None:
         meta["states"] = {n: w.state for n, w in zip(names, writers)}
         assert collector is not None
-        meta["masks"] = {n: collector.masks[u] for n, u in zip(names, plan.task_names)}
+        meta["masks"] = {n: collector.masks[n] for n in names}
         meta["unified"] = unified.state
     return MergeResult(
         None, None if out is None else Path(out), meta, counts.summary(plan.task_names)
