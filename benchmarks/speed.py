@@ -34,6 +34,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -189,6 +190,32 @@ def _child_rss_mib(pid: int) -> float | None:
         return None
 
 
+#: a tqdm progress bar's count: "... | 31/264 [01:23<..."
+_PROGRESS = re.compile(r"\|\s*(\d+)/(\d+) \[")
+
+
+def _progress(err: str) -> str | None:
+    """``done/total`` of the last progress-bar update in ``err`` (None: no bar)."""
+    found = _PROGRESS.findall(err)
+    return f"{found[-1][0]}/{found[-1][1]}" if found else None
+
+
+def _last_message(err: str) -> str:
+    """The last line of ``err`` that is not a progress-bar update."""
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", err)]
+    lines = [ln for ln in lines if ln and not _PROGRESS.search(ln)]
+    return (lines or ["?"])[-1][:200]
+
+
+def _this_checkout() -> dict[str, str]:
+    """PYTHONPATH that makes a child import this checkout's npstune (the console script
+    otherwise imports whatever tree an editable install of the environment points at,
+    which may be another worktree)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    rest = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": root + (os.pathsep + rest if rest else "")}
+
+
 def _run_measured(
     cmd: list[str],
     env: dict[str, str] | None = None,
@@ -200,34 +227,50 @@ def _run_measured(
 
     ``timeout`` (seconds): a child still running then is killed and the result has
     ``timed_out`` True, rc 124 and the peak RSS it reached. Every ``heartbeat`` seconds
-    a line with the elapsed time and the child's current RSS is printed (``label``).
-    ``others_cores``: the cores that other processes kept busy on average meanwhile
-    (the machine's busy CPU time less the child's, over the wall time)."""
+    a line with the elapsed time, the child's current RSS and, when the child draws a
+    tqdm bar on stderr, its count is printed (``label``); ``progress`` is the bar's last
+    count (how far a timed-out run got). ``others_cores``: the cores that other
+    processes kept busy on average meanwhile (the machine's busy CPU time less the
+    child's, over the wall time)."""
     busy0 = _busy_cpu_s()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _WRAPPER, str(float(timeout or 0)), *cmd],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,  # the backstop below kills the wrapper and its child
-    )
-    t0 = time.perf_counter()
-    killed = False
-    while True:
-        try:
-            stdout, stderr = proc.communicate(timeout=heartbeat)
-            break
-        except subprocess.TimeoutExpired:
-            elapsed = time.perf_counter() - t0
-            if timeout and elapsed > timeout + 120:  # the wrapper did not end its child
-                os.killpg(proc.pid, signal.SIGKILL)
-                stdout, stderr = proc.communicate()
-                killed = True
+    with tempfile.TemporaryFile() as errf:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRAPPER, str(float(timeout or 0)), *cmd],
+            stdout=subprocess.PIPE,
+            stderr=errf,  # a file: read while the child runs without a pipe to drain
+            text=True,
+            env={**os.environ, **_this_checkout(), **(env or {})},
+            start_new_session=True,  # the backstop below kills the wrapper and child
+        )
+
+        def err_tail(size: int = 1 << 14) -> str:
+            # pread: the child shares this file's offset, which must not move
+            end = os.fstat(errf.fileno()).st_size
+            tail = os.pread(errf.fileno(), size, max(0, end - size))
+            return tail.decode(errors="replace")
+
+        t0 = time.perf_counter()
+        killed = False
+        while True:
+            try:
+                stdout, _ = proc.communicate(timeout=heartbeat)
                 break
-            rss = _child_rss_mib(proc.pid)
-            mem = "" if rss is None else f", RSS {rss:.0f} MiB"
-            print(f"  {label or cmd[0]}: running, {elapsed:.0f} s{mem}", flush=True)
+            except subprocess.TimeoutExpired:
+                elapsed = time.perf_counter() - t0
+                if timeout and elapsed > timeout + 120:  # the wrapper did not end it
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    stdout, _ = proc.communicate()
+                    killed = True
+                    break
+                rss = _child_rss_mib(proc.pid)
+                mem = "" if rss is None else f", RSS {rss:.0f} MiB"
+                done = _progress(err_tail())
+                bar = "" if done is None else f", {done} tensors"
+                print(
+                    f"  {label or cmd[0]}: running, {elapsed:.0f} s{mem}{bar}",
+                    flush=True,
+                )
+        err = err_tail()
     last = stdout.strip().splitlines()[-1] if stdout.strip() else "{}"
     try:
         info = json.loads(last)
@@ -237,8 +280,10 @@ def _run_measured(
     wall, cpu = info.get("wall_s"), info.get("cpu_s")
     if busy0 is not None and busy1 is not None and wall and cpu is not None:
         info["others_cores"] = max(0.0, (busy1 - busy0 - cpu) / wall)
+    if _progress(err) is not None:
+        info["progress"] = _progress(err)
     if info.get("rc") and not info.get("timed_out"):
-        info["error"] = (stderr.strip().splitlines() or ["?"])[-1][:200]
+        info["error"] = _last_message(err)
     return info
 
 
@@ -391,9 +436,11 @@ def _peer_row(tool: str, info: dict[str, Any], timeout: float | None) -> dict[st
     )
     if info.get("timed_out"):
         row["wall_s"] = None
+        got = info.get("progress")
         row["note"] = (
-            f"timed out: killed after {timeout:.0f} s (--peer-timeout); rss_mib is "
-            "its peak until then"
+            f"timed out: killed after {timeout:.0f} s (--peer-timeout)"
+            + (f" with {got} tensors done" if got else "")
+            + "; rss_mib is its peak until then"
         )
     elif info.get("rc"):
         row["note"] = f"failed: {info.get('error', '?')}"
@@ -489,10 +536,9 @@ def peer(
                 str(paths["ft_b"]),
                 "--out",
                 str(out),
-                "--quiet",
                 "--device",
                 device,
-            ],
+            ],  # no --quiet: the progress bar (on stderr) tells how far a run got
             timeout=timeout,
             label=method,
         )

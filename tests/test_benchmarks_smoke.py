@@ -359,7 +359,7 @@ def test_speed_candidates_and_peer_tiny(no_mlflow, tmp_path):
         speed.main(["--parts", "peer", "--peer-methods", "ties,nope", *args])
 
 
-def test_speed_run_measured_timeout():
+def test_speed_run_measured_timeout(monkeypatch, tmp_path):
     """A child past the timeout is killed: rc 124, no ratios, a note; the others keep
     theirs."""
     import sys
@@ -370,6 +370,14 @@ def test_speed_run_measured_timeout():
         [sys.executable, "-c", "import time; time.sleep(60)"], timeout=0.5
     )
     assert info["timed_out"] is True and info["rc"] == 124 and info["rss_mib"] > 0
+    # a child imports this checkout's npstune, whatever the editable install points at
+    monkeypatch.chdir(tmp_path)  # not the checkout: no import from the working dir
+    root = str(Path(speed.__file__).resolve().parent.parent)
+    check = (
+        "import importlib.util as u, sys; "
+        f"sys.exit(0 if u.find_spec('npstune').origin.startswith({root!r}) else 3)"
+    )
+    assert speed._run_measured([sys.executable, "-c", check])["rc"] == 0
     rows = [
         speed._peer_row("floor", {"rc": 0, "wall_s": 2.0, "rss_mib": 100.0}, 9),
         speed._peer_row("npstune ties", {"rc": 0, "wall_s": 4.0, "rss_mib": 50.0}, 9),
@@ -380,3 +388,11 @@ def test_speed_run_measured_timeout():
     assert rows[1]["time_vs_ties"] == 1
     assert rows[2]["wall_s"] is None and rows[2]["time_vs_ties"] is None
     assert rows[2]["note"].startswith("timed out")
+    # how far a run got and why it failed, from a stderr with a tqdm bar
+    err = (
+        "merge x:  10%|#  | 3/30 [00:02<00:18]\rmerge x:  13%|#  | 4/30 [00:03<00:17]\r"
+    )
+    assert speed._progress(err) == "4/30" and speed._progress("no bar") is None
+    assert (
+        speed._last_message("Traceback\nValueError: bad\n" + err) == "ValueError: bad"
+    )
