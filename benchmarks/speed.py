@@ -9,11 +9,17 @@ GB of disk):
   sort-per-candidate NPS build (reweight, stable sort, scatter); (c) our build
   (:class:`~npstune.sparsify.ranked.RankedTaskVector`: O(M log n) threshold + scatter).
   Reports b/c and c/a.
-- ``peer``: a Llama-shaped fp32 checkpoint (~440M parameters, 500 MB shards, random init
-  written tensor by tensor) + two noisy fine-tuned copies; ``npstune merge --method
-  ties`` (global) and ``task-arithmetic`` against a floor that reads the three models
-  and writes one with safetensors, tensor by tensor; mergekit when installed. Wall time
-  and peak RSS of each child process.
+- ``peer``: a Llama-shaped fp32 checkpoint (~438M parameters, 500 MB shards, random init
+  written tensor by tensor) + two noisy fine-tuned copies; ``npstune merge --method M``
+  (each method's defaults) for every M of :data:`PEER_METHODS` (``task-arithmetic``,
+  ``ties`` (global) and the newer ``tsv-m``, ``iso-c``, ``iso-cts``, ``wudi``, ``emr``,
+  ``pcb``; ``--peer-methods`` picks a subset) against a floor that reads the three
+  models and writes one with safetensors, tensor by tensor; mergekit when installed.
+  Wall time, peak RSS and CPU time of each child process, against the floor and
+  against TIES of the same run, and how many cores other processes kept busy
+  meanwhile. A run past ``--peer-timeout`` seconds (default 1800) is killed and its
+  row marked timed out (rc 124); every output (EMR's one checkpoint per task too) is
+  deleted after its run.
 - ``scale``: a sharded bf16 checkpoint set of up to 7·10⁹ entries per model (base + 2
   fine-tuned; the largest size the disk holds, at least 2·10⁹), then ``npstune merge
   --method ties``, ``--method nps`` and ``npstune compress``; wall time and peak RSS.
@@ -28,7 +34,9 @@ import argparse
 import gc
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -136,28 +144,146 @@ def candidates(sizes: list[int], device: str = "cpu") -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------- subprocess runs
-def _run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``cmd`` as a child, return wall time and its peak RSS (from the OS)."""
-    wrapper = (
-        "import resource, subprocess, sys, json, time;"
-        "t=time.perf_counter(); rc=subprocess.call(sys.argv[1:]);"
-        "w=time.perf_counter()-t;"
-        "print(json.dumps({'rc': rc, 'wall_s': w, 'rss_mib': "
-        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024}))"
-    )
-    res = subprocess.run(
-        [sys.executable, "-c", wrapper, *cmd],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "{}"
+#: runs argv[2:] as its child, waits at most argv[1] seconds (0: no limit; a child past
+#: it is killed and reaped, so its peak RSS until then still counts) and prints one JSON
+#: line: rc (124 when killed), wall_s, rss_mib, cpu_s (the child's user + system time),
+#: timed_out
+_WRAPPER = """
+import json, resource, subprocess, sys, time
+limit = float(sys.argv[1]) or None
+t = time.perf_counter()
+try:
+    rc, timed_out = subprocess.call(sys.argv[2:], timeout=limit), False
+except subprocess.TimeoutExpired:
+    rc, timed_out = 124, True
+w = time.perf_counter() - t
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"rc": rc, "wall_s": w, "rss_mib": ru.ru_maxrss / 1024,
+                  "cpu_s": ru.ru_utime + ru.ru_stime, "timed_out": timed_out}))
+"""
+
+
+def _busy_cpu_s() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (Linux /proc/stat:
+    user, nice, system, irq, softirq, steal), None where there is no /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (
+            int(x) for x in fields[:8]
+        )
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+
+
+def _child_rss_mib(pid: int) -> float | None:
+    """Current RSS of the children of process ``pid`` (Linux /proc; None elsewhere)."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        kb = 0
+        for kid in kids:
+            for line in Path(f"/proc/{kid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    kb += int(line.split()[1])
+        return kb / 1024
+    except (OSError, ValueError):
+        return None
+
+
+#: a tqdm progress bar's count: "... | 31/264 [01:23<..."
+_PROGRESS = re.compile(r"\|\s*(\d+)/(\d+) \[")
+
+
+def _progress(err: str) -> str | None:
+    """``done/total`` of the last progress-bar update in ``err`` (None: no bar)."""
+    found = _PROGRESS.findall(err)
+    return f"{found[-1][0]}/{found[-1][1]}" if found else None
+
+
+def _last_message(err: str) -> str:
+    """The last line of ``err`` that is not a progress-bar update."""
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", err)]
+    lines = [ln for ln in lines if ln and not _PROGRESS.search(ln)]
+    return (lines or ["?"])[-1][:200]
+
+
+def _this_checkout() -> dict[str, str]:
+    """PYTHONPATH that makes a child import this checkout's npstune (the console script
+    otherwise imports whatever tree an editable install of the environment points at,
+    which may be another worktree)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    rest = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": root + (os.pathsep + rest if rest else "")}
+
+
+def _run_measured(
+    cmd: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+    label: str = "",
+    heartbeat: float = 60.0,
+) -> dict[str, Any]:
+    """Run ``cmd`` as a child, return wall time and its peak RSS (from the OS).
+
+    ``timeout`` (seconds): a child still running then is killed and the result has
+    ``timed_out`` True, rc 124 and the peak RSS it reached. Every ``heartbeat`` seconds
+    a line with the elapsed time, the child's current RSS and, when the child draws a
+    tqdm bar on stderr, its count is printed (``label``); ``progress`` is the bar's last
+    count (how far a timed-out run got). ``others_cores``: the cores that other
+    processes kept busy on average meanwhile (the machine's busy CPU time less the
+    child's, over the wall time)."""
+    busy0 = _busy_cpu_s()
+    with tempfile.TemporaryFile() as errf:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRAPPER, str(float(timeout or 0)), *cmd],
+            stdout=subprocess.PIPE,
+            stderr=errf,  # a file: read while the child runs without a pipe to drain
+            text=True,
+            env={**os.environ, **_this_checkout(), **(env or {})},
+            start_new_session=True,  # the backstop below kills the wrapper and child
+        )
+
+        def err_tail(size: int = 1 << 14) -> str:
+            # pread: the child shares this file's offset, which must not move
+            end = os.fstat(errf.fileno()).st_size
+            tail = os.pread(errf.fileno(), size, max(0, end - size))
+            return tail.decode(errors="replace")
+
+        t0 = time.perf_counter()
+        killed = False
+        while True:
+            try:
+                stdout, _ = proc.communicate(timeout=heartbeat)
+                break
+            except subprocess.TimeoutExpired:
+                elapsed = time.perf_counter() - t0
+                if timeout and elapsed > timeout + 120:  # the wrapper did not end it
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    stdout, _ = proc.communicate()
+                    killed = True
+                    break
+                rss = _child_rss_mib(proc.pid)
+                mem = "" if rss is None else f", RSS {rss:.0f} MiB"
+                done = _progress(err_tail())
+                bar = "" if done is None else f", {done} tensors"
+                print(
+                    f"  {label or cmd[0]}: running, {elapsed:.0f} s{mem}{bar}",
+                    flush=True,
+                )
+        err = err_tail()
+    last = stdout.strip().splitlines()[-1] if stdout.strip() else "{}"
     try:
         info = json.loads(last)
     except json.JSONDecodeError:
-        info = {"rc": res.returncode}
-    if info.get("rc"):
-        info["error"] = (res.stderr.strip().splitlines() or ["?"])[-1][:200]
+        info = {"rc": 124, "timed_out": True} if killed else {"rc": proc.returncode}
+    busy1 = _busy_cpu_s()
+    wall, cpu = info.get("wall_s"), info.get("cpu_s")
+    if busy0 is not None and busy1 is not None and wall and cpu is not None:
+        info["others_cores"] = max(0.0, (busy1 - busy0 - cpu) / wall)
+    if _progress(err) is not None:
+        info["progress"] = _progress(err)
+    if info.get("rc") and not info.get("timed_out"):
+        info["error"] = _last_message(err)
     return info
 
 
@@ -265,15 +391,93 @@ def llama_shapes(
     return s
 
 
+#: the merge methods the peer part runs (``--peer-methods`` picks a subset): the two
+#: baselines, then the newer methods, each with its defaults
+PEER_METHODS = (
+    "task-arithmetic",
+    "ties",
+    "tsv-m",
+    "iso-c",
+    "iso-cts",
+    "wudi",
+    "emr",
+    "pcb",
+)
+#: seconds one peer merge may run before it is killed and its row marked timed out
+PEER_TIMEOUT = 1800.0
+#: the columns of the peer table, in order (every row has each, None when it does not
+#: apply)
+PEER_COLUMNS = (
+    "tool",
+    "rc",
+    "wall_s",
+    "rss_mib",
+    "time_vs_floor",
+    "rss_vs_floor",
+    "time_vs_ties",
+    "rss_vs_ties",
+    "cpu_s",
+    "others_cores",
+    "note",
+)
+
+
+def _peer_row(tool: str, info: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    """One peer-table row from a :func:`_run_measured` result (a timed-out run keeps
+    its peak RSS, not its wall time; failures and time-outs say so in ``note``)."""
+    row: dict[str, Any] = dict.fromkeys(PEER_COLUMNS)
+    row.update(
+        tool=tool,
+        rc=info.get("rc"),
+        wall_s=info.get("wall_s"),
+        rss_mib=info.get("rss_mib"),
+        cpu_s=info.get("cpu_s"),
+        others_cores=info.get("others_cores"),
+    )
+    if info.get("timed_out"):
+        row["wall_s"] = None
+        got = info.get("progress")
+        row["note"] = (
+            f"timed out: killed after {timeout:.0f} s (--peer-timeout)"
+            + (f" with {got} tensors done" if got else "")
+            + "; rss_mib is its peak until then"
+        )
+    elif info.get("rc"):
+        row["note"] = f"failed: {info.get('error', '?')}"
+    return row
+
+
+def _ratios(rows: list[dict[str, Any]]) -> None:
+    """time/rss against the floor (row 0) and against TIES, for the runs that
+    finished."""
+    ties = next((r for r in rows if r["tool"] == "npstune ties" and r["rc"] == 0), {})
+    for r in rows:
+        if r["rc"] != 0 or not r["wall_s"]:
+            continue
+        for ref, suffix in ((rows[0], "floor"), (ties, "ties")):
+            if ref.get("rc") == 0 and ref.get("wall_s") and ref.get("rss_mib"):
+                r[f"time_vs_{suffix}"] = r["wall_s"] / ref["wall_s"]
+                r[f"rss_vs_{suffix}"] = r["rss_mib"] / ref["rss_mib"]
+
+
 def peer(
-    scratch: Path, shapes: dict[str, tuple[int, ...]] | None = None, device: str = "cpu"
+    scratch: Path,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    device: str = "cpu",
+    methods: tuple[str, ...] | list[str] = PEER_METHODS,
+    timeout: float | None = PEER_TIMEOUT,
+    notes: list[str] | None = None,
 ) -> list[dict[str, Any]]:
+    """The peer table: the floor, ``npstune merge --method M`` for each of
+    ``methods`` (defaults of each; ``--out`` removed after each run), mergekit when
+    installed. ``timeout`` seconds per run (None: no limit)."""
     shapes = shapes or llama_shapes(
         hidden=1024, layers=29, inter=2816, vocab=32000
     )  # 438M
     total = sum(int(torch.tensor(v).prod()) for v in shapes.values())
     print(f"peer workload: {total / 1e6:.0f}M fp32 parameters", flush=True)
     paths = {n: scratch / n for n in ("base", "ft_a", "ft_b")}
+    t0, made = time.perf_counter(), 0
     for i, (n, p) in enumerate(paths.items()):
         if not (p / "model.safetensors.index.json").exists():
             _write_model(
@@ -284,7 +488,18 @@ def peer(
                 fine_tuned=n != "base",
                 shard_bytes=500 * 2**20,
             )
+            made += 1
+    if notes is not None:
+        if made:
+            notes.append(
+                f"synthesized {made} model(s) in {time.perf_counter() - t0:.0f} s"
+            )
+        if made < 3:
+            notes.append(f"reused {3 - made} synthesized model(s) found in {scratch}")
     rows = []
+    floor_out = scratch / "floor_out"
+    shutil.rmtree(floor_out, ignore_errors=True)
+    print("peer: floor (read 3, write 1)", flush=True)
     floor = _run_measured(
         [
             sys.executable,
@@ -293,13 +508,21 @@ def peer(
             str(paths["base"]),
             str(paths["ft_a"]),
             str(paths["ft_b"]),
-            str(scratch / "floor_out"),
-        ]
+            str(floor_out),
+        ],
+        timeout=timeout,
+        label="floor",
     )
-    rows.append({"tool": "floor (read 3, write 1; safetensors)", **floor})
+    rows.append(_peer_row("floor (read 3, write 1; safetensors)", floor, timeout))
+    print(rows[-1], flush=True)
+    shutil.rmtree(floor_out, ignore_errors=True)
     exe = _npstune()
-    for method in ("task-arithmetic", "ties"):
+    for i, method in enumerate(methods, 1):
+        # emr writes one checkpoint per task into the directory --out: all of it goes
         out = scratch / f"out_{method}"
+        shutil.rmtree(out, ignore_errors=True)
+        limit = "no time limit" if not timeout else f"timeout {timeout:.0f} s"
+        print(f"peer: npstune {method} ({i}/{len(methods)}, {limit})", flush=True)
         info = _run_measured(
             [
                 *exe,
@@ -313,12 +536,13 @@ def peer(
                 str(paths["ft_b"]),
                 "--out",
                 str(out),
-                "--quiet",
                 "--device",
                 device,
-            ]
+            ],  # no --quiet: the progress bar (on stderr) tells how far a run got
+            timeout=timeout,
+            label=method,
         )
-        rows.append({"tool": f"npstune {method}", **info})
+        rows.append(_peer_row(f"npstune {method}", info, timeout))
         print(rows[-1], flush=True)
         shutil.rmtree(out, ignore_errors=True)
     if shutil.which("mergekit-yaml"):
@@ -331,18 +555,16 @@ def peer(
             "    parameters: {density: 0.2, weight: 1.0}\n"
             "parameters: {normalize: true}\ndtype: float32\n"
         )
+        mk_out = scratch / "mk_out"
         info = _run_measured(
-            ["mergekit-yaml", str(cfg), str(scratch / "mk_out"), "--lazy-unpickle"]
+            ["mergekit-yaml", str(cfg), str(mk_out), "--lazy-unpickle"],
+            timeout=timeout,
+            label="mergekit",
         )
-        rows.append({"tool": "mergekit ties", **info})
-    fw, fr = (
-        rows[0].get("wall_s") or float("nan"),
-        rows[0].get("rss_mib") or float("nan"),
-    )
-    for r in rows:
-        if r.get("wall_s"):
-            r["time_vs_floor"] = r["wall_s"] / fw
-            r["rss_vs_floor"] = r["rss_mib"] / fr
+        rows.append(_peer_row("mergekit ties", info, timeout))
+        shutil.rmtree(mk_out, ignore_errors=True)
+        cfg.unlink(missing_ok=True)
+    _ratios(rows)
     return rows
 
 
@@ -529,6 +751,19 @@ def main(argv: list[str] | None = None) -> None:
         "(default: 438M parameters)",
     )
     ap.add_argument(
+        "--peer-methods",
+        default=",".join(PEER_METHODS),
+        help="comma-separated merge methods of the peer part, each run with its "
+        f"defaults (default: {','.join(PEER_METHODS)})",
+    )
+    ap.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=PEER_TIMEOUT,
+        help="seconds one peer run may take before it is killed and its row marked "
+        f"timed out (default {PEER_TIMEOUT:.0f}; 0: no limit)",
+    )
+    ap.add_argument(
         "--out-dir",
         type=Path,
         default=None,
@@ -550,6 +785,19 @@ def main(argv: list[str] | None = None) -> None:
             "--peer-shape wants four integers hidden,layers,intermediate,vocab, got "
             f"{args.peer_shape!r}"
         )
+    peer_methods = [m for m in args.peer_methods.split(",") if m]
+    if "peer" in parts:
+        from npstune.merge.registry import method_names
+
+        known = method_names()
+        bad = [m for m in peer_methods if m not in known]
+        if bad or not peer_methods:
+            ap.error(
+                f"unknown --peer-methods {', '.join(bad) or '(none given)'} (choose "
+                f"from {', '.join(known)})"
+            )
+    if args.peer_timeout < 0:
+        ap.error(f"--peer-timeout wants seconds >= 0, got {args.peer_timeout}")
     out_dir = args.out_dir or RESULTS
     # tables of a GPU run go to speed-cuda.md: one machine's facts per results file
     name = NAME if args.device == "cpu" else f"{NAME}-{args.device.split(':')[0]}"
@@ -598,7 +846,20 @@ def main(argv: list[str] | None = None) -> None:
         title = f"Peer workload: Llama-shaped {params / 1e6:.0f}M fp32, 2 fine-tuned"
         if args.device != "cpu":
             title += f" (npstune --device {args.device})"
-        rows = peer(scratch_root / "peer", shapes, device=args.device)
+        notes.append(
+            "time_vs_ties / rss_vs_ties: against npstune ties of this run; cpu_s: the "
+            "child's user + system CPU time; others_cores: cores kept busy by other "
+            "processes during the run, on average (machine busy time less the "
+            "child's, over wall_s); timed-out rows (rc 124) keep their peak RSS only"
+        )
+        rows = peer(
+            scratch_root / "peer",
+            shapes,
+            device=args.device,
+            methods=peer_methods,
+            timeout=args.peer_timeout or None,
+            notes=notes,
+        )
         for old_title in [t for t in sections if t.startswith("Peer workload")]:
             del sections[old_title]  # one peer table per results file: this run's
         sections[title] = rows
@@ -618,7 +879,9 @@ def main(argv: list[str] | None = None) -> None:
     notes = [f"{label}: {n}" for label in PARTS for n in part_notes.get(label, [])]
     notes.append(
         "targets: ours ≤ 2× floor and ≥ 10× sort-per-candidate at 87M; TIES ≤ 3.4× "
-        "floor time and ≤ 1.5× floor RSS on the peer workload; 7B merge/compress ≤ 4 "
+        "floor time and ≤ 1.5× floor RSS on the peer workload, the other peer methods "
+        "within ~3× TIES's peak RSS (one tensor at a time; no time target: the SVD "
+        "methods and WUDI's Adam steps do far more arithmetic); 7B merge/compress ≤ 4 "
         "GB RSS"
     )
     report(

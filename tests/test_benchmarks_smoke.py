@@ -359,7 +359,16 @@ def test_speed_candidates_and_peer_tiny(no_mlflow, tmp_path):
         "--out-dir",
         str(out),
     ]
-    speed.main(["--parts", "candidates,peer", *args])
+    methods = "task-arithmetic,ties,emr"  # emr: one output per task, all removed
+    speed.main(
+        ["--parts", "candidates,peer", "--peer-methods", methods, "--keep", *args]
+    )
+    # --keep keeps the synthesized models only: every merge's output is gone
+    assert sorted(p.name for p in (tmp_path / "s" / "peer").iterdir()) == [
+        "base",
+        "ft_a",
+        "ft_b",
+    ]
     data = _load(out, "speed")
     (cand,) = [
         v for k, v in data["sections"].items() if k.startswith("NPS candidate build")
@@ -374,9 +383,11 @@ def test_speed_candidates_and_peer_tiny(no_mlflow, tmp_path):
         "floor (read 3, write 1; safetensors)",
         "npstune task-arithmetic",
         "npstune ties",
+        "npstune emr",
     ]
     assert all(r["rc"] == 0 and r["wall_s"] > 0 and r["rss_mib"] > 0 for r in peer)
-    assert peer[0]["time_vs_floor"] == 1
+    assert all(list(r) == list(speed.PEER_COLUMNS) for r in peer)
+    assert peer[0]["time_vs_floor"] == 1 and peer[2]["rss_vs_ties"] == 1
     assert set(data["part_notes"]) == {"candidates", "peer"}
     first = data["part_notes"]["peer"]
     # re-running one part replaces its notes and table, keeps the other's (the
@@ -394,3 +405,44 @@ def test_speed_candidates_and_peer_tiny(no_mlflow, tmp_path):
     assert not (tmp_path / "s").exists()  # scratch removed
     with pytest.raises(SystemExit):
         speed.main(["--parts", "peers", *args])
+    with pytest.raises(SystemExit):
+        speed.main(["--parts", "peer", "--peer-methods", "ties,nope", *args])
+
+
+def test_speed_run_measured_timeout(monkeypatch, tmp_path):
+    """A child past the timeout is killed: rc 124, no ratios, a note; the others keep
+    theirs."""
+    import sys
+
+    from benchmarks import speed
+
+    info = speed._run_measured(
+        [sys.executable, "-c", "import time; time.sleep(60)"], timeout=0.5
+    )
+    assert info["timed_out"] is True and info["rc"] == 124 and info["rss_mib"] > 0
+    # a child imports this checkout's npstune, whatever the editable install points at
+    monkeypatch.chdir(tmp_path)  # not the checkout: no import from the working dir
+    root = str(Path(speed.__file__).resolve().parent.parent)
+    check = (
+        "import importlib.util as u, sys; "
+        f"sys.exit(0 if u.find_spec('npstune').origin.startswith({root!r}) else 3)"
+    )
+    assert speed._run_measured([sys.executable, "-c", check])["rc"] == 0
+    rows = [
+        speed._peer_row("floor", {"rc": 0, "wall_s": 2.0, "rss_mib": 100.0}, 9),
+        speed._peer_row("npstune ties", {"rc": 0, "wall_s": 4.0, "rss_mib": 50.0}, 9),
+        speed._peer_row("npstune wudi", info, 0.5),
+    ]
+    speed._ratios(rows)
+    assert rows[1]["time_vs_floor"] == 2 and rows[1]["rss_vs_floor"] == 0.5
+    assert rows[1]["time_vs_ties"] == 1
+    assert rows[2]["wall_s"] is None and rows[2]["time_vs_ties"] is None
+    assert rows[2]["note"].startswith("timed out")
+    # how far a run got and why it failed, from a stderr with a tqdm bar
+    err = (
+        "merge x:  10%|#  | 3/30 [00:02<00:18]\rmerge x:  13%|#  | 4/30 [00:03<00:17]\r"
+    )
+    assert speed._progress(err) == "4/30" and speed._progress("no bar") is None
+    assert (
+        speed._last_message("Traceback\nValueError: bad\n" + err) == "ValueError: bad"
+    )
