@@ -216,4 +216,13 @@ def test_methods_json_is_still_the_method_list():
 
     rows = json.loads(_invoke("methods", "--json").output)
     assert [r["name"] for r in rows] == method_names()
-    assert set(rows[0]) == {"name", "summary", "paper", "needs_data", "params"}
+    assert set(rows[0]) == {
+        "name",
+        "summary",
+        "paper",
+        "needs_data",
+        "prunable",
+        "params",
+    }
+    by = {r["name"]: r for r in rows}
+    assert by["tsv-m"]["prunable"] and not by["regmean"]["prunable"]
