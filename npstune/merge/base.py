@@ -225,8 +225,17 @@ def run_merge(
     sink = tee(counts, masks)
     seen_masks = False
 
-    def produce(write: Callable[[str, torch.Tensor, int], None]) -> None:
+    def merge_key(key: str, write: Callable[[str, torch.Tensor, int], None]) -> None:
+        # a function of its own: its last block (the chunk read and the merged values,
+        # a whole tensor for whole-tensor methods) is freed before the next key's read
         nonlocal seen_masks
+        for blk in merged_blocks(plan, spec, ctx, key, whole, device, block):
+            write(key, blk.merged.cpu(), blk.start)
+            for t, m in enumerate(blk.masks):
+                sink(t, key, blk.start, m)
+            seen_masks |= bool(blk.masks)
+
+    def produce(write: Callable[[str, torch.Tensor, int], None]) -> None:
         keys = plan.keys
         bar = progress_bar(keys, progress, f"merge {spec.name}")
         delta_keys = set(plan.delta_keys)
@@ -234,11 +243,7 @@ def run_merge(
             if key not in delta_keys:
                 write(key, plan.base[key], 0)
                 continue
-            for blk in merged_blocks(plan, spec, ctx, key, whole, device, block):
-                write(key, blk.merged.cpu(), blk.start)
-                for t, m in enumerate(blk.masks):
-                    sink(t, key, blk.start, m)
-                seen_masks |= bool(blk.masks)
+            merge_key(key, write)
 
     if out is None:
         assert state is not None
