@@ -243,8 +243,7 @@ def _route(
         pspec = Prune(prune).spec
         pvals = {n: v for n, v in flags.items() if n in step_names}
         pvals.update(typed_params(pspec.params, f"the {prune} pruning", prune_pairs))
-        if "lam" in pvals:
-            pvals.pop("lam")  # typed_params accepts it; Prune refuses it clearly
+        if "lam" in pvals:  # a declared parameter of the method, not of its pruning
             raise ConfigError(
                 f"--param prune.lam: the {prune} pruning has no λ of its own (the "
                 "merge scales); valid: " + ", ".join(step_names)

@@ -85,8 +85,7 @@ class Prune:
                 f"prune {self.method}: {unknown[0]!r} is not one of its parameters; "
                 "valid: " + ", ".join(self.names())
             )
-        p = spec.make_params({**self.params, "lam": 1.0})
-        return p
+        return spec.make_params({**self.params, "lam": 1.0})
 
     def describe(self) -> dict[str, Any]:
         """``{"method", "params"}`` of this pruning (for a merge's metadata)."""
