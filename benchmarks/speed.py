@@ -229,9 +229,9 @@ def _run_measured(
     ``timed_out`` True, rc 124 and the peak RSS it reached. Every ``heartbeat`` seconds
     a line with the elapsed time, the child's current RSS and, when the child draws a
     tqdm bar on stderr, its count is printed (``label``); ``progress`` is the bar's last
-    count (how far a timed-out run got). ``others_cores``: the cores that other
-    processes kept busy on average meanwhile (the machine's busy CPU time less the
-    child's, over the wall time)."""
+    count: how far a timed-out run got, at least (tqdm redraws at intervals).
+    ``others_cores``: the cores that other processes kept busy on average meanwhile
+    (the machine's busy CPU time less the child's, over the wall time)."""
     busy0 = _busy_cpu_s()
     with tempfile.TemporaryFile() as errf:
         proc = subprocess.Popen(
@@ -265,7 +265,7 @@ def _run_measured(
                 rss = _child_rss_mib(proc.pid)
                 mem = "" if rss is None else f", RSS {rss:.0f} MiB"
                 done = _progress(err_tail())
-                bar = "" if done is None else f", {done} tensors"
+                bar = "" if done is None else f", ≥ {done} tensors"
                 print(
                     f"  {label or cmd[0]}: running, {elapsed:.0f} s{mem}{bar}",
                     flush=True,
@@ -439,7 +439,11 @@ def _peer_row(tool: str, info: dict[str, Any], timeout: float | None) -> dict[st
         got = info.get("progress")
         row["note"] = (
             f"timed out: killed after {timeout:.0f} s (--peer-timeout)"
-            + (f" with {got} tensors done" if got else "")
+            + (
+                f" with at least {got} tensors done (the bar's last update)"
+                if got
+                else ""
+            )
             + "; rss_mib is its peak until then"
         )
     elif info.get("rc"):
