@@ -185,8 +185,7 @@ def run_merge(
             raise ConfigError(
                 "--prune with --out-format adapter: a pruned merge is not low rank"
             )
-        prune.resolved()  # bad pruning parameters fail before any work
-        metadata = {
+        metadata = {  # describe() validates: bad pruning parameters fail here
             **(metadata or {}),
             "npstune_prune": json.dumps(prune.describe(), sort_keys=True),
         }

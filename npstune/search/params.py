@@ -229,7 +229,7 @@ class MethodSpace(UnitBox):
         self.spec.make_params(self._values(self.init_config()))  # the start is valid
         if prune is not None:
             self.candidate(self.init_config()).prune_step().resolved()
-        if prune is not None and self.spec.needs_data:
+        if prune is not None:
             from npstune.merge.preprune import check_prunable
 
             check_prunable(self.spec)
