@@ -11,7 +11,8 @@ Sparse rows also give the bytes ``npstune compress`` writes (lossless values). A
 table sweeps k for magnitude and DARE: accuracy against storage. Normalized accuracy is
 each task's test accuracy over its own fine-tuned model's.
 
-Run: ``python -m benchmarks.compression [--zoo small|full] [--quick]``.
+Run: ``python -m benchmarks.compression [--zoo small|full] [--quick] [--resume]``;
+``--resume`` keeps the rows of an earlier results file of the same setup.
 """
 
 from __future__ import annotations
@@ -75,17 +76,35 @@ def disk_bytes(bench: ZooBench, method: str, params: dict[str, Any]) -> int:
 
 
 def run(
-    bench: ZooBench, search: bool = True, name: str = NAME
+    bench: ZooBench,
+    search: bool = True,
+    name: str = NAME,
+    reuse: dict[str, list[dict[str, Any]]] | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], list[str], list[Path]]:
+    """Both tables. ``reuse`` holds an earlier run's sections (same zoo, splits and
+    seed, :meth:`ZooBench.earlier_sections`): a row found there by method (by
+    method and k in the curve) is kept, not recomputed."""
     from npstune.compress import storage_bits
     from npstune.merge.calibrate import choose_lambda, tall_models
     from npstune.merge.emr import emr_merge
+    from npstune.merge.emr import storage as emr_storage
 
     T, n = len(bench.tasks), bench.plan.n
     frozen = sum(bench.plan.numel[k] for k in bench.plan.copy_keys)
     ft = bench.finetuned_test()
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
+    main_title = f"Storage vs accuracy at k={K}, {bench.size} zoo"
+    curve_title = "Accuracy-vs-storage curve"
+    reuse = reuse or {}
+    old_rows = {r["method"]: r for r in reuse.get(main_title, [])}
+    old_curve = {(r["method"], r["k"]): r for r in reuse.get(curve_title, [])}
+
+    def reused(method: str) -> bool:
+        if method in old_rows:
+            rows.append(old_rows[method])
+            print(f"{method:16s} (earlier run)", flush=True)
+        return method in old_rows
 
     def add(
         method: str,
@@ -121,38 +140,44 @@ def run(
         disk=sum(bench.plan.models[t].weights.stat().st_size for t in range(T)),
     )
     for method, grid in (("task-arithmetic", "ta"), ("ties", "ties")):
+        if reused(method):
+            continue
         ch = choose_lambda(bench.plan, method, bench.cal_score, None, bench.grids[grid])
         add(method, "merged", bench.test(ch.state), choice=f"λ={ch.value}")
-    tall = tall_models(
-        bench.plan, bench.cal_task_score, mtl="ties", grid=bench.grids["tall"]
-    )
-    add(
-        "tall+ties",
-        "tall",
-        {t: bench.test_task(tall[i].state, t) for i, t in enumerate(bench.tasks)},
-        choice="λ_t=" + ",".join(str(c.value) for c in tall),
-    )
-    del tall
-    emr = emr_merge(bench.plan)  # in memory: T models, keyed by plan.task_names
-    states, names = emr.meta["states"], bench.plan.task_names
-    add(
-        "emr",
-        "emr",
-        {t: bench.test_task(states[u], t) for t, u in zip(bench.tasks, names)},
-        choice="no params; λ_t="
-        + ",".join(f"{emr.meta['rescalers'][u]:.3g}" for u in names),
-    )
+    if not reused("tall+ties"):
+        tall = tall_models(
+            bench.plan, bench.cal_task_score, mtl="ties", grid=bench.grids["tall"]
+        )
+        add(
+            "tall+ties",
+            "tall",
+            {t: bench.test_task(tall[i].state, t) for i, t in enumerate(bench.tasks)},
+            choice="λ_t=" + ",".join(str(c.value) for c in tall),
+        )
+        del tall
+    if not reused("emr"):
+        emr = emr_merge(bench.plan)  # in memory: T models, keyed by plan.task_names
+        states, names = emr.meta["states"], bench.plan.task_names
+        add(
+            "emr",
+            "emr",
+            {t: bench.test_task(states[u], t) for t, u in zip(bench.tasks, names)},
+            choice="no params; λ_t="
+            + ",".join(f"{emr.meta['rescalers'][u]:.3g}" for u in names),
+        )
+        del emr, states
     notes.append(
         f"emr keeps τ_uni, {T} one-bit masks and {T} float32 rescalers beside θ_pre: "
-        f"{emr.meta['storage']['total_bytes']} bytes in the base dtypes "
+        f"{emr_storage(bench.plan)['total_bytes']} bytes in the base dtypes "
         "(npstune.merge.emr.storage); no EMR store is written, so its disk_bytes "
         "is empty"
     )
-    del emr, states
     for method, params in (
         ("magnitude", {"k": K}),
         ("dare", {"k": K, "seed": bench.seed}),
     ):
+        if reused(method):
+            continue
         add(
             method,
             "sparse",
@@ -160,7 +185,7 @@ def run(
             K,
             disk_bytes(bench, method, params),
         )
-    if search:
+    if search and not reused("nps (searched)"):
         res = bench.nps_search("compression")
         if res is None:
             notes.append(f"NPS (searched) skipped: {bench.search_skipped}")
@@ -184,6 +209,9 @@ def run(
     curve: list[dict[str, Any]] = []
     for k in K_CURVE[1:4] if bench.quick else K_CURVE:
         for method in ("magnitude", "dare"):
+            if (method, k) in old_curve:
+                curve.append(old_curve[method, k])
+                continue
             accs = per_task_sparse(
                 bench,
                 method,
@@ -201,10 +229,7 @@ def run(
             )
     plot = _plot(curve, rows, (bench.out_dir or RESULTS) / f"{name}_curve.png")
     return (
-        {
-            f"Storage vs accuracy at k={K}, {bench.size} zoo": rows,
-            "Accuracy-vs-storage curve": curve,
-        },
+        {main_title: rows, curve_title: curve},
         notes,
         [plot] if plot else [],
     )
@@ -256,11 +281,20 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.compression")
     ZooBench.add_arguments(ap)
     ap.add_argument("--no-search", action="store_true")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows of the results file NAME.json when it was made with "
+        "the same zoo, splits and seed; compute only the missing rows",
+    )
     args = ap.parse_args(argv)
     started = time.perf_counter()
     bench = ZooBench.from_args(args)
     name = args.name or NAME
-    sections, notes, files = run(bench, search=not args.no_search, name=name)
+    reuse = bench.earlier_sections(name) if args.resume else {}
+    sections, notes, files = run(
+        bench, search=not args.no_search, name=name, reuse=reuse
+    )
     report(
         name,
         sections,

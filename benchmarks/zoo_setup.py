@@ -309,9 +309,9 @@ class ZooBench:
         desc = f"{outcome.trials} trials, {outcome.generations} gen; {params}"
         return state, desc, outcome
 
-    def earlier_rows(self, name: str) -> dict[str, dict[str, Any]]:
-        """Rows (method -> row) of an earlier results file ``name``.json made on this
-        zoo recipe with the same splits and seed; {} when there is none or it
+    def earlier_sections(self, name: str) -> dict[str, list[dict[str, Any]]]:
+        """Sections (title -> rows) of an earlier results file ``name``.json made on
+        this zoo recipe with the same splits and seed; {} when there is none or it
         differs."""
         import json
 
@@ -336,7 +336,11 @@ class ZooBench:
                 f"--resume: {path} was made with another setup; recomputing every row"
             )
             return {}
-        rows = [r for sec in old.get("sections", {}).values() for r in sec]
+        return dict(old.get("sections", {}))
+
+    def earlier_rows(self, name: str) -> dict[str, dict[str, Any]]:
+        """Rows (method -> row) of every section of :meth:`earlier_sections`."""
+        rows = [r for sec in self.earlier_sections(name).values() for r in sec]
         return {r["method"]: r for r in rows if "method" in r}
 
     # ------------------------------------------------------------------ report bits

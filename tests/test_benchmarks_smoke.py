@@ -188,6 +188,24 @@ def test_compression_quick(small_zoo, no_mlflow, tmp_path):
     assert all(_unit(r["mean_acc"]) for r in main)
     assert len(curve) >= 2 and (tmp_path / "compression_curve.png").is_file()
 
+    # --resume keeps every row it finds (the searched one too, with --no-search) and
+    # computes only the missing ones: here EMR and the curve's first point, which the
+    # same deterministic code gives again exactly
+    path = tmp_path / "compression.json"
+    cut = json.loads(path.read_text())
+    cut_main, cut_curve = cut["sections"].values()
+    cut_main[:] = [r for r in cut_main if r["method"] != "emr"]
+    del cut_curve[0]
+    path.write_text(json.dumps(cut))
+    compression.main([*QUICK, "--out-dir", str(tmp_path), "--resume", "--no-search"])
+    again = _load(tmp_path, "compression")
+    main2, curve2 = again["sections"].values()
+    assert sorted(r["method"] for r in main2) == sorted(methods)
+    assert {r["method"]: r for r in main2} == by
+    assert sorted(curve2, key=lambda r: (r["k"], r["method"])) == sorted(
+        curve, key=lambda r: (r["k"], r["method"])
+    )
+
 
 # ---- ablations -----------------------------------------------------------------------
 @pytest.mark.slow
