@@ -17,7 +17,7 @@ import torch
 import npstune.sparsify.sketch as sketch_mod
 from npstune.errors import ConfigError
 from npstune.sparsify import keep_count, partitions, reweight, select_streams
-from npstune.sparsify.sketch import Sketch, sketch_thresholds, sketches
+from npstune.sparsify.sketch import Sketch, sketch_thresholds
 
 CHUNK = 7_777  # chunks that cut subspaces, ties and brackets anywhere
 
@@ -36,7 +36,7 @@ def _streams(xs):
 def _setup(xs, M):
     steps = _streams(xs)
     parts = partitions(steps, xs[0].numel(), M, len(xs))
-    return steps, parts, sketches(steps, parts)
+    return steps, parts, [Sketch.of(p) for p in parts]
 
 
 def _reweighted(steps, parts, ws, calls=None):
@@ -65,6 +65,12 @@ def test_thresholds_equal_the_two_pass_select(case):
     xs = [_scores(g, n, zeros=case % 2 == 0) for _ in range(2)]
     steps, parts, sks = _setup(xs, M)
     assert [sk.hist.sum() for sk in sks] == [n, n]
+    for x, sk, part in zip(xs, sks, parts):  # the sketch, counted directly
+        ids = part.cursor().ids(x).long()
+        direct = torch.bincount(
+            ids * (1 << 15) + (x.view(torch.int32) >> 16).long(), minlength=M << 15
+        ).view(M, 1 << 15)
+        assert (direct.numpy() == sk.hist).all()
     for trial in range(4):
         ws = [torch.rand(M, generator=g) * 2 for _ in xs]
         if trial == 1:
@@ -122,6 +128,13 @@ def test_memory_does_not_grow_with_n():
     assert small.hist.shape == large.hist.shape == (8, 1 << 15)
 
 
+def test_a_partition_without_digits_is_refused():
+    from npstune.sparsify import Partition
+
+    with pytest.raises(ConfigError, match="digit histogram"):
+        Sketch.of(Partition(4, 2, ()))
+
+
 def test_bad_inputs():
     x = torch.tensor([3.0, 1.0, 2.0, 0.5])
     steps, parts, sks = _setup([x], 2)
@@ -139,7 +152,7 @@ def test_bad_inputs():
 
 
 def test_merges_on_the_same_checkpoints_reuse_the_sketches(tmp_path, monkeypatch):
-    """A search's candidates: the partition and sketch passes run once per set of
+    """A search's candidates: the partition (and sketch) passes run once per set of
     checkpoints, and the outputs are those of a fresh process (cache cleared)."""
     import npstune.merge.pruning as pruning
     from npstune.checkpoints import write_state_dict
@@ -155,8 +168,8 @@ def test_merges_on_the_same_checkpoints_reuse_the_sketches(tmp_path, monkeypatch
         ft = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
         paths.append(write_state_dict(tmp_path / f"t{t}.safetensors", ft))
     built: list[int] = []
-    real = pruning.sketches
-    monkeypatch.setattr(pruning, "sketches", lambda *a: built.append(1) or real(*a))
+    real = pruning.partitions
+    monkeypatch.setattr(pruning, "partitions", lambda *a: built.append(1) or real(*a))
     monkeypatch.setattr(pruning, "_SKETCHES", type(pruning._SKETCHES)())
     outs = []
     for w in ([1.0, 0.5, 2.0, 1.0], [0.2, 1.7, 1.0, 0.9]):

@@ -31,7 +31,7 @@ from npstune.sparsify import (
     select_streams,
     topk_mask,
 )
-from npstune.sparsify.sketch import Sketch, sketch_thresholds, sketches
+from npstune.sparsify.sketch import Sketch, sketch_thresholds
 from npstune.taskvector import Chunk
 
 #: maps a chunk of τ_t (any float dtype) to the values a pruner keeps of it
@@ -169,10 +169,10 @@ class NpsPruner(Pruner):
         tasks: list[int] | None = None,
     ) -> list[NpsPruner]:
         """One pruner per task (weights ``rows[i]`` for ``tasks[i]``; default all
-        tasks); global scope: the partitions (a joint two-pass select over every task
-        vector) and their sketches (one pass), kept for the next weights on the same
+        tasks); global scope: the partitions and their sketches (a joint two-pass
+        select over every task vector), kept for the next weights on the same
         checkpoints, then the reweighted thresholds (one pass,
-        :func:`~npstune.sparsify.sketch.sketch_thresholds`): 4 passes for a first
+        :func:`~npstune.sparsify.sketch.sketch_thresholds`): 3 passes for a first
         merge, 1 for each further one, whatever the task count."""
         ts = list(range(inputs.tasks)) if tasks is None else tasks
         ws = [check_weights(r, subspaces) for r in rows]
@@ -185,7 +185,7 @@ class NpsPruner(Pruner):
             key = _plan_fingerprint(inputs, ts, subspaces)
             sks = _SKETCHES.get(key) if key else None
             if sks is None:
-                sks = sketches(scores, partitions(scores, n, subspaces, len(ts)))
+                sks = [Sketch.of(p) for p in partitions(scores, n, subspaces, len(ts))]
                 if key:
                     _SKETCHES[key] = sks
                     while len(_SKETCHES) > _SKETCHES_KEPT:
@@ -238,7 +238,7 @@ class NpsPruner(Pruner):
 
 #: The rank partitions and their sketches (:mod:`npstune.sparsify.sketch`) of the task
 #: vectors last pruned by NPS in this process: they depend on τ alone, never on w, so a
-#: search's candidates (and repeated merges of the same checkpoints) skip their three
+#: search's candidates (and repeated merges of the same checkpoints) skip their two
 #: passes. Keyed by every input file's path, size and modification time, the delta
 #: keys, M and the device. Each holds M·32 Ki counters per task, whatever n is.
 _SKETCHES: OrderedDict[tuple[Any, ...], list[Sketch]] = OrderedDict()

@@ -5,7 +5,10 @@ A search asks for the top-k threshold of the reweighted magnitudes ``fl(w_m·|τ
 hundreds of weight vectors w over the same τ. The rank partition depends on τ alone, and
 so does a :class:`Sketch`: per subspace m, a histogram of |τ| over the high 16 bits of
 its float32 bit pattern (32 Ki counters; non-negative float32 patterns sort like the
-numbers). :func:`sketches` builds it once, in one pass after the partition.
+numbers). It costs no pass of its own: a bin is a contiguous range of ranks (every
+entry of a higher bin is larger) and so is a subspace, so ``hist[m, d]`` is the overlap
+of bin d's ranks with subspace m's, from the histogram of all |τ| that the partition's
+first pass counted (:attr:`Partition.digits`).
 
 For a given w, every reweighted value in bin d of subspace m lies in
 ``[fl(w_m·lo_d), fl(w_m·hi_d)]`` (lo_d, hi_d: the bin's smallest and largest float32;
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 
 from npstune.errors import ConfigError
-from npstune.sparsify.nps import Partition
+from npstune.sparsify.nps import Partition, subspace_bounds
 from npstune.sparsify.topk import Threshold, select_streams
 
 _BINS = 1 << 15  # high 16 bits of a non-negative float32 (sign bit clear)
@@ -69,6 +72,19 @@ class Sketch:
 
     partition: Partition
     hist: np.ndarray  # (M, 32 Ki) int64
+
+    @classmethod
+    def of(cls, part: Partition) -> Sketch:
+        """The sketch of a partition that knows its digits (no pass over τ)."""
+        if part.digits is None or int(part.digits.sum()) != part.n:
+            raise ConfigError("this partition does not know its |τ| digit histogram")
+        H = part.digits.astype(np.int64)
+        # ranks (0 = largest) of bin d: [start[d], start[d] + H[d]), higher bins first
+        start = np.cumsum(H[::-1])[::-1] - H
+        bounds = np.asarray(subspace_bounds(part.n, part.subspaces), dtype=np.int64)
+        lo = np.maximum(start[None, :], bounds[:, :1])
+        hi = np.minimum((start + H)[None, :], bounds[:, 1:])
+        return cls(part, np.maximum(hi - lo, 0))
 
     @property
     def n(self) -> int:
@@ -108,21 +124,6 @@ def _largest(holds: Callable[[np.float32], bool]) -> int:
         else:
             hi = mid - 1
     return lo
-
-
-def sketches(scores: Steps, parts: Sequence[Partition]) -> list[Sketch]:
-    """The sketch of each of several |τ| streams read together (``scores()`` yields one
-    tuple of float32 chunks per step, in position order; one pass)."""
-    hists = [torch.zeros(p.subspaces * _BINS, dtype=torch.int64) for p in parts]
-    cursors = [p.cursor() for p in parts]
-    for step in scores():
-        for i, s in enumerate(step):
-            if s.numel() == 0:
-                continue
-            ids = cursors[i].ids(s).reshape(-1).to(torch.int64)
-            cell = ids.mul_(_BINS).add_(_bits(s) >> 16)
-            hists[i] += torch.bincount(cell, minlength=hists[i].numel()).cpu()
-    return [Sketch(p, h.view(p.subspaces, _BINS).numpy()) for p, h in zip(parts, hists)]
 
 
 def sketch_thresholds(
@@ -176,4 +177,4 @@ def sketch_thresholds(
     return out
 
 
-__all__ = ["BRACKET", "Sketch", "sketch_thresholds", "sketches"]
+__all__ = ["BRACKET", "Sketch", "sketch_thresholds"]
