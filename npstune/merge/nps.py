@@ -27,7 +27,7 @@ class NpsParams(MethodParams):
 
 
 def prepare(inputs: MergeInputs, p: NpsParams) -> PruneAdd:
-    """Partition and reweighted threshold per task (4 joint streaming passes,
+    """Partition and reweighted threshold per task (3 joint streaming passes,
     global scope)."""
     rows = task_weight_rows(p.weights, inputs.tasks, p.subspaces)
     return PruneAdd(

@@ -31,6 +31,7 @@ from npstune.sparsify import (
     select_streams,
     topk_mask,
 )
+from npstune.sparsify.sketch import Sketch, sketch_thresholds
 from npstune.taskvector import Chunk
 
 #: maps a chunk of τ_t (any float dtype) to the values a pruner keeps of it
@@ -168,9 +169,11 @@ class NpsPruner(Pruner):
         tasks: list[int] | None = None,
     ) -> list[NpsPruner]:
         """One pruner per task (weights ``rows[i]`` for ``tasks[i]``; default all
-        tasks); global scope: the partitions, then the reweighted thresholds, each in
-        one joint two-pass select over every task vector (4 passes in all, whatever the
-        task count)."""
+        tasks); global scope: the partitions and their sketches (a joint two-pass
+        select over every task vector), kept for the next weights on the same
+        checkpoints, then the reweighted thresholds (one pass,
+        :func:`~npstune.sparsify.sketch.sketch_thresholds`): 3 passes for a first
+        merge, 1 for each further one, whatever the task count."""
         ts = list(range(inputs.tasks)) if tasks is None else tasks
         ws = [check_weights(r, subspaces) for r in rows]
         pruners = [
@@ -180,13 +183,14 @@ class NpsPruner(Pruner):
             n = inputs.plan.n
             scores = inputs.joint_scores(ts)
             key = _plan_fingerprint(inputs, ts, subspaces)
-            parts = _PARTITIONS.get(key) if key else None
-            if parts is None:
-                parts = partitions(scores, n, subspaces, len(ts))
+            sks = _SKETCHES.get(key) if key else None
+            if sks is None:
+                sks = [Sketch.of(p) for p in partitions(scores, n, subspaces, len(ts))]
                 if key:
-                    _PARTITIONS[key] = parts
-                    while len(_PARTITIONS) > _PARTITIONS_KEPT:
-                        _PARTITIONS.popitem(last=False)
+                    _SKETCHES[key] = sks
+                    while len(_SKETCHES) > _SKETCHES_KEPT:
+                        _SKETCHES.popitem(last=False)
+            parts = [sk.partition for sk in sks]
 
             def reweighted():
                 pcs = [part.cursor() for part in parts]
@@ -195,10 +199,8 @@ class NpsPruner(Pruner):
                         reweight(s, pc.ids(s), w) for w, pc, s in zip(ws, pcs, step)
                     )
 
-            K = keep_count(k, n)
-            for p, part, (thr,) in zip(
-                pruners, parts, select_streams(reweighted, [[K]] * len(ts), n)
-            ):
+            thresholds = sketch_thresholds(reweighted, sks, ws, keep_count(k, n))
+            for p, part, thr in zip(pruners, parts, thresholds):
                 p.partition = part
                 p.cursors = (part.cursor(), thr.cursor())
         return pruners
@@ -234,12 +236,13 @@ class NpsPruner(Pruner):
         return mask, lambda t: reweight(t, ids, self.weights)
 
 
-#: The rank partitions of the task vectors last pruned by NPS in this process: they
-#: depend on τ alone, never on w, so a search's candidates (and repeated merges of the
-#: same checkpoints) skip the partition's two passes. Keyed by every input file's path,
-#: size and modification time, the delta keys, M and the device.
-_PARTITIONS: OrderedDict[tuple[Any, ...], list[Partition]] = OrderedDict()
-_PARTITIONS_KEPT = 4
+#: The rank partitions and their sketches (:mod:`npstune.sparsify.sketch`) of the task
+#: vectors last pruned by NPS in this process: they depend on τ alone, never on w, so a
+#: search's candidates (and repeated merges of the same checkpoints) skip their two
+#: passes. Keyed by every input file's path, size and modification time, the delta
+#: keys, M and the device. Each holds M·32 Ki counters per task, whatever n is.
+_SKETCHES: OrderedDict[tuple[Any, ...], list[Sketch]] = OrderedDict()
+_SKETCHES_KEPT = 4
 
 
 def _plan_fingerprint(

@@ -4,6 +4,8 @@
   tensor)
 - :mod:`~npstune.sparsify.random`: seeded Bernoulli masks (DARE, DAREx)
 - :mod:`~npstune.sparsify.nps`: NPS rank partition, reweighting
+- :mod:`~npstune.sparsify.sketch`: an NPS candidate's threshold in one pass, from
+  per-subspace histograms built once
 """
 
 from npstune.sparsify.nps import (

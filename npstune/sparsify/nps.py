@@ -12,12 +12,13 @@ steps 1–3).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from npstune.errors import ConfigError
-from npstune.sparsify.topk import Threshold, ThresholdCursor, select_streams
+from npstune.sparsify.topk import Threshold, ThresholdCursor, select_streams_digits
 
 DEFAULT_SUBSPACES = 8
 
@@ -29,11 +30,16 @@ def subspace_bounds(n: int, m_count: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class Partition:
-    """The rank partition of one task vector: ``bounds[j-1]`` keeps ranks < ⌊j·n/M⌋."""
+    """The rank partition of one task vector: ``bounds[j-1]`` keeps ranks < ⌊j·n/M⌋.
+
+    ``digits``: the histogram of |τ|'s high 16 float32 bits (32 Ki counters) that the
+    partition's first pass counted, when known; a
+    :class:`~npstune.sparsify.sketch.Sketch` is made from it without another pass."""
 
     n: int
     subspaces: int
     bounds: tuple[Threshold, ...]
+    digits: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def cursor(self) -> PartitionCursor:
         """A fresh cursor that labels consecutive chunks
@@ -109,15 +115,15 @@ def partitions(
     streams: int,
 ) -> list[Partition]:
     """The rank partitions of several score streams read together (``chunks()`` yields
-    one tuple of chunks per step; two passes in all, see
+    one tuple of chunks per step; two passes in all, one when M = 1, see
     :func:`~npstune.sparsify.topk.select_streams`)."""
     if not isinstance(subspaces, int) or subspaces < 1 or subspaces > 255:
         raise ConfigError(
             f"subspaces must be an integer in [1, 255], got {subspaces!r}"
         )
     ks = [j * n // subspaces for j in range(1, subspaces)]
-    bounds = select_streams(chunks, [ks] * streams, n) if ks else [[]] * streams
-    return [Partition(n, subspaces, tuple(b)) for b in bounds]
+    bounds, digits = select_streams_digits(chunks, [ks] * streams, n)
+    return [Partition(n, subspaces, tuple(b), d) for b, d in zip(bounds, digits)]
 
 
 def check_weights(weights: Sequence[float], subspaces: int) -> torch.Tensor:

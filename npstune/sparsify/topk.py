@@ -148,6 +148,17 @@ def select_streams(
     vectors of one merge, which share the base's reads): ``chunks()`` yields one tuple
     of chunks per step, ``ks[s]`` are stream ``s``'s keep counts; returns one list per
     stream. Two passes over ``chunks()`` whatever the number of streams."""
+    return select_streams_digits(chunks, ks, n)[0]
+
+
+def select_streams_digits(
+    chunks: Callable[[], Iterable[Sequence[torch.Tensor]]],
+    ks: Sequence[Sequence[int]],
+    n: int | None = None,
+) -> tuple[list[list[Threshold]], list[np.ndarray]]:
+    """:func:`select_streams`, plus each stream's histogram of the high 16 bits of its
+    scores (32 Ki int64 counters, from the first pass; what
+    :class:`~npstune.sparsify.sketch.Sketch` is made of)."""
     S = len(ks)
     hi: list[torch.Tensor | None] = [None] * S
     total = [0] * S
@@ -182,12 +193,13 @@ def select_streams(
     for i in range(S):
         sm = small[i]
         if sm is not None:
-            out[i] = _select_sorted(
+            held = (
                 torch.cat([b.cpu() for b in sm])
                 if sm
-                else torch.empty(0, dtype=torch.int32),
-                ks[i],
+                else torch.empty(0, dtype=torch.int32)
             )
+            hi[i] = torch.bincount(held >> 16, minlength=_HI)
+            out[i] = _select_sorted(held, ks[i])
             continue
         h_i = hi[i]
         assert h_i is not None  # a stream leaves the small path with its histogram
@@ -243,7 +255,10 @@ def select_streams(
                 Threshold(value, K - int(above_lo[d][j] + above), K, int(lo_np[d][j]))
             )
         out[i] = res
-    return [out[i] for i in range(S)]
+    digits_hist = [
+        h.numpy() if h is not None else np.zeros(_HI, dtype=np.int64) for h in hi
+    ]
+    return [out[i] for i in range(S)], digits_hist
 
 
 def _select_sorted(bits: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
