@@ -103,6 +103,7 @@ def run(
     def reused(method: str) -> bool:
         if method in old_rows:
             rows.append(old_rows[method])
+            bench.kept.append(method)
             print(f"{method:16s} (earlier run)", flush=True)
         return method in old_rows
 
@@ -185,7 +186,7 @@ def run(
             K,
             disk_bytes(bench, method, params),
         )
-    if search and not reused("nps (searched)"):
+    if not reused("nps (searched)") and search:
         res = bench.nps_search("compression")
         if res is None:
             notes.append(f"NPS (searched) skipped: {bench.search_skipped}")
@@ -211,6 +212,7 @@ def run(
         for method in ("magnitude", "dare"):
             if (method, k) in old_curve:
                 curve.append(old_curve[method, k])
+                bench.kept.append(f"{method} at k={k}")
                 continue
             accs = per_task_sparse(
                 bench,

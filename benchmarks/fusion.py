@@ -73,6 +73,7 @@ def run(
     def reused(name: str) -> bool:
         if name in reuse:
             rows.append(reuse[name])
+            bench.kept.append(name)
             print(
                 f"{name:18s} {reuse[name]['choice']:28s} mean "
                 f"{reuse[name]['mean']:.4f} (earlier run)",

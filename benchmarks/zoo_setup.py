@@ -85,6 +85,9 @@ class ZooBench:
         self.seed = seed
         self.generations, self.population = generations, population  # search budget
         self.search_skipped = ""
+        #: the earlier results file --resume read, and the rows taken from it
+        self.earlier: dict[str, Any] | None = None
+        self.kept: list[str] = []
         t0 = time.perf_counter()
         self.zoo = build_zoo(size)
         self.zoo_ready_s = (
@@ -336,7 +339,30 @@ class ZooBench:
                 f"--resume: {path} was made with another setup; recomputing every row"
             )
             return {}
+        self.earlier = old
         return dict(old.get("sections", {}))
+
+    def provenance(self, method: str) -> dict[str, Any]:
+        """Where a row kept from the earlier run was measured: that run's commit and
+        processor, or those its own file recorded for a row it kept in turn."""
+        old = self.earlier or {}
+        machine = old.get("machine", {})
+        return old.get("resumed_rows", {}).get(method) or {
+            "git": machine.get("git"),
+            "processor": machine.get("processor"),
+        }
+
+    def resumed_notes(self) -> list[str]:
+        """One note per earlier run that rows of this table come from."""
+        groups: dict[tuple[Any, Any], list[str]] = {}
+        for m in self.kept:
+            prov = self.provenance(m)
+            groups.setdefault((prov["git"], prov["processor"]), []).append(m)
+        return [
+            f"kept from an earlier run (--resume; same zoo, splits and seed), measured "
+            f"at git {git} on {proc}: " + "; ".join(ms)
+            for (git, proc), ms in groups.items()
+        ]
 
     def earlier_rows(self, name: str) -> dict[str, dict[str, Any]]:
         """Rows (method -> row) of every section of :meth:`earlier_sections`."""
@@ -356,6 +382,11 @@ class ZooBench:
             "n": self.plan.n,
             "calibration_evaluations": self.evals,
             "zoo_ready_s": self.zoo_ready_s,
+            **(
+                {"resumed_rows": {m: self.provenance(m) for m in self.kept}}
+                if self.kept
+                else {}
+            ),
         }
 
     def notes(self) -> list[str]:
@@ -364,4 +395,5 @@ class ZooBench:
             "weight was chosen on the calibration split",
             "normalized = accuracy / the task's own fine-tuned accuracy; n = "
             f"{self.plan.n} task-vector entries (embeddings frozen)",
+            *self.resumed_notes(),
         ]

@@ -140,6 +140,12 @@ def test_fusion_quick_and_resume(small_zoo, no_mlflow, tmp_path):
     again = _load(tmp_path, "fusion")
     assert list(again["sections"].values())[0] == rows
     assert again["calibration_evaluations"] == 0
+    # each kept row says where it was measured: the earlier file's commit and machine
+    git = data["machine"]["git"]
+    assert set(again["resumed_rows"]) == {r["method"] for r in rows}
+    assert all(v["git"] == git for v in again["resumed_rows"].values())
+    (note,) = [x for x in again["notes"] if x.startswith("kept from an earlier run")]
+    assert f"at git {git} on " in note and "nps (nps-fusion-m16)" in note
     # other WUDI steps: only the two WUDI rows are made again (in their places)
     fusion.main([*args[:-1], "10", "--resume"])
     third = list(_load(tmp_path, "fusion")["sections"].values())[0]
@@ -202,6 +208,13 @@ def test_compression_quick(small_zoo, no_mlflow, tmp_path):
     main2, curve2 = again["sections"].values()
     assert sorted(r["method"] for r in main2) == sorted(methods)
     assert {r["method"]: r for r in main2} == by
+    # every row kept but the two computed again and the fine-tuned reference (always
+    # measured: it normalizes the others)
+    kept = set(again["resumed_rows"])
+    again_made = {"emr", "fine-tuned", f"{curve[0]['method']} at k={curve[0]['k']}"}
+    assert not again_made & kept
+    assert "nps (searched)" in kept and len(kept) == len(main) + len(curve) - 3
+    assert any(x.startswith("kept from an earlier run") for x in again["notes"])
     assert sorted(curve2, key=lambda r: (r["k"], r["method"])) == sorted(
         curve, key=lambda r: (r["k"], r["method"])
     )
