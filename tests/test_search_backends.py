@@ -9,6 +9,7 @@ generation, retries a failing trial only ``max_failures`` times, and records pen
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -150,6 +151,51 @@ def test_invalid_values_get_the_penalty(backend):
         assert inner(s).best[0] == PENALTY
     else:
         assert inner(s)._nevergrad_opt.num_tell == POP
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_one_dimension_pushed_to_its_bound(backend):
+    """One searched parameter whose best is its upper bound (a method search over λ
+    alone): pycma's per-coordinate std cap used to raise inside tell() here."""
+    from npstune.search.params import MethodSpace
+
+    space = MethodSpace(
+        "task-arithmetic", {"lam": {"low": 0.1, "high": 2.0}}, [], 1, "t"
+    )
+    assert space.dim == 1
+    if backend == "nevergrad" and importlib.util.find_spec("fcmaes") is None:
+        with pytest.raises(SearchError, match="one-parameter search needs the fcmaes"):
+            searcher(backend, generations=8, space=space)
+        return
+    s = searcher(backend, generations=8, space=space)
+    for g in range(8):
+        cfgs = [s.suggest(f"g{g}t{i}") for i in range(POP)]
+        for i, c in enumerate(cfgs):
+            assert 0.1 <= c["lam"] <= 2.0
+            s.on_trial_complete(f"g{g}t{i}", result={"objective": c["lam"]})
+    assert inner(s).failure is None and inner(s).generation == 8
+    assert s.suggest("after") == "FINISHED"
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_an_optimizer_error_ends_the_search_with_its_reason(backend, monkeypatch):
+    """Ray Tune logs an exception of on_trial_complete and waits for suggestions
+    forever: the searcher keeps the reason and finishes instead."""
+    s = searcher(backend)
+    first = s.suggest("g0t0")
+    assert isinstance(first, dict)
+    opt = inner(s).es if backend == "cma" else inner(s)._nevergrad_opt
+
+    def broken(*a, **k):
+        raise ValueError("not yet initialized")
+
+    monkeypatch.setattr(opt, "tell", broken)
+    cfgs = [first] + [s.suggest(f"g0t{i}") for i in range(1, POP)]
+    for i, c in enumerate(cfgs):
+        s.on_trial_complete(f"g0t{i}", result={"objective": f(c)})
+    assert inner(s).failure == f"{backend}: ValueError: not yet initialized"
+    assert inner(s).generation == 0
+    assert s.suggest("next") == "FINISHED"
 
 
 # ------------------------------------------------------------------------- under Ray

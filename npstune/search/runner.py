@@ -166,6 +166,12 @@ def run_search(
                 say,
             )
         search_s = time.perf_counter() - t_search
+        failure = getattr(inner, "failure", None)
+        if failure:
+            raise SearchError(
+                f"the search stopped after generation {inner.generation} of "
+                f"{cfg.search.generations}: the optimizer failed ({failure})"
+            )
         if inner.generation < cfg.search.generations:
             raise SearchError(
                 f"the search stopped after generation {inner.generation} of "

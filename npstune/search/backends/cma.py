@@ -12,6 +12,7 @@ global RNG.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -71,10 +72,18 @@ class CmaSearcher(Searcher):
             "verb_disp": 0,
             "verb_log": 0,
         }
+        if space.dim == 1:
+            # pycma 4.x caps each std at 1/3 of the bounds' range, and for one
+            # dimension that cap raises inside tell() ("not yet initialized") the
+            # first time it applies: no cap there (a search it would have stopped)
+            opts["maxstd"] = math.inf
         with seeded(seed, -1):
             self.es = cma.CMAEvolutionStrategy(list(space.x0()), sigma0, opts)
         self.generation = 0  # finished (told) generations
         self.best: tuple[float, dict[str, Any]] | None = None
+        #: why the optimizer could not go on (its tell raised); the search then ends
+        #: and the runner reports it, instead of Ray logging it and waiting forever
+        self.failure: str | None = None
         self._reset_generation()
 
     def _reset_generation(self) -> None:
@@ -102,7 +111,7 @@ class CmaSearcher(Searcher):
 
     # Ray's hint (dict | None) leaves out Searcher.FINISHED, a str Ray itself returns
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
-        if self.generation >= self.generations:
+        if self.generation >= self.generations or self.failure:
             return Searcher.FINISHED
         if self._asked is None:
             with seeded(self.seed, self.generation):
@@ -135,7 +144,11 @@ class CmaSearcher(Searcher):
             self.best = (value, self.space.from_unit(self._asked[i]))
         if self._asked is not None and len(self._values) == len(self._asked):
             losses = [self._loss(self._values[j]) for j in range(len(self._asked))]
-            self.es.tell(self._asked, losses)
+            try:
+                self.es.tell(self._asked, losses)
+            except Exception as exc:  # noqa: BLE001 - Ray would log it and wait forever
+                self.failure = f"cma: {type(exc).__name__}: {exc}"
+                return
             self.generation += 1
             self._reset_generation()
 

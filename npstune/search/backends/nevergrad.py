@@ -11,6 +11,7 @@ tags, natural values in trial configs, and a versioned state. It is wrapped in a
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import nevergrad as ng
@@ -45,6 +46,14 @@ class GenerationalNevergradSearch(NevergradSearch):
         metric: str = METRIC,
         mode: str = MODE,
     ) -> None:
+        if space.dim == 1 and importlib.util.find_spec("fcmaes") is None:
+            # nevergrad's CMA switches to the fcmaes package for one dimension and
+            # fails at the first ask without it: say so before any trial runs
+            raise SearchError(
+                "backend nevergrad: a one-parameter search needs the fcmaes package "
+                "(nevergrad's CMA uses it for one dimension): pip install fcmaes, or "
+                "use backend: cma"
+            )
         param = ng.p.Array(init=space.x0(), lower=0.0, upper=1.0).set_mutation(
             sigma=sigma0
         )
@@ -68,6 +77,8 @@ class GenerationalNevergradSearch(NevergradSearch):
         self.generation = 0
         self._asked_in_gen = self._done_in_gen = 0
         self._index: dict[str, int] = {}
+        #: why the optimizer could not go on (its tell raised); see CmaSearcher
+        self.failure: str | None = None
 
     def set_search_properties(
         self, metric: str | None, mode: str | None, config: dict, **spec: Any
@@ -80,7 +91,7 @@ class GenerationalNevergradSearch(NevergradSearch):
 
     # Ray's hint (dict | None) leaves out Searcher.FINISHED, a str Ray itself returns
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
-        if self.generation >= self.generations:
+        if self.generation >= self.generations or self.failure:
             return Searcher.FINISHED
         if self._asked_in_gen >= self.population:
             return None  # wait for this generation to finish
@@ -102,7 +113,11 @@ class GenerationalNevergradSearch(NevergradSearch):
         self._index.pop(trial_id, None)
         opt = self._nevergrad_opt
         assert opt is not None  # set up before any trial was suggested
-        opt.tell(candidate, self._metric_op * value)
+        try:
+            opt.tell(candidate, self._metric_op * value)
+        except Exception as exc:  # noqa: BLE001 - Ray would log it and wait forever
+            self.failure = f"nevergrad: {type(exc).__name__}: {exc}"
+            return
         self._done_in_gen += 1
         if self._done_in_gen >= self.population:
             self.generation += 1
