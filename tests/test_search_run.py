@@ -297,3 +297,23 @@ def test_compression_use_writes_a_sparse_store(ray_local, tmp_path):
     ]
     for k, v in state.items():
         torch.testing.assert_close(rebuilt[k].float(), v.float(), rtol=0, atol=1e-6)
+
+
+def test_streamed_candidates_pick_the_same_best(ray_local, tmp_path):
+    """One search per candidate path, same seed: the same trials, the same best."""
+    outcomes, said = {}, {}
+    for how in ("memory", "stream"):
+        path = write_tiny_search(
+            tmp_path / how, nps={"candidates": how}, search={"generations": 2}
+        )
+        cfg = load_config(path)
+        lines: list[str] = []
+        outcomes[how] = run_search(cfg, echo=lines.append)
+        said[how] = [ln for ln in lines if "candidates: " in ln]
+        parents, _ = mlflow_runs(cfg.tracking.uri, "tiny")
+        assert parents[0].data.params["candidates"] == how
+    assert any("ranked in memory, as asked" in ln for ln in said["memory"])
+    assert any("streamed from the checkpoints, as asked" in ln for ln in said["stream"])
+    mem, st = outcomes["memory"], outcomes["stream"]
+    assert mem.best.params == st.best.params and mem.best.value == st.best.value
+    assert mem.trials == st.trials == 8

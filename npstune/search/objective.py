@@ -86,6 +86,9 @@ class Payload:
     n: int = 0
     base_path: str = ""
     model_paths: list[str] = field(default_factory=list)
+    #: how NPS candidates are built: "memory" (ranked), "stream", or "" (any other
+    #: method: an in-memory merge read from the checkpoints)
+    candidates: str = ""
 
     def objective(self) -> BaseObjective:
         raise NotImplementedError
@@ -208,32 +211,56 @@ def build_payload(
             space=space, method=cfg.method, n=plan.n, **common
         )
     else:
-        ranked = []
-        for t, tv in enumerate(plan.task_vectors()):
-            ranked.append(RankedTaskVector(tv.to_dict(), cfg.nps.subspaces))
-            say(
-                f"ranked task vector {t + 1}/{len(models)} ({names[t]}, "
-                f"n={ranked[-1].n:,})"
-            )
-        keys = ranked[0].keys
-        base_flat = torch.cat([plan.base[k].reshape(-1).float() for k in keys])
-        dtypes = {k: plan.base.dtype(k) for k in keys}
-        rest = {k: plan.base[k].clone() for k in plan.base.keys() if k not in set(keys)}
-        frozen = sum(v.numel() for v in rest.values() if v.is_floating_point())
-        payload = ObjectivePayload(
-            space=ParamSpace(cfg.nps, len(models)),
-            ranked=ranked,
-            base_flat=base_flat,
-            base_rest=rest,
-            dtypes=dtypes,
-            n=plan.n,
-            frozen=frozen,
-            **common,
-        )
+        payload = _nps_payload(cfg, plan, names, common, say)
     if use.needs_references:  # normalization reference: each fine-tuned model
         payload.references[CALIBRATION] = payload.objective().individual(CALIBRATION)
     say(f"objective ready in {time.perf_counter() - t0:.1f} s")
     return payload
+
+
+def _nps_payload(
+    cfg: SearchConfig,
+    plan: Any,
+    names: list[str],
+    common: dict[str, Any],
+    say: Callable[[str], None],
+) -> Payload:
+    """The NPS search's payload on the path the memory estimate (or ``nps.candidates``)
+    picks: every task vector ranked in RAM, or nothing per entry (streamed)."""
+    from npstune.search.stream import StreamPayload, choose_path
+
+    T = len(plan.models)
+    choice = choose_path(cfg.nps.candidates, plan.n, T)
+    say(f"candidates: {choice.reason}")
+    space = ParamSpace(cfg.nps, T)
+    if choice.path == "stream":
+        base = plan.base
+        frozen = sum(
+            plan.numel[k] for k in plan.copy_keys if base.dtype(k).is_floating_point
+        )
+        return StreamPayload(
+            space=space, n=plan.n, frozen=frozen, candidates="stream", **common
+        )
+    ranked = []
+    for t, tv in enumerate(plan.task_vectors()):
+        ranked.append(RankedTaskVector(tv.to_dict(), cfg.nps.subspaces))
+        say(f"ranked task vector {t + 1}/{T} ({names[t]}, n={ranked[-1].n:,})")
+    keys = ranked[0].keys
+    base_flat = torch.cat([plan.base[k].reshape(-1).float() for k in keys])
+    dtypes = {k: plan.base.dtype(k) for k in keys}
+    rest = {k: plan.base[k].clone() for k in plan.base.keys() if k not in set(keys)}
+    frozen = sum(v.numel() for v in rest.values() if v.is_floating_point())
+    return ObjectivePayload(
+        space=space,
+        ranked=ranked,
+        base_flat=base_flat,
+        base_rest=rest,
+        dtypes=dtypes,
+        n=plan.n,
+        frozen=frozen,
+        candidates="memory",
+        **common,
+    )
 
 
 def resolve_models(cfg: SearchConfig, zoo: Any) -> tuple[str, list[str], list[str]]:
@@ -375,7 +402,12 @@ class Objective(BaseObjective):
 
     def bits(self, cand: Any) -> int:
         k = cand.k if isinstance(cand, Candidate) else cand
-        return storage_bits("nps", len(self.p.ranked), self.p.n, k, frozen=0).paper_bits
+        return nps_bits(len(self.p.ranked), self.p.n, k)
+
+
+def nps_bits(tasks: int, n: int, k: float) -> int:
+    """The paper's storage bits of T NPS-pruned task vectors of n entries at k."""
+    return storage_bits("nps", tasks, n, k, frozen=0).paper_bits
 
 
 class MethodObjective(BaseObjective):

@@ -240,6 +240,7 @@ def _parent_params(
         "method": cfg.method,
         **_space_params(cfg),
         "dim": payload.space.dim,
+        **({"candidates": payload.candidates} if payload.candidates else {}),
         "tasks": ",".join(payload.vector_tasks),
         "n": payload.n,
         "concurrency": concurrency,

@@ -111,6 +111,10 @@ class NpsSpec(_Frozen):
     k: float | Bounds = 0.05
     lam: float | Bounds = 1.0
     lam_per_task: bool = False
+    #: how candidates are built: ``memory`` (every task vector ranked in RAM, the
+    #: fastest), ``stream`` (from the checkpoints, memory bounded by one model), or
+    #: ``auto`` (memory when its estimate fits, see npstune.search.stream)
+    candidates: Literal["auto", "memory", "stream"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> NpsSpec:

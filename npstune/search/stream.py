@@ -1,0 +1,193 @@
+"""NPS candidates streamed from the checkpoints: memory bounded by one model, not by
+n·T·16 bytes (the ranked path's).
+
+The ranked path (:class:`~npstune.search.objective.ObjectivePayload`) keeps every task
+vector in rank order in RAM and ships it through Ray's object store: about 16 bytes
+per entry per task plus 12 per entry for the base and the candidate buffers, and the
+object store's copy beside it. That is the fastest candidate there is, and it is out of
+reach for a 7B model. Here nothing per entry stays resident:
+
+- the payload holds paths (workers open the checkpoints by path: on a cluster, shared
+  storage) and the search space;
+- per task, the NPS partition and its sketch (:mod:`npstune.sparsify.sketch`; M·32 Ki
+  counters) are computed by the first candidate of a worker process and cached by the
+  pruning module for the next ones;
+- a candidate costs one streaming pass over τ for its thresholds and one that writes
+  θ = θ_pre + Σ_t λ_t·τ̂_t key by key into one reused state in the base's dtypes.
+
+The arithmetic is the ranked path's (:func:`~npstune.sparsify.ranked.fuse`): τ̂_t in
+float32, the first task's λ·τ̂ written, the others added with ``index_add_``, the sum
+added to the float32 base and cast once. So both paths give the same state, bit for
+bit, and a search picks the same best candidate on either.
+
+:func:`choose_path` decides between them from a memory estimate, printed at the start.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from npstune.search.objective import BaseObjective, Payload
+from npstune.search.space import Candidate
+
+GIB = 1 << 30
+#: the ranked path is taken when its estimate is at most this share of the memory
+#: available at the start (the evaluator's model, Ray and the OS need the rest)
+MEMORY_SHARE = 0.5
+
+
+def ranked_bytes(n: int, tasks: int) -> int:
+    """What the ranked path holds for ``tasks`` task vectors of ``n`` entries: per task
+    int64 positions, τ in rank order and the negated magnitudes (16 B/entry), the
+    float32 base and two candidate buffers (12 B/entry), and the object store's copy of
+    the payload (16 B/entry/task + 4 B/entry) while Ray holds it."""
+    return 2 * 16 * n * tasks + 16 * n
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    """Which candidate path a search takes, and the sentence saying why."""
+
+    path: str  # "memory" (ranked) or "stream"
+    reason: str
+
+
+def choose_path(
+    requested: str, n: int, tasks: int, available: int | None = None
+) -> PathChoice:
+    """``memory`` or ``stream`` for ``requested`` (``auto`` decides by the estimate)."""
+    need = ranked_bytes(n, tasks)
+    avail = available_bytes() if available is None else available
+    have = "unknown" if avail is None else f"{avail / GIB:.1f} GiB"
+    est = f"in memory needs about {need / GIB:.2f} GiB ({have} available)"
+    if requested == "memory":
+        return PathChoice("memory", f"ranked in memory, as asked; {est}")
+    if requested == "stream":
+        return PathChoice("stream", f"streamed from the checkpoints, as asked; {est}")
+    if avail is None or need <= MEMORY_SHARE * avail:
+        return PathChoice("memory", f"ranked in memory: {est}")
+    return PathChoice(
+        "stream",
+        f"streamed from the checkpoints: {est}, more than {MEMORY_SHARE:.0%} of it",
+    )
+
+
+@dataclass(kw_only=True)
+class StreamPayload(Payload):
+    """The NPS search without per-entry state: paths and the space only."""
+
+    frozen: int = 0
+
+    def objective(self) -> StreamObjective:
+        return StreamObjective(self)
+
+
+class StreamObjective(BaseObjective):
+    """NPS candidates built by streaming τ from the checkpoints (module docstring)."""
+
+    p: StreamPayload
+
+    def __init__(self, payload: StreamPayload) -> None:
+        from npstune.taskvector import plan_merge
+
+        super().__init__(payload)
+        self.plan = plan_merge(payload.base_path, payload.model_paths)
+        # one plan per task vector for the states of one task (compression), so that
+        # a candidate reads only that task's checkpoint
+        self._single = [plan_merge(payload.base_path, [m]) for m in payload.model_paths]
+        base = self.plan.base
+        self._state: dict[str, torch.Tensor] = {
+            k: torch.empty(base.shape(k), dtype=base.dtype(k))
+            for k in self.plan.delta_keys
+        }
+        for k in self.plan.copy_keys:
+            self._state[k] = base[k]
+
+    def build(
+        self,
+        plan: Any,
+        weights: Iterable[Iterable[float]],
+        k: float,
+        lams: Iterable[float],
+    ) -> dict[str, torch.Tensor]:
+        """θ_pre + Σ_t λ_t·τ̂_t over ``plan``'s models into the reused state (use it
+        before asking for the next)."""
+        from npstune.merge.base import MergeInputs
+        from npstune.merge.pruning import NpsPruner
+
+        rows = [list(r) for r in weights]
+        lam = [float(x) for x in lams]
+        pruners = NpsPruner.prepare_all(
+            MergeInputs(plan), k, "global", rows, self.space.nps.subspaces
+        )
+        for key in plan.delta_keys:
+            flat = self._state[key].view(-1)
+            for start, stop in plan.chunks(key):
+                ch = plan.read_chunk(key, start, stop)
+                delta = torch.zeros(stop - start, dtype=torch.float32)
+                for t, pr in enumerate(pruners):
+                    mask, values = pr.keep(ch)
+                    keep = mask.reshape(-1)
+                    v = values(ch.taus32[t]).reshape(-1)[keep]
+                    if t == 0:  # as fuse: the first task written, the others added
+                        delta[keep] = v if lam[t] == 1.0 else v * lam[t]
+                    else:
+                        idx = keep.nonzero().squeeze(1)
+                        delta.index_add_(0, idx, v, alpha=lam[t])
+                # a new tensor: the base as read may be the checkpoint's own buffer
+                theta = torch.add(ch.base.reshape(-1).float(), delta)
+                flat[start:stop] = theta.to(flat.dtype)
+        return dict(self._state)
+
+    def states(
+        self, cand: Candidate
+    ) -> Iterable[tuple[list[str], dict[str, torch.Tensor]]]:
+        if self.use.per_vector_states:
+            for t, task in enumerate(self.p.vector_tasks):
+                yield (
+                    [task],
+                    self.build(
+                        self._single[t], [cand.weights[t]], cand.k, [cand.lam[t]]
+                    ),
+                )
+        else:
+            yield (
+                self.p.eval_tasks,
+                self.build(self.plan, cand.weights, cand.k, cand.lam),
+            )
+
+    def bits(self, cand: Any) -> int:
+        from npstune.search.objective import nps_bits
+
+        k = cand.k if isinstance(cand, Candidate) else cand
+        return nps_bits(len(self.p.model_paths), self.p.n, k)
+
+
+__all__ = [
+    "PathChoice",
+    "StreamObjective",
+    "StreamPayload",
+    "available_bytes",
+    "choose_path",
+    "ranked_bytes",
+]
