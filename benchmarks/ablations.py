@@ -16,7 +16,8 @@ found there (or in an earlier ``NAME.json``) whose config is the same, so a stop
 loses at most the search in flight.
 
 Run: ``python -m benchmarks.ablations [--zoo small|full] [--quick] [--sweep subspaces]
-[--resume]``.
+[--resume [--finished-only]]``; ``--finished-only`` runs nothing and tabulates the
+finished searches of a stopped run, naming the others in the notes.
 """
 
 from __future__ import annotations
@@ -155,10 +156,12 @@ def run(
     *,
     done: dict[str, dict[str, Any]] | None = None,
     checkpoint: Path | None = None,
+    finished_only: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """(summary rows: mean ± std per value, per-run rows, notes). ``done``: finished
     searches by config fingerprint, reused instead of run; ``checkpoint``: file that
-    gets every run row as soon as its search ends."""
+    gets every run row as soon as its search ends; ``finished_only``: run no search,
+    tabulate the finished ones and name the others in the notes."""
     import ray
 
     from npstune.search import run_search
@@ -170,6 +173,7 @@ def run(
         done or {}
     )  # fingerprint -> finished search (earlier runs and this one)
     first: dict[str, dict[str, Any]] = {}  # fingerprint -> its first row in this table
+    skipped: dict[str, str] = {}  # with finished_only: the searches not run
     recipe = bench.meta()["zoo_recipe"]
     started_ray = connect_ray(
         lambda m: print(f"  [ray] {m}", flush=True)
@@ -195,6 +199,9 @@ def run(
                         f"{sweep:17s} {str(value):9s} seed {r['seed']}: {how}",
                         flush=True,
                     )
+                    continue
+                if finished_only:  # each distinct search named once
+                    skipped.setdefault(fp, f"{sweep} {value} seed {cfg.search.seed}")
                     continue
                 t0 = time.perf_counter()
                 outcome = run_search(
@@ -302,6 +309,11 @@ def run(
         "that row, searched once; resumed = taken from an earlier run with the same "
         "config (--resume); seconds: search time, a shared search counted once",
     ]
+    if skipped:
+        notes.append(
+            "not run yet (--finished-only tabulates the finished searches): "
+            + "; ".join(skipped.values())
+        )
     return rows, runs, notes
 
 
@@ -399,7 +411,15 @@ def main(argv: list[str] | None = None) -> None:
         help="reuse the searches of NAME.partial.json / NAME.json with the same "
         "config instead of running them again",
     )
+    ap.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="with --resume: run no search; tabulate the finished ones and name the "
+        "rest in the notes (a table of a stopped run)",
+    )
     args = ap.parse_args(argv)
+    if args.finished_only and not args.resume:
+        ap.error("--finished-only needs --resume (it tabulates finished searches)")
     started = time.perf_counter()
     bench = ZooBench.from_args(args)
     sweeps = args.sweep or list(SWEEPS)
@@ -423,6 +443,7 @@ def main(argv: list[str] | None = None) -> None:
             args.values,
             done=done,
             checkpoint=checkpoint,
+            finished_only=args.finished_only,
         )
     except BaseException:
         if checkpoint.exists():
@@ -473,7 +494,8 @@ def main(argv: list[str] | None = None) -> None:
         out_dir=bench.out_dir,
         artifacts=[figure] if figure else [],
     )
-    checkpoint.unlink(missing_ok=True)
+    if not args.finished_only:  # a table of a stopped run: the rest still to come
+        checkpoint.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

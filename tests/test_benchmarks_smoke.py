@@ -287,8 +287,21 @@ def test_ablations_share_and_resume(small_zoo, no_mlflow, tmp_path, monkeypatch)
     assert len(calls) == 3 and not (tmp_path / "ablations.json").exists()
     assert len(json.loads(partial.read_text())["runs"]) == 3
 
+    # --finished-only: the table of the three finished searches, nothing searched, the
+    # other four named in the notes; the partial file stays for the real resume
     calls.clear()
     fail_at["n"] = None
+    with pytest.raises(SystemExit):  # it only tabulates what --resume finds
+        ablations.main([*argv, "--finished-only"])
+    ablations.main([*argv, "--resume", "--finished-only"])
+    assert calls == [] and partial.exists()
+    early = _load(tmp_path, "ablations")
+    assert [r["run"] for r in list(early["sections"].values())[1]] == ["resumed"] * 3
+    (todo,) = [x for x in early["notes"] if x.startswith("not run yet")]
+    assert todo.count(" seed ") == 4 and "keep-ratio" in todo
+    (tmp_path / "ablations.json").unlink()
+
+    calls.clear()
     ablations.main([*argv, "--resume"])
     # 4 + 4 variants, one config in both sweeps, 3 done before: 7 - 3 = 4 searches
     assert len(calls) == 4 and not partial.exists()
