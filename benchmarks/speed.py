@@ -549,6 +549,9 @@ def peer(
         rows.append(_peer_row(f"npstune {method}", info, timeout))
         print(rows[-1], flush=True)
         shutil.rmtree(out, ignore_errors=True)
+        # a run killed at its timeout leaves its writer's staging directory beside out
+        for staging in scratch.glob(f".{out.name}.*npstune-tmp*"):
+            shutil.rmtree(staging, ignore_errors=True)
     if shutil.which("mergekit-yaml"):
         cfg = scratch / "mk.yaml"
         cfg.write_text(
