@@ -107,6 +107,28 @@ def test_streamed_states_equal_the_ranked_ones(tmp_path, monkeypatch, sections):
             assert a[key] == b[key], key
 
 
+def test_a_key_one_task_leaves_unchanged(tmp_path):
+    """Compression's one-task states keep every task's keys in scope: a key that one
+    fine-tuned model did not change is still part of its τ (zeros), as ranked."""
+    from safetensors.torch import load_file, save_file
+
+    path = write_tiny_search(
+        tmp_path, use="compression", nps={"subspaces": 2, "k": 0.3}
+    )
+    cfg = load_config(path)
+    base = load_file(cfg.base)
+    first = load_file(cfg.models[0])
+    key = next(k for k, v in base.items() if v.is_floating_point())
+    first[key] = base[key].clone()
+    save_file(first, cfg.models[0])
+    objs = []
+    for how in ("memory", "stream"):
+        nps = cfg.nps.model_copy(update={"candidates": how})
+        objs.append(build_payload(cfg.model_copy(update={"nps": nps})).objective())
+    for cand in _random_candidates(objs[0].space, 4, seed=5):
+        _assert_same(_states(objs[0], cand), _states(objs[1], cand))
+
+
 def test_bf16_checkpoints(tmp_path):
     """bf16 checkpoints: τ in float32, ties everywhere, the state cast once."""
     import yaml

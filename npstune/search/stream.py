@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -113,8 +113,10 @@ class StreamObjective(BaseObjective):
         super().__init__(payload)
         self.plan = plan_merge(payload.base_path, payload.model_paths)
         # one plan per task vector for the states of one task (compression), so that
-        # a candidate reads only that task's checkpoint
-        self._single = [plan_merge(payload.base_path, [m]) for m in payload.model_paths]
+        # a candidate reads only that task's checkpoint; each keeps the full plan's
+        # keys (a key one model leaves unchanged is still in scope: the ranked path's
+        # n and partition)
+        self._single = [replace(self.plan, models=[m]) for m in self.plan.models]
         base = self.plan.base
         self._state: dict[str, torch.Tensor] = {
             k: torch.empty(base.shape(k), dtype=base.dtype(k))
