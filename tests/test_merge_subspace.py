@@ -11,6 +11,7 @@ from npstune.checkpoints import open_checkpoint, write_state_dict
 from npstune.cli import main
 from npstune.errors import ConfigError
 from npstune.merge import get_method, merge, orderstats, run_merge
+from npstune.merge import pcb as pcb_module
 from npstune.merge.iso import iso_cts_sizes
 from npstune.merge.orderstats import order_stats
 from npstune.merge.pcb import clamp_indices
@@ -378,6 +379,7 @@ def test_pcb_streaming_merge_equals_in_memory_merge(tmp_path, monkeypatch):
     bp, mps, _, _ = make_set(tmp_path)
     ref = merge(bp, mps, "pcb", {"ratio": 0.2}).state
     monkeypatch.setattr(tv, "CHUNK", 13)  # several chunks per key
+    monkeypatch.setattr(pcb_module, "PASS_BLOCK", 5)  # several blocks per chunk
     monkeypatch.setattr(orderstats, "IN_MEMORY", 0)
     for collect in (0, 1 << 20):
         monkeypatch.setattr(orderstats, "COLLECT", collect)

@@ -74,6 +74,7 @@ def order_stats(
                         dig = (u[(u >> (64 - width)) == prefix] >> shift) & 0xFFFF
                     hist[i][prefix] += torch.bincount(dig, minlength=_DIGITS).cpu()
         most = 0
+        counts = [[0] * len(row) for row in tgt]  # keys left per statistic
         for i, row in enumerate(tgt):
             cums = {pf: h.cumsum(0) for pf, h in hist[i].items()}
             for j, (prefix, r) in enumerate(row):
@@ -82,19 +83,26 @@ def order_stats(
                 below = int(cum[b - 1]) if b else 0
                 key = (prefix << 16) | b if level else b - (_DIGITS >> 1)
                 row[j] = (key, r - below)
-                most = max(most, int(hist[i][prefix][b]))
+                counts[i][j] = int(hist[i][prefix][b])
+                most = max(most, counts[i][j])
         if level == 3:
             return [[_value(key) for key, _ in row] for row in tgt]
         if most <= COLLECT:
             break
     width = 16 * (level + 1)
-    cand: list[list[list[torch.Tensor]]] = [[[] for _ in row] for row in tgt]
+    # the candidates go into buffers sized from the histograms before the pass: kept
+    # chunks of every size, allocated between the pass's big temporaries, would
+    # fragment the heap (peak RSS grew with the stream's length, 4.9 GB at 438M)
+    cand = [[torch.empty(c, dtype=torch.int64) for c in cs] for cs in counts]
+    filled = [[0] * len(row) for row in tgt]
     for step in rows():
         for i, x in enumerate(step):
             u = _ordered(x)
             for j, (prefix, _) in enumerate(tgt[i]):
-                cand[i][j].append(u[(u >> (64 - width)) == prefix].cpu())
+                got = u[(u >> (64 - width)) == prefix].cpu()
+                cand[i][j][filled[i][j] : filled[i][j] + got.numel()] = got
+                filled[i][j] += got.numel()
     return [
-        [_value(int(torch.sort(torch.cat(c)).values[r])) for c, (_, r) in zip(cs, row)]
+        [_value(int(torch.sort(c).values[r])) for c, (_, r) in zip(cs, row)]
         for cs, row in zip(cand, tgt)
     ]

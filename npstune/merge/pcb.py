@@ -40,6 +40,10 @@ class PcbParams(MethodParams):
     exclude_keys: list[str] = Field([], max_length=1_000_000)
 
 
+#: float64 elements per step of the global order-statistic passes
+PASS_BLOCK = 1 << 20
+
+
 def clamp_indices(d: int, a: float, b: float) -> tuple[int, int]:
     """0-based ranks of the clamp bounds: int(d·a), int(d·(1−b) − 1) (Python int())."""
     return min(max(int(d * a), 0), d - 1), min(max(int(d * (1 - b) - 1), 0), d - 1)
@@ -60,18 +64,20 @@ def _minmax(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 
 def clipped_scores(
-    taus: list[torch.Tensor], st: RowStats
+    taus: list[torch.Tensor], st: RowStats, with_c: bool = True
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(C_t, β_t) of one chunk, given each row's clamp bounds."""
+    """(C_t, β_t) of one chunk, given each row's clamp bounds (C_t only
+    ``with_c``; else an empty list)."""
     total = taus[0].clone()
     for t in taus[1:]:
         total += t
     cs, betas = [], []
     for x, lo, hi in zip(taus, st.lo, st.hi):
         a = x.abs().clamp_(min=lo).clamp_(max=hi)  # torch.clamp(x, lo, hi), lo > hi too
+        if with_c:
+            cs.append(torch.sign(x).mul_(a))
         intra = _minmax(a, min(lo, hi), hi).square_().mul_(len(taus)).exp_()
-        betas.append(intra.mul_(torch.tanh(x * total)))
-        cs.append(torch.sign(x).mul_(a))
+        betas.append(intra.mul_(torch.tanh(x.mul(total))))
     return cs, betas
 
 
@@ -89,7 +95,7 @@ def row_stats(
     st = RowStats([g[0] for g in got], [g[1] for g in got])
     ithr = clamp_indices(d, 1 - p.ratio, 0)[0]
     got = order_stats(
-        lambda: (clipped_scores(r, st)[1] for r in rows()),
+        lambda: (clipped_scores(r, st, with_c=False)[1] for r in rows()),
         [[ithr, d - 1]] * tasks,
         d,
         in_memory,
@@ -139,9 +145,13 @@ def prepare(inputs: MergeInputs, p: PcbParams) -> PcbCtx:
         d = sum(plan.numel[k] for k in keys)
 
         def rows() -> Iterable[list[torch.Tensor]]:
+            # float64 rows in blocks of a read chunk: the passes' temporaries follow
+            # the block, not the chunk
             for key in keys:
                 for start, stop in plan.chunks(key):
-                    yield taus64(plan.read_chunk(key, start, stop, inputs.device))
+                    chunk = plan.read_chunk(key, start, stop, inputs.device)
+                    for lo in range(0, stop - start, PASS_BLOCK):
+                        yield taus64(chunk.slice(lo, lo + PASS_BLOCK))
 
         if d:
             ctx.stats = row_stats(rows, d, tasks, p)
