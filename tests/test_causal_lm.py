@@ -500,7 +500,10 @@ def test_grams_match_hand_computation(llm, hand, data):
                 want += seen[-1].T @ seen[-1]
         h.remove()
         assert got[key].dtype == torch.float64 and got[key].shape == (width, width)
-        assert torch.allclose(got[key], want, rtol=1e-5, atol=1e-8), key
+        # padded batches and one-row forwards round differently in float32 (seen:
+        # 4.8e-5 on entries up to 243): the absolute tolerance follows the scale
+        scale = float(want.abs().max())
+        assert torch.allclose(got[key], want, rtol=1e-5, atol=1e-6 * scale), key
 
 
 # ---- errors --------------------------------------------------------------------------
