@@ -155,3 +155,49 @@ def test_bad_candidates_value_is_refused(tmp_path):
     path = write_tiny_search(tmp_path, nps={"candidates": "disk"})
     with pytest.raises(ConfigError, match="candidates"):
         load_config(path)
+
+
+def test_candidates_written_into_the_zoo_evaluators_model(small_zoo, tmp_path):
+    """With the zoo's text evaluator, a streamed candidate is written into the
+    evaluator's own body (no state of its own, no copy on load), and every score equals
+    the ranked path's, whose states the evaluator copies in."""
+    import yaml
+
+    raw = {
+        "zoo": "small",
+        "tasks": small_zoo.tasks[:2],
+        "evaluator": {"calibration_examples": 24},
+        "nps": {"subspaces": 3},
+    }
+    path = tmp_path / "zoo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    objs = {}
+    for how in ("memory", "stream"):
+        nps = cfg.nps.model_copy(update={"candidates": how})
+        c = cfg.model_copy(update={"nps": nps})
+        objs[how] = build_payload(c, small_zoo).objective()
+    st = objs["stream"]
+    assert st.in_place
+    own = st.p.evaluator.targets()
+    for cand in _random_candidates(st.space, 3, seed=11):
+        ((_, state),) = list(st.states(cand))
+        for k in st.plan.delta_keys:  # the body's own memory, not a copy
+            assert state[k].data_ptr() == own[k].data_ptr(), k
+        a, b = objs["memory"].score(cand), st.score(cand)
+        assert {k: v for k, v in a.items() if not k.endswith("_s")} == {
+            k: v for k, v in b.items() if not k.endswith("_s")
+        }
+    # the ranked state and the body the candidate was written into agree bit for bit
+    ((_, ref),) = list(objs["memory"].states(cand))
+    ((_, got),) = list(st.states(cand))
+    for k in st.plan.delta_keys:
+        assert torch.equal(ref[k], got[k]), k
+
+
+def test_an_evaluator_without_targets_gets_a_state_of_its_own(tmp_path):
+    p = _payloads(tmp_path)
+    st = p["stream"].objective()
+    assert not st.in_place  # the callable kind holds no model
+    ((_, state),) = list(st.states(st.space.candidate(st.space.init_config())))
+    assert all(state[k].device.type == "cpu" for k in st.plan.delta_keys)

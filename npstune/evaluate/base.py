@@ -57,7 +57,10 @@ class CallableEvaluator:
 # Kinds may also define ``metric(task) -> str`` (default "accuracy"),
 # ``report_value(task, score) -> float`` (the value people read, e.g. perplexity from
 # the searched score -log(ppl); default: the score itself) and
-# ``examples(task, split) -> int`` (how many examples a split scores).
+# ``examples(task, split) -> int`` (how many examples a split scores) and
+# ``targets() -> dict[str, Tensor]`` (the model's own tensors by state key, on its
+# device and in its dtype: a streamed search candidate is written there in place, and a
+# state whose tensors are those very tensors loads without a copy).
 
 
 def metric_of(evaluator: Evaluator, task: str) -> str:

@@ -4,6 +4,7 @@
 kind: causal-lm
 chat_template: false       # true: prompts go through the tokenizer's chat template
 max_length: 512            # optional: tokens of prompt + continuation (prompt cut left)
+dtype: float32             # float32 | bfloat16 | float16 | auto (the checkpoint's)
 tasks:
   quiz:
     mode: choice           # choice | generate | perplexity
@@ -48,7 +49,7 @@ from torch import Tensor
 
 from npstune.errors import ConfigError
 from npstune.evaluate.base import State
-from npstune.evaluate.hf import autocast_dtype, load_into_module
+from npstune.evaluate.hf import autocast_dtype, load_into_module, module_targets
 from npstune.evaluate.kinds import SPLITS, BuildContext, EvaluatorKind, KindOptions
 from npstune.evaluate.records import read_records, require
 from npstune.evaluate.stats import DEFAULT_EXAMPLES, diagonal_fisher, linear_grams
@@ -121,6 +122,9 @@ class CausalLMOptions(KindOptions):
 
     chat_template: bool = False
     max_length: int | None = Field(None, ge=2)
+    #: the dtype the model is held and run in; ``auto``: the checkpoint's own (what a
+    #: 7B search holds once per trial: bf16 is half the memory of fp32)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     tasks: dict[str, CausalLMTask] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -295,8 +299,11 @@ def _is_causal(config: Any) -> bool:
     return getattr(config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
-def load_causal_lm(path: Path, device: torch.device) -> tuple[Any, Any]:
-    """(model in fp32 on ``device``, tokenizer) of an HF dir; one-line ConfigErrors."""
+def load_causal_lm(
+    path: Path, device: torch.device, dtype: str = "float32"
+) -> tuple[Any, Any]:
+    """(model in ``dtype`` on ``device``, tokenizer) of an HF dir (``auto``: the
+    checkpoint's dtype); one-line ConfigErrors."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not path.is_dir():
@@ -319,7 +326,10 @@ def load_causal_lm(path: Path, device: torch.device) -> tuple[Any, Any]:
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=torch.float32, local_files_only=True
+            path,
+            config=config,
+            dtype="auto" if dtype == "auto" else getattr(torch, dtype),
+            local_files_only=True,
         )
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
@@ -355,7 +365,9 @@ class CausalLMEvaluator:
         self.ctx = ctx
         self.model_dir = Path(ctx.model)
         self.device = torch.device(ctx.device)
-        self._model, self._tok = load_causal_lm(self.model_dir, self.device)
+        self._model, self._tok = load_causal_lm(
+            self.model_dir, self.device, options.dtype
+        )
         tok = self._tok
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self._pad = int(pad) if pad is not None else 0
@@ -582,6 +594,11 @@ class CausalLMEvaluator:
     def load_state(self, state: State, source: str = "state") -> None:
         """Copy ``state`` (the checkpoint's keys; tied ``lm_head`` may be absent)."""
         load_into_module(self._model, state, source)
+
+    def targets(self) -> dict[str, Tensor]:
+        """The model's own tensors by state key (on its device, in its dtype): a
+        candidate written there is loaded by :meth:`load_state` without a copy."""
+        return module_targets(self._model)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         dt = autocast_dtype(self.device)

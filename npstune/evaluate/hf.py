@@ -24,6 +24,25 @@ def read_state(path: str | Path) -> dict[str, Tensor]:
         ck.close()
 
 
+def is_target(src: Tensor, dst: Tensor) -> bool:
+    """Whether ``src`` already is ``dst``'s memory (a candidate written in place into
+    the module by :meth:`targets`): same storage, offset, shape, strides, dtype and
+    device, so copying would change nothing."""
+    return (
+        src.data_ptr() == dst.data_ptr()
+        and src.dtype == dst.dtype
+        and src.device == dst.device
+        and src.shape == dst.shape
+        and src.stride() == dst.stride()
+    )
+
+
+def module_targets(module: nn.Module) -> dict[str, Tensor]:
+    """The module's own tensors by state key (detached views of its parameters and
+    persistent buffers): what a writer fills in place instead of building a state."""
+    return {k: v.detach() for k, v in module.state_dict(keep_vars=True).items()}
+
+
 def load_into_module(
     module: nn.Module, state: Mapping[str, Tensor], source: str = "state"
 ) -> None:
@@ -57,7 +76,8 @@ def load_into_module(
                 raise ShapeMismatchError(
                     f"{source}:{k}: shape {tuple(v.shape)} != model {tuple(dst.shape)}"
                 )
-            dst.copy_(v.to(device=dst.device, dtype=dst.dtype))
+            if not is_target(v, dst):
+                dst.copy_(v.to(device=dst.device, dtype=dst.dtype))
 
 
 def autocast_dtype(device: torch.device) -> Any:

@@ -104,6 +104,13 @@ class TextClassificationEvaluator:
         """Copy ``state`` into the kept skeleton (keys checked against the base's)."""
         zm.load_into(self._body, state, source)
 
+    def targets(self) -> dict[str, Tensor]:
+        """The body's own tensors by state key: a candidate written there is loaded
+        by :meth:`load_state` without a copy."""
+        from npstune.evaluate.hf import module_targets
+
+        return module_targets(self._body)
+
     @torch.inference_mode()
     def _score(self, task: str, split: str) -> float:
         b = self.batches(task, split)

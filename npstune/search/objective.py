@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from npstune.compress import storage_bits
-from npstune.errors import ConfigError
+from npstune.errors import ConfigError, SearchError
 from npstune.evaluate import Evaluator, evaluate_many
 from npstune.search.space import Candidate, ParamSpace, SearchConfig
 from npstune.search.uses import get_use
@@ -69,16 +69,36 @@ def make_evaluator(
     )
 
 
+@dataclass(frozen=True)
+class EvaluatorRecipe:
+    """How to build a search's evaluator where it is used (a trial's process, on its
+    device): what a payload carries instead of an evaluator holding a big model."""
+
+    cfg: SearchConfig
+    zoo: Any
+    tasks: list[str]
+    split: str
+    device: str = "cpu"
+
+    def build(self) -> Evaluator:
+        return make_evaluator(self.cfg, self.zoo, self.tasks, self.split, self.device)
+
+
 # ------------------------------------------------------------------------------ payload
 @dataclass(kw_only=True)
 class Payload:
-    """What every trial of any search needs, built once in the driver."""
+    """What every trial of any search needs, built once in the driver.
+
+    ``evaluator`` is built in the driver and shipped, or (``recipe`` given: the
+    streamed path, whose evaluator holds a model of the checkpoint's size) built on
+    first use by :meth:`get_evaluator` in each process and never pickled."""
 
     use: str  # a name of npstune.search.uses.USES
     space: Any  # ParamSpace (NPS) or MethodSpace
     vector_tasks: list[str]  # the task of each task vector, in order
     eval_tasks: list[str]  # tasks scored by a shared state (fusion, transfer)
-    evaluator: Evaluator
+    evaluator: Evaluator | None = None
+    recipe: EvaluatorRecipe | None = None
     transfer: tuple[list[str], str] | None = None  # (pre tasks, target)
     references: dict[str, dict[str, float]] = field(
         default_factory=dict
@@ -92,6 +112,20 @@ class Payload:
 
     def objective(self) -> BaseObjective:
         raise NotImplementedError
+
+    def get_evaluator(self) -> Evaluator:
+        """The evaluator, built from the recipe on first use in this process."""
+        if self.evaluator is None:
+            if self.recipe is None:
+                raise SearchError("this payload has neither an evaluator nor a recipe")
+            self.evaluator = self.recipe.build()
+        return self.evaluator
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.recipe is not None:  # each process builds its own
+            state["evaluator"] = None
+        return state
 
 
 @dataclass(kw_only=True)
@@ -185,12 +219,11 @@ def build_payload(
     base, models, names = resolve_models(cfg, zoo)
     sel = use.select(cfg, names)
     models, names = [models[i] for i in sel.vectors], [names[i] for i in sel.vectors]
-    evaluator = make_evaluator(cfg, zoo, sel.eval_tasks, CALIBRATION)
+    recipe = EvaluatorRecipe(cfg, zoo, sel.eval_tasks, CALIBRATION)
     common: dict[str, Any] = dict(
         use=cfg.use,
         vector_tasks=names,
         eval_tasks=sel.eval_tasks,
-        evaluator=evaluator,
         transfer=sel.transfer,
         base_path=str(base),
         model_paths=[str(m) for m in models],
@@ -208,12 +241,14 @@ def build_payload(
             cfg.prune,
         )
         payload: Payload = MethodPayload(
-            space=space, method=cfg.method, n=plan.n, **common
+            space=space, method=cfg.method, n=plan.n, evaluator=recipe.build(), **common
         )
     else:
-        payload = _nps_payload(cfg, plan, names, common, say)
+        payload = _nps_payload(cfg, plan, names, recipe, common, say)
     if use.needs_references:  # normalization reference: each fine-tuned model
         payload.references[CALIBRATION] = payload.objective().individual(CALIBRATION)
+        if payload.recipe is not None:
+            payload.evaluator = None  # the driver holds no model during the search
     say(f"objective ready in {time.perf_counter() - t0:.1f} s")
     return payload
 
@@ -222,6 +257,7 @@ def _nps_payload(
     cfg: SearchConfig,
     plan: Any,
     names: list[str],
+    recipe: EvaluatorRecipe,
     common: dict[str, Any],
     say: Callable[[str], None],
 ) -> Payload:
@@ -238,8 +274,13 @@ def _nps_payload(
         frozen = sum(
             plan.numel[k] for k in plan.copy_keys if base.dtype(k).is_floating_point
         )
-        return StreamPayload(
-            space=space, n=plan.n, frozen=frozen, candidates="stream", **common
+        return StreamPayload(  # the evaluator is built where it runs (a trial)
+            space=space,
+            n=plan.n,
+            frozen=frozen,
+            candidates="stream",
+            recipe=recipe,
+            **common,
         )
     ranked = []
     for t, tv in enumerate(plan.task_vectors()):
@@ -259,6 +300,7 @@ def _nps_payload(
         n=plan.n,
         frozen=frozen,
         candidates="memory",
+        evaluator=recipe.build(),
         **common,
     )
 
@@ -312,7 +354,7 @@ class BaseObjective:
         evaluator: Evaluator | None = None,
     ) -> dict[str, float]:
         """Every metric of one candidate (``objective`` is the one searched)."""
-        ev = evaluator or self.p.evaluator
+        ev = evaluator or self.p.get_evaluator()
         accs: dict[str, float] = {}
         t_build = t_eval = 0.0
         t0 = time.perf_counter()
@@ -346,7 +388,8 @@ class BaseObjective:
         """One shared state (pretrained, a merge) scored on every task of the use."""
         tasks = self.use.scored_tasks(self.p.vector_tasks, self.p.eval_tasks)
         return self.aggregate(
-            evaluate_many(evaluator or self.p.evaluator, state, tasks, split), split
+            evaluate_many(evaluator or self.p.get_evaluator(), state, tasks, split),
+            split,
         )
 
     def individual(
@@ -355,7 +398,7 @@ class BaseObjective:
         """Each fine-tuned model on its own task (transfer: on every scored task)."""
         from npstune.checkpoints import open_checkpoint
 
-        ev = evaluator or self.p.evaluator
+        ev = evaluator or self.p.get_evaluator()
         accs: dict[str, float] = {}
         for task, path in zip(self.p.vector_tasks, self.p.model_paths):
             ck = open_checkpoint(path, base=self.p.base_path)

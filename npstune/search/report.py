@@ -113,7 +113,13 @@ def final_report(
     obj = payload.objective()
     use = obj.use
     tasks = use.scored_tasks(payload.vector_tasks, payload.eval_tasks)
-    test_ev = make_evaluator(cfg, zoo, tasks, TEST)
+    # the streamed path's evaluator holds a model of the checkpoint's size: the one
+    # built for calibration scores the test split too (its data read on first use)
+    test_ev = (
+        payload.get_evaluator()
+        if payload.recipe is not None
+        else make_evaluator(cfg, zoo, tasks, TEST)
+    )
     if use.needs_references:
         payload.references[TEST] = obj.individual(TEST, test_ev)
     rows: list[Row] = []

@@ -92,6 +92,28 @@ def choose_path(
     )
 
 
+def writable_targets(evaluator: Any, plan: Any) -> dict[str, torch.Tensor] | None:
+    """The evaluator's own tensors for the keys of ``plan`` (its ``targets()``), when
+    it has one for every delta key, each of the key's shape and contiguous; else None
+    (the candidate goes into a state of its own, which the evaluator copies). Copy keys
+    it lacks stay the base's."""
+    fn = getattr(evaluator, "targets", None)
+    if not callable(fn):
+        return None
+    own = fn()
+    out = {}
+    for k in plan.keys:
+        t = own.get(k)
+        if t is None and k in plan.copy_keys:
+            continue
+        if t is None or tuple(t.shape) != tuple(plan.base.shape(k)):
+            return None
+        if not t.is_contiguous():
+            return None
+        out[k] = t
+    return out
+
+
 @dataclass(kw_only=True)
 class StreamPayload(Payload):
     """The NPS search without per-entry state: paths and the space only."""
@@ -108,22 +130,43 @@ class StreamObjective(BaseObjective):
     p: StreamPayload
 
     def __init__(self, payload: StreamPayload) -> None:
+        from npstune.errors import CheckpointError
         from npstune.taskvector import plan_merge
 
         super().__init__(payload)
-        self.plan = plan_merge(payload.base_path, payload.model_paths)
+        try:
+            self.plan = plan_merge(payload.base_path, payload.model_paths)
+        except CheckpointError as exc:  # a node of a cluster without the storage
+            raise CheckpointError(
+                f"{exc}; a streamed search opens the checkpoints by path on every "
+                "node: they must be on storage each node sees at the same path"
+            ) from None
         # one plan per task vector for the states of one task (compression), so that
         # a candidate reads only that task's checkpoint; each keeps the full plan's
         # keys (a key one model leaves unchanged is still in scope: the ranked path's
         # n and partition)
         self._single = [replace(self.plan, models=[m]) for m in self.plan.models]
         base = self.plan.base
-        self._state: dict[str, torch.Tensor] = {
-            k: torch.empty(base.shape(k), dtype=base.dtype(k))
-            for k in self.plan.delta_keys
-        }
-        for k in self.plan.copy_keys:
-            self._state[k] = base[k]
+        self._dtypes = {k: base.dtype(k) for k in self.plan.keys}
+        targets = writable_targets(self.p.get_evaluator(), self.plan)
+        #: candidates are written into the evaluator's own model (one model per
+        #: trial), not into a state of their own that the evaluator then copies
+        self.in_place = targets is not None
+        if targets is not None:
+            self._state = targets
+            for k in self.plan.copy_keys:  # once: no candidate changes them
+                t = targets.get(k)
+                if t is None:  # not the module's (a buffer it does not persist)
+                    self._state[k] = base[k]
+                else:
+                    t.copy_(base[k].to(device=t.device, dtype=t.dtype))
+        else:
+            self._state = {
+                k: torch.empty(base.shape(k), dtype=base.dtype(k))
+                for k in self.plan.delta_keys
+            }
+            for k in self.plan.copy_keys:
+                self._state[k] = base[k]
 
     def build(
         self,
@@ -156,9 +199,12 @@ class StreamObjective(BaseObjective):
                     else:
                         idx = keep.nonzero().squeeze(1)
                         delta.index_add_(0, idx, v, alpha=lam[t])
-                # a new tensor: the base as read may be the checkpoint's own buffer
+                # a new tensor: the base as read may be the checkpoint's own buffer;
+                # cast to the checkpoint's dtype first, as a loaded state would be
                 theta = torch.add(ch.base.reshape(-1).float(), delta)
-                flat[start:stop] = theta.to(flat.dtype)
+                flat[start:stop] = theta.to(self._dtypes[key]).to(
+                    device=flat.device, dtype=flat.dtype
+                )
         return dict(self._state)
 
     def states(
@@ -192,4 +238,5 @@ __all__ = [
     "available_bytes",
     "choose_path",
     "ranked_bytes",
+    "writable_targets",
 ]
