@@ -50,6 +50,8 @@ class TrialRecord:
     metrics: dict[str, float]
     value: float
     status: str  # ok | invalid (non-finite metric) | error
+    node: str = ""  # the Ray node id the trial ran on ("" in older ledgers)
+    error: str = ""  # an error's one line (a trial_error report)
 
 
 @dataclass
@@ -152,7 +154,8 @@ class SearchMonitor(Callback):
             if (k in KEPT or k.startswith("acc/")) and isinstance(v, (int, float))
         }
         raw = None if error else result.get(METRIC)
-        if error:
+        said = str(result.get("trial_error") or "")
+        if error or said:
             value, status = self.penalty, "error"
         elif isinstance(raw, (int, float)) and math.isfinite(raw):
             value, status = float(raw), "ok"
@@ -166,7 +169,11 @@ class SearchMonitor(Callback):
             metrics,
             value,
             status,
+            node=str(result.get("node") or ""),
+            error=said,
         )
+        if said and self.echo:
+            self.echo(f"trial {rec.index + 1} of generation {g + 1} failed: {said}")
         self.ledger.records.append(rec)
         for s in self.sinks:
             s.on_trial(rec)

@@ -8,7 +8,7 @@ are then kept across generations, see :mod:`npstune.search.actor_cache`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -38,7 +38,11 @@ class ObjectiveHandle:
 
             payload = ray.get(self.refs[0])
             if torch.cuda.is_available() and ray.get_gpu_ids():
-                payload.evaluator = _on_gpu(payload.evaluator, payload.eval_tasks)
+                if payload.evaluator is None and payload.recipe is not None:
+                    # built here, straight onto the trial's GPU
+                    payload.recipe = replace(payload.recipe, device="cuda")
+                else:
+                    payload.evaluator = _on_gpu(payload.evaluator, payload.eval_tasks)
             _CACHE.clear()  # one search per worker at a time: bound memory
             obj = _CACHE[self.search_id] = payload.objective()
         return obj
@@ -61,12 +65,31 @@ def _on_gpu(ev: Evaluator, tasks: list[str]) -> Evaluator:
 
 
 def run_trial(config: dict[str, Any], handle: ObjectiveHandle) -> None:
-    """The Ray Tune trainable: score one candidate and report its metrics once."""
+    """The Ray Tune trainable: score one candidate and report its metrics once, with
+    the id of the node it ran on. An npstune error (a checkpoint this node cannot
+    open, say) is reported as ``trial_error``, one line naming the node, instead of
+    raised: the search records the trial as failed and goes on."""
+    import ray
     import torch
     from ray import tune
 
+    from npstune.errors import NpstuneError
+
     torch.set_num_threads(max(1, handle.threads))
-    obj = handle.objective()
-    metrics = obj.score(obj.space.candidate(config))
-    metrics["generation"] = float(config.get("generation", -1))
+    ctx = ray.get_runtime_context()
+    where = {"node": ctx.get_node_id()}
+    try:
+        obj = handle.objective()
+        metrics: dict[str, Any] = obj.score(obj.space.candidate(config))
+    except NpstuneError as exc:
+        text = str(exc).strip()
+        line = text.splitlines()[0] if text else type(exc).__name__
+        ip = ray.util.get_node_ip_address()
+        from npstune.search.space import METRIC
+
+        # no score: the searcher gives it the penalty, the monitor records the line
+        said = {METRIC: float("nan"), "trial_error": f"node {ip}: {line}"}
+        tune.report({**where, **said})
+        return
+    metrics.update(where, generation=float(config.get("generation", -1)))
     tune.report(metrics)
