@@ -242,7 +242,10 @@ class NpsPruner(Pruner):
 #: passes. Keyed by every input file's path, size and modification time, the delta
 #: keys, M and the device. Each holds M·32 Ki counters per task, whatever n is.
 _SKETCHES: OrderedDict[tuple[Any, ...], list[Sketch]] = OrderedDict()
-_SKETCHES_KEPT = 4
+#: entries kept (each a few MiB per task vector): a streamed compression search keys
+#: one entry per task, so fewer than its task count would recompute partitions on
+#: every candidate
+_SKETCHES_KEPT = 16
 
 
 def _plan_fingerprint(
