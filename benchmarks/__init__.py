@@ -17,4 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "search_overhead": "Ray Tune overhead per trial, trials per hour",
     "speed": "NPS candidates and big-checkpoint merges against the copy floor",
     "compression_storage": "bytes on disk vs paper bits, streaming peak memory",
+    "search_scale": (
+        "a streamed NPS search over 3 experts of Llama-7B shapes: memory, build time"
+    ),
 }
