@@ -268,3 +268,11 @@ def test_tracking_uri_env_fallback(tmp_path, monkeypatch):
     assert load_config(write(tmp_path, explicit)).tracking_uri == "sqlite:///mlflow.db"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert load_config(write(tmp_path, ZOO)).tracking_uri == "sqlite:///mlflow.db"
+
+
+def test_an_empty_baseline_list_means_none(tmp_path):
+    assert (
+        load_config(write(tmp_path, {**ZOO, "report": {"baselines": []}})).baselines
+        == []
+    )
+    assert "ties" in load_config(write(tmp_path, ZOO, "d.yaml")).baselines
