@@ -9,6 +9,7 @@ started.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -40,6 +41,20 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def stop_nodes(procs: list[subprocess.Popen]) -> None:
+    """Stop ``ray start --block`` processes (each stops what it started on SIGTERM),
+    the last started first; SIGKILL after a minute."""
+    for p in reversed(procs):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in reversed(procs):
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 @pytest.mark.slow
@@ -129,12 +144,7 @@ def test_ray_job_submit_runs_a_search(tmp_path):
         )  # not a private local instance
         assert "generation 2/2" in out and "NPS (searched)" in out
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        stop_nodes([head])
         shutil.rmtree(temp, ignore_errors=True)
 
     parents, children = mlflow_runs(uri, "cluster")

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import yaml
 
 pytest.importorskip("ray")
 
-from tests.test_search_cluster import free_ports  # noqa: E402
+from tests.test_search_cluster import free_ports, stop_nodes  # noqa: E402
 from tests.test_search_support import write_tiny_search  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -139,15 +138,7 @@ def two_nodes(hide: Path | None = None) -> Iterator[str]:
             time.sleep(2)
         yield address
     finally:
-        for p in reversed(procs):  # `ray start --block` stops what it started
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        stop_nodes(procs)
         shutil.rmtree(temp, ignore_errors=True)
 
 
