@@ -348,7 +348,9 @@ def trials_table(out: Path) -> tuple[list[dict[str, Any]], dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="benchmarks.search_scale", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.search_scale", description=__doc__
+    )
     ap.add_argument("--layers", type=int, default=7)
     ap.add_argument("--generations", type=int, default=3)
     ap.add_argument("--population", type=int, default=4)

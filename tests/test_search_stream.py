@@ -157,6 +157,7 @@ def test_bad_candidates_value_is_refused(tmp_path):
         load_config(path)
 
 
+@pytest.mark.slow
 def test_candidates_written_into_the_zoo_evaluators_model(small_zoo, tmp_path):
     """With the zoo's text evaluator, a streamed candidate is written into the
     evaluator's own body (no state of its own, no copy on load), and every score equals

@@ -69,8 +69,11 @@ def _module_marks(tree: ast.Module) -> set[str]:
     return set()
 
 
-def _heavy_body(fn: ast.FunctionDef, mocked: set[str]) -> str | None:
-    """Why ``fn``'s own body is slow (a real zoo build, Ray, a search subprocess)."""
+def _heavy_body(
+    fn: ast.FunctionDef, mocked: set[str], helpers: dict[str, str] | None = None
+) -> str | None:
+    """Why ``fn``'s own body is slow (a real zoo build, Ray, a search subprocess, or
+    a call to a module helper in ``helpers`` that does one of them)."""
     for node in ast.walk(fn):
         if not isinstance(node, ast.Call):
             continue
@@ -78,6 +81,8 @@ def _heavy_body(fn: ast.FunctionDef, mocked: set[str]) -> str | None:
         last = name.rsplit(".", 1)[-1]
         if name == "ray.init":
             return "ray.init"
+        if helpers and name in helpers:
+            return f"{name} ({helpers[name]})"
         if last in HEAVY_CALLS and last not in mocked:
             return last
         if last in {"run", "Popen", "check_call", "check_output", "call"} and node.args:
@@ -110,13 +115,26 @@ def _slow_reasons(tree: ast.Module) -> dict[str, str | None]:
     fns = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
     fixtures = {f.name: f for f in fns if _is_fixture(f)}
     heavy_fix: dict[str, str] = {n: "fixture " + n for n in ZOO_FIXTURES}
+    # module helpers (neither fixtures nor tests) that are heavy, transitively
+    plain = {f.name: f for f in fns if f.name not in fixtures}
+    plain = {n: f for n, f in plain.items() if not n.startswith("test_")}
+    helpers: dict[str, str] = {}
+    changed = True
+    while changed:
+        changed = False
+        for name, f in plain.items():
+            if name not in helpers:
+                why = _heavy_body(f, _mocked(f), helpers)
+                if why:
+                    helpers[name] = why
+                    changed = True
     changed = True
     while changed:  # fixtures that start Ray or use a heavy fixture are heavy too
         changed = False
         for name, f in fixtures.items():
             if name in heavy_fix:
                 continue
-            why = _heavy_body(f, _mocked(f)) or next(
+            why = _heavy_body(f, _mocked(f), helpers) or next(
                 (heavy_fix[a.arg] for a in f.args.args if a.arg in heavy_fix), None
             )
             if why:
@@ -127,7 +145,7 @@ def _slow_reasons(tree: ast.Module) -> dict[str, str | None]:
         if f.name.startswith("test_"):
             out[f.name] = next(
                 (heavy_fix[a.arg] for a in f.args.args if a.arg in heavy_fix), None
-            ) or _heavy_body(f, _mocked(f))
+            ) or _heavy_body(f, _mocked(f), helpers)
     return out
 
 

@@ -376,7 +376,9 @@ class SearchConfig(_Frozen):
     @property
     def baselines(self) -> list[str]:
         given = self.report.baselines  # [] is none at all; unset, the defaults
-        return list(default_baselines(self.use, self.method) if given is None else given)
+        return list(
+            default_baselines(self.use, self.method) if given is None else given
+        )
 
     def with_overrides(self, **values: Any) -> SearchConfig:
         """A copy with dotted keys replaced (``search.backend="nevergrad"``),
