@@ -7,6 +7,13 @@ fix it. The CLI turns any ``NpstuneError`` into one line on stderr and a non-zer
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none):
+    what a one-line error quotes of another."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class NpstuneError(Exception):
     """Base class of every error npstune raises on purpose."""
 

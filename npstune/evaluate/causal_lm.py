@@ -47,7 +47,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from npstune.errors import ConfigError
+from npstune.errors import ConfigError, first_line
 from npstune.evaluate.base import State
 from npstune.evaluate.hf import autocast_dtype, load_into_module, module_targets
 from npstune.evaluate.kinds import SPLITS, BuildContext, EvaluatorKind, KindOptions
@@ -315,7 +315,7 @@ def load_causal_lm(
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(
-            f"{path}: cannot read the model config ({_first(exc)})"
+            f"{path}: cannot read the model config ({first_line(exc)})"
         ) from None
     if not _is_causal(config):
         archs = ", ".join(getattr(config, "architectures", None) or [config.model_type])
@@ -334,15 +334,10 @@ def load_causal_lm(
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(
-            f"{path}: cannot load the model or tokenizer ({_first(exc)})"
+            f"{path}: cannot load the model or tokenizer ({first_line(exc)})"
         ) from None
     # transformers wraps .to with functools.wraps, which mypy leaves unbound (self)
     return model.to(device).eval(), tok  # type: ignore[arg-type]
-
-
-def _first(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---- the evaluator -------------------------------------------------------------------

@@ -37,6 +37,13 @@ def is_target(src: Tensor, dst: Tensor) -> bool:
     )
 
 
+def copy_into(dst: Tensor, src: Tensor) -> None:
+    """``dst.copy_(src)`` across device and dtype, skipped when ``src`` is ``dst``'s
+    own memory (:func:`is_target`). Callers hold ``torch.no_grad()``."""
+    if not is_target(src, dst):
+        dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
+
+
 def module_targets(module: nn.Module) -> dict[str, Tensor]:
     """The module's own tensors by state key (detached views of its parameters and
     persistent buffers): what a writer fills in place instead of building a state."""
@@ -76,8 +83,7 @@ def load_into_module(
                 raise ShapeMismatchError(
                     f"{source}:{k}: shape {tuple(v.shape)} != model {tuple(dst.shape)}"
                 )
-            if not is_target(v, dst):
-                dst.copy_(v.to(device=dst.device, dtype=dst.dtype))
+            copy_into(dst, v)
 
 
 def autocast_dtype(device: torch.device) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from npstune.errors import ConfigError
+from npstune.errors import ConfigError, first_line
 from npstune.evaluate.kinds import BuildContext, KindOptions, get_kind
 
 #: Keys every evaluator file may hold besides its kind's own.
@@ -112,9 +112,7 @@ def load_evaluator_file(path: str | Path) -> EvaluatorFile:
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such evaluator file") from None
     except (OSError, yaml.YAMLError) as exc:
-        first = (
-            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        )
+        first = first_line(exc)
         raise ConfigError(f"{p}: not valid YAML ({first})") from None
     return parse_evaluator(data or {}, p.resolve().parent, str(p))
 

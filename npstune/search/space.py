@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from npstune.errors import ConfigError
+from npstune.errors import ConfigError, first_line
 from npstune.search.backends import BACKENDS  # noqa: E402 - light: a name table
 from npstune.search.params import Param, UnitBox  # noqa: E402
 from npstune.search.uses import USES  # noqa: E402
@@ -396,9 +396,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such search-space file") from None
     except (OSError, yaml.YAMLError) as exc:
-        first = (
-            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        )
+        first = first_line(exc)
         raise ConfigError(f"{path}: not valid YAML ({first})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")

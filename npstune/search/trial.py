@@ -73,7 +73,7 @@ def run_trial(config: dict[str, Any], handle: ObjectiveHandle) -> None:
     import torch
     from ray import tune
 
-    from npstune.errors import NpstuneError
+    from npstune.errors import NpstuneError, first_line
 
     torch.set_num_threads(max(1, handle.threads))
     ctx = ray.get_runtime_context()
@@ -82,13 +82,11 @@ def run_trial(config: dict[str, Any], handle: ObjectiveHandle) -> None:
         obj = handle.objective()
         metrics: dict[str, Any] = obj.score(obj.space.candidate(config))
     except NpstuneError as exc:
-        text = str(exc).strip()
-        line = text.splitlines()[0] if text else type(exc).__name__
-        ip = ray.util.get_node_ip_address()
         from npstune.search.space import METRIC
 
+        ip = ray.util.get_node_ip_address()
         # no score: the searcher gives it the penalty, the monitor records the line
-        said = {METRIC: float("nan"), "trial_error": f"node {ip}: {line}"}
+        said = {METRIC: float("nan"), "trial_error": f"node {ip}: {first_line(exc)}"}
         tune.report({**where, **said})
         return
     metrics.update(where, generation=float(config.get("generation", -1)))

@@ -330,12 +330,11 @@ def load_into(
             raise ShapeMismatchError(
                 f"{source}:{k}: shape {tuple(state[k].shape)} != base {tuple(t.shape)}"
             )
-    from npstune.evaluate.hf import is_target
+    from npstune.evaluate.hf import copy_into
 
     with torch.no_grad():  # load_state_dict's copy, less the tensors written in place
         for k, t in own.items():
-            if not is_target(state[k], t):
-                t.copy_(state[k].to(device=t.device, dtype=t.dtype))
+            copy_into(t, state[k])
 
 
 _IGNORED_BUFFERS = frozenset({"embeddings.position_ids"})
