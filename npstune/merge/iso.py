@@ -20,14 +20,18 @@ from pydantic import Field
 from npstune.errors import ConfigError
 from npstune.merge.base import MergeInputs, MergeSpec
 from npstune.merge.tsv_m import (
+    Matrices,
     MatrixCtx,
     MatrixParams,
     Scale,
-    matrices,
-    polar,
+    TaskMatrices,
+    is_matrix,
+    isotropic,
     prepare_matrix,
+    summed,
     task_mean,
     taus64,
+    top_triplets,
 )
 from npstune.taskvector import Chunk
 
@@ -61,41 +65,44 @@ def iso_cts_sizes(
     return c, r
 
 
-def iso_c_merge(mats: list[torch.Tensor]) -> torch.Tensor:
+def iso_c_merge(mats: Matrices) -> torch.Tensor:
     """mean(S)·U Vᵀ of the summed matrix."""
-    u, s, vh = torch.linalg.svd(sum(mats[1:], mats[0].clone()), full_matrices=False)
-    return s.mean() * (u @ vh)
+    u, s, vh = torch.linalg.svd(summed(mats), full_matrices=False)
+    return (u @ vh).mul_(s.mean())
 
 
-def iso_cts_merge(
-    mats: list[torch.Tensor], fraction: float, key: str = ""
-) -> torch.Tensor:
-    """s̄·polar(Û)·polar(V̂ᵀ) from the common subspace of Σ τ_t and each task's rest."""
-    p = min(mats[0].shape)
-    c, r = iso_cts_sizes(p, len(mats), fraction, key)
-    u, s, vh = torch.linalg.svd(sum(mats[1:], mats[0].clone()), full_matrices=False)
+def iso_cts_merge(mats: Matrices, fraction: float, key: str = "") -> torch.Tensor:
+    """s̄·polar(Û)·polar(V̂ᵀ) from the common subspace of Σ τ_t and each task's rest
+    (``mats`` is iterated twice, holding one τ_t at a time)."""
+    u, s, vh = torch.linalg.svd(summed(mats), full_matrices=False)
+    c, r = iso_cts_sizes(min(u.shape[0], vh.shape[1]), len(mats), fraction, key)
     uc = u[:, :c]
-    us, ss, vhs = [], [], []
+    us: list[torch.Tensor] = []
+    ss: list[torch.Tensor] = []
+    vhs: list[torch.Tensor] = []
     if r:
-        for a in mats:
-            ut, st, vht = torch.linalg.svd(a - uc @ (uc.T @ a), full_matrices=False)
-            us.append(ut[:, :r].clone())
-            ss.append(st[:r].clone())
-            vhs.append(vht[:r].clone())
+        for w in mats:
+            w.addmm_(uc, uc.T @ w, alpha=-1)  # W_t = τ_t − U_c U_cᵀ τ_t, in place
+            ut, st, vht = top_triplets(w, r)
+            del w
+            us.append(ut)
+            ss.append(st)
+            vhs.append(vht)
     s_bar = torch.cat([*ss, s[:c]]).mean()
-    u_hat = polar(torch.cat([*us, uc], 1))
-    return s_bar * (u_hat @ polar(torch.cat([*vhs, vh[:c]], 0)))
+    us.append(uc)
+    vhs.append(vh[:c])
+    del u, uc, vh
+    return isotropic(us, vhs, s_bar)
 
 
 def _kernel(ctx: MatrixCtx, chunk: Chunk) -> torch.Tensor:
-    taus = taus64(chunk)
-    mats = matrices(ctx, chunk, taus)
-    if mats is None:
-        delta = task_mean(taus)
+    if not is_matrix(ctx, chunk):
+        delta = task_mean(taus64(chunk))
     elif isinstance(ctx.p, IsoCtsParams):
+        mats = TaskMatrices(chunk)
         delta = iso_cts_merge(mats, ctx.p.common_fraction, chunk.key).reshape(-1)
     else:
-        delta = iso_c_merge(mats).reshape(-1)
+        delta = iso_c_merge(TaskMatrices(chunk)).reshape(-1)
     return delta if ctx.scale == 1.0 else delta.mul_(ctx.scale)
 
 

@@ -12,8 +12,9 @@ at the end). Scope: one whole tensor at a time (the key's T matrices, float64).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import torch
 from pydantic import Field
@@ -94,13 +95,51 @@ def task_mean(taus: list[torch.Tensor]) -> torch.Tensor:
     return total.div_(len(taus))
 
 
-def matrices(
-    ctx: MatrixCtx, chunk: Chunk, taus: list[torch.Tensor]
-) -> list[torch.Tensor] | None:
-    """The τ_t as m×n matrices when the key is a matrix key, else None."""
-    if len(chunk.shape) != 2 or chunk.key in ctx.exclude:
-        return None
-    return [t.reshape(chunk.shape) for t in taus]
+def is_matrix(ctx: MatrixCtx, chunk: Chunk) -> bool:
+    """Whether the key is a matrix key (2-D and not excluded)."""
+    return len(chunk.shape) == 2 and chunk.key not in ctx.exclude
+
+
+class Matrices(Protocol):
+    """The T task matrices of one key: a list, or a :class:`TaskMatrices`."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[torch.Tensor]: ...
+
+
+class TaskMatrices:
+    """The chunk's τ_t as float64 m×n matrices (times α_t when per-task factors are
+    given), made one at a time as they are iterated: each is a fresh tensor the
+    consumer may change, and only the ones it keeps stay in memory. Iterable again."""
+
+    def __init__(self, chunk: Chunk, weights: list[float] | None = None):
+        self.chunk = chunk
+        self.weights = weights
+
+    def __len__(self) -> int:
+        return len(self.chunk.taus)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        shape = self.chunk.shape
+        for i, t in enumerate(self.chunk.taus):
+            a = t.to(torch.float64, copy=True).reshape(shape)
+            if self.weights is not None:
+                a.mul_(self.weights[i])
+            yield a
+
+
+def summed(mats: Matrices) -> torch.Tensor:
+    """Σ_t τ_t, holding one τ_t besides the total (a new tensor)."""
+    total: torch.Tensor | None = None
+    for a in mats:
+        if total is None:
+            total = a.clone()
+        else:
+            total += a
+        del a
+    assert total is not None, "no task matrices"
+    return total
 
 
 def polar(a: torch.Tensor) -> torch.Tensor:
@@ -110,27 +149,58 @@ def polar(a: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
-def tsv_merge(mats: list[torch.Tensor]) -> torch.Tensor:
+def polar_cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """polar(cat(parts, dim)); ``parts`` is emptied first, so that the pieces and
+    their concatenation are not both held through the SVD."""
+    a = torch.cat(parts, dim)
+    parts.clear()
+    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    del a
+    return u @ vh
+
+
+def top_triplets(
+    a: torch.Tensor, r: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copies of the top r singular triplets (U m×r, S r, Vᵀ r×n) of ``a``."""
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return u[:, :r].clone(), s[:r].clone(), vh[:r].clone()
+
+
+def isotropic(
+    us: list[torch.Tensor], vhs: list[torch.Tensor], s: torch.Tensor | float
+) -> torch.Tensor:
+    """polar([U…])·diag(s)·polar([Vᵀ…]) (s a scalar or one value per column); the
+    lists are emptied."""
+    u_hat = polar_cat(us, 1)
+    v_hat = polar_cat(vhs, 0)
+    v_hat.mul_(s[:, None] if isinstance(s, torch.Tensor) and s.ndim else s)
+    return u_hat @ v_hat
+
+
+def tsv_merge(mats: Matrices) -> torch.Tensor:
     """Δ = polar(Û)·diag(Ŝ)·polar(V̂ᵀ) from each task's top int(p/T) triplets."""
-    p = min(mats[0].shape)
-    r = int(p * (1 / len(mats)))
-    if r == 0:
-        return torch.zeros_like(mats[0])
-    us, ss, vhs = [], [], []
+    us: list[torch.Tensor] = []
+    ss: list[torch.Tensor] = []
+    vhs: list[torch.Tensor] = []
     for a in mats:
-        u, s, vh = torch.linalg.svd(a, full_matrices=False)
-        us.append(u[:, :r].clone())
-        ss.append(s[:r].clone())
-        vhs.append(vh[:r].clone())
-        del u, s, vh
-    return polar(torch.cat(us, 1)) @ (torch.cat(ss)[:, None] * polar(torch.cat(vhs, 0)))
+        r = int(min(a.shape) * (1 / len(mats)))
+        if r == 0:
+            return torch.zeros_like(a)
+        u, s, vh = top_triplets(a, r)
+        del a
+        us.append(u)
+        ss.append(s)
+        vhs.append(vh)
+    return isotropic(us, vhs, torch.cat(ss))
 
 
 def tsv_m(ctx: MatrixCtx, chunk: Chunk) -> torch.Tensor:
     """α·Δ of one whole tensor (TSV-M on matrices, the mean elsewhere)."""
-    taus = taus64(chunk, ctx.weights)
-    mats = matrices(ctx, chunk, taus)
-    delta = task_mean(taus) if mats is None else tsv_merge(mats).reshape(-1)
+    if is_matrix(ctx, chunk):
+        delta = tsv_merge(TaskMatrices(chunk, ctx.weights)).reshape(-1)
+    else:
+        delta = task_mean(taus64(chunk, ctx.weights))
     return delta if ctx.scale == 1.0 else delta.mul_(ctx.scale)
 
 
