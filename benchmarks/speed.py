@@ -12,8 +12,9 @@ GB of disk):
 - ``peer``: a Llama-shaped fp32 checkpoint (~438M parameters, 500 MB shards, random init
   written tensor by tensor) + two noisy fine-tuned copies; ``npstune merge --method M``
   (each method's defaults) for every M of :data:`PEER_METHODS` (``task-arithmetic``,
-  ``ties`` (global) and the newer ``tsv-m``, ``iso-c``, ``iso-cts``, ``wudi``, ``emr``,
-  ``pcb``; ``--peer-methods`` picks a subset) against a floor that reads the three
+  ``ties`` (global) and the newer ``tsv-m``, ``iso-c``, ``iso-cts``, ``wudi`` (at 4
+  and 12 steps, extrapolated to its 400), ``emr``, ``pcb``; ``--peer-methods`` picks
+  others) against a floor that reads the three
   models and writes one with safetensors, tensor by tensor; mergekit when installed.
   Wall time, peak RSS and CPU time of each child process, against the floor and
   against TIES of the same run, and how many cores other processes kept busy
@@ -391,15 +392,21 @@ def llama_shapes(
     return s
 
 
-#: the merge methods the peer part runs (``--peer-methods`` picks a subset): the two
-#: baselines, then the newer methods, each with its defaults
+#: the merge runs of the peer part (``--peer-methods`` picks others): the two
+#: baselines, then the newer methods, each with its defaults, written ``METHOD`` or
+#: ``METHOD:NAME=VALUE[:NAME=VALUE...]`` (passed as ``--param NAME=VALUE``). WUDI runs
+#: at 4 and 12 Adam steps: its default 400 take about two hours on 2 CPU cores (one
+#: X·G product per matrix per step), so :func:`extrapolate_steps` adds the 400-step
+#: row from the two measured ones (time is linear in the steps; memory does not depend
+#: on them).
 PEER_METHODS = (
     "task-arithmetic",
     "ties",
     "tsv-m",
     "iso-c",
     "iso-cts",
-    "wudi",
+    "wudi:steps=4",
+    "wudi:steps=12",
     "emr",
     "pcb",
 )
@@ -449,6 +456,57 @@ def _peer_row(tool: str, info: dict[str, Any], timeout: float | None) -> dict[st
     elif info.get("rc"):
         row["note"] = f"failed: {info.get('error', '?')}"
     return row
+
+
+def method_spec(spec: str) -> tuple[str, list[str]]:
+    """``METHOD[:NAME=VALUE...]`` as (method, ["NAME=VALUE", ...])."""
+    method, *params = spec.split(":")
+    return method, params
+
+
+def _tool(spec: str) -> str:
+    """The table's name of one peer run: ``npstune wudi (steps=4)``."""
+    method, params = method_spec(spec)
+    return f"npstune {method}" + (f" ({', '.join(params)})" if params else "")
+
+
+def extrapolate_steps(
+    rows: list[dict[str, Any]], specs: list[str]
+) -> list[dict[str, Any]]:
+    """For a method run at two or more ``steps=S`` (and nothing else set), one row at
+    its default steps: wall and CPU time on the line through the two largest measured
+    step counts, RSS the larger measured peak (an iterative method's memory does not
+    grow with its steps). Marked as extrapolated in ``note``."""
+    from npstune.merge.registry import get_method
+
+    by_method: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for spec, row in zip(specs, rows, strict=True):
+        method, params = method_spec(spec)
+        if len(params) == 1 and params[0].startswith("steps=") and row["rc"] == 0:
+            by_method.setdefault(method, []).append((int(params[0][6:]), row))
+    out = []
+    for method, runs in by_method.items():
+        runs = sorted({s: r for s, r in runs}.items())
+        if len(runs) < 2:
+            continue
+        field = get_method(method).params.model_fields.get("steps")
+        if field is None or not isinstance(field.default, int):
+            continue
+        n = field.default
+        (s1, a), (s2, b) = runs[-2:]
+        row: dict[str, Any] = dict.fromkeys(PEER_COLUMNS)
+        row.update(tool=f"npstune {method} (steps={n}, extrapolated)", rc=0)
+        for col in ("wall_s", "cpu_s"):
+            if a[col] is not None and b[col] is not None:
+                row[col] = a[col] + (n - s1) * (b[col] - a[col]) / (s2 - s1)
+        row["rss_mib"] = max(a["rss_mib"], b["rss_mib"])
+        row["note"] = (
+            f"not measured: time on the line through steps={s1} and steps={s2} "
+            f"({(b['wall_s'] - a['wall_s']) / (s2 - s1):.1f} s per step), RSS their "
+            "larger peak"
+        )
+        out.append(row)
+    return out
 
 
 def _ratios(rows: list[dict[str, Any]]) -> None:
@@ -521,12 +579,13 @@ def peer(
     print(rows[-1], flush=True)
     shutil.rmtree(floor_out, ignore_errors=True)
     exe = _npstune()
-    for i, method in enumerate(methods, 1):
+    for i, spec in enumerate(methods, 1):
+        method, params = method_spec(spec)
         # emr writes one checkpoint per task into the directory --out: all of it goes
         out = scratch / f"out_{method}"
         shutil.rmtree(out, ignore_errors=True)
         limit = "no time limit" if not timeout else f"timeout {timeout:.0f} s"
-        print(f"peer: npstune {method} ({i}/{len(methods)}, {limit})", flush=True)
+        print(f"peer: {_tool(spec)} ({i}/{len(methods)}, {limit})", flush=True)
         info = _run_measured(
             [
                 *exe,
@@ -542,11 +601,12 @@ def peer(
                 str(out),
                 "--device",
                 device,
+                *(a for p in params for a in ("--param", p)),
             ],  # no --quiet: the progress bar (on stderr) tells how far a run got
             timeout=timeout,
             label=method,
         )
-        rows.append(_peer_row(f"npstune {method}", info, timeout))
+        rows.append(_peer_row(_tool(spec), info, timeout))
         print(rows[-1], flush=True)
         shutil.rmtree(out, ignore_errors=True)
         # a run killed at its timeout leaves its writer's staging directory beside out
@@ -571,6 +631,7 @@ def peer(
         rows.append(_peer_row("mergekit ties", info, timeout))
         shutil.rmtree(mk_out, ignore_errors=True)
         cfg.unlink(missing_ok=True)
+    rows += extrapolate_steps(rows[1 : 1 + len(methods)], list(methods))
     _ratios(rows)
     return rows
 
@@ -760,8 +821,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--peer-methods",
         default=",".join(PEER_METHODS),
-        help="comma-separated merge methods of the peer part, each run with its "
-        f"defaults (default: {','.join(PEER_METHODS)})",
+        help="comma-separated merge runs of the peer part, METHOD or "
+        "METHOD:NAME=VALUE[:NAME=VALUE...] (passed as --param NAME=VALUE); a method "
+        "run at two steps=S gets a row extrapolated to its default steps (default: "
+        f"{','.join(PEER_METHODS)})",
     )
     ap.add_argument(
         "--peer-timeout",
@@ -797,7 +860,7 @@ def main(argv: list[str] | None = None) -> None:
         from npstune.merge.registry import method_names
 
         known = method_names()
-        bad = [m for m in peer_methods if m not in known]
+        bad = [m for m in peer_methods if method_spec(m)[0] not in known]
         if bad or not peer_methods:
             ap.error(
                 f"unknown --peer-methods {', '.join(bad) or '(none given)'} (choose "

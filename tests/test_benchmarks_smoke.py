@@ -403,7 +403,8 @@ def test_speed_candidates_and_peer_tiny(no_mlflow, tmp_path):
         "--out-dir",
         str(out),
     ]
-    methods = "task-arithmetic,ties,emr"  # emr: one output per task, all removed
+    # emr: one output per task, all removed; wudi:steps=2 passes --param steps=2
+    methods = "wudi:steps=2,ties,emr"
     speed.main(
         ["--parts", "candidates,peer", "--peer-methods", methods, "--keep", *args]
     )
@@ -425,7 +426,7 @@ def test_speed_candidates_and_peer_tiny(no_mlflow, tmp_path):
     (peer,) = [v for k, v in data["sections"].items() if k.startswith("Peer workload")]
     assert [r["tool"] for r in peer] == [
         "floor (read 3, write 1; safetensors)",
-        "npstune task-arithmetic",
+        "npstune wudi (steps=2)",
         "npstune ties",
         "npstune emr",
     ]
@@ -451,6 +452,41 @@ def test_speed_candidates_and_peer_tiny(no_mlflow, tmp_path):
         speed.main(["--parts", "peers", *args])
     with pytest.raises(SystemExit):
         speed.main(["--parts", "peer", "--peer-methods", "ties,nope", *args])
+    with pytest.raises(SystemExit):
+        speed.main(["--parts", "peer", "--peer-methods", "nope:steps=4", *args])
+
+
+def test_speed_extrapolates_an_iterative_method_to_its_default_steps():
+    from benchmarks import speed
+
+    def row(tool, wall, rss, rc=0):
+        return {
+            **dict.fromkeys(speed.PEER_COLUMNS),
+            "tool": tool,
+            "rc": rc,
+            "wall_s": wall,
+            "cpu_s": 2 * wall,
+            "rss_mib": rss,
+        }
+
+    specs = ["ties", "wudi:steps=4", "wudi:steps=12", "wudi:steps=20:lr=0.1"]
+    rows = [
+        row("t", 9.0, 5.0),
+        row("a", 30.0, 100.0),
+        row("b", 70.0, 90.0),
+        row("c", 1.0, 1.0),
+    ]
+    (got,) = speed.extrapolate_steps(rows, specs)
+    # 5 s per step from (4, 30 s) to (12, 70 s): 30 + (400 - 4)·5 = 2010 s
+    assert got["tool"] == "npstune wudi (steps=400, extrapolated)"
+    assert got["wall_s"] == 2010 and got["cpu_s"] == 4020 and got["rss_mib"] == 100
+    assert got["note"].startswith("not measured") and "5.0 s per step" in got["note"]
+    assert list(got) == list(speed.PEER_COLUMNS)
+    # one finished step count (the other failed) gives no row
+    rows[2]["rc"] = 1
+    assert speed.extrapolate_steps(rows, specs) == []
+    assert speed.method_spec("wudi:steps=4:lr=1e-5") == ("wudi", ["steps=4", "lr=1e-5"])
+    assert speed._tool("wudi:steps=4") == "npstune wudi (steps=4)"
 
 
 def test_speed_run_measured_timeout(monkeypatch, tmp_path):
