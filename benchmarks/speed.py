@@ -393,7 +393,7 @@ def llama_shapes(
 
 
 #: the merge runs of the peer part (``--peer-methods`` picks others): the two
-#: baselines, then the newer methods, each with its defaults, written ``METHOD`` or
+#: baselines and NPS (its defaults: M 8, w 1), then the newer methods, each with its defaults, written ``METHOD`` or
 #: ``METHOD:NAME=VALUE[:NAME=VALUE...]`` (passed as ``--param NAME=VALUE``). WUDI runs
 #: at 4 and 12 Adam steps: its default 400 take about two hours on 2 CPU cores (one
 #: X·G product per matrix per step), so :func:`extrapolate_steps` adds the 400-step
@@ -402,6 +402,7 @@ def llama_shapes(
 PEER_METHODS = (
     "task-arithmetic",
     "ties",
+    "nps",
     "tsv-m",
     "iso-c",
     "iso-cts",
