@@ -393,9 +393,10 @@ def llama_shapes(
 
 
 #: the merge runs of the peer part (``--peer-methods`` picks others): the two
-#: baselines and NPS (its defaults: M 8, w 1), then the newer methods, each with its defaults, written ``METHOD`` or
-#: ``METHOD:NAME=VALUE[:NAME=VALUE...]`` (passed as ``--param NAME=VALUE``). WUDI runs
-#: at 4 and 12 Adam steps: its default 400 take about two hours on 2 CPU cores (one
+#: baselines and NPS (its defaults: M 8, w 1), then the newer methods, each with its
+#: defaults, written ``METHOD`` or ``METHOD:NAME=VALUE[:NAME=VALUE...]`` (passed as
+#: ``--param NAME=VALUE``). WUDI runs at 4 and 12 Adam steps: its default 400 take
+#: about 2.6 hours on 2 CPU cores (one
 #: X·G product per matrix per step), so :func:`extrapolate_steps` adds the 400-step
 #: row from the two measured ones (time is linear in the steps; memory does not depend
 #: on them).
