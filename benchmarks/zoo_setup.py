@@ -291,6 +291,10 @@ class ZooBench:
             "zoo": self.size,
             "tracking.experiment": "npstune-benchmarks",
             "evaluator.calibration_examples": self.cal_n,
+            "evaluator.test_examples": self.test_n,
+            # the benchmark scores its own baseline rows: the search's final table
+            # would evaluate them again, on the test split, for nothing
+            "report.baselines": [],
             "output_dir": str(Path(tempfile.mkdtemp(prefix="npstune-bench-search-"))),
         }
         o.update(self.search_budget())

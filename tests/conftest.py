@@ -17,6 +17,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "torch" in sys.modules:  # imported by a plugin before this file
     sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+
+@pytest.fixture
+def all_cores():
+    """Every core for torch in this process, for tests that run the zoo's real 22M
+    model in-process (the benchmark smoke runs, the CI-sized search's final table):
+    there the second thread pays (the fusion smoke: 175 s with one, 116 s with two on
+    2 cores). Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---- zoo fixtures (owner: zoo/evaluate) ----------------------------------------------
 # `small_zoo` builds the real small zoo once per session into the normal cache
 # ($NPSTUNE_ZOO_DIR or ~/.cache/npstune/zoo), so later runs, the CLI and CI reuse it.

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-QUICK = ["--zoo", "small", "--quick", "--calibration", "32", "--test", "64"]
+QUICK = ["--zoo", "small", "--quick", "--calibration", "16", "--test", "16"]
 
 
 @pytest.fixture
-def no_mlflow(monkeypatch):
+def no_mlflow(monkeypatch, all_cores):
+    """No MLflow logging; every core for torch (the runs are zoo-sized)."""
     monkeypatch.setenv("NPSTUNE_BENCH_NO_MLFLOW", "1")
 
 

@@ -26,7 +26,7 @@ CI_CONFIG = ROOT / "searchspaces" / "nps-fusion-small.yaml"
 
 
 @pytest.mark.slow
-def test_ci_sized_search_on_the_small_zoo(small_zoo, tmp_path, monkeypatch):
+def test_ci_sized_search_on_the_small_zoo(small_zoo, tmp_path, monkeypatch, all_cores):
     assert small_zoo.tasks  # built (or reused) by the fixture: this test never skips
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
