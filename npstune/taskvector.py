@@ -26,6 +26,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 import torch
 
@@ -115,13 +116,32 @@ class MergePlan:
         start: int = 0,
         stop: int | None = None,
         device: str | torch.device = "cpu",
+        lean: bool = False,
     ) -> Chunk:
         """Read ``[start, stop)`` of ``key`` from the base and every model,
-        once each."""
+        once each.
+
+        ``lean``: keep the models' reads instead of T ready task vectors in two dtypes;
+        ``taus`` and ``taus32`` are then :class:`FreshTaus`, each τ_t made (with the
+        same bits) when it is asked for. For kernels that consume τ_t one at a time (the
+        SVD merges, WUDI): an fp32 key's chunk holds 12 + 4·T bytes per entry instead
+        of 12 + 12·T. NaN/Inf is checked in the reads (so a τ that overflows float32
+        is not refused here); a plan with LoRA adapter models reads as usual."""
         b = self.base.read(key, start, stop).to(device)
         cd = compute_dtype(b.dtype)
         b32 = b.float()
         bcd = b32 if cd == torch.float32 else b.to(cd)
+        if lean and not any(self._adapter(m) is not None for m in self.models):
+            reads = []
+            for m in self.models:
+                f = m.read(key, start, stop).to(device)
+                if not (all_finite(f) and all_finite(b)):
+                    _raise_not_finite(key, ((m, f), (self.base, b)), m)
+                reads.append(f)
+            shape = self.base.shape(key)
+            return Chunk(
+                key, start, shape, b, bcd, FreshTaus(reads, bcd), FreshTaus(reads, b32)
+            )
         taus, taus32 = [], []
         for m in self.models:
             ad = self._adapter(m)
@@ -203,6 +223,31 @@ class MergePlan:
             yield start, min(start + chunk, n)
 
 
+class FreshTaus(Sequence[torch.Tensor]):
+    """The τ_t of one chunk, each made when it is asked for from the models' reads:
+    ``read_t.to(dtype) − base`` (``base`` in ``dtype``), the expression of a full read,
+    so the same bits. Every access gives a new tensor that the caller may change;
+    nothing is cached."""
+
+    def __init__(self, reads: list[torch.Tensor], base: torch.Tensor):
+        self.reads = reads
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.reads)
+
+    @overload
+    def __getitem__(self, i: int) -> torch.Tensor: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[torch.Tensor]: ...
+
+    def __getitem__(self, i: int | slice) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.reads[i].to(self.base.dtype) - self.base
+
+
 @dataclass
 class Chunk:
     """One row-major element range of one key, read from every checkpoint.
@@ -217,8 +262,9 @@ class Chunk:
     shape: tuple[int, ...]
     base: torch.Tensor
     base_cd: torch.Tensor
-    taus: list[torch.Tensor]
-    taus32: list[torch.Tensor]
+    #: lists, or :class:`FreshTaus` from a lean read
+    taus: Sequence[torch.Tensor]
+    taus32: Sequence[torch.Tensor]
 
     @property
     def stop(self) -> int:

@@ -445,6 +445,64 @@ def test_zero_task_vectors_give_the_base(tmp_path, method):
         assert all(torch.equal(st[k], base[k]) for k in base), method
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_lean_read_makes_the_full_reads_task_vectors_fresh_each_time(tmp_path, dtype):
+    from npstune.taskvector import FreshTaus
+
+    bp, mps, _, _ = make_set(tmp_path, dtype=dtype)
+    plan = plan_merge(bp, mps)
+    for key in plan.delta_keys:
+        full = plan.read_chunk(key)
+        lean = plan.read_chunk(key, lean=True)
+        assert isinstance(lean.taus, FreshTaus) and isinstance(lean.taus32, FreshTaus)
+        assert len(lean.taus) == len(full.taus) == len(mps)
+        assert torch.equal(lean.base, full.base) and torch.equal(
+            lean.base_cd, full.base_cd
+        )
+        for t in range(len(mps)):
+            for got, want in (
+                (lean.taus[t], full.taus[t]),
+                (lean.taus32[t], full.taus32[t]),
+            ):
+                assert got.dtype == want.dtype and torch.equal(got, want), (key, t)
+            first = lean.taus[t]
+            first.fill_(7.0)  # the caller's own tensor: the next access is untouched
+            assert torch.equal(lean.taus[t], full.taus[t])
+        assert [torch.equal(a, b) for a, b in zip(lean.taus[:], full.taus)] == [
+            True
+        ] * len(mps)
+
+
+@pytest.mark.parametrize("method", SVD_METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_svd_merges_read_lean_and_give_the_full_reads_bits(tmp_path, method, dtype):
+    import dataclasses
+
+    spec = get_method(method)
+    assert spec.lean_read and spec.whole_tensor(spec.make_params({}))
+    bp, mps, _, _ = make_set(tmp_path, dtype=dtype)
+    params = {"steps": 3} if method == "wudi" else {}
+    lean = run_merge(plan_merge(bp, mps), spec, params).state
+    full_spec = dataclasses.replace(spec, lean_read=False)
+    full = run_merge(plan_merge(bp, mps), full_spec, params).state
+    assert lean.keys() == full.keys()
+    assert all(torch.equal(lean[k], full[k]) for k in full), method
+
+
+def test_a_lean_read_refuses_nan_naming_the_checkpoint(tmp_path):
+    from npstune.errors import CheckpointError
+
+    base = {"w": rand(3, 4, seed=1)}
+    bad = {"w": rand(3, 4, seed=2)}
+    bad["w"][1, 2] = float("nan")
+    bp, mps = write_models(tmp_path, base, [{"w": rand(3, 4, seed=3)}, bad])
+    plan = plan_merge(bp, mps)
+    with pytest.raises(CheckpointError, match=r"m1\.safetensors:w: tensor holds NaN"):
+        plan.read_chunk("w", lean=True)
+    with pytest.raises(CheckpointError, match="m1.safetensors:w: tensor holds NaN"):
+        merge(bp, mps, "tsv-m")
+
+
 @pytest.mark.parametrize("method", ALL_METHODS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_outputs_keep_the_base_dtype(tmp_path, method, dtype):

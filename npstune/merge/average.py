@@ -17,7 +17,7 @@ class AverageParams(MethodParams):
 
 def average(p: AverageParams, chunk: Chunk) -> torch.Tensor:
     """Mean of the task vectors of one chunk."""
-    return torch.stack(chunk.taus).mean(0)
+    return torch.stack(list(chunk.taus)).mean(0)
 
 
 SPEC = MergeSpec(

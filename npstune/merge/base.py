@@ -88,6 +88,10 @@ class MergeSpec(Generic[P]):
     #: ``runner(plan, params, out, device=, progress=, metadata=, masks=) ->
     #: MergeResult``
     runner: Callable[..., MergeResult] | None = None
+    #: whole-tensor kernels that take each τ_t once, in order (the SVD merges, WUDI):
+    #: the engine reads their tensors lean (``MergePlan.read_chunk(lean=True)``), the
+    #: models' reads kept and each τ_t made when the kernel asks for it
+    lean_read: bool = False
 
     def make_params(self, values: dict[str, Any] | MethodParams | None = None) -> P:
         """Validate ``values`` against this method's params
@@ -365,7 +369,7 @@ def merged_blocks(
     one per read chunk, or per ``block`` elements of it when ``block`` is given."""
     n = plan.numel[key]
     for start, stop in [(0, n)] if whole and n else plan.chunks(key):
-        chunk = plan.read_chunk(key, start, stop, device)
+        chunk = plan.read_chunk(key, start, stop, device, lean=whole and spec.lean_read)
         step = stop - start if whole or not block else block
         for lo in range(0, stop - start, step):
             c = chunk if step >= stop - start else chunk.slice(lo, lo + step)

@@ -71,7 +71,7 @@ def _kernel(ctx: ConsensusCtx, chunk: Chunk) -> KernelOut:
     TALL mask."""
     taus = chunk.taus
     if ctx.ties is None:
-        mtl = torch.stack(taus).sum(0)
+        mtl = torch.stack(list(taus)).sum(0)
     else:
         mtl = disjoint_mean(trimmed(ctx.ties, chunk)[0], ctx.ties.majority)
     masks = tall_masks(taus, mtl, [ctx.p.tall_lam] * len(taus))

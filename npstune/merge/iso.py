@@ -129,6 +129,7 @@ C_SPEC = MergeSpec(
     kernel=_kernel,
     prepare=_prepare_c,
     whole_tensor=lambda p: True,
+    lean_read=True,
     paper="https://arxiv.org/abs/2502.04959",
     summary="per matrix: flatten the spectrum of Σ τ_t to its mean singular value",
 )
@@ -138,6 +139,7 @@ CTS_SPEC = MergeSpec(
     kernel=_kernel,
     prepare=_prepare_cts,
     whole_tensor=lambda p: True,
+    lean_read=True,
     paper="https://arxiv.org/abs/2502.04959",
     summary="per matrix: common subspace of Σ τ_t + task-specific rest, isotropic",
 )

@@ -151,10 +151,12 @@ class PrunedPlan(MergePlan):
         start: int = 0,
         stop: int | None = None,
         device: str | torch.device = "cpu",
+        lean: bool = False,
     ) -> Chunk:
-        """Elements ``[start, stop)`` of ``key`` with every τ_t pruned."""
+        """Elements ``[start, stop)`` of ``key`` with every τ_t pruned (``lean``
+        applies to the keys with nothing to prune: pruned τ_t are made once)."""
         if key not in self._offsets:  # a copied key: nothing to prune
-            return self.raw.read_chunk(key, start, stop, device)
+            return self.raw.read_chunk(key, start, stop, device, lean)
         n = self.numel[key]
         stop = n if stop is None else stop
         if self._per_tensor:

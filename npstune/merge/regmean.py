@@ -64,7 +64,7 @@ def regmean(ctx: RegMeanCtx, chunk: Chunk) -> torch.Tensor:
         merged = regmean_solve([g[chunk.key] for g in ctx.grams], ws, ctx.p.alpha)
         delta = merged.to(base.dtype) - base
         return ctx.p.lam * delta.reshape(-1)
-    return ctx.p.lam * torch.stack(chunk.taus).mean(0)
+    return ctx.p.lam * torch.stack(list(chunk.taus)).mean(0)
 
 
 SPEC = MergeSpec(

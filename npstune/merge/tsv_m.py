@@ -21,7 +21,7 @@ from pydantic import Field
 
 from npstune.errors import ConfigError
 from npstune.merge.base import MergeInputs, MergeSpec, MethodParams
-from npstune.taskvector import Chunk, MergePlan
+from npstune.taskvector import Chunk, FreshTaus, MergePlan
 
 #: a non-negative scaling factor (α, λ)
 Scale = Annotated[float, Field(ge=0, le=10)]
@@ -122,8 +122,9 @@ class TaskMatrices:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         shape = self.chunk.shape
+        fresh = isinstance(self.chunk.taus, FreshTaus)  # a new tensor per access
         for i, t in enumerate(self.chunk.taus):
-            a = t.to(torch.float64, copy=True).reshape(shape)
+            a = t.to(torch.float64, copy=not fresh).reshape(shape)
             if self.weights is not None:
                 a.mul_(self.weights[i])
             yield a
@@ -215,6 +216,7 @@ SPEC = MergeSpec(
     kernel=tsv_m,
     prepare=prepare,
     whole_tensor=lambda p: True,
+    lean_read=True,
     paper="https://arxiv.org/abs/2412.00081",
     summary="per matrix: each task's top 1/T singular triplets, orthogonalised U and V",
 )

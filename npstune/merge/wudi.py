@@ -129,6 +129,7 @@ SPEC = MergeSpec(
     kernel=wudi,
     prepare=prepare,
     whole_tensor=lambda p: True,
+    lean_read=True,
     paper="https://arxiv.org/abs/2503.08099",
     summary="per matrix: Adam steps on Σ_t ‖(X − τ_t)τ_tᵀ‖²/‖τ_t‖² from Σ τ_t",
 )
