@@ -132,10 +132,10 @@ class MergePlan:
         b32 = b.float()
         bcd = b32 if cd == torch.float32 else b.to(cd)
         if lean and not any(self._adapter(m) is not None for m in self.models):
-            reads = []
+            reads, base_ok = [], all_finite(b)
             for m in self.models:
                 f = m.read(key, start, stop).to(device)
-                if not (all_finite(f) and all_finite(b)):
+                if not (base_ok and all_finite(f)):
                     _raise_not_finite(key, ((m, f), (self.base, b)), m)
                 reads.append(f)
             shape = self.base.shape(key)
