@@ -12,10 +12,10 @@ GB of disk):
 - ``peer``: a Llama-shaped fp32 checkpoint (~438M parameters, 500 MB shards, random init
   written tensor by tensor) + two noisy fine-tuned copies; ``npstune merge --method M``
   (each method's defaults) for every M of :data:`PEER_METHODS` (``task-arithmetic``,
-  ``ties`` (global) and the newer ``tsv-m``, ``iso-c``, ``iso-cts``, ``wudi`` (at 4
-  and 12 steps, extrapolated to its 400), ``emr``, ``pcb``; ``--peer-methods`` picks
-  others) against a floor that reads the three
-  models and writes one with safetensors, tensor by tensor; mergekit when installed.
+  ``ties`` (global), ``nps`` and the newer ``tsv-m``, ``iso-c``, ``iso-cts``,
+  ``wudi`` (at 4 and 12 steps, extrapolated to its 400), ``emr``, ``pcb``;
+  ``--peer-methods`` picks others) against a floor that reads the three models and
+  writes one with safetensors, tensor by tensor; mergekit when installed.
   Wall time, peak RSS and CPU time of each child process, against the floor and
   against TIES of the same run, and how many cores other processes kept busy
   meanwhile. A run past ``--peer-timeout`` seconds (default 1800) is killed and its
@@ -396,10 +396,9 @@ def llama_shapes(
 #: baselines and NPS (its defaults: M 8, w 1), then the newer methods, each with its
 #: defaults, written ``METHOD`` or ``METHOD:NAME=VALUE[:NAME=VALUE...]`` (passed as
 #: ``--param NAME=VALUE``). WUDI runs at 4 and 12 Adam steps: its default 400 take
-#: about 2.6 hours on 2 CPU cores (one
-#: X·G product per matrix per step), so :func:`extrapolate_steps` adds the 400-step
-#: row from the two measured ones (time is linear in the steps; memory does not depend
-#: on them).
+#: about 2.6 hours on 2 CPU cores (one X·G product per matrix per step), so
+#: :func:`extrapolate_steps` adds the 400-step row from the two measured ones (time is
+#: linear in the steps; memory does not depend on them).
 PEER_METHODS = (
     "task-arithmetic",
     "ties",

@@ -468,9 +468,8 @@ def test_a_lean_read_makes_the_full_reads_task_vectors_fresh_each_time(tmp_path,
             first = lean.taus[t]
             first.fill_(7.0)  # the caller's own tensor: the next access is untouched
             assert torch.equal(lean.taus[t], full.taus[t])
-        assert [torch.equal(a, b) for a, b in zip(lean.taus[:], full.taus)] == [
-            True
-        ] * len(mps)
+        sliced = lean.taus[:]  # a list of fresh tensors
+        assert all(torch.equal(a, b) for a, b in zip(sliced, full.taus, strict=True))
 
 
 @pytest.mark.parametrize("method", SVD_METHODS)
