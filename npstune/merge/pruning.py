@@ -182,14 +182,7 @@ class NpsPruner(Pruner):
         if scope == "global":
             n = inputs.plan.n
             scores = inputs.joint_scores(ts)
-            key = _plan_fingerprint(inputs, ts, subspaces)
-            sks = _SKETCHES.get(key) if key else None
-            if sks is None:
-                sks = [Sketch.of(p) for p in partitions(scores, n, subspaces, len(ts))]
-                if key:
-                    _SKETCHES[key] = sks
-                    while len(_SKETCHES) > _SKETCHES_KEPT:
-                        _SKETCHES.popitem(last=False)
+            sks = nps_sketches(inputs, ts, subspaces)
             parts = [sk.partition for sk in sks]
 
             def reweighted():
@@ -246,6 +239,33 @@ _SKETCHES: OrderedDict[tuple[Any, ...], list[Sketch]] = OrderedDict()
 #: one entry per task, so fewer than its task count would recompute partitions on
 #: every candidate
 _SKETCHES_KEPT = 16
+
+
+def nps_sketches(
+    inputs: MergeInputs, tasks: Sequence[int], subspaces: int, fine: bool = False
+) -> list[Sketch]:
+    """The NPS partitions of ``tasks``' task vectors with their sketches, from the
+    process's cache (:data:`_SKETCHES`) or computed (two joint passes) and kept.
+    ``fine``: with their fine histograms too (one more pass, the first time)."""
+    from dataclasses import replace
+
+    from npstune.sparsify.onepass import fine_suffixes
+
+    key = _plan_fingerprint(inputs, tasks, subspaces)
+    sks = _SKETCHES.get(key) if key else None
+    ts = list(tasks)
+    if sks is None:
+        parts = partitions(inputs.joint_scores(ts), inputs.plan.n, subspaces, len(ts))
+        sks = [Sketch.of(p) for p in parts]
+    if fine and any(sk.fine is None for sk in sks):
+        sufs = fine_suffixes(inputs.joint_scores(ts)(), inputs.plan.n, len(ts))
+        sks = [replace(sk, fine=f) for sk, f in zip(sks, sufs)]
+    if key:
+        _SKETCHES[key] = sks
+        _SKETCHES.move_to_end(key)
+        while len(_SKETCHES) > _SKETCHES_KEPT:
+            _SKETCHES.popitem(last=False)
+    return sks
 
 
 def _plan_fingerprint(

@@ -12,8 +12,10 @@ reach for a 7B model. Here nothing per entry stays resident:
 - per task, the NPS partition and its sketch (:mod:`npstune.sparsify.sketch`; M·32 Ki
   counters) are computed by the first candidate of a worker process and cached by the
   pruning module for the next ones;
-- a candidate costs one streaming pass over τ for its thresholds and one that writes
-  θ = θ_pre + Σ_t λ_t·τ̂_t key by key into one reused state in the base's dtypes.
+- a candidate costs one streaming pass over τ that writes θ = θ_pre + Σ_t λ_t·τ̂_t key
+  by key into one reused state in the base's dtypes, settling its top-k threshold from
+  the few entries near it (:mod:`npstune.sparsify.onepass`); where values pile up at
+  the threshold, two passes (thresholds, then θ).
 
 The arithmetic is the ranked path's (:func:`~npstune.sparsify.ranked.fuse`): τ̂_t in
 float32, the first task's λ·τ̂ written, the others added with ``index_add_``, the sum
@@ -114,6 +116,114 @@ def writable_targets(evaluator: Any, plan: Any) -> dict[str, torch.Tensor] | Non
     return out
 
 
+def build_candidate(
+    plan: Any,
+    state: dict[str, torch.Tensor],
+    dtypes: dict[str, torch.dtype],
+    subspaces: int,
+    weights: Iterable[Iterable[float]],
+    k: float,
+    lams: Iterable[float],
+    one_pass: bool = True,
+) -> bool:
+    """Write the NPS candidate θ_pre + Σ_t λ_t·τ̂_t of ``plan``'s models into
+    ``state`` (every delta key; each chunk cast to ``dtypes[key]``, then to the
+    state's tensor). In one pass over τ (:mod:`npstune.sparsify.onepass`) unless
+    ``one_pass`` is False or the fine sketch says more than
+    :data:`~npstune.sparsify.onepass.PENDING` positions might wait for the threshold;
+    then in two (thresholds, then θ). True when one pass did it. Both give the same
+    bits."""
+    rows = [list(r) for r in weights]
+    lam = [float(x) for x in lams]
+    if one_pass and _one_pass(plan, state, dtypes, subspaces, rows, k, lam):
+        return True
+    _two_pass(plan, state, dtypes, subspaces, rows, k, lam)
+    return False
+
+
+def _write(
+    flat: torch.Tensor, at: slice | torch.Tensor, theta: torch.Tensor, dtype: Any
+) -> None:
+    # a loaded state's rounding: the checkpoint's dtype first, then the target's
+    flat[at] = theta.to(dtype).to(device=flat.device, dtype=flat.dtype)
+
+
+def _one_pass(
+    plan: Any,
+    state: dict[str, torch.Tensor],
+    dtypes: dict[str, torch.dtype],
+    M: int,
+    rows: list[list[float]],
+    k: float,
+    lam: list[float],
+) -> bool:
+    from npstune.merge.base import MergeInputs
+    from npstune.merge.pruning import nps_sketches
+    from npstune.sparsify import check_weights, keep_count, onepass
+
+    n = plan.n
+    sks = nps_sketches(MergeInputs(plan), list(range(len(plan.models))), M, True)
+    fines = [sk.fine for sk in sks]
+    assert all(f is not None for f in fines)
+    ws = [check_weights(r, M) for r in rows]
+    K = keep_count(k, n)
+    brackets = [onepass.fine_bracket(f, n, M, w, K) for f, w in zip(fines, ws)]  # type: ignore[arg-type]
+    if sum(b[2] for b in brackets) > onepass.PENDING:
+        return False
+    tables = [
+        onepass.TaskTable.build(sk.partition, f, w, lo, hi)  # type: ignore[arg-type]
+        for sk, f, w, (lo, hi, _) in zip(sks, fines, ws, brackets)
+    ]
+    spans = [
+        stop - start for key in plan.delta_keys for start, stop in plan.chunks(key)
+    ]
+    op = onepass.OnePass(tables, lam, K, max(spans, default=0))
+    for key in plan.delta_keys:
+        flat = state[key].view(-1)
+        for start, stop in plan.chunks(key):
+            ch = plan.read_chunk(key, start, stop)
+            b32 = ch.base_cd if ch.base_cd.dtype == torch.float32 else ch.base.float()
+            theta = op.chunk((key, start), ch.taus32, b32.reshape(-1))
+            _write(flat, slice(start, stop), theta, dtypes[key])
+    for tag, offsets, theta in op.finish():
+        key, start = tag  # type: ignore[misc]
+        flat = state[key].view(-1)
+        _write(flat, (offsets + start).to(flat.device), theta, dtypes[key])
+    return True
+
+
+def _two_pass(
+    plan: Any,
+    state: dict[str, torch.Tensor],
+    dtypes: dict[str, torch.dtype],
+    M: int,
+    rows: list[list[float]],
+    k: float,
+    lam: list[float],
+) -> None:
+    from npstune.merge.base import MergeInputs
+    from npstune.merge.pruning import NpsPruner
+
+    pruners = NpsPruner.prepare_all(MergeInputs(plan), k, "global", rows, M)
+    for key in plan.delta_keys:
+        flat = state[key].view(-1)
+        for start, stop in plan.chunks(key):
+            ch = plan.read_chunk(key, start, stop)
+            delta = torch.zeros(stop - start, dtype=torch.float32)
+            for t, pr in enumerate(pruners):
+                mask, values = pr.keep(ch)
+                keep = mask.reshape(-1)
+                v = values(ch.taus32[t]).reshape(-1)[keep]
+                if t == 0:  # as fuse: the first task written, the others added
+                    delta[keep] = v if lam[t] == 1.0 else v * lam[t]
+                else:
+                    idx = keep.nonzero().squeeze(1)
+                    delta.index_add_(0, idx, v, alpha=lam[t])
+            # a new tensor: the base as read may be the checkpoint's own buffer
+            theta = torch.add(ch.base.reshape(-1).float(), delta)
+            _write(flat, slice(start, stop), theta, dtypes[key])
+
+
 @dataclass(kw_only=True)
 class StreamPayload(Payload):
     """The NPS search without per-entry state: paths and the space only."""
@@ -148,6 +258,9 @@ class StreamObjective(BaseObjective):
         self._single = [replace(self.plan, models=[m]) for m in self.plan.models]
         base = self.plan.base
         self._dtypes = {k: base.dtype(k) for k in self.plan.keys}
+        #: build candidates in one pass where it can (tests force the two-pass one)
+        self.one_pass = True
+        self.one_pass_builds = self.two_pass_builds = self._passes = 0
         targets = writable_targets(self.p.get_evaluator(), self.plan)
         #: candidates are written into the evaluator's own model (one model per
         #: trial), not into a state of their own that the evaluator then copies
@@ -177,34 +290,21 @@ class StreamObjective(BaseObjective):
     ) -> dict[str, torch.Tensor]:
         """θ_pre + Σ_t λ_t·τ̂_t over ``plan``'s models into the reused state (use it
         before asking for the next)."""
-        from npstune.merge.base import MergeInputs
-        from npstune.merge.pruning import NpsPruner
-
-        rows = [list(r) for r in weights]
-        lam = [float(x) for x in lams]
-        pruners = NpsPruner.prepare_all(
-            MergeInputs(plan), k, "global", rows, self.space.nps.subspaces
+        one = build_candidate(
+            plan,
+            self._state,
+            self._dtypes,
+            self.space.nps.subspaces,
+            weights,
+            k,
+            lams,
+            one_pass=self.one_pass,
         )
-        for key in plan.delta_keys:
-            flat = self._state[key].view(-1)
-            for start, stop in plan.chunks(key):
-                ch = plan.read_chunk(key, start, stop)
-                delta = torch.zeros(stop - start, dtype=torch.float32)
-                for t, pr in enumerate(pruners):
-                    mask, values = pr.keep(ch)
-                    keep = mask.reshape(-1)
-                    v = values(ch.taus32[t]).reshape(-1)[keep]
-                    if t == 0:  # as fuse: the first task written, the others added
-                        delta[keep] = v if lam[t] == 1.0 else v * lam[t]
-                    else:
-                        idx = keep.nonzero().squeeze(1)
-                        delta.index_add_(0, idx, v, alpha=lam[t])
-                # a new tensor: the base as read may be the checkpoint's own buffer;
-                # cast to the checkpoint's dtype first, as a loaded state would be
-                theta = torch.add(ch.base.reshape(-1).float(), delta)
-                flat[start:stop] = theta.to(self._dtypes[key]).to(
-                    device=flat.device, dtype=flat.dtype
-                )
+        if one:
+            self.one_pass_builds += 1
+        else:
+            self.two_pass_builds += 1
+        self._passes = max(self._passes, 1 if one else 2)
         return dict(self._state)
 
     def states(
@@ -236,6 +336,7 @@ __all__ = [
     "StreamObjective",
     "StreamPayload",
     "available_bytes",
+    "build_candidate",
     "choose_path",
     "ranked_bytes",
     "writable_targets",

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -72,6 +72,9 @@ class Sketch:
 
     partition: Partition
     hist: np.ndarray  # (M, 32 Ki) int64
+    #: the fine histogram's suffix counts (:func:`~npstune.sparsify.onepass.
+    #: fine_suffixes`), for the one-pass build; None until a pass counts them
+    fine: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, part: Partition) -> Sketch:
