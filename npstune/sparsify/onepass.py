@@ -12,7 +12,8 @@ that holds no subspace boundary lies wholly in one subspace m, so its reweighted
 *fine* histogram of |τ| (its high 20 of 31 bits, 1 Mi counters, counted once per
 task vector and cached with its partition) brackets the top-K threshold of the
 reweighted values for any w (:func:`fine_bracket`) within a few fine bins. The
-lookup table is per fine bin too. So before the pass each bin is known to be kept (every value above the bracket), dropped (every value below it) or
+lookup table is per fine bin too. So before the pass each bin is known to be kept
+(every value above the bracket), dropped (every value below it) or
 *special* (it holds a boundary, or reaches into the bracket). The table maps a bin to
 w_m, 0 or +inf.
 
