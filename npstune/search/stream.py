@@ -260,7 +260,7 @@ class StreamObjective(BaseObjective):
         self._dtypes = {k: base.dtype(k) for k in self.plan.keys}
         #: build candidates in one pass where it can (tests force the two-pass one)
         self.one_pass = True
-        self.one_pass_builds = self.two_pass_builds = self._passes = 0
+        self.one_pass_builds = self.two_pass_builds = 0
         targets = writable_targets(self.p.get_evaluator(), self.plan)
         #: candidates are written into the evaluator's own model (one model per
         #: trial), not into a state of their own that the evaluator then copies
@@ -304,7 +304,6 @@ class StreamObjective(BaseObjective):
             self.one_pass_builds += 1
         else:
             self.two_pass_builds += 1
-        self._passes = max(self._passes, 1 if one else 2)
         return dict(self._state)
 
     def states(

@@ -42,7 +42,7 @@ and the caller takes the two-pass build).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -432,7 +432,6 @@ class OnePass:
 
 #: (values fl(w·τ), kept, pending, reweighted |τ|) of some entries of one task
 Status = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-ScoreSource = Callable[[], Iterable[Sequence[torch.Tensor]]]
 
 __all__ = [
     "FINE_BINS",
