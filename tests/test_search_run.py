@@ -299,15 +299,25 @@ def test_compression_use_writes_a_sparse_store(ray_local, tmp_path):
         torch.testing.assert_close(rebuilt[k].float(), v.float(), rtol=0, atol=1e-6)
 
 
-def test_streamed_candidates_pick_the_same_best(ray_local, tmp_path):
-    """One search per candidate path, same seed: the same trials, the same best."""
+def test_streamed_candidates_pick_the_same_best(ray_local, tmp_path, monkeypatch):
+    """One search per candidate path, same seed: the same trials, the same best. The
+    streamed search's driver reads the partitions its trials stored in the run's state
+    directory for its report, instead of passing over τ again."""
+    import npstune.merge.pruning as pruning
+
     outcomes, said = {}, {}
+    driver_passes: list[int] = []
+    real = pruning.partitions
+    monkeypatch.setattr(
+        pruning, "partitions", lambda *a: driver_passes.append(1) or real(*a)
+    )
     for how in ("memory", "stream"):
         path = write_tiny_search(
             tmp_path / how, nps={"candidates": how}, search={"generations": 2}
         )
         cfg = load_config(path)
         lines: list[str] = []
+        pruning._SKETCHES.clear()
         outcomes[how] = run_search(cfg, echo=lines.append)
         said[how] = [ln for ln in lines if "candidates: " in ln]
         parents, _ = mlflow_runs(cfg.tracking.uri, "tiny")
@@ -317,3 +327,6 @@ def test_streamed_candidates_pick_the_same_best(ray_local, tmp_path):
     mem, st = outcomes["memory"], outcomes["stream"]
     assert mem.best.params == st.best.params and mem.best.value == st.best.value
     assert mem.trials == st.trials == 8
+    stored = list((cfg.out / "state" / "sketches").glob("sketches-*.pkl"))
+    assert len(stored) == 1  # fusion: one set of checkpoints
+    assert driver_passes == []  # the trials computed them, the driver read them

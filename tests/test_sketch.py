@@ -181,3 +181,85 @@ def test_merges_on_the_same_checkpoints_reuse_the_sketches(tmp_path, monkeypatch
     assert len(built) == 2
     assert all(torch.equal(fresh[k], outs[1][k]) for k in base)
     assert not torch.equal(outs[0]["a"], outs[1]["a"])
+
+
+def _three_checkpoints(tmp_path, seed=6):
+    from npstune.checkpoints import write_state_dict
+
+    g = torch.Generator().manual_seed(seed)
+    base = {"a": torch.randn(120, 50, generator=g), "b": torch.randn(900, generator=g)}
+    paths = [write_state_dict(tmp_path / "base.safetensors", base)]
+    for t in range(2):
+        ft = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        paths.append(write_state_dict(tmp_path / f"t{t}.safetensors", ft))
+    return paths
+
+
+def _inputs(paths):
+    from npstune.merge.base import MergeInputs
+    from npstune.taskvector import plan_merge
+
+    return MergeInputs(plan_merge(paths[0], paths[1:]))
+
+
+def test_a_sketch_store_shares_the_sketches_between_processes(tmp_path, monkeypatch):
+    """What one process computed, another (its cache empty) reads from the store
+    instead of passing over τ again: the same partitions, histograms and fine
+    suffixes; a changed checkpoint, a torn file or another format are recomputed."""
+    import os
+
+    import numpy as np
+
+    import npstune.merge.pruning as pruning
+
+    paths = _three_checkpoints(tmp_path)
+    store = tmp_path / "store"
+    built: list[int] = []
+    real = pruning.partitions
+    monkeypatch.setattr(pruning, "partitions", lambda *a: built.append(1) or real(*a))
+    monkeypatch.setattr(pruning, "_SKETCHES", type(pruning._SKETCHES)())
+    first = pruning.nps_sketches(_inputs(paths), [0, 1], 4, fine=True, store=store)
+    files = sorted(store.glob("sketches-*.pkl"))
+    assert len(built) == 1 and len(files) == 1
+    assert not list(store.glob("*.tmp"))
+
+    def same(a, b):
+        assert [s.partition.bounds for s in a] == [s.partition.bounds for s in b]
+        assert all(np.array_equal(x.hist, y.hist) for x, y in zip(a, b))
+        assert all(np.array_equal(x.fine, y.fine) for x, y in zip(a, b))
+
+    pruning._SKETCHES.clear()  # "another process"
+    again = pruning.nps_sketches(_inputs(paths), [0, 1], 4, fine=True, store=store)
+    assert len(built) == 1  # read, not computed
+    same(first, again)
+    # without a store: computed again
+    pruning._SKETCHES.clear()
+    pruning.nps_sketches(_inputs(paths), [0, 1], 4, fine=True)
+    assert len(built) == 2
+    # a torn file: a warning, recomputed, and the store repaired
+    pruning._SKETCHES.clear()
+    files[0].write_bytes(files[0].read_bytes()[:50])
+    fixed = pruning.nps_sketches(_inputs(paths), [0, 1], 4, fine=True, store=store)
+    assert len(built) == 3
+    same(first, fixed)
+    pruning._SKETCHES.clear()
+    pruning.nps_sketches(_inputs(paths), [0, 1], 4, fine=True, store=store)
+    assert len(built) == 3
+    # a checkpoint rewritten (its mtime moves): another key, computed again
+    st = os.stat(paths[1])
+    os.utime(paths[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    pruning._SKETCHES.clear()
+    pruning.nps_sketches(_inputs(paths), [0, 1], 4, fine=True, store=store)
+    assert len(built) == 4
+    assert len(list(store.glob("sketches-*.pkl"))) == 2
+
+
+def test_a_store_that_cannot_be_written_is_skipped(tmp_path, monkeypatch):
+    import npstune.merge.pruning as pruning
+
+    paths = _three_checkpoints(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setattr(pruning, "_SKETCHES", type(pruning._SKETCHES)())
+    sks = pruning.nps_sketches(_inputs(paths), [0, 1], 4, store=blocker / "store")
+    assert len(sks) == 2 and sks[0].n == 120 * 50 + 900

@@ -9,6 +9,8 @@ sink.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,8 @@ from npstune.sparsify import (
 )
 from npstune.sparsify.sketch import Sketch, sketch_thresholds
 from npstune.taskvector import Chunk
+
+logger = logging.getLogger(__name__)
 
 #: maps a chunk of τ_t (any float dtype) to the values a pruner keeps of it
 Values = Callable[[torch.Tensor], torch.Tensor]
@@ -242,30 +246,99 @@ _SKETCHES_KEPT = 16
 
 
 def nps_sketches(
-    inputs: MergeInputs, tasks: Sequence[int], subspaces: int, fine: bool = False
+    inputs: MergeInputs,
+    tasks: Sequence[int],
+    subspaces: int,
+    fine: bool = False,
+    store: Path | None = None,
 ) -> list[Sketch]:
     """The NPS partitions of ``tasks``' task vectors with their sketches, from the
-    process's cache (:data:`_SKETCHES`) or computed (two joint passes) and kept.
-    ``fine``: with their fine histograms too (one more pass, the first time)."""
+    process's cache (:data:`_SKETCHES`), from ``store`` (a directory other processes
+    share: a search's trials and its driver) or computed (two joint passes) and kept
+    in both. ``fine``: with their fine histograms too (one more pass, the first
+    time)."""
     from dataclasses import replace
 
     from npstune.sparsify.onepass import fine_suffixes
 
     key = _plan_fingerprint(inputs, tasks, subspaces)
     sks = _SKETCHES.get(key) if key else None
+    if sks is None and key and store is not None:
+        sks = _load_sketches(store, key)
     ts = list(tasks)
+    computed = False
     if sks is None:
         parts = partitions(inputs.joint_scores(ts), inputs.plan.n, subspaces, len(ts))
         sks = [Sketch.of(p) for p in parts]
+        computed = True
     if fine and any(sk.fine is None for sk in sks):
         sufs = fine_suffixes(inputs.joint_scores(ts)(), inputs.plan.n, len(ts))
         sks = [replace(sk, fine=f) for sk, f in zip(sks, sufs)]
+        computed = True
     if key:
         _SKETCHES[key] = sks
         _SKETCHES.move_to_end(key)
         while len(_SKETCHES) > _SKETCHES_KEPT:
             _SKETCHES.popitem(last=False)
+        if computed and store is not None:
+            _save_sketches(store, key, sks)
     return sks
+
+
+#: the format of a stored sketch file (:func:`_save_sketches`)
+_STORE_VERSION = 1
+
+
+def _store_file(store: Path, key: tuple[Any, ...]) -> Path:
+    import hashlib
+
+    return store / f"sketches-{hashlib.sha256(repr(key).encode()).hexdigest()[:24]}.pkl"
+
+
+def _load_sketches(store: Path, key: tuple[Any, ...]) -> list[Sketch] | None:
+    """The sketches ``store`` holds for ``key``, or None (absent, unreadable, another
+    format or another key: then they are computed again)."""
+    import pickle
+
+    path = _store_file(store, key)
+    try:
+        with path.open("rb") as f:
+            data = pickle.load(f)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except Exception as exc:  # a torn or foreign file: recompute, never fail a trial
+        logger.warning("ignoring the unreadable sketch file %s: %s", path, exc)
+        return None
+    if (
+        not isinstance(data, dict)
+        or data.get("version") != _STORE_VERSION
+        or data.get("key") != key
+    ):
+        return None
+    return list(data["sketches"])
+
+
+def _save_sketches(store: Path, key: tuple[Any, ...], sks: list[Sketch]) -> None:
+    """Write ``sks`` for ``key`` into ``store`` atomically (a reader sees the old file
+    or the new one); a store that cannot be written is skipped with a warning."""
+    import os
+    import pickle
+
+    path = _store_file(store, key)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as f:
+            pickle.dump(
+                {"version": _STORE_VERSION, "key": key, "sketches": sks},
+                f,
+                protocol=pickle.HIGHEST_PROTOCOL,
+            )
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("could not store the sketches in %s: %s", store, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _plan_fingerprint(

@@ -280,6 +280,7 @@ def _nps_payload(
             frozen=frozen,
             candidates="stream",
             recipe=recipe,
+            sketch_dir=str(cfg.out.resolve() / "state" / "sketches"),
             **common,
         )
     ranked = []

@@ -9,9 +9,11 @@ reach for a 7B model. Here nothing per entry stays resident:
 
 - the payload holds paths (workers open the checkpoints by path: on a cluster, shared
   storage) and the search space;
-- per task, the NPS partition and its sketch (:mod:`npstune.sparsify.sketch`; M·32 Ki
-  counters) are computed by the first candidate of a worker process and cached by the
-  pruning module for the next ones;
+- per task, the NPS partition and its sketches (:mod:`npstune.sparsify.sketch`; M·32 Ki
+  counters, and 2²⁰ for the one-pass build) are computed by the first candidate of the
+  search, cached by the pruning module for the next ones and stored in the run's state
+  directory (``state/sketches``), where the other trial processes, a resumed search and
+  the driver's final report read them instead of passing over τ again;
 - a candidate costs one streaming pass over τ that writes θ = θ_pre + Σ_t λ_t·τ̂_t key
   by key into one reused state in the base's dtypes, settling its top-k threshold from
   the few entries near it (:mod:`npstune.sparsify.onepass`); where values pile up at
@@ -30,6 +32,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,6 +128,7 @@ def build_candidate(
     k: float,
     lams: Iterable[float],
     one_pass: bool = True,
+    store: Path | None = None,
 ) -> bool:
     """Write the NPS candidate θ_pre + Σ_t λ_t·τ̂_t of ``plan``'s models into
     ``state`` (every delta key; each chunk cast to ``dtypes[key]``, then to the
@@ -132,9 +136,16 @@ def build_candidate(
     ``one_pass`` is False or the fine sketch says more than
     :data:`~npstune.sparsify.onepass.PENDING` positions might wait for the threshold;
     then in two (thresholds, then θ). True when one pass did it. Both give the same
-    bits."""
+    bits. ``store``: a directory where the partitions and sketches of these
+    checkpoints are kept for other processes (:func:`~npstune.merge.pruning.
+    nps_sketches`)."""
+    from npstune.merge.base import MergeInputs
+    from npstune.merge.pruning import nps_sketches
+
     rows = [list(r) for r in weights]
     lam = [float(x) for x in lams]
+    # the sketches once, in this process's cache (and the store): both paths use them
+    nps_sketches(MergeInputs(plan), range(len(plan.models)), subspaces, one_pass, store)
     if one_pass and _one_pass(plan, state, dtypes, subspaces, rows, k, lam):
         return True
     _two_pass(plan, state, dtypes, subspaces, rows, k, lam)
@@ -229,6 +240,10 @@ class StreamPayload(Payload):
     """The NPS search without per-entry state: paths and the space only."""
 
     frozen: int = 0
+    #: where the trials and the driver share the partitions and sketches (the run's
+    #: state directory): computed by the first candidate of one process, read by the
+    #: others, a resumed search and the final report ("" keeps them per process)
+    sketch_dir: str = ""
 
     def objective(self) -> StreamObjective:
         return StreamObjective(self)
@@ -299,6 +314,7 @@ class StreamObjective(BaseObjective):
             k,
             lams,
             one_pass=self.one_pass,
+            store=Path(self.p.sketch_dir) if self.p.sketch_dir else None,
         )
         if one:
             self.one_pass_builds += 1
