@@ -142,82 +142,80 @@ def build_candidate(
     from npstune.merge.base import MergeInputs
     from npstune.merge.pruning import nps_sketches
 
-    rows = [list(r) for r in weights]
-    lam = [float(x) for x in lams]
+    job = _Job(
+        plan, state, dtypes, subspaces, [list(r) for r in weights], k, list(lams)
+    )
     # the sketches once, in this process's cache (and the store): both paths use them
-    nps_sketches(MergeInputs(plan), range(len(plan.models)), subspaces, one_pass, store)
-    if one_pass and _one_pass(plan, state, dtypes, subspaces, rows, k, lam):
+    sks = nps_sketches(
+        MergeInputs(plan), range(len(plan.models)), subspaces, one_pass, store
+    )
+    if one_pass and _one_pass(job, sks):
         return True
-    _two_pass(plan, state, dtypes, subspaces, rows, k, lam)
+    _two_pass(job)
     return False
 
 
-def _write(
-    flat: torch.Tensor, at: slice | torch.Tensor, theta: torch.Tensor, dtype: Any
-) -> None:
-    # a loaded state's rounding: the checkpoint's dtype first, then the target's
-    flat[at] = theta.to(dtype).to(device=flat.device, dtype=flat.dtype)
+@dataclass(frozen=True)
+class _Job:
+    """One candidate to write: ``plan``'s models into ``state`` (cast per key to
+    ``dtypes``), M subspaces, weight rows, k and a λ per task."""
+
+    plan: Any
+    state: dict[str, torch.Tensor]
+    dtypes: dict[str, torch.dtype]
+    M: int
+    rows: list[list[float]]
+    k: float
+    lam: list[float]
+
+    def write(self, key: str, at: slice | torch.Tensor, theta: torch.Tensor) -> None:
+        """θ (float32) of ``key`` at ``at``, rounded as a loaded state is: the
+        checkpoint's dtype first, then the target's."""
+        flat = self.state[key].view(-1)
+        if isinstance(at, torch.Tensor):
+            at = at.to(flat.device)
+        flat[at] = theta.to(self.dtypes[key]).to(device=flat.device, dtype=flat.dtype)
 
 
-def _one_pass(
-    plan: Any,
-    state: dict[str, torch.Tensor],
-    dtypes: dict[str, torch.dtype],
-    M: int,
-    rows: list[list[float]],
-    k: float,
-    lam: list[float],
-) -> bool:
-    from npstune.merge.base import MergeInputs
-    from npstune.merge.pruning import nps_sketches
+def _one_pass(job: _Job, sks: list[Any]) -> bool:
     from npstune.sparsify import check_weights, keep_count, onepass
 
+    plan, M = job.plan, job.M
     n = plan.n
-    sks = nps_sketches(MergeInputs(plan), list(range(len(plan.models))), M, True)
     fines = [sk.fine for sk in sks]
     assert all(f is not None for f in fines)
-    ws = [check_weights(r, M) for r in rows]
-    K = keep_count(k, n)
-    brackets = [onepass.fine_bracket(f, n, M, w, K) for f, w in zip(fines, ws)]  # type: ignore[arg-type]
+    ws = [check_weights(r, M) for r in job.rows]
+    K = keep_count(job.k, n)
+    brackets = [onepass.fine_bracket(f, n, M, w, K) for f, w in zip(fines, ws)]
     if sum(b[2] for b in brackets) > onepass.PENDING:
         return False
     tables = [
-        onepass.TaskTable.build(sk.partition, f, w, lo, hi)  # type: ignore[arg-type]
+        onepass.TaskTable.build(sk.partition, f, w, lo, hi)
         for sk, f, w, (lo, hi, _) in zip(sks, fines, ws, brackets)
     ]
     spans = [
         stop - start for key in plan.delta_keys for start, stop in plan.chunks(key)
     ]
-    op = onepass.OnePass(tables, lam, K, max(spans, default=0))
+    op = onepass.OnePass(tables, job.lam, K, max(spans, default=0))
     for key in plan.delta_keys:
-        flat = state[key].view(-1)
         for start, stop in plan.chunks(key):
             ch = plan.read_chunk(key, start, stop)
             b32 = ch.base_cd if ch.base_cd.dtype == torch.float32 else ch.base.float()
             theta = op.chunk((key, start), ch.taus32, b32.reshape(-1))
-            _write(flat, slice(start, stop), theta, dtypes[key])
+            job.write(key, slice(start, stop), theta)
     for tag, offsets, theta in op.finish():
         key, start = tag  # type: ignore[misc]
-        flat = state[key].view(-1)
-        _write(flat, (offsets + start).to(flat.device), theta, dtypes[key])
+        job.write(key, offsets + start, theta)
     return True
 
 
-def _two_pass(
-    plan: Any,
-    state: dict[str, torch.Tensor],
-    dtypes: dict[str, torch.dtype],
-    M: int,
-    rows: list[list[float]],
-    k: float,
-    lam: list[float],
-) -> None:
+def _two_pass(job: _Job) -> None:
     from npstune.merge.base import MergeInputs
     from npstune.merge.pruning import NpsPruner
 
-    pruners = NpsPruner.prepare_all(MergeInputs(plan), k, "global", rows, M)
+    plan, lam = job.plan, job.lam
+    pruners = NpsPruner.prepare_all(MergeInputs(plan), job.k, "global", job.rows, job.M)
     for key in plan.delta_keys:
-        flat = state[key].view(-1)
         for start, stop in plan.chunks(key):
             ch = plan.read_chunk(key, start, stop)
             delta = torch.zeros(stop - start, dtype=torch.float32)
@@ -232,7 +230,7 @@ def _two_pass(
                     delta.index_add_(0, idx, v, alpha=lam[t])
             # a new tensor: the base as read may be the checkpoint's own buffer
             theta = torch.add(ch.base.reshape(-1).float(), delta)
-            _write(flat, slice(start, stop), theta, dtypes[key])
+            job.write(key, slice(start, stop), theta)
 
 
 @dataclass(kw_only=True)
