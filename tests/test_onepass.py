@@ -97,25 +97,41 @@ def test_one_pass_equals_two_passes(tmp_path, monkeypatch, dtype, chunk, tasks):
         ([[2.0, 0.5, 0.5, 0.25]] * tasks, 1.0, [1.0] * tasks),
         ([[1.0, 3.0, 0.1, 1.0]] * tasks, 0.12, [0.8] * tasks),
     ]
-    one_pass_used = 0
+    ways = []
     for rows, k, lams in cases:
         used, a = _build(plan, True, rows, k, lams, M)
-        _, b = _build(plan, False, rows, k, lams, M)
+        two, b = _build(plan, False, rows, k, lams, M)
+        assert two == "two-pass"
         _assert_same_bits(a, b)
-        one_pass_used += used
-    assert one_pass_used >= len(cases) - 1  # k = 1 may pile everything at the top
+        # the same again with nothing held back: the thresholds settled first
+        monkeypatch.setattr(onepass, "PENDING", 0)
+        settled, c = _build(plan, True, rows, k, lams, M)
+        monkeypatch.setattr(onepass, "PENDING", 1 << 22)
+        assert settled == "settled"
+        _assert_same_bits(c, b)
+        ways.append(used)
+    # k = 1 may pile everything at the top (then settled first)
+    assert ways.count("one-pass") >= len(cases) - 1
 
 
-def test_a_held_back_budget_falls_back_to_two_passes(tmp_path, monkeypatch):
+def test_over_the_held_back_budget_the_thresholds_are_settled_first(
+    tmp_path, monkeypatch
+):
+    """Over :data:`PENDING`, a settling pass; a bracket too wide for it: the
+    two-pass build. The same bits every way."""
     monkeypatch.setattr(tv, "CHUNK", 16)
     plan = _tie_heavy_set(tmp_path, torch.float32, 3, seed=1)
     rows, k, lams = [[1.0, 0.5, 2.0, 1.0]] * 3, 0.2, [0.7, 1.0, 1.3]
     used, a = _build(plan, True, rows, k, lams, 4)
-    assert used
+    assert used == "one-pass"
     monkeypatch.setattr(onepass, "PENDING", 0)
     used, b = _build(plan, True, rows, k, lams, 4)
-    assert not used  # the bound was over budget: two passes, the same bits
+    assert used == "settled"
     _assert_same_bits(a, b)
+    monkeypatch.setattr(onepass, "SETTLE_PATTERNS", 0)
+    used, c = _build(plan, True, rows, k, lams, 4)
+    assert used == "two-pass"
+    _assert_same_bits(a, c)
 
 
 def test_combine_keeps_the_exact_paths_sums_and_zero_signs():
@@ -194,3 +210,64 @@ def test_fine_suffixes_refuse_a_short_stream():
 
     with pytest.raises(ConfigError, match="expected 5 scores, saw 3"):
         fine_suffixes([(torch.ones(3),)], 5, 1)
+
+
+@pytest.mark.parametrize("settle", [False, True], ids=["held", "settled"])
+@pytest.mark.parametrize(
+    ("chunk", "boundary_ties"),
+    [(8, 0), (5, 5), (7, 7), (96, 48)],
+    ids=["end-at-a-chunk-start", "c5", "c7", "whole"],
+)
+def test_ties_are_decided_by_their_position(
+    tmp_path, monkeypatch, chunk, boundary_ties, settle
+):
+    """Hand-checked: τ = 48 × 1.0 (positions 0–47), 16 × 2.0, 32 × 0.01 and M = 2.
+    The boundary at rank 48 takes 32 of the 1.0 ties, the first in position order, so
+    its tie end is 32; with w = (1, 3) the ties before it weigh 1, those after 3.
+    k = 0.83 keeps ⌈79.68⌉ = 80: the 1.0 and 2.0 entries and, of the 32 at the
+    threshold t = fl(3·0.01), the first 16 (positions 64–79): held back and settled
+    after the pass, or (``PENDING`` 0) settled by a pass before it, holding nothing.
+    Of the tie bin, entries are looked at one by one only in a chunk that holds its
+    tie end strictly inside (c5: 30–34; c7: 28–34; whole: all 48); those of the
+    threshold's bin always (32)."""
+    monkeypatch.setattr(tv, "CHUNK", chunk)
+    tau = torch.cat([torch.ones(48), torch.full((16,), 2.0), torch.full((32,), 0.01)])
+    bp = write({"w": torch.zeros(96)}, tmp_path / "base", "safetensors")
+    mp = write({"w": tau}, tmp_path / "m", "safetensors")
+    plan = plan_merge(bp, [mp])
+    (sk,) = pruning.nps_sketches(pruning.MergeInputs(plan), [0], 2, fine=True)
+    (th,) = sk.partition.bounds
+    assert (th.value, th.quota, th.equal) == (1.0, 32, 48)
+    assert sk.ends == (32,)
+    ops: list[onepass.OnePass] = []
+    real = onepass.OnePass.__init__
+
+    def record(self, *a, **kw):
+        real(self, *a, **kw)
+        ops.append(self)
+
+    monkeypatch.setattr(onepass.OnePass, "__init__", record)
+    if settle:
+        monkeypatch.setattr(onepass, "PENDING", 0)
+    used, state = _build(plan, True, [[1.0, 3.0]], 0.83, [1.0], 2)
+    assert used == ("settled" if settle else "one-pass")
+    want = torch.cat(
+        [
+            torch.ones(32),
+            torch.full((16,), 3.0),
+            torch.full((16,), 2.0),
+            torch.full((16,), np.float32(3) * np.float32(0.01)),
+            torch.zeros(16),
+        ]
+    )
+    assert torch.equal(state["w"], want)
+    st = ops[0].tables[0].settled
+    t = float(np.float32(3) * np.float32(0.01))
+    if settle:
+        assert st is not None and (st.t, st.quota, st.left) == (t, 16, 0)
+        assert ops[0].held == 0
+    else:
+        assert st is None and ops[0].held == 32
+    assert ops[0].special == boundary_ties + 32
+    _, b = _build(plan, False, [[1.0, 3.0]], 0.83, [1.0], 2)
+    _assert_same_bits(state, b)

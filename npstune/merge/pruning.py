@@ -259,7 +259,7 @@ def nps_sketches(
     time)."""
     from dataclasses import replace
 
-    from npstune.sparsify.onepass import fine_suffixes
+    from npstune.sparsify.onepass import fine_pass
 
     key = _plan_fingerprint(inputs, tasks, subspaces)
     sks = _SKETCHES.get(key) if key else None
@@ -271,9 +271,13 @@ def nps_sketches(
         parts = partitions(inputs.joint_scores(ts), inputs.plan.n, subspaces, len(ts))
         sks = [Sketch.of(p) for p in parts]
         computed = True
-    if fine and any(sk.fine is None for sk in sks):
-        sufs = fine_suffixes(inputs.joint_scores(ts)(), inputs.plan.n, len(ts))
-        sks = [replace(sk, fine=f) for sk, f in zip(sks, sufs)]
+    if fine and any(sk.fine is None or sk.ends is None for sk in sks):
+        got = fine_pass(
+            inputs.joint_scores(ts)(),
+            inputs.plan.n,
+            [sk.partition.bounds for sk in sks],
+        )
+        sks = [replace(sk, fine=f, ends=e) for sk, (f, e) in zip(sks, got)]
         computed = True
     if key:
         _SKETCHES[key] = sks
@@ -286,7 +290,7 @@ def nps_sketches(
 
 
 #: the format of a stored sketch file (:func:`_save_sketches`)
-_STORE_VERSION = 1
+_STORE_VERSION = 2  # 2: the sketches' tie ends
 
 
 def _store_file(store: Path, key: tuple[Any, ...]) -> Path:

@@ -16,8 +16,10 @@ reach for a 7B model. Here nothing per entry stays resident:
   the driver's final report read them instead of passing over τ again;
 - a candidate costs one streaming pass over τ that writes θ = θ_pre + Σ_t λ_t·τ̂_t key
   by key into one reused state in the base's dtypes, settling its top-k threshold from
-  the few entries near it (:mod:`npstune.sparsify.onepass`); where values pile up at
-  the threshold, two passes (thresholds, then θ).
+  the few entries near it (:mod:`npstune.sparsify.onepass`); where too many values
+  pile up at the threshold to hold them back (bf16 checkpoints at scale), a first
+  pass over the special entries settles the thresholds exactly, and the pass then
+  holds nothing back.
 
 The arithmetic is the ranked path's (:func:`~npstune.sparsify.ranked.fuse`): τ̂_t in
 float32, the first task's λ·τ̂ written, the others added with ``index_add_``, the sum
@@ -30,7 +32,7 @@ bit, and a search picks the same best candidate on either.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -129,16 +131,23 @@ def build_candidate(
     lams: Iterable[float],
     one_pass: bool = True,
     store: Path | None = None,
-) -> bool:
+) -> str:
     """Write the NPS candidate θ_pre + Σ_t λ_t·τ̂_t of ``plan``'s models into
     ``state`` (every delta key; each chunk cast to ``dtypes[key]``, then to the
-    state's tensor). In one pass over τ (:mod:`npstune.sparsify.onepass`) unless
-    ``one_pass`` is False or the fine sketch says more than
-    :data:`~npstune.sparsify.onepass.PENDING` positions might wait for the threshold;
-    then in two (thresholds, then θ). True when one pass did it. Both give the same
-    bits. ``store``: a directory where the partitions and sketches of these
-    checkpoints are kept for other processes (:func:`~npstune.merge.pruning.
-    nps_sketches`)."""
+    state's tensor) and say how:
+
+    - ``"one-pass"``: one pass over τ (:mod:`npstune.sparsify.onepass`), the few
+      values at the threshold held back;
+    - ``"settled"``: where the fine sketch says more than
+      :data:`~npstune.sparsify.onepass.PENDING` might wait, a pass that settles the
+      thresholds from the special entries alone (:func:`~npstune.sparsify.onepass.
+      settle`), then the one pass, holding nothing back;
+    - ``"two-pass"``: ``one_pass`` False (or a bracket too wide to settle): the
+      pruners' thresholds, then θ.
+
+    All give the same bits. ``store``: a directory where the partitions and
+    sketches of these checkpoints are kept for other processes
+    (:func:`~npstune.merge.pruning.nps_sketches`)."""
     from npstune.merge.base import MergeInputs
     from npstune.merge.pruning import nps_sketches
 
@@ -149,10 +158,12 @@ def build_candidate(
     sks = nps_sketches(
         MergeInputs(plan), range(len(plan.models)), subspaces, one_pass, store
     )
-    if one_pass and _one_pass(job, sks):
-        return True
+    if one_pass:
+        how = _one_pass(job, sks)
+        if how:
+            return how
     _two_pass(job)
-    return False
+    return "two-pass"
 
 
 @dataclass(frozen=True)
@@ -177,36 +188,50 @@ class _Job:
         flat[at] = theta.to(self.dtypes[key]).to(device=flat.device, dtype=flat.dtype)
 
 
-def _one_pass(job: _Job, sks: list[Any]) -> bool:
+def _one_pass(job: _Job, sks: list[Any]) -> str:
     from npstune.sparsify import check_weights, keep_count, onepass
 
     plan, M = job.plan, job.M
     n = plan.n
     fines = [sk.fine for sk in sks]
-    assert all(f is not None for f in fines)
+    assert all(f is not None and sk.ends is not None for f, sk in zip(fines, sks))
     ws = [check_weights(r, M) for r in job.rows]
     K = keep_count(job.k, n)
     brackets = [onepass.fine_bracket(f, n, M, w, K) for f, w in zip(fines, ws)]
-    if sum(b[2] for b in brackets) > onepass.PENDING:
-        return False
     tables = [
-        onepass.TaskTable.build(sk.partition, f, w, lo, hi)
-        for sk, f, w, (lo, hi, _) in zip(sks, fines, ws, brackets)
+        onepass.TaskTable.build(sk.partition, sk.fine, sk.ends, w, lo, hi)
+        for sk, w, (lo, hi, _) in zip(sks, ws, brackets)
     ]
+    how = "one-pass"
+    if sum(b[2] for b in brackets) > onepass.PENDING:  # too many to hold back
+        if not onepass.settle(tables, _taus(plan), K):
+            return ""
+        how = "settled"
     spans = [
         stop - start for key in plan.delta_keys for start, stop in plan.chunks(key)
     ]
     op = onepass.OnePass(tables, job.lam, K, max(spans, default=0))
+    at = 0  # the stream's position: keys in the plan's order, as the sketches saw
     for key in plan.delta_keys:
         for start, stop in plan.chunks(key):
             ch = plan.read_chunk(key, start, stop)
             b32 = ch.base_cd if ch.base_cd.dtype == torch.float32 else ch.base.float()
-            theta = op.chunk((key, start), ch.taus32, b32.reshape(-1))
+            theta = op.chunk((key, start), ch.taus32, b32.reshape(-1), at + start)
             job.write(key, slice(start, stop), theta)
+        at += plan.numel[key]
     for tag, offsets, theta in op.finish():
         key, start = tag  # type: ignore[misc]
         job.write(key, offsets + start, theta)
-    return True
+    return how
+
+
+def _taus(plan: Any) -> Iterator[tuple[list[torch.Tensor], int]]:
+    """(float32 τ of every task, stream position) chunk by chunk."""
+    at = 0
+    for key in plan.delta_keys:
+        for start, stop in plan.chunks(key):
+            yield plan.read_chunk(key, start, stop).taus32, at + start
+        at += plan.numel[key]
 
 
 def _two_pass(job: _Job) -> None:
@@ -273,7 +298,8 @@ class StreamObjective(BaseObjective):
         self._dtypes = {k: base.dtype(k) for k in self.plan.keys}
         #: build candidates in one pass where it can (tests force the two-pass one)
         self.one_pass = True
-        self.one_pass_builds = self.two_pass_builds = 0
+        #: candidates built per way (:func:`build_candidate`'s answer)
+        self.builds: dict[str, int] = {}
         targets = writable_targets(self.p.get_evaluator(), self.plan)
         #: candidates are written into the evaluator's own model (one model per
         #: trial), not into a state of their own that the evaluator then copies
@@ -303,7 +329,7 @@ class StreamObjective(BaseObjective):
     ) -> dict[str, torch.Tensor]:
         """θ_pre + Σ_t λ_t·τ̂_t over ``plan``'s models into the reused state (use it
         before asking for the next)."""
-        one = build_candidate(
+        how = build_candidate(
             plan,
             self._state,
             self._dtypes,
@@ -314,10 +340,7 @@ class StreamObjective(BaseObjective):
             one_pass=self.one_pass,
             store=Path(self.p.sketch_dir) if self.p.sketch_dir else None,
         )
-        if one:
-            self.one_pass_builds += 1
-        else:
-            self.two_pass_builds += 1
+        self.builds[how] = self.builds.get(how, 0) + 1
         return dict(self._state)
 
     def states(

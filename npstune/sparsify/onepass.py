@@ -17,11 +17,19 @@ lookup table is per fine bin too. So before the pass each bin is known to be kep
 *special* (it holds a boundary, or reaches into the bracket). The table maps a bin to
 w_m, 0 or +inf.
 
+**Ties at a boundary.** A boundary keeps the scores above its value and the first
+``quota`` equal to it in position order. The pass that counts the fine histogram also
+finds each boundary's *tie end*, the position where its quota runs out
+(:func:`fine_pass`); an equal score before it is on the boundary's upper side. So a
+bin whose entries all equal a boundary's value (the rule with bf16 checkpoints, whose τ
+takes few values) is not special: its table value is its side's weight (or 0), set per
+chunk, and only the one chunk holding a tie end decides its entries one by one.
+
 **The pass.** Per chunk and task: ``c = table[bin(τ)]·τ·λ`` added into Δ, in the exact
-path's order (:meth:`OnePass.chunk`). A special entry gives ±inf or NaN, so one
-``isfinite`` over Δ finds every position that some task marked special; there (a few
-per cent of the entries) each task's value is recomputed exactly: the partition's
-cursors label it, the reweighted value is compared with the bracket. A value inside the
+path's order (:meth:`OnePass.chunk`). A special entry gives ±inf or NaN; there (a few
+per cent of the entries at most) each task's value is recomputed exactly: its subspace
+from the boundaries (value, tie end), the reweighted value compared with the bracket.
+A value inside the
 bracket is *pending*: its position waits, with base and values, until the pass has
 counted everything above the bracket; then the K − above largest pending values are
 kept (earlier position first at equal value: the exact rule's tie quota) and those
@@ -34,30 +42,37 @@ shows in θ only where θ_pre is −0, and those positions are recomputed exactl
 the state is the same, bit for bit (tested against the two-pass build on tie-heavy and
 bf16 inputs).
 
-**Memory.** Per task: the 32 Ki-entry table, the 1 Mi-counter fine histogram, the
-partition; per pass: a few chunk-sized buffers and the pending positions, at most
-:data:`PENDING` of them (the fine histogram bounds their count before the pass; more,
-and the caller takes the two-pass build).
+**Memory.** Per task: the 1 Mi-entry table, the 1 Mi-counter fine histogram, the
+partition and its tie ends; per pass: a few chunk-sized buffers and the pending
+positions, at most :data:`PENDING` of them (the fine histogram bounds their count
+before the pass). More, and :func:`settle` first finds each threshold and its tie
+quota exactly, in a pass that looks at the special entries only (a histogram of the
+float32 patterns inside the bracket); the pass then keeps r > t and the first ties at
+t in position order, and holds nothing back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from npstune.errors import ConfigError
-from npstune.sparsify.nps import Partition, PartitionCursor, _next_up, subspace_bounds
+from npstune.sparsify.nps import Partition, _next_up, subspace_bounds
 from npstune.sparsify.sketch import _INF_BITS, _f32, _largest
-from npstune.sparsify.topk import ThresholdCursor
+from npstune.sparsify.topk import Threshold
 
 FINE_SHIFT = 11
 FINE_BINS = 1 << (31 - FINE_SHIFT)
 #: union positions a pass may hold back for its threshold (about 40 B each for 3 tasks)
 PENDING = 1 << 22
 _INT32_MIN = -(1 << 31)  # the pattern of float32 −0.0
+_INF = float("inf")
+#: the widest bracket (in float32 patterns) :func:`settle` histograms (8 B each)
+SETTLE_PATTERNS = 1 << 22
 
 
 def _edges(shift: int, bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,23 +95,65 @@ def fine_suffixes(
     """Per stream, ``S[e]``: how many of its ``n`` non-negative float32 scores
     (``chunks`` yields one tuple of chunks per step) lie in fine bins ≥ e
     (``FINE_BINS + 1`` counters, ``S[0] = n``). One pass."""
-    hists = [torch.zeros(FINE_BINS, dtype=torch.int64) for _ in range(streams)]
-    seen = [0] * streams
+    return [s for s, _ in fine_pass(chunks, n, [()] * streams)]
+
+
+def fine_pass(
+    chunks: Iterable[Sequence[torch.Tensor]],
+    n: int,
+    bounds: Sequence[Sequence[Threshold]],
+) -> list[tuple[np.ndarray, tuple[int, ...]]]:
+    """Per stream (``bounds[i]``: its partition's boundaries), its fine suffix counts
+    (:func:`fine_suffixes`) and the *tie end* of each boundary, in one pass.
+
+    A boundary keeps the scores above its value and the first ``quota`` equal to it in
+    position order; its tie end is the position (in the stream's order, from 0) before
+    which every equal score is among those: 0 when the quota is 0, n when it takes them
+    all, else one past the quota-th equal score. Ties are then decided by position
+    alone, so a chunk that lies wholly on one side of every tie end needs no count."""
+    hists = [torch.zeros(FINE_BINS, dtype=torch.int64) for _ in bounds]
+    seen = [0] * len(bounds)
+    # per stream: boundary -> [value, ties still to pass before the end]
+    open_: list[dict[int, list[Any]]] = []
+    ends: list[list[int]] = []
+    for bs in bounds:
+        e: list[int] = []
+        todo = {}
+        for j, th in enumerate(bs):
+            if th.quota == 0:
+                e.append(0)
+            elif th.equal is not None and th.quota == th.equal:
+                e.append(n)
+            else:
+                e.append(-1)
+                todo[j] = [torch.tensor(th.value, dtype=torch.float32), th.quota]
+        ends.append(e)
+        open_.append(todo)
     for step in chunks:
         for i, c in enumerate(step):
             b = c.reshape(-1)
-            b = (b if b.dtype == torch.float32 else b.float()).view(torch.int32)
-            hists[i] += torch.bincount(
-                torch.bitwise_right_shift(b, FINE_SHIFT), minlength=FINE_BINS
-            )
+            b = b if b.dtype == torch.float32 else b.float()
+            at = torch.bitwise_right_shift(b.view(torch.int32), FINE_SHIFT)
+            hists[i] += torch.bincount(at, minlength=FINE_BINS).to(hists[i].device)
+            for j, slot in list(open_[i].items()):
+                eq = b == slot[0].to(b.device)
+                cnt = int(eq.sum())
+                if cnt >= slot[1]:
+                    last = eq.nonzero()[slot[1] - 1, 0]
+                    ends[i][j] = seen[i] + int(last) + 1
+                    del open_[i][j]
+                else:
+                    slot[1] -= cnt
             seen[i] += b.numel()
     out = []
-    for h, s in zip(hists, seen):
+    for h, s, e, todo in zip(hists, seen, ends, open_):
         if s != n:
             raise ConfigError(f"expected {n} scores, saw {s}")
+        if todo:
+            raise ConfigError(f"boundaries {sorted(todo)} have fewer ties than quota")
         suffix = np.zeros(FINE_BINS + 1, dtype=np.int64)
         suffix[:-1] = np.cumsum(h.numpy()[::-1])[::-1]
-        out.append(suffix)
+        out.append((suffix, tuple(e)))
     return out
 
 
@@ -135,43 +192,67 @@ def fine_bracket(
 
 
 @dataclass
+class Settled:
+    """A task's top-K threshold, known before the pass (:func:`settle`): keep r > t
+    and the first ``quota`` of the r == t in position order. Nothing waits."""
+
+    t: float
+    quota: int
+    left: int = -1  # quota not yet spent
+
+    def __post_init__(self) -> None:
+        if self.left < 0:
+            self.left = self.quota
+
+
+@dataclass
 class TaskTable:
     """One task's lookup table for one candidate, and what the pass learns of it."""
 
     lut: torch.Tensor  # (FINE_BINS,) float32: w_m (kept), 0 (dropped), +inf (special)
     counted: torch.Tensor  # (FINE_BINS,) bool: bins whose entries ``above`` counts
     sub: torch.Tensor  # (FINE_BINS,) int32: boundaries whose value's bin is above
-    #: (bin, cursor) of every boundary: in its bin, the cursor tells the side
-    edges: list[tuple[int, ThresholdCursor]]
+    #: every boundary: (its value's bin, value, the next float32 up, tie end); in its
+    #: bin, an equal score before the tie end is on the boundary's upper side
+    edges: list[tuple[int, float, float, int]]
+    #: bins holding more than one boundary (their side is always decided exactly)
+    shared: frozenset[int]
     weights: torch.Tensor  # (M,) float32
-    cursor: PartitionCursor
     lo: int  # bracket, float32 patterns
     hi: int
     above: int  # values above the bracket: the kept bins' counts, then the pass's
-    #: pure boundary bins that are kept in either subspace: (bin, first subspace,
-    #: cursors of the boundaries at their value); their weight follows the cursors
-    dynamic: list[tuple[int, int, list[ThresholdCursor]]]
+    #: pure boundary bins (every entry equal to the boundaries' value) whose every
+    #: side is kept or dropped: (bin, table value per side, the sides' tie ends); the
+    #: side of a position is the number of tie ends at or before it
+    dynamic: list[tuple[int, list[float], list[int]]]
     #: per bin, for this chunk: below a boundary in it means ``|τ| < cut`` (0
     #: elsewhere, and where :attr:`scans` decides)
     cut: torch.Tensor = field(default_factory=lambda: torch.zeros(FINE_BINS))
-    #: this chunk's boundaries whose cursor scans (or that share a bin)
-    scans: list[tuple[int, ThresholdCursor]] = field(default_factory=list)
+    #: this chunk's boundaries decided by position: (bin, value, tie end)
+    scans: list[tuple[int, float, int]] = field(default_factory=list)
+    #: the top-K threshold when the sketch settles it before the pass
+    #: (:func:`settle_threshold`): keep r > t and the first ``quota`` r == t in
+    #: position order, nothing held back; None: values in the bracket wait
+    settled: Settled | None = None
 
     @classmethod
     def build(
         cls,
         part: Partition,
         suffix: np.ndarray,
+        ends: Sequence[int],
         weights: torch.Tensor,
         lo: int,
         hi: int,
     ) -> TaskTable:
-        """The table of ``part``'s task vector (fine suffix counts ``suffix``) for
-        weights ``weights`` and bracket ``[lo, hi]`` (module docstring)."""
+        """The table of ``part``'s task vector (fine suffix counts ``suffix`` and
+        tie ends ``ends``: :func:`fine_pass`) for weights ``weights`` and bracket
+        ``[lo, hi]`` (module docstring)."""
+        if len(ends) != len(part.bounds):
+            raise ConfigError(f"{len(ends)} tie ends for {len(part.bounds)} boundaries")
         w = weights.detach().cpu().to(torch.float32).numpy()
         count = suffix[:-1] - suffix[1:]
         d = np.arange(FINE_BINS)
-        cursor = part.cursor()
         vbins = [
             int(np.float32(t.value).view(np.int32)) >> FINE_SHIFT for t in part.bounds
         ]
@@ -185,7 +266,8 @@ class TaskTable:
         t_lo, t_hi = _f32(lo), _f32(hi)
         kept, dropped = plo > t_hi, phi < t_lo
         boundary = np.zeros(FINE_BINS, dtype=bool)
-        dynamic: list[tuple[int, int, list[ThresholdCursor]]] = []
+        dynamic: list[tuple[int, list[float], list[int]]] = []
+        above = 0
         for b in sorted({vb for vb in vbins if vb < _INF_BITS >> FINE_SHIFT}):
             boundary[b] = True
             js = [j for j, vb in enumerate(vbins) if vb == b]
@@ -193,55 +275,137 @@ class TaskTable:
             eq = part.bounds[js[0]].equal
             v = np.float32(values.pop())
             if values or eq is None or int(count[b]) != eq:
-                continue  # values besides the boundary's: special
-            # every entry of bin b equals v: in subspace sub[b] + (boundaries at v
-            # whose quota is spent), fixed within a chunk unless one is scanning
+                # values besides the boundary's: each side's products span the bin's
+                sides = w[int(sub[b]) : int(sub[b]) + len(js) + 1]
+                if bool((sides * _FINE_HI[b] < t_lo).all()):
+                    boundary[b], dropped[b] = False, True  # no side reaches the bracket
+                elif bool((sides * _FINE_LO[b] > t_hi).all()) and len(set(sides)) == 1:
+                    boundary[b], kept[b] = False, True  # kept, one weight either side
+                continue  # else special: each entry's side decided one by one
+            # every entry of bin b equals v: side s (s boundaries at v whose tie end
+            # it is past) is subspace sub[b] + s; the quotas give each side's size
             first = int(sub[b])
             prods = w[first : first + len(js) + 1] * v
-            if bool((prods > t_hi).all()):
-                kept[b], boundary[b] = True, False
-                dynamic.append((b, first, [cursor.cursors[j] for j in js]))
-            elif bool((prods < t_lo).all()):
-                dropped[b], boundary[b] = True, False
+            if bool(((prods >= t_lo) & (prods <= t_hi)).any()):
+                continue  # a side in the bracket: its entries wait for the threshold
+            side = [
+                float(w[first + s]) if p > t_hi else 0.0 for s, p in enumerate(prods)
+            ]
+            quotas = [0, *(part.bounds[j].quota for j in js), eq]
+            sizes = [quotas[s + 1] - quotas[s] for s in range(len(js) + 1)]
+            above += sum(n for n, val in zip(sizes, side) if val > 0)
+            boundary[b] = False
+            kept[b], dropped[b] = False, False
+            dynamic.append((b, side, [int(ends[j]) for j in js]))
         kept &= ~boundary
         dropped &= ~boundary
+        counted = kept.copy()
+        for b, _, _ in dynamic:  # counted above, side by side, once
+            counted[b] = True
         lut = np.where(kept, wd, np.where(dropped, np.float32(0), np.float32(np.inf)))
         lut[_INF_BITS >> FINE_SHIFT :] = 0  # no finite |τ| there
+        per_bin: dict[int, int] = {}
+        for vb in vbins:
+            per_bin[vb] = per_bin.get(vb, 0) + 1
         return cls(
             torch.from_numpy(lut.astype(np.float32)),
-            torch.from_numpy(kept),
+            torch.from_numpy(counted),
             torch.from_numpy(sub.astype(np.int32)),
-            [(vb, c) for vb, c in zip(vbins, cursor.cursors)],
+            [
+                (vb, float(t.value), _next_up(t.value), int(e))
+                for vb, t, e in zip(vbins, part.bounds, ends)
+            ],
+            frozenset(b for b, c in per_bin.items() if c > 1),
             torch.from_numpy(w.copy()),
-            cursor,
             lo,
             hi,
-            int(count[kept].sum()),
+            above + int(count[kept].sum()),
             dynamic,
         )
 
-    def for_chunk(self) -> None:
-        """Set the boundary bins' cut values and the dynamic bins' weights from where
-        their cursors stand (special for a chunk in which a quota may run out)."""
-        shared = {b for b, _ in self.edges}
-        shared = {b for b in shared if sum(1 for e, _ in self.edges if e == b) > 1}
+    def for_chunk(self, start: int, stop: int) -> None:
+        """Set the boundary bins' cut values and the dynamic bins' table values for
+        the positions ``[start, stop)``: a boundary whose tie end lies inside is
+        decided by position (:attr:`scans`), a dynamic bin whose sides differ there
+        is special."""
         self.scans = []
-        for b, cur in self.edges:
+        for b, v, up, end in self.edges:
             if b >= FINE_BINS:
                 continue
-            rule = cur.rule
-            if rule == "scan" or b in shared:
+            if b in self.shared or start < end < stop:
                 self.cut[b] = 0.0
-                self.scans.append((b, cur))
-            else:
-                v = cur.threshold.value
-                self.cut[b] = v if rule == ">=" else _next_up(v)
-        for b, first, cursors in self.dynamic:
-            rules = [c.rule for c in cursors]
-            if "scan" in rules:
-                self.lut[b] = np.inf
-            else:
-                self.lut[b] = float(self.weights[first + rules.count(">")])
+                self.scans.append((b, v, end))
+            else:  # ties above the boundary before its end, below it after
+                self.cut[b] = v if stop <= end else up
+        for b, side, ends in self.dynamic:
+            first = sum(1 for e in ends if e <= start)
+            last = sum(1 for e in ends if e < stop)
+            vals = set(side[first : last + 1])
+            self.lut[b] = vals.pop() if len(vals) == 1 else np.inf
+
+    def reweighted(
+        self, tu: torch.Tensor, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(w, r = w·|τ|, fine bins)`` of entries ``tu`` at stream positions ``pos``
+        of the current chunk. The subspace is the bin's, but in a boundary's bin the
+        boundary tells the side: above its value, or equal to it before its tie end."""
+        a = tu.abs()
+        bins = _bins(tu)
+        ids = self.sub.index_select(0, bins)
+        # below a boundary whose side is a plain compare
+        ids += a < self.cut.index_select(0, bins)
+        for b, v, end in self.scans:  # decided by value, and ties by position
+            m = bins == b
+            if bool(m.any()):
+                am = a[m]
+                upper = (am > v) | ((am == v) & (pos[m] < end))
+                ids[m] += ~upper
+        wsel = torch.index_select(self.weights, 0, ids)
+        return wsel, wsel * a, bins
+
+
+def settle(
+    tables: Sequence[TaskTable],
+    chunks: Iterable[tuple[Sequence[torch.Tensor], int]],
+    K: int,
+) -> bool:
+    """Settle each table's top-K threshold exactly (:class:`Settled`) in one pass
+    over τ (``chunks``: the float32 τ of each task and the stream position of the
+    chunk, in position order), for a build whose values in the bracket are too many
+    to hold back. Only the special entries are looked at: those above the bracket
+    are counted, those inside it histogrammed by their float32 pattern; then the
+    K-th largest and its tie quota follow. False, reading nothing, when a bracket
+    spans more than :data:`SETTLE_PATTERNS` patterns (the caller takes two passes)."""
+    spans = [tab.hi - tab.lo + 1 for tab in tables]
+    if max(spans, default=0) > SETTLE_PATTERNS:
+        return False
+    hists = [torch.zeros(span, dtype=torch.int64) for span in spans]
+    above = [tab.above for tab in tables]  # the kept bins' entries, counted already
+    for taus, at in chunks:
+        for i, (tab, tau) in enumerate(zip(tables, taus)):
+            flat = tau.reshape(-1)
+            tab.for_chunk(at, at + flat.numel())
+            idx = torch.eq(tab.lut.index_select(0, _bins(flat)), _INF)
+            idx = idx.nonzero().squeeze(1)
+            if not idx.numel():
+                continue
+            _, r, bins = tab.reweighted(flat.index_select(0, idx), idx + at)
+            rb = r.view(torch.int32)
+            above[i] += int(((rb > tab.hi) & ~tab.counted.index_select(0, bins)).sum())
+            inside = rb[(rb >= tab.lo) & (rb <= tab.hi)] - tab.lo
+            hists[i] += torch.bincount(inside.long(), minlength=spans[i])
+    for i, (tab, h) in enumerate(zip(tables, hists)):
+        # at_least[p]: values ≥ the pattern lo + p
+        at_least = above[i] + np.cumsum(h.numpy()[::-1])[::-1]
+        if not above[i] < K <= int(at_least[0]):
+            raise AssertionError(  # the bracket does not describe these values
+                f"task {i}: {above[i]} above the bracket, "
+                f"{int(at_least[0]) - above[i]} in it, K={K}"
+            )
+        p = int(np.nonzero(at_least >= K)[0][-1])
+        higher = int(at_least[p + 1]) if p + 1 < len(at_least) else above[i]
+        tab.settled = Settled(float(_f32(tab.lo + p)), K - higher)
+    return True
 
 
 def combine(
@@ -290,25 +454,32 @@ class OnePass:
         self.special = 0
 
     def chunk(
-        self, tag: object, taus32: Sequence[torch.Tensor], base32: torch.Tensor
+        self,
+        tag: object,
+        taus32: Sequence[torch.Tensor],
+        base32: torch.Tensor,
+        at: int,
     ) -> torch.Tensor:
-        """θ = θ_pre + Σ_t λ_t·τ̂_t (float32, flat) of one chunk; held-back positions
+        """θ = θ_pre + Σ_t λ_t·τ̂_t (float32, flat) of one chunk that starts at
+        position ``at`` of the stream (the order of the tie ends); held-back positions
         are wrong until :meth:`finish` gives them. The result is a reused buffer."""
         n = base32.numel()
         hi, c, delta = self._hi[:n], self._c[:n], self._delta[:n]
         taus = [t.reshape(-1) for t in taus32]
         own: list[tuple[torch.Tensor, Status] | None] = []
         for t, (tab, flat) in enumerate(zip(self.tables, taus)):
-            tab.for_chunk()
+            tab.for_chunk(at, at + n)
             out = delta if t == 0 else c
             torch.index_select(tab.lut, 0, _bins(flat, hi), out=out)
-            idx = torch.isinf(out).nonzero().squeeze(1)
+            # +inf marks a special bin (no table value is −inf or NaN): one compare,
+            # where isinf would take |x| first
+            idx = torch.eq(out, _INF).nonzero().squeeze(1)
             out.mul_(flat)
             lam = self.lams[t]
             if lam != 1.0:
                 out.mul_(lam)
             if idx.numel():
-                st = self._exact(tab, flat.index_select(0, idx))
+                st = self._exact(tab, flat.index_select(0, idx), idx + at)
                 v, keep = st[0], st[1]
                 out.index_copy_(
                     0, idx, torch.where(keep, v if lam == 1.0 else v * lam, 0.0)
@@ -326,27 +497,25 @@ class OnePass:
         if bool(negz.any()):  # the sign of a zero Δ shows there: recompute exactly
             fix.append(negz.nonzero().squeeze(1))
         if fix:
-            at = torch.unique(torch.cat(fix))  # sorted
-            if at.numel():
-                self._settle(tag, at, taus, b, own, theta)
+            where = torch.unique(torch.cat(fix))  # sorted
+            if where.numel():
+                self._settle(tag, where, taus, b, own, theta)
         return theta
 
-    def _exact(self, tab: TaskTable, tu: torch.Tensor) -> Status:
-        """(v, kept, pending, r) of a task's special entries ``tu`` (in position
-        order). The subspace is the bin's, but in a boundary's bin the boundary's
-        cursor tells the side (spending its tie quota in position order)."""
-        a = tu.abs()
-        bins = _bins(tu)
-        ids = tab.sub.index_select(0, bins)
-        ids += a < tab.cut.index_select(
-            0, bins
-        )  # below a boundary whose side is a plain compare
-        for b, cur in tab.scans:  # a tie quota to spend in position order
-            m = bins == b
-            if bool(m.any()):
-                ids[m] += ~cur.mask(a[m])
-        wsel = torch.index_select(tab.weights, 0, ids)
-        r = wsel * a
+    def _exact(self, tab: TaskTable, tu: torch.Tensor, pos: torch.Tensor) -> Status:
+        """(v, kept, pending, r) of a task's special entries ``tu`` at stream
+        positions ``pos`` (:meth:`TaskTable.reweighted`): kept above the bracket,
+        pending inside it; with a settled threshold kept above t, and the ties at t
+        while its quota lasts, in position order."""
+        wsel, r, bins = tab.reweighted(tu, pos)
+        st = tab.settled
+        if st is not None:  # the threshold is known: nothing waits
+            keep = r > st.t
+            if st.left:
+                ties = (r == st.t).nonzero().squeeze(1)[: st.left]
+                keep[ties] = True
+                st.left -= int(ties.numel())
+            return wsel * tu, keep, torch.zeros_like(keep), r
         rb = r.view(torch.int32)
         keep = rb > tab.hi
         pend = (rb >= tab.lo) & ~keep
@@ -408,6 +577,12 @@ class OnePass:
         """The held-back positions settled: ``(tag, offsets, θ float32)`` per chunk
         that held some back."""
         for t, tab in enumerate(self.tables):
+            if tab.settled is not None:  # decided in the pass
+                if tab.settled.left:
+                    raise AssertionError(
+                        f"task {t}: {tab.settled.left} of the tie quota not spent"
+                    )
+                continue
             need = self.K - tab.above
             rs = [h[3][t][3][h[3][t][2]] for h in self._held]
             pend_r = torch.cat(rs) if rs else torch.zeros(0)
@@ -437,8 +612,12 @@ __all__ = [
     "FINE_BINS",
     "OnePass",
     "PENDING",
+    "SETTLE_PATTERNS",
+    "Settled",
     "TaskTable",
     "combine",
     "fine_bracket",
+    "fine_pass",
     "fine_suffixes",
+    "settle",
 ]

@@ -72,9 +72,11 @@ class Sketch:
 
     partition: Partition
     hist: np.ndarray  # (M, 32 Ki) int64
-    #: the fine histogram's suffix counts (:func:`~npstune.sparsify.onepass.
-    #: fine_suffixes`), for the one-pass build; None until a pass counts them
+    #: the fine histogram's suffix counts and the boundaries' tie ends
+    #: (:func:`~npstune.sparsify.onepass.fine_pass`), for the one-pass build; None
+    #: until a pass counts them
     fine: np.ndarray | None = field(default=None, compare=False, repr=False)
+    ends: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, part: Partition) -> Sketch:
