@@ -27,9 +27,10 @@ and scoring the perplexity of each candidate on a few short sequences. It report
 - **evaluations per hour** (trials / search wall time).
 
 ``--kill-resume`` then runs a second search of two generations, kills its driver with
-SIGKILL one trial into the second, checks what is left (Ray processes, ``/dev/shm``,
-memory), and resumes it with ``--resume``: it reports the finished trials the resume
-had to run again (those of the unfinished generation) and that it completes.
+SIGKILL 20 s into the second (its first candidate being built), checks what is left
+(Ray processes, ``/dev/shm``, memory), and resumes it with ``--resume``: it reports
+the generations lost, the finished trials the resume had to run again (those of the
+unfinished generation) and that it completes.
 
 Run: ``python -m benchmarks.search_scale [--layers 7] [--generations 3]
 [--population 4] [--kill-resume] [--scratch DIR]`` (default
@@ -265,11 +266,14 @@ def _ledger(out: Path) -> Any:
 
 
 def run_search_child(
-    cfg: Path, resume: bool = False, kill_after: int | None = None
+    cfg: Path,
+    resume: bool = False,
+    kill_after: int | None = None,
+    kill_delay: float = 0.0,
 ) -> dict[str, Any]:
     """``npstune search cfg`` in a child (its own session); memory sampled; its
-    driver killed with SIGKILL once ``kill_after`` trials are in the ledger, when
-    given."""
+    driver killed with SIGKILL ``kill_delay`` seconds after ``kill_after`` trials
+    are in the ledger (which is written a generation at a time), when given."""
     import yaml
 
     out = Path(yaml.safe_load(cfg.read_text())["output_dir"])
@@ -281,9 +285,14 @@ def run_search_child(
     )
     mem = MemSampler().start(proc.pid)
     killed = False
+    due: float | None = None
     while proc.poll() is None:
-        time.sleep(1.0)
-        if kill_after is not None and len(_ledger(out).records) >= kill_after:
+        time.sleep(0.5)
+        if kill_after is None:
+            continue
+        if due is None and len(_ledger(out).records) >= kill_after:
+            due = time.perf_counter() + kill_delay
+        if due is not None and time.perf_counter() >= due:
             os.kill(proc.pid, signal.SIGKILL)  # the driver only, as a crash would
             proc.wait()
             killed = True
@@ -439,8 +448,8 @@ def main(argv: list[str] | None = None) -> None:
 def kill_resume(
     scratch: Path, paths: dict[str, Path], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """SIGKILL the driver one trial into its second generation, check what is
-    left, resume."""
+    """SIGKILL the driver inside its second generation (a few seconds into its
+    first trial, whose candidate is being built), check what is left, resume."""
     gens = min(args.generations, 2)  # killed in its second generation
     cfg = write_config(
         scratch, paths, "search-scale-kill", gens, args.population, args.cpus
@@ -448,9 +457,10 @@ def kill_resume(
     out = scratch / "runs" / "search-scale-kill"
     shutil.rmtree(out, ignore_errors=True)
     pop = args.population
-    print(f"kill -9 test: the driver dies once {pop + 1} trials are in", flush=True)
+    delay = 20.0
+    print(f"kill -9 test: the driver dies {delay:.0f} s into generation 2", flush=True)
     before = _mem_used() / GIB
-    first = run_search_child(cfg, kill_after=pop + 1)
+    first = run_search_child(cfg, kill_after=pop, kill_delay=delay)
     at_kill = _ledger(out)
     done_gens = len(at_kill.generations)
     left = leftovers()
@@ -463,6 +473,7 @@ def kill_resume(
         "trials_recorded_at_kill": len(at_kill.records),
         # finished trials of the unfinished generation: the resume runs them again
         "trials_rerun": len(at_kill.records) - done_gens * pop,
+        "generations_lost": gens - done_gens if first["killed"] else 0,
         "ray_processes_left": len(left["ray_processes"]),
         "dev_shm_left": len(left["dev_shm"]),
         "mem_used_before_gib": before,
