@@ -21,6 +21,7 @@ from typing import Any
 
 from npstune.compress import FAMILIES, storage_bits
 from npstune.errors import ConfigError, NpstuneError
+from npstune.evaluate.base import metric_of
 from npstune.search.monitor import Ledger, TrialRecord
 from npstune.search.objective import (
     CALIBRATION,
@@ -56,13 +57,22 @@ class Report:
     rows: list[Row]
     best: dict[str, Any] | None
     files: dict[str, str] = field(default_factory=dict)
+    #: tasks whose scores are not fractions (a perplexity task's −log perplexity):
+    #: printed as they are, and so are the averages over them; the others in %
+    plain: list[str] = field(default_factory=list)
 
     def row(self, method: str) -> Row | None:
         return next((r for r in self.rows if r.method == method), None)
 
     def markdown(self) -> str:
-        """The table as GitHub markdown (accuracies in %, test split unless marked)."""
+        """The table as GitHub markdown (accuracies in %, other scores as they are;
+        test split unless marked)."""
         extra = list(get_use(self.use).extra_columns)
+        fmt = _plain if self.plain else _pct  # averages: plain if any task is
+
+        def cell(t: str, v: float | None) -> str:
+            return _plain(v) if t in self.plain else _pct(v)
+
         head = [
             "method",
             f"calib {self.metric_label}",
@@ -75,10 +85,10 @@ class Report:
         for r in self.rows:
             cells = [
                 r.label,
-                _pct(r.calibration.get("objective")),
-                _pct(r.test.get("objective")),
-                *[_pct(r.test.get(e)) for e in extra],
-                *[_pct(r.test.get(f"acc/{t}")) for t in self.tasks],
+                fmt(r.calibration.get("objective")),
+                fmt(r.test.get("objective")),
+                *[fmt(r.test.get(e)) for e in extra],
+                *[cell(t, r.test.get(f"acc/{t}")) for t in self.tasks],
                 f"{r.bits:,}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
@@ -97,6 +107,14 @@ class Report:
 
 def _pct(v: float | None) -> str:
     return "–" if v is None or not math.isfinite(v) else f"{100 * v:.2f}"
+
+
+def _plain(v: float | None) -> str:
+    return "–" if v is None or not math.isfinite(v) else f"{v:.4f}"
+
+
+#: metrics whose scores are fractions in [0, 1]
+FRACTIONS = frozenset({"accuracy", "exact_match"})
 
 
 def final_report(
@@ -156,7 +174,9 @@ def final_report(
             )
         )
         best_info = _best_info(cfg, payload, best, cand, test)
-    report = Report(payload.use, use.metric_label, tasks, rows, best_info)
+    plain = [t for t in tasks if metric_of(test_ev, t) not in FRACTIONS]
+    label = use.metric_label.replace("acc", "score") if plain else use.metric_label
+    report = Report(payload.use, label, tasks, rows, best_info, plain=plain)
     out.mkdir(parents=True, exist_ok=True)
     if best is not None and best_info is not None:
         (out / "best_candidate.json").write_text(json.dumps(best_info, indent=2) + "\n")
