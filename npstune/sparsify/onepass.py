@@ -198,11 +198,10 @@ class Settled:
 
     t: float
     quota: int
-    left: int = -1  # quota not yet spent
+    left: int = field(init=False)  # quota not yet spent
 
     def __post_init__(self) -> None:
-        if self.left < 0:
-            self.left = self.quota
+        self.left = self.quota
 
 
 @dataclass
@@ -230,9 +229,9 @@ class TaskTable:
     cut: torch.Tensor = field(default_factory=lambda: torch.zeros(FINE_BINS))
     #: this chunk's boundaries decided by position: (bin, value, tie end)
     scans: list[tuple[int, float, int]] = field(default_factory=list)
-    #: the top-K threshold when the sketch settles it before the pass
-    #: (:func:`settle_threshold`): keep r > t and the first ``quota`` r == t in
-    #: position order, nothing held back; None: values in the bracket wait
+    #: the top-K threshold when :func:`settle` found it before the pass: keep r > t
+    #: and the first ``quota`` r == t in position order, nothing held back; None:
+    #: values in the bracket wait for the end of the pass
     settled: Settled | None = None
 
     @classmethod
