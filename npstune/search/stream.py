@@ -204,33 +204,33 @@ def _one_pass(job: _Job, sks: list[Any]) -> str:
     ]
     how = "one-pass"
     if sum(b[2] for b in brackets) > onepass.PENDING:  # too many to hold back
-        if not onepass.settle(tables, _taus(plan), K):
+        taus = (
+            (plan.read_chunk(key, start, stop).taus32, pos)
+            for key, start, stop, pos in _spans(plan)
+        )
+        if not onepass.settle(tables, taus, K):
             return ""
         how = "settled"
-    spans = [
-        stop - start for key in plan.delta_keys for start, stop in plan.chunks(key)
-    ]
-    op = onepass.OnePass(tables, job.lam, K, max(spans, default=0))
-    at = 0  # the stream's position: keys in the plan's order, as the sketches saw
-    for key in plan.delta_keys:
-        for start, stop in plan.chunks(key):
-            ch = plan.read_chunk(key, start, stop)
-            b32 = ch.base_cd if ch.base_cd.dtype == torch.float32 else ch.base.float()
-            theta = op.chunk((key, start), ch.taus32, b32.reshape(-1), at + start)
-            job.write(key, slice(start, stop), theta)
-        at += plan.numel[key]
+    widest = max((stop - start for _, start, stop, _ in _spans(plan)), default=0)
+    op = onepass.OnePass(tables, job.lam, K, widest)
+    for key, start, stop, pos in _spans(plan):
+        ch = plan.read_chunk(key, start, stop)
+        b32 = ch.base_cd if ch.base_cd.dtype == torch.float32 else ch.base.float()
+        theta = op.chunk((key, start), ch.taus32, b32.reshape(-1), pos)
+        job.write(key, slice(start, stop), theta)
     for tag, offsets, theta in op.finish():
         key, start = tag  # type: ignore[misc]
         job.write(key, offsets + start, theta)
     return how
 
 
-def _taus(plan: Any) -> Iterator[tuple[list[torch.Tensor], int]]:
-    """(float32 τ of every task, stream position) chunk by chunk."""
+def _spans(plan: Any) -> Iterator[tuple[str, int, int, int]]:
+    """``(key, start, stop, stream position of start)`` of every read chunk, keys in
+    the plan's order: the positions the sketches' tie ends count in."""
     at = 0
     for key in plan.delta_keys:
         for start, stop in plan.chunks(key):
-            yield plan.read_chunk(key, start, stop).taus32, at + start
+            yield key, start, stop, at + start
         at += plan.numel[key]
 
 
