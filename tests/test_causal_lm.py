@@ -140,6 +140,7 @@ def make(
     root: Path, model: Path, spec_tasks: dict[str, Any], batch_size: int = 3, **kw: Any
 ) -> CausalLMEvaluator:
     opts = {k: kw.pop(k) for k in ("chat_template", "max_length") if k in kw}
+    kw.setdefault("precision", "fp32")  # the hand loops are fp32, on any CPU
     spec = parse_evaluator(
         {"kind": "causal-lm", "tasks": spec_tasks, **opts}, root, "eval.yaml"
     )
@@ -244,6 +245,28 @@ def test_choice_matches_hand_loop(llm, hand, data, norm):
         data, llm, {"quiz": {**task, "data": {"test": "quiz.csv"}}}, batch_size=1
     )
     assert ev1.predictions(state, "quiz") == picks
+
+
+def test_bf16_scores_choices_in_bf16_near_fp32(llm, data):
+    dtypes: set[torch.dtype] = set()
+
+    def hook(module, args, out):
+        if isinstance(module, torch.nn.Linear):
+            dtypes.add(out.dtype)
+
+    state = read_state(llm)
+    got = {}
+    for precision in ("fp32", "bf16"):
+        ev = make(data, llm, {"quiz": QUIZ}, precision=precision)
+        dtypes.clear()
+        handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        try:
+            got[precision] = ev.choice_scores(state, "quiz")
+        finally:
+            handle.remove()
+        assert dtypes == {torch.float32 if precision == "fp32" else torch.bfloat16}
+    for a, b in zip(got["fp32"], got["bf16"]):
+        assert b == pytest.approx(a, rel=0.05, abs=0.05)
 
 
 def test_choice_tie_goes_to_lowest_index(llm, hand, data, tmp_path):
@@ -420,7 +443,8 @@ def hand_fisher(model, seqs: list[tuple[list[int], int]]) -> dict[str, torch.Ten
 
 def test_fisher_matches_hand_loop(llm, hand, data):
     model, tok = hand
-    ev = make(data, llm, {"quiz": QUIZ, "text": TEXT})
+    # auto: the statistics passes stay fp32 on a CPU, even one with native bf16
+    ev = make(data, llm, {"quiz": QUIZ, "text": TEXT}, precision="auto")
     assert isinstance(ev, CalibrationStats)
     state = read_state(llm)
     quiz = []
@@ -472,7 +496,9 @@ def test_fisher_generate_uses_the_answer(llm, hand, data):
 
 def test_grams_match_hand_computation(llm, hand, data):
     model, tok = hand
-    ev = make(data, llm, {"quiz": QUIZ}, batch_size=2)  # padded batches
+    ev = make(
+        data, llm, {"quiz": QUIZ}, batch_size=2, precision="auto"
+    )  # padded; stats fp32
     keys = [
         "model.layers.1.mlp.down_proj.weight",
         "lm_head.weight",

@@ -206,6 +206,7 @@ def state(model) -> dict[str, torch.Tensor]:
 
 def make(root: Path, cfg: dict, clip_dir: Path, **kw):
     """Build an evaluator from an evaluator mapping whose paths are relative to root."""
+    kw.setdefault("precision", "fp32")  # the hand references are fp32, on any CPU
     return parse_evaluator({"kind": "clip", **cfg}, root, "eval.yaml").build(
         model=clip_dir, **kw
     )
@@ -274,7 +275,7 @@ def test_accuracy_matches_hand_loop_through_the_evaluator_file(
     path = data / "eval.yaml"
     path.write_text(yaml.safe_dump(spec))
     ev = load_evaluator_file(path).build(
-        model=clip_dir, prepare=("test",), batch_size=4
+        model=clip_dir, prepare=("test",), batch_size=4, precision="fp32"
     )
     splits = ev.tasks_["mpl"].splits
     assert splits.loaded == ("test",)  # prepared at build; calibration not yet

@@ -49,6 +49,7 @@ def tc(tmp_path_factory):
             w.writerows(rows)
     spec = {
         "kind": "text-classification",
+        "precision": "fp32",  # the hand loops below are fp32, on any CPU
         "max_length": 16,
         "tasks": {
             "sentiment": {
@@ -405,3 +406,89 @@ def test_fisher_and_regmean_on_a_text_classification_evaluator(tc, tmp_path, cap
     for method in ("fisher", "regmean"):
         assert all(torch.isfinite(v).all() for v in outs[method].values())
         assert not torch.equal(outs[method][key], outs["average"][key])
+
+
+# ---- precision -----------------------------------------------------------------------
+def test_precision_is_checked_and_resolved(monkeypatch):
+    from npstune.evaluate import hf
+    from npstune.search.space import EvaluatorSpec
+
+    with pytest.raises(ConfigError, match=r"^e\.yaml: precision 'fp16': expected one"):
+        parse_evaluator({"kind": "zoo", "precision": "fp16"}, ".", "e.yaml")
+    assert parse_evaluator(
+        {"kind": "zoo", "precision": "bf16"}, ".", "e"
+    ).precision == ("bf16")
+    assert parse_evaluator({"kind": "zoo"}, ".", "e").precision is None  # -> auto
+    spec = EvaluatorSpec.model_validate({"kind": "zoo", "precision": "bf16"})
+    assert spec.precision == "bf16" and "precision" not in spec.options
+    assert EvaluatorSpec().precision == "auto"
+    with pytest.raises(ValueError, match="precision"):
+        EvaluatorSpec.model_validate({"kind": "zoo", "precision": "half"})
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # no GPU needed to resolve
+    for dev in (cpu, cuda):
+        assert hf.autocast_dtype(dev, "fp32") is None
+        assert hf.autocast_dtype(dev, "bf16") is torch.bfloat16
+    assert hf.autocast_dtype(cuda, "auto") is torch.bfloat16
+    for native in (False, True):
+        monkeypatch.setattr(hf, "cpu_has_bf16", lambda native=native: native)
+        assert hf.autocast_dtype(cpu, "auto") is (torch.bfloat16 if native else None)
+        assert isinstance(hf.autocast(cpu, "auto"), torch.autocast) == native
+    # statistics passes (Fisher, Gram matrices) stay fp32 on a CPU unless forced
+    assert hf.stats_precision(cpu, "auto", stats=True) == "fp32"
+    assert hf.stats_precision(cpu, "auto", stats=False) == "auto"
+    assert hf.stats_precision(cpu, "bf16", stats=True) == "bf16"
+    assert hf.stats_precision(cuda, "auto", stats=True) == "auto"
+    with pytest.raises(ConfigError, match="precision 'fp64'"):
+        hf.autocast_dtype(cpu, "fp64")
+
+
+def test_bf16_runs_the_encoder_in_bf16_and_scores_near_fp32(tc):
+    """precision bf16: every encoder Linear computes in bf16 (autocast), the head in
+    fp32; fp32 leaves everything fp32; the two accuracies are close."""
+    seen: list[torch.dtype] = []
+
+    def hook(module, args, out):
+        if isinstance(module, torch.nn.Linear):
+            seen.append(out.dtype)
+
+    state = _state(tc["ft"]["sentiment"])
+    acc = {}
+    for precision in ("fp32", "bf16"):
+        spec = {**tc["spec"], "precision": precision}
+        ev = parse_evaluator(spec, tc["dir"], "e").build(
+            model=tc["base"], prepare=("test",)
+        )
+        seen.clear()
+        handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        try:
+            acc[precision] = ev.evaluate(state, "sentiment", "test")
+        finally:
+            handle.remove()
+        want = torch.float32 if precision == "fp32" else torch.bfloat16
+        assert seen and set(seen) == {want}
+    assert acc["bf16"] == pytest.approx(acc["fp32"], abs=0.1)  # 2 of 20 examples
+
+
+def test_eval_command_takes_a_precision(tc, capsys):
+    ft = tc["ft"]["sentiment"]
+    base = ["eval", "--model", ft, "--evaluator", tc["dir"] / "eval.yaml", "--json"]
+    code, _, err = run([*base, "--precision", "fp16"], capsys)
+    assert code == 2 and "fp16" in err
+    scores, dtypes = {}, set()
+
+    def hook(module, args, out):
+        if isinstance(module, torch.nn.Linear):
+            dtypes.add(out.dtype)
+
+    for p in ("fp32", "bf16"):
+        dtypes.clear()
+        handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        try:
+            code, stdout, err = run([*base, "--precision", p], capsys)
+        finally:
+            handle.remove()
+        assert code == 0, err
+        assert dtypes == {torch.float32 if p == "fp32" else torch.bfloat16}
+        scores[p] = json.loads(stdout)["scores"]["sentiment"]
+    assert scores["bf16"] == pytest.approx(scores["fp32"], abs=0.1)

@@ -49,6 +49,13 @@ from npstune.cli.options import RegistryChoice
     help="Examples per forward pass (default: the file's, else 32).",
 )
 @click.option(
+    "--precision",
+    type=RegistryChoice(names.precisions),
+    default=None,
+    help="Forward-pass autocast: auto (bf16 on CUDA and on CPUs with native bf16), "
+    "fp32 or bf16 (default: the evaluator file's, else auto).",
+)
+@click.option(
     "--cache-dir",
     type=click.Path(file_okay=False),
     default=None,
@@ -63,6 +70,7 @@ def eval_cmd(
     tasks: str | None,
     device: str,
     batch_size: int | None,
+    precision: str | None,
     cache_dir: str | None,
     as_json: bool,
 ) -> None:
@@ -73,14 +81,18 @@ def eval_cmd(
     if (size is None) == (evaluator is None):
         raise ConfigError("give exactly one of --zoo SIZE or --evaluator FILE")
     if evaluator is not None:
-        _eval_file(evaluator, model, split, names, device, batch_size, as_json)
+        _eval_file(
+            evaluator, model, split, names, device, batch_size, precision, as_json
+        )
         return
     assert size is not None
     from npstune.evaluate.text import evaluate_checkpoint
     from npstune.zoo import load_zoo
 
     z = load_zoo(size, cache_dir=cache_dir)
-    res = evaluate_checkpoint(z, model, split=split, tasks=names, device=device)
+    res = evaluate_checkpoint(
+        z, model, split=split, tasks=names, device=device, precision=precision or "auto"
+    )
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -106,6 +118,7 @@ def _eval_file(
     tasks: list[str] | None,
     device: str,
     batch_size: int | None,
+    precision: str | None,
     as_json: bool,
 ) -> None:
     from npstune.evaluate.base import evaluation_report
@@ -118,6 +131,7 @@ def _eval_file(
         model=model,
         device=str(resolve_device(device)),
         batch_size=batch_size,
+        precision=precision,
         tasks=tasks,
         prepare=(split,),
     )

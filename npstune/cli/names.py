@@ -76,6 +76,13 @@ def evaluator_kinds() -> list[str]:
     return kind_names()
 
 
+def precisions() -> list[str]:
+    """``npstune eval --precision``: the evaluators' forward-pass precisions."""
+    from npstune.evaluate.kinds import PRECISIONS
+
+    return list(PRECISIONS)
+
+
 def splits() -> list[str]:
     """The evaluation splits an evaluator scores."""
     from npstune.evaluate.kinds import SPLITS

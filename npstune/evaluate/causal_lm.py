@@ -49,7 +49,12 @@ from torch import Tensor
 
 from npstune.errors import ConfigError, first_line
 from npstune.evaluate.base import State
-from npstune.evaluate.hf import autocast_dtype, load_into_module, module_targets
+from npstune.evaluate.hf import (
+    autocast,
+    load_into_module,
+    module_targets,
+    stats_precision,
+)
 from npstune.evaluate.kinds import SPLITS, BuildContext, EvaluatorKind, KindOptions
 from npstune.evaluate.records import read_records, require
 from npstune.evaluate.stats import DEFAULT_EXAMPLES, diagonal_fisher, linear_grams
@@ -360,6 +365,7 @@ class CausalLMEvaluator:
         self.ctx = ctx
         self.model_dir = Path(ctx.model)
         self.device = torch.device(ctx.device)
+        self.precision = ctx.precision
         self._model, self._tok = load_causal_lm(
             self.model_dir, self.device, options.dtype
         )
@@ -595,11 +601,12 @@ class CausalLMEvaluator:
         candidate written there is loaded by :meth:`load_state` without a copy."""
         return module_targets(self._model)
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        dt = autocast_dtype(self.device)
-        if dt is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dt)
+    def _autocast(self, stats: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """The forward passes' autocast; the statistics passes (``stats``: Fisher,
+        Gram matrices) keep fp32 on CPU unless bf16 is forced."""
+        return autocast(
+            self.device, stats_precision(self.device, self.precision, stats)
+        )
 
     @torch.inference_mode()
     def _row_logprobs(self, sp: _Split) -> Tensor:
@@ -768,7 +775,7 @@ class CausalLMEvaluator:
 
     def _row_loss(self, sp: _Split, r: int) -> Tensor:
         ids = torch.tensor([sp.rows[r]], dtype=torch.long, device=self.device)
-        with self._autocast():
+        with self._autocast(stats=True):
             logits = self._model(input_ids=ids).logits
         s = sp.starts[r]
         lp = logits[0, s - 1 : -1].float().log_softmax(-1)
@@ -793,7 +800,7 @@ class CausalLMEvaluator:
             for b in batches:
 
                 def run(b: _Batch = b) -> object:
-                    with self._autocast():
+                    with self._autocast(stats=True):
                         return self._model(input_ids=b.ids, attention_mask=b.mask)
 
                 yield run, b.mask

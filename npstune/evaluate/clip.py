@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from npstune.errors import CheckpointError, ConfigError, missing
 from npstune.evaluate.base import State
-from npstune.evaluate.hf import autocast_dtype
+from npstune.evaluate.hf import autocast
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
 #: OpenAI CLIP's pixel mean and std (RGB, on [0, 1] pixels).
@@ -167,8 +167,11 @@ class ClipZeroShotEvaluator:
         pixel_norm: ``(mean, std)`` applied to uint8 images (default: OpenAI CLIP's).
 
     Subclasses adapt other model APIs by overriding :meth:`encode_prompts`,
-    :meth:`encode_images` and :meth:`load_state`.
+    :meth:`encode_images` and :meth:`load_state`. ``precision`` (``auto``, ``fp32``,
+    ``bf16``) is the image tower's autocast (:func:`npstune.evaluate.hf.autocast`).
     """
+
+    precision: str = "auto"
 
     def __init__(
         self,
@@ -292,13 +295,13 @@ class ClipZeroShotEvaluator:
     def _predict(self, task: str, split: str) -> tuple[Tensor, Tensor]:
         images, labels = self._split(task, split)
         w = self.zero_shot_head(task)
-        amp = autocast_dtype(self.device)
         preds = []
-        for s in range(0, len(labels), self.batch_size):
-            x = self._pixels(images[s : s + self.batch_size])
-            with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+        with autocast(self.device, self.precision):  # one weight cast per split
+            for s in range(0, len(labels), self.batch_size):
+                x = self._pixels(images[s : s + self.batch_size])
                 f = self.encode_images(x)
-            preds.append(zero_shot_logits(f, w).argmax(-1).cpu())
+                with torch.autocast(self.device.type, enabled=False):
+                    preds.append(zero_shot_logits(f.float(), w).argmax(-1).cpu())
         empty = torch.zeros(0, dtype=torch.long)
         return (torch.cat(preds) if preds else empty), labels
 

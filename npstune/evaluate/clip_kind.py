@@ -656,6 +656,7 @@ def build(options: ClipOptions, ctx: BuildContext) -> ClipZeroShotEvaluator:
         data[t] = (classnames, list(topts.templates or options.templates), sources)
     make = _build_hf if backend == "hf" else _build_open_clip
     ev = make(options, ctx, data)
+    ev.precision = ctx.precision
     for t in names:
         ev.zero_shot_head(t)  # once, from the pretrained text tower
         splits = ev.tasks_[t].splits

@@ -3,6 +3,8 @@ skeletons and state loading."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from npstune.errors import CheckpointError, ShapeMismatchError
+from npstune.evaluate.kinds import check_precision
 
 
 def read_state(path: str | Path) -> dict[str, Tensor]:
@@ -86,6 +89,44 @@ def load_into_module(
             copy_into(dst, v)
 
 
-def autocast_dtype(device: torch.device) -> Any:
-    """bf16 on CUDA, None (fp32) elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else None
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16, as oneDNN
+    sees it): bf16 autocast is then faster than fp32, not an emulation."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> Any:
+    """The autocast dtype of a forward pass on ``device`` (None: plain fp32).
+
+    ``auto``: bf16 on CUDA and on CPUs with native bf16 (:func:`cpu_has_bf16`), fp32
+    elsewhere; ``fp32``: None; ``bf16``: bf16 anywhere (slow where it is emulated)."""
+    check_precision(precision)
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
+
+
+def autocast(device: torch.device, precision: str = "auto") -> Any:
+    """The autocast context of :func:`autocast_dtype` (a no-op context for fp32).
+
+    Enter it around a whole split, not per batch: the weights' bf16 casts are then made
+    once per candidate, not once per batch."""
+    dt = autocast_dtype(device, precision)
+    if dt is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dt)
+
+
+def stats_precision(device: torch.device, precision: str, stats: bool) -> str:
+    """The precision of a pass: ``precision`` for scoring; for statistics passes
+    (Fisher, Gram matrices: ``stats``) ``auto`` means bf16 on CUDA only, so the
+    data-driven merges' statistics on a CPU stay fp32 unless bf16 is forced."""
+    if stats and precision == "auto" and device.type != "cuda":
+        return "fp32"
+    return precision

@@ -28,6 +28,22 @@ KINDS: dict[str, str] = {
 
 SPLITS = ("calibration", "test")
 
+#: ``precision`` of an evaluator's forward passes: ``auto`` (bf16 autocast where it is
+#: native and measured safe, see :func:`npstune.evaluate.hf.autocast_dtype`), ``fp32``
+#: or ``bf16`` (forced).
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+
+def check_precision(precision: str, source: str = "evaluator") -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`; a one-line ConfigError naming
+    ``source`` otherwise."""
+    if precision not in PRECISIONS:
+        from npstune.errors import ConfigError
+
+        valid = ", ".join(PRECISIONS)
+        raise ConfigError(f"{source}: precision {precision!r}: expected one of {valid}")
+    return precision
+
 
 class KindOptions(BaseModel):
     """Base of every kind's options model: frozen, unknown keys are errors."""
@@ -50,6 +66,8 @@ class BuildContext:
         zoo: a built zoo (kind ``zoo`` only).
         tasks: the tasks that will be scored (None: all the file names).
         prepare: splits to load and tokenize now (so workers never read data files).
+        precision: ``auto``, ``fp32`` or ``bf16``: the autocast of forward passes
+            (:func:`npstune.evaluate.hf.autocast_dtype`).
         source: where the options came from, for error messages.
     """
 
@@ -62,6 +80,7 @@ class BuildContext:
     zoo: Any = None
     tasks: tuple[str, ...] | None = None
     prepare: tuple[str, ...] = ()
+    precision: str = "auto"
     source: str = "evaluator"
 
     def path(self, p: str | Path) -> Path:

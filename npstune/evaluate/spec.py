@@ -4,6 +4,7 @@
 kind: causal-lm            # any registered kind (npstune.evaluate.kinds)
 model: null                # optional: HF dir whose config/tokenizer to use
 batch_size: 16             # optional
+precision: auto            # optional: auto | fp32 | bf16 (forward-pass autocast)
 tasks: {...}               # the kind's own keys (its options model) from here on
 ```
 
@@ -22,10 +23,10 @@ import yaml
 from pydantic import ValidationError
 
 from npstune.errors import ConfigError, first_line
-from npstune.evaluate.kinds import BuildContext, KindOptions, get_kind
+from npstune.evaluate.kinds import BuildContext, KindOptions, check_precision, get_kind
 
 #: Keys every evaluator file may hold besides its kind's own.
-COMMON_KEYS = ("kind", "model", "batch_size")
+COMMON_KEYS = ("kind", "model", "batch_size", "precision")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class EvaluatorFile:
     model: Path | None = None
     batch_size: int | None = None
     source: str = "evaluator"
+    precision: str | None = None
 
     def build(
         self,
@@ -50,8 +52,10 @@ class EvaluatorFile:
         zoo: Any = None,
         tasks: Sequence[str] | None = None,
         prepare: Sequence[str] = (),
+        precision: str | None = None,
     ) -> Any:
-        """The evaluator, with ``prepare``'s splits loaded (the file's model wins)."""
+        """The evaluator, with ``prepare``'s splits loaded (the file's model wins;
+        ``precision`` given here wins over the file's, whose default is ``auto``)."""
         kind = get_kind(self.kind)
         m = self.model or (Path(model) if model is not None else None)
         if kind.needs_model and m is None:
@@ -71,6 +75,9 @@ class EvaluatorFile:
             zoo=zoo,
             tasks=tuple(tasks) if tasks is not None else None,
             prepare=tuple(prepare),
+            precision=check_precision(
+                precision or self.precision or "auto", self.source
+            ),
             source=self.source,
         )
         return kind.build(self.options, ctx)
@@ -94,6 +101,9 @@ def parse_evaluator(
     bs = data.get("batch_size")
     if bs is not None and (not isinstance(bs, int) or bs < 1):
         raise ConfigError(f"{source}: batch_size: expected an integer >= 1, got {bs!r}")
+    precision = data.get("precision")
+    if precision is not None:
+        check_precision(str(precision), source)
     model = data.get("model")
     mp = None
     if model:
@@ -101,7 +111,15 @@ def parse_evaluator(
         mp = mp if mp.is_absolute() else root / mp
         if not mp.exists():
             raise ConfigError(f"{source}: model: {mp} does not exist")
-    return EvaluatorFile(kind.name, options, root, mp, bs, source)
+    return EvaluatorFile(
+        kind.name,
+        options,
+        root,
+        mp,
+        bs,
+        source,
+        str(precision) if precision is not None else None,
+    )
 
 
 def load_evaluator_file(path: str | Path) -> EvaluatorFile:

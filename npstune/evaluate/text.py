@@ -38,6 +38,8 @@ class TextClassificationEvaluator:
         batch_size: examples per forward pass.
         max_examples: score only the first N examples of each split (None: all).
         max_len: token limit (default: the zoo recipe's).
+        precision: ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16),
+            ``fp32`` or ``bf16`` (:func:`npstune.evaluate.hf.autocast_dtype`).
     """
 
     def __init__(
@@ -47,7 +49,10 @@ class TextClassificationEvaluator:
         batch_size: int = 64,
         max_examples: int | None = None,
         max_len: int | None = None,
+        precision: str = "auto",
     ):
+        from npstune.evaluate.kinds import check_precision
+
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if max_examples is not None and max_examples < 1:
@@ -56,6 +61,7 @@ class TextClassificationEvaluator:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.max_examples = max_examples
+        self.precision = check_precision(precision)
         self.max_len = max_len or int(zoo.manifest["recipe"]["max_len"])
         body = zm.new_body(zoo.base_path)
         # transformers wraps .to with functools.wraps, which mypy leaves unbound (self)
@@ -113,17 +119,22 @@ class TextClassificationEvaluator:
 
     @torch.inference_mode()
     def _score(self, task: str, split: str) -> float:
+        from npstune.evaluate.hf import autocast
+
         b = self.batches(task, split)
         w, bias = self.head(task)
         correct = 0
         labels = b.labels
         start = 0
-        for ids, mask in b.batches:
-            out = self._body(input_ids=ids, attention_mask=mask).last_hidden_state
-            logits = torch.nn.functional.linear(zm.mean_pool(out, mask), w, bias)
-            n = ids.shape[0]
-            correct += int((logits.argmax(-1) == labels[start : start + n]).sum())
-            start += n
+        with autocast(self.device, self.precision):  # one weight cast per split
+            for ids, mask in b.batches:
+                out = self._body(input_ids=ids, attention_mask=mask).last_hidden_state
+                with torch.autocast(self.device.type, enabled=False):  # fp32 head
+                    pooled = zm.mean_pool(out.float(), mask)
+                    logits = torch.nn.functional.linear(pooled, w, bias)
+                n = ids.shape[0]
+                correct += int((logits.argmax(-1) == labels[start : start + n]).sum())
+                start += n
         return correct / max(1, start)
 
     def evaluate(self, state: State, task: str, split: str = "test") -> float:
@@ -199,6 +210,7 @@ class TextClassificationEvaluator:
             batch_size=self.batch_size,
             max_examples=self.max_examples,
             max_len=self.max_len,
+            precision=self.precision,
         )
 
 
@@ -237,6 +249,7 @@ def evaluate_checkpoint(
     split: str = "test",
     tasks: Iterable[str] | None = None,
     device: str = "cpu",
+    precision: str = "auto",
 ) -> CheckpointReport:
     """Score a body checkpoint on zoo tasks: per-task, mean and normalized accuracy.
 
@@ -245,7 +258,7 @@ def evaluate_checkpoint(
     """
     names = list(tasks) if tasks is not None else zoo.tasks
     state = read_body_state(path)
-    ev = TextClassificationEvaluator(zoo, device=device)
+    ev = TextClassificationEvaluator(zoo, device=device, precision=precision)
     ev.load_state(state, str(path))
     acc = {t: ev._score(t, split) for t in (zoo.task(n).name for n in names)}
     ref = {t: zoo.task(t).accuracy.get(f"finetuned_{split}") for t in names}

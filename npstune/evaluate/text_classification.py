@@ -250,7 +250,8 @@ class TextClassifier:
         else:
             pooled = zm.mean_pool(out.last_hidden_state, mask)
         assert h.weight is not None
-        return nn.functional.linear(pooled, h.weight, h.bias)
+        with torch.autocast(self.device.type, enabled=False):  # the head in fp32
+            return nn.functional.linear(pooled.float(), h.weight, h.bias)
 
     def on_device(self, device: str) -> TextClassifier:
         """The same evaluator on another device (data read and tokenized again)."""
@@ -259,13 +260,16 @@ class TextClassifier:
     # -- scoring -----------------------------------------------------------------------
     @torch.inference_mode()
     def _score(self, module: nn.Module, task: str, split: str) -> float:
+        from npstune.evaluate.hf import autocast
+
         b = self.batches(task, split)
         correct, start = 0, 0
-        for ids, mask in b.batches:
-            pred = self._logits(module, task, ids, mask).argmax(-1)
-            n = ids.shape[0]
-            correct += int((pred == b.labels[start : start + n]).sum())
-            start += n
+        with autocast(self.device, self.ctx.precision):  # one weight cast per split
+            for ids, mask in b.batches:
+                pred = self._logits(module, task, ids, mask).argmax(-1)
+                n = ids.shape[0]
+                correct += int((pred == b.labels[start : start + n]).sum())
+                start += n
         return correct / max(1, start)
 
     def evaluate(self, state: State, task: str, split: str = "test") -> float:

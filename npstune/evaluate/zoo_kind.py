@@ -52,6 +52,7 @@ def build(options: ZooOptions, ctx: BuildContext) -> object:
         batch_size=ctx.batch_size,
         max_examples=n,
         max_len=options.max_len,
+        precision=ctx.precision,
     )
     for t in tasks:  # tokenize and load heads now: workers never touch the zoo files
         for s in ctx.prepare:

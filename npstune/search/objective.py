@@ -66,6 +66,7 @@ def make_evaluator(
         zoo=zoo,
         tasks=list(tasks),
         prepare=(split,),
+        precision=ev.precision,
     )
 
 

@@ -186,7 +186,8 @@ class EvaluatorSpec(_Frozen):
     are not the search's own (below) are the kind's options, validated by the kind
     (:mod:`npstune.evaluate.kinds`); ``root`` is the directory the kind's relative paths
     resolve against (set by the loader). ``calibration_*``/``test_examples`` limit the
-    examples scored per task.
+    examples scored per task; ``precision`` is the forward passes' autocast
+    (:func:`npstune.evaluate.hf.autocast_dtype`).
     """
 
     kind: str = "zoo"
@@ -195,6 +196,7 @@ class EvaluatorSpec(_Frozen):
     calibration_examples: int | None = Field(None, ge=1)
     calibration_fraction: float = Field(1.0, gt=0, le=1)
     test_examples: int | None = Field(None, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     file: str | None = None
     root: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
