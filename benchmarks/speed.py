@@ -530,15 +530,18 @@ def peer(
     methods: tuple[str, ...] | list[str] = PEER_METHODS,
     timeout: float | None = PEER_TIMEOUT,
     notes: list[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    mergekit: bool = True,
 ) -> list[dict[str, Any]]:
     """The peer table: the floor, ``npstune merge --method M`` for each of
     ``methods`` (defaults of each; ``--out`` removed after each run), mergekit when
-    installed. ``timeout`` seconds per run (None: no limit)."""
+    installed and ``mergekit``. ``timeout`` seconds per run (None: no limit); the
+    models are written in ``dtype``."""
     shapes = shapes or llama_shapes(
         hidden=1024, layers=29, inter=2816, vocab=32000
     )  # 438M
     total = sum(int(torch.tensor(v).prod()) for v in shapes.values())
-    print(f"peer workload: {total / 1e6:.0f}M fp32 parameters", flush=True)
+    print(f"peer workload: {total / 1e6:.0f}M {dtype} parameters", flush=True)
     paths = {n: scratch / n for n in ("base", "ft_a", "ft_b")}
     t0, made = time.perf_counter(), 0
     for i, (n, p) in enumerate(paths.items()):
@@ -546,7 +549,7 @@ def peer(
             _write_model(
                 p,
                 shapes,
-                torch.float32,
+                dtype,
                 seed=i,
                 fine_tuned=n != "base",
                 shard_bytes=500 * 2**20,
@@ -613,7 +616,7 @@ def peer(
         # a run killed at its timeout leaves its writer's staging directory beside out
         for staging in scratch.glob(f".{out.name}.*npstune-tmp*"):
             shutil.rmtree(staging, ignore_errors=True)
-    if shutil.which("mergekit-yaml"):
+    if mergekit and shutil.which("mergekit-yaml"):
         cfg = scratch / "mk.yaml"
         cfg.write_text(
             f"merge_method: ties\nbase_model: {paths['base']}\nmodels:\n"
@@ -634,6 +637,89 @@ def peer(
         cfg.unlink(missing_ok=True)
     rows += extrapolate_steps(rows[1 : 1 + len(methods)], list(methods))
     _ratios(rows)
+    return rows
+
+
+# ---------------------------------------------------------------------------- engine
+#: the merge engine's methods, each timed on every layout and dtype against the floor
+ENGINE_METHODS = ("task-arithmetic", "ties", "nps", "dare", "consensus")
+#: the peer-table columns the engine table keeps
+ENGINE_COLUMNS = (
+    "tool",
+    "rc",
+    "wall_s",
+    "time_vs_floor",
+    "time_vs_ties",
+    "rss_mib",
+    "cpu_s",
+    "others_cores",
+    "note",
+)
+#: entries per model of each engine layout (about 150M, 600 MB in fp32)
+ENGINE_ENTRIES = 150_000_000
+
+
+def engine_layouts(
+    entries: int = ENGINE_ENTRIES,
+) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The two tensor layouts of the engine part, each of about ``entries`` entries:
+    ``many`` (tensors of 256×256, as a model of many small layers) and ``few``
+    (tensors of 25M entries, 5000×5000, as embeddings and big projections; smaller
+    squares, at least four, when ``entries`` is under 100M)."""
+    import math
+
+    side = min(5000, math.isqrt(max(1, entries // 4)))
+    small, big = (256, 256), (side, side)
+    n_small = max(1, entries // (small[0] * small[1]))
+    n_big = max(1, entries // (big[0] * big[1]))
+    return {
+        "many": {f"layers.{i:05d}.weight": small for i in range(n_small)},
+        "few": {f"blocks.{i:03d}.weight": big for i in range(n_big)},
+    }
+
+
+def engine(
+    scratch: Path,
+    methods: tuple[str, ...] | list[str] = ENGINE_METHODS,
+    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    entries: int = ENGINE_ENTRIES,
+    timeout: float | None = PEER_TIMEOUT,
+    notes: list[str] | None = None,
+    keep: bool = False,
+) -> list[dict[str, Any]]:
+    """Every method of ``methods`` on every layout and dtype: the peer table's runs
+    (``npstune merge`` in a child process, against the floor measured just before on
+    the same files), one (layout, dtype) at a time, its models deleted after it
+    unless ``keep``."""
+    rows: list[dict[str, Any]] = []
+    for layout, shapes in engine_layouts(entries).items():
+        for dt in dtypes:
+            work = scratch / f"{layout}-{dt}"
+            print(f"engine: {layout} layout, {dt}", flush=True)
+            got = peer(
+                work,
+                shapes,
+                methods=methods,
+                timeout=timeout,
+                notes=notes,
+                dtype=getattr(torch, dt),
+                mergekit=False,
+            )
+            shape = "×".join(map(str, next(iter(shapes.values()))))
+            label = f"{layout} ({len(shapes)} × {shape})"
+            n = sum(int(torch.tensor(v).prod()) for v in shapes.values())
+            cols = ENGINE_COLUMNS
+            rows += [
+                {
+                    "layout": label,
+                    "dtype": dt,
+                    "entries": n,
+                    **{c: r.get(c) for c in cols},
+                }
+                for r in got
+            ]
+            if not keep:
+                shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
@@ -756,7 +842,7 @@ def _scale_runs(
     return rows, notes
 
 
-PARTS = ("candidates", "peer", "scale")
+PARTS = ("candidates", "peer", "engine", "scale")
 
 
 def _notes_by_part(notes: list[str]) -> dict[str, list[str]]:
@@ -828,6 +914,18 @@ def main(argv: list[str] | None = None) -> None:
         f"{','.join(PEER_METHODS)})",
     )
     ap.add_argument(
+        "--engine-methods",
+        default=",".join(ENGINE_METHODS),
+        help="comma-separated merge runs of the engine part, as --peer-methods "
+        f"(default: {','.join(ENGINE_METHODS)})",
+    )
+    ap.add_argument(
+        "--engine-entries",
+        type=float,
+        default=ENGINE_ENTRIES,
+        help=f"entries per model of each engine layout (default {ENGINE_ENTRIES:.0e})",
+    )
+    ap.add_argument(
         "--peer-timeout",
         type=float,
         default=PEER_TIMEOUT,
@@ -857,15 +955,18 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.peer_shape!r}"
         )
     peer_methods = [m for m in args.peer_methods.split(",") if m]
-    if "peer" in parts:
+    engine_methods = [m for m in args.engine_methods.split(",") if m]
+    for label, chosen in (("peer", peer_methods), ("engine", engine_methods)):
+        if label not in parts:
+            continue
         from npstune.merge.registry import method_names
 
         known = method_names()
-        bad = [m for m in peer_methods if method_spec(m)[0] not in known]
-        if bad or not peer_methods:
+        bad = [m for m in chosen if method_spec(m)[0] not in known]
+        if bad or not chosen:
             ap.error(
-                f"unknown --peer-methods {', '.join(bad) or '(none given)'} (choose "
-                f"from {', '.join(known)})"
+                f"unknown --{label}-methods {', '.join(bad) or '(none given)'} "
+                f"(choose from {', '.join(known)})"
             )
     if args.peer_timeout < 0:
         ap.error(f"--peer-timeout wants seconds >= 0, got {args.peer_timeout}")
@@ -935,6 +1036,24 @@ def main(argv: list[str] | None = None) -> None:
             del sections[old_title]  # one peer table per results file: this run's
         sections[title] = rows
 
+    def run_engine(notes: list[str]) -> None:
+        notes.append(
+            "every engine method with its defaults (ties, nps: global scope) on "
+            "each layout and dtype, base + 2 fine-tuned (noise 0.01), each run "
+            "against the floor measured just before it on the same files; targets: "
+            "time_vs_floor ≤ 2 for every method, nps ≤ 1.5 × ties"
+        )
+        sections["Engine: every method against the floor, per layout and dtype"] = (
+            engine(
+                scratch_root / "engine",
+                methods=engine_methods,
+                entries=int(args.engine_entries),
+                timeout=args.peer_timeout or None,
+                notes=notes,
+                keep=args.keep,
+            )
+        )
+
     def run_scale(notes: list[str]) -> None:
         rows, scale_notes = scale(scratch_root / "scale", int(args.scale_entries))
         sections["Scale: sharded bf16, base + 2 fine-tuned"] = rows
@@ -943,6 +1062,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         part("candidates", run_candidates)
         part("peer", run_peer)
+        part("engine", run_engine)
         part("scale", run_scale)
     finally:
         if not args.keep:

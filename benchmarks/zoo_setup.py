@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from npstune.evaluate.kinds import PRECISIONS
+
 State = dict[str, torch.Tensor]
 
 FULL_GRIDS: dict[str, Any] = {
@@ -75,14 +77,18 @@ class ZooBench:
         seed: int = 0,
         generations: int | None = None,
         population: int | None = None,
+        precision: str = "fp32",
     ):
-        from npstune.evaluate.kinds import BuildContext, get_kind
+        from npstune.evaluate.kinds import BuildContext, check_precision, get_kind
         from npstune.taskvector import plan_merge
         from npstune.zoo import build_zoo
 
         self.size = size
         self.quick = quick
         self.seed = seed
+        #: every evaluator's precision, the searches' included: fp32 (the committed
+        #: tables'), unless --precision says otherwise
+        self.precision = check_precision(precision, "--precision")
         self.generations, self.population = generations, population  # search budget
         self.search_skipped = ""
         #: the earlier results file --resume read, and the rows taken from it
@@ -104,6 +110,7 @@ class ZooBench:
                 BuildContext(
                     device=device,
                     batch_size=64,
+                    precision=self.precision,
                     zoo=self.zoo,
                     prepare=(split,),
                     max_examples={split: n},
@@ -154,6 +161,13 @@ class ZooBench:
             "--search-config", default=None, help="search-space YAML for the NPS rows"
         )
         ap.add_argument("--name", default=None, help="results file name")
+        ap.add_argument(
+            "--precision",
+            default="fp32",
+            choices=PRECISIONS,
+            help="evaluators' forward-pass precision, the searches' included "
+            "(default fp32: the committed tables'; auto is what a user's search gets)",
+        )
         ap.add_argument("--seed", type=int, default=0)
         ap.add_argument(
             "--generations",
@@ -181,6 +195,7 @@ class ZooBench:
             args.seed,
             args.generations,
             args.population,
+            args.precision,
         )
 
     # ------------------------------------------------------------------ states
@@ -256,10 +271,10 @@ class ZooBench:
     ) -> dict[str, Any]:
         """Dotted search-config overrides for the budget: --quick's small one, then the
         explicit ``generations``/``population`` (None: this bench's --generations /
-        --population, else the file's)."""
+        --population, else the file's); and this bench's evaluator precision."""
         generations = generations or self.generations
         population = population or self.population
-        o: dict[str, Any] = {}
+        o: dict[str, Any] = {"evaluator.precision": self.precision}
         if os.environ.get("NPSTUNE_BENCH_NO_MLFLOW"):
             o["tracking.enabled"] = False
         if self.quick:

@@ -362,23 +362,53 @@ def test_ablation_variants_quick(small_zoo, tmp_path):
 def test_search_cost_quick(small_zoo, no_mlflow, tmp_path):
     from benchmarks import search_cost
 
-    search_cost.main([*QUICK, "--out-dir", str(tmp_path)])
+    search_cost.main([*QUICK, "--out-dir", str(tmp_path), "--precisions", "fp32,bf16"])
     data = _load(tmp_path, "search_cost")
-    summary, trial, direct, gens = data["sections"].values()
-    (s,) = summary
-    assert s["evaluations"] == s["population"] * s["generations"] == 8
-    assert 1 <= s["evals_to_99pct"] <= s["evaluations"]
-    assert _unit(s["best_calibration"]) and 0 <= s["build_share"] <= 1
-    assert s["total_wall_s"] >= s["search_s"] > 0
+    summary, trial, direct, tolerance, gens = data["sections"].values()
+    assert [s["precision"] for s in summary] == ["fp32", "bf16"]
+    for s in summary:
+        assert s["evaluations"] == s["population"] * s["generations"] == 8
+        assert 1 <= s["evals_to_99pct"] <= s["evaluations"]
+        assert _unit(s["best_calibration"]) and 0 <= s["build_share"] <= 1
+        assert s["total_wall_s"] >= s["search_s"] > 0
+        assert s["evals_per_hour"] == pytest.approx(
+            s["evaluations"] / s["search_s"] * 3600, rel=0.01
+        )
+    assert summary[0]["speedup_vs_first"] == 1.0
     assert [r["quantity"].split(",")[0] for r in trial[:2]] == [
         "build (fuse + add)",
         "evaluate",
     ]
+    assert (
+        {r["precision"] for r in trial}
+        == {r["precision"] for r in direct}
+        == {
+            "fp32",
+            "bf16",
+        }
+    )
+    assert 1 in {r["threads"] for r in direct}  # the trial's thread count
     for r in trial + direct:
         assert r["count"] > 0 and 0 <= r["min_s"] <= r["mean_s"] <= r["max_s"]
-    assert [g["generation"] for g in gens] == [1, 2]
-    assert gens[1]["best_so_far"] >= gens[0]["best_so_far"]
+    (tol,) = tolerance
+    assert (tol["precision"], tol["against"], tol["candidates"]) == ("bf16", "fp32", 8)
+    assert 0 <= tol["mean_abs_diff"] <= tol["max_abs_diff"] <= 1
+    assert tol["same_best"] == (tol["best_index"] == tol["best_index_ref"])
+    assert [g["generation"] for g in gens if g["precision"] == "fp32"] == [1, 2]
+    fp32 = [g for g in gens if g["precision"] == "fp32"]
+    assert fp32[1]["best_so_far"] >= fp32[0]["best_so_far"]
     assert all(_unit(g["best"]) for g in gens)
+
+
+def test_spearman_by_hand():
+    from benchmarks.search_cost import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties share their mean rank: ranks (1.5, 1.5, 3) against (1, 2, 3)
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(3**0.5 / 2)
+    assert spearman([1, 1], [1, 2]) is None  # a constant list has no ranking
+    assert spearman([1], [1]) is None
 
 
 def test_evals_to_fraction():
@@ -455,6 +485,54 @@ def test_speed_candidates_and_peer_tiny(no_mlflow, tmp_path):
         speed.main(["--parts", "peer", "--peer-methods", "ties,nope", *args])
     with pytest.raises(SystemExit):
         speed.main(["--parts", "peer", "--peer-methods", "nope:steps=4", *args])
+
+
+def test_speed_engine_part_tiny(no_mlflow, tmp_path):
+    """The engine part: the floor then each method, for every layout × dtype, each
+    ratio against the floor of its own (layout, dtype); the models are deleted."""
+    from benchmarks import speed
+
+    big = speed.engine_layouts(150_000_000)
+    assert (len(big["many"]), len(big["few"])) == (2288, 6)  # 150e6 // 65536, // 25e6
+    assert set(big["few"].values()) == {(5000, 5000)}
+    tiny = speed.engine_layouts(200_000)
+    assert set(tiny["few"].values()) == {(223, 223)} and len(tiny["few"]) == 4
+    out = tmp_path / "out"
+    speed.main(
+        [
+            "--parts",
+            "engine",
+            "--engine-methods",
+            "task-arithmetic,ties",
+            "--engine-entries",
+            "200000",
+            "--scratch",
+            str(tmp_path / "s"),
+            "--out-dir",
+            str(out),
+        ]
+    )
+    data = _load(out, "speed")
+    (rows,) = [v for k, v in data["sections"].items() if k.startswith("Engine:")]
+    assert [(r["layout"].split()[0], r["dtype"], r["tool"]) for r in rows] == [
+        (layout, dt, tool)
+        for layout in ("many", "few")
+        for dt in ("float32", "bfloat16")
+        for tool in (
+            "floor (read 3, write 1; safetensors)",
+            "npstune task-arithmetic",
+            "npstune ties",
+        )
+    ]
+    assert rows[0]["layout"] == "many (3 × 256×256)"
+    assert rows[3]["entries"] == 3 * 65536
+    assert all(r["rc"] == 0 and r["wall_s"] > 0 for r in rows)
+    for g in range(0, len(rows), 3):
+        floor, ta, ties = rows[g : g + 3]
+        assert floor["time_vs_floor"] == pytest.approx(1.0)
+        assert ta["time_vs_floor"] == pytest.approx(ta["wall_s"] / floor["wall_s"])
+        assert ties["time_vs_ties"] == pytest.approx(1.0)
+    assert not (tmp_path / "s").exists()  # no --keep: scratch and models are gone
 
 
 def test_speed_extrapolates_an_iterative_method_to_its_default_steps():
