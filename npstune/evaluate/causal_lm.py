@@ -612,18 +612,21 @@ class CausalLMEvaluator:
     def _row_logprobs(self, sp: _Split) -> Tensor:
         """Per row, the sum of its scored tokens' log-probabilities (float64)."""
         sums = torch.zeros(len(sp.rows), dtype=torch.float64, device=self.device)
-        for b in sp.batches:
-            if b.target.numel() == 0:
-                continue
-            with self._autocast():
+        with self._autocast():  # entered once: the weights are cast once per split
+            for b in sp.batches:
+                if b.target.numel() == 0:
+                    continue
                 logits = self._model(input_ids=b.ids, attention_mask=b.mask).logits
-            picked = logits[:, :-1][b.target].float().log_softmax(-1)
-            nxt = b.ids[:, 1:][b.target]
-            lp = picked.gather(-1, nxt[:, None])[:, 0].double()
-            owner = torch.arange(b.ids.shape[0], device=self.device)[:, None]
-            per = torch.zeros(b.ids.shape[0], dtype=torch.float64, device=self.device)
-            per.index_add_(0, owner.expand_as(b.target)[b.target], lp)
-            sums[b.index] = per
+                with torch.autocast(self.device.type, enabled=False):  # fp32 on
+                    picked = logits[:, :-1][b.target].float().log_softmax(-1)
+                nxt = b.ids[:, 1:][b.target]
+                lp = picked.gather(-1, nxt[:, None])[:, 0].double()
+                owner = torch.arange(b.ids.shape[0], device=self.device)[:, None]
+                per = torch.zeros(
+                    b.ids.shape[0], dtype=torch.float64, device=self.device
+                )
+                per.index_add_(0, owner.expand_as(b.target)[b.target], lp)
+                sums[b.index] = per
         return sums
 
     def _choice_scores(self, sp: _Split) -> Tensor:
@@ -644,16 +647,16 @@ class CausalLMEvaluator:
         if gc.eos_token_id is None:
             gc.eos_token_id = self._tok.eos_token_id
         out: list[str] = [""] * sp.n
-        for b in sp.prompt_batches:
-            with self._autocast():
+        with self._autocast():  # entered once: the weights are cast once per split
+            for b in sp.prompt_batches:
                 gen = self._model.generate(
                     input_ids=b.ids, attention_mask=b.mask, generation_config=gc
                 )
-            texts = self._tok.batch_decode(
-                gen[:, b.ids.shape[1] :], skip_special_tokens=True
-            )
-            for i, text in zip(b.index.tolist(), texts):
-                out[i] = text
+                texts = self._tok.batch_decode(
+                    gen[:, b.ids.shape[1] :], skip_special_tokens=True
+                )
+                for i, text in zip(b.index.tolist(), texts):
+                    out[i] = text
         return out
 
     @staticmethod
