@@ -45,6 +45,44 @@ def ray_local():
     ray.shutdown()
 
 
+LOCAL_NICENESS = """
+import os, ray
+from npstune.search.runner import connect_ray
+assert connect_ray(lambda m: None)
+@ray.remote
+def nice():
+    return os.nice(0)
+print(os.nice(0), ray.get(nice.remote()), os.environ.get("RAY_worker_niceness"),
+      os.environ.get("RAY_AUTH_MODE"))
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("chosen", [None, "19"])
+def test_the_local_instance_runs_trials_at_the_drivers_priority(chosen):
+    """Ray nices its workers to 15; the embedded instance starts them at the
+    driver's priority unless the user chose a niceness, and leaves the environment of
+    this process as it was."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "RAY_worker_niceness", "RAY_AUTH_MODE")
+    }
+    if chosen is not None:
+        env["RAY_worker_niceness"] = chosen
+    out = subprocess.run(
+        [sys.executable, "-c", LOCAL_NICENESS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    driver, worker, var, auth = out.stdout.split()
+    assert int(worker) == (int(driver) if chosen is None else 19)
+    assert var == (chosen or "None") and auth == "None"
+
+
 def test_tiny_search_end_to_end(ray_local, tmp_path):
     path = write_tiny_search(tmp_path)
     cfg = load_config(path)

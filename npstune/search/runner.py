@@ -270,6 +270,12 @@ def _space_params(cfg: SearchConfig) -> dict[str, Any]:
 
 # -----------------------------------------------------------------------------------
 # Ray
+#: Environment of the embedded local Ray instance, each unless the user set it: no
+#: token auth, and trial workers at nice 0 (Ray nices its workers to 15, so a trial
+#: yields the cores to any other process; a cluster's workers keep its own setting)
+LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"}
+
+
 def connect_ray(say: Echo | None = None) -> bool:
     """Connect to Ray: the running cluster under a Ray job / ``RAY_ADDRESS``, otherwise
     a fresh local instance on this machine's CPUs. True if this call started it."""
@@ -290,12 +296,14 @@ def connect_ray(say: Echo | None = None) -> bool:
             f"{ray.cluster_resources().get('GPU', 0):g} GPUs)"
         )
     else:
-        # The embedded local instance (its processes start now and inherit this)
-        # runs without token auth unless the user chose a mode; the variable is put
-        # back at once, so nothing else in this process (a cluster, a job client) sees
-        # a changed auth mode.
-        chosen = os.environ.get("RAY_AUTH_MODE")
-        os.environ["RAY_AUTH_MODE"] = chosen or "disabled"
+        # The embedded local instance (its processes start now and inherit these)
+        # runs without token auth unless the user chose a mode, and its workers (the
+        # trials: the search's work) at the driver's priority instead of Ray's nice 15,
+        # unless the user set RAY_worker_niceness; the variables are put back at once,
+        # so nothing else in this process (a cluster, a job client) sees them changed.
+        chosen = {k: os.environ.get(k) for k in LOCAL_RAY_ENV}
+        for k, default in LOCAL_RAY_ENV.items():
+            os.environ[k] = chosen[k] or default
         try:
             ray.init(
                 address="local",
@@ -305,8 +313,9 @@ def connect_ray(say: Echo | None = None) -> bool:
                 logging_level=logging.WARNING,
             )
         finally:
-            if chosen is None:
-                os.environ.pop("RAY_AUTH_MODE", None)
+            for k, was in chosen.items():
+                if was is None:
+                    os.environ.pop(k, None)
         say(f"Ray: started a local instance on {os.cpu_count()} CPUs")
     return True
 
