@@ -238,6 +238,8 @@ def run(
                 "best_index": int(np.argmax(scores[p])) if ref else None,
                 "same_best": bool(ref)
                 and int(np.argmax(ref)) == int(np.argmax(scores[p])),
+                # what taking this precision's pick costs, in the reference's scores
+                "regret": max(ref) - ref[int(np.argmax(scores[p]))] if ref else None,
                 "rank_corr": spearman(ref, scores[p]),
             }
         )
@@ -272,7 +274,8 @@ def run(
         "tolerance: every calibration score of the first search's candidates, "
         "re-scored "
         "directly at each precision; same_best: the same candidate is the best; "
-        "rank_corr: Spearman correlation of the two score lists",
+        "rank_corr: Spearman correlation of the two score lists; regret: the "
+        "reference's best score less the reference's score of this precision's pick",
         "evals_to_99pct: evaluations (in generation order) until the running best "
         "reaches 99 % of the final best calibration score",
         f"payload (ranking) built in {payload_s:.1f} s for the direct timings",

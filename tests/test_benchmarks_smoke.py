@@ -394,6 +394,7 @@ def test_search_cost_quick(small_zoo, no_mlflow, tmp_path):
     assert (tol["precision"], tol["against"], tol["candidates"]) == ("bf16", "fp32", 8)
     assert 0 <= tol["mean_abs_diff"] <= tol["max_abs_diff"] <= 1
     assert tol["same_best"] == (tol["best_index"] == tol["best_index_ref"])
+    assert tol["regret"] >= 0 and (tol["regret"] == 0 or not tol["same_best"])
     assert [g["generation"] for g in gens if g["precision"] == "fp32"] == [1, 2]
     fp32 = [g for g in gens if g["precision"] == "fp32"]
     assert fp32[1]["best_so_far"] >= fp32[0]["best_so_far"]
