@@ -642,7 +642,7 @@ def peer(
 
 # ---------------------------------------------------------------------------- engine
 #: the merge engine's methods, each timed on every layout and dtype against the floor
-ENGINE_METHODS = ("task-arithmetic", "ties", "nps", "dare", "consensus")
+ENGINE_METHODS = ("task-arithmetic", "ties", "nps", "dare", "consensus-ta")
 #: the peer-table columns the engine table keeps
 ENGINE_COLUMNS = (
     "tool",

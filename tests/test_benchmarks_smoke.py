@@ -492,7 +492,9 @@ def test_speed_engine_part_tiny(no_mlflow, tmp_path):
     """The engine part: the floor then each method, for every layout × dtype, each
     ratio against the floor of its own (layout, dtype); the models are deleted."""
     from benchmarks import speed
+    from npstune.merge.registry import method_names
 
+    assert set(speed.ENGINE_METHODS) <= set(method_names())  # every default runs
     big = speed.engine_layouts(150_000_000)
     assert (len(big["many"]), len(big["few"])) == (2288, 6)  # 150e6 // 65536, // 25e6
     assert set(big["few"].values()) == {(5000, 5000)}

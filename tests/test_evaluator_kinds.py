@@ -431,16 +431,20 @@ def test_precision_is_checked_and_resolved(monkeypatch, caplog):
         assert hf.autocast_dtype(dev, "bf16") is torch.bfloat16
     assert hf.autocast_dtype(cuda, "auto") is torch.bfloat16
     for native in (False, True):
-        # auto keeps every CPU at fp32 (bf16 picked another best candidate on the
-        # full zoo); a forced bf16 on a CPU that emulates it is warned about
+        # auto: bf16 where the CPU has it natively; a forced bf16 on a CPU that
+        # emulates it is warned about
         monkeypatch.setattr(hf, "cpu_has_bf16", lambda native=native: native)
         hf._warn_emulated.cache_clear()
-        assert hf.autocast_dtype(cpu, "auto") is None
-        assert not isinstance(hf.autocast(cpu, "auto"), torch.autocast)
+        assert hf.autocast_dtype(cpu, "auto") is (torch.bfloat16 if native else None)
+        assert isinstance(hf.autocast(cpu, "auto"), torch.autocast) == native
         with caplog.at_level("WARNING", logger="npstune.evaluate.hf"):
             caplog.clear()
             assert isinstance(hf.autocast(cpu, "bf16"), torch.autocast)
         assert ("emulated" in caplog.text) == (not native)
+    # statistics passes (Fisher, Gram matrices) stay fp32 on a CPU unless forced
+    assert hf.stats_precision(cpu, "auto") == "fp32"
+    assert hf.stats_precision(cpu, "bf16") == "bf16"
+    assert hf.stats_precision(cuda, "auto") == "auto"
     with pytest.raises(ConfigError, match="precision 'fp64'"):
         hf.autocast_dtype(cpu, "fp64")
 

@@ -52,8 +52,8 @@ from npstune.cli.options import RegistryChoice
     "--precision",
     type=RegistryChoice(names.precisions),
     default=None,
-    help="Forward-pass autocast: auto (bf16 on CUDA, fp32 on CPUs), fp32 or bf16 "
-    "(2.6x faster on CPUs with native bf16; default: the evaluator file's, else auto).",
+    help="Forward-pass autocast: auto (bf16 on CUDA and on CPUs with native bf16, "
+    "fp32 elsewhere), fp32 or bf16 (default: the evaluator file's, else auto).",
 )
 @click.option(
     "--cache-dir",

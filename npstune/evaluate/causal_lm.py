@@ -49,7 +49,12 @@ from torch import Tensor
 
 from npstune.errors import ConfigError, first_line
 from npstune.evaluate.base import State
-from npstune.evaluate.hf import autocast, load_into_module, module_targets
+from npstune.evaluate.hf import (
+    autocast,
+    load_into_module,
+    module_targets,
+    stats_precision,
+)
 from npstune.evaluate.kinds import SPLITS, BuildContext, EvaluatorKind, KindOptions
 from npstune.evaluate.records import read_records, require
 from npstune.evaluate.stats import DEFAULT_EXAMPLES, diagonal_fisher, linear_grams
@@ -596,9 +601,12 @@ class CausalLMEvaluator:
         candidate written there is loaded by :meth:`load_state` without a copy."""
         return module_targets(self._model)
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """The forward passes' autocast (:func:`npstune.evaluate.hf.autocast`)."""
-        return autocast(self.device, self.precision)
+    def _autocast(self, stats: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """The forward passes' autocast (:func:`npstune.evaluate.hf.autocast`); the
+        statistics passes (``stats``: Fisher, Gram matrices) at
+        :func:`~npstune.evaluate.hf.stats_precision`."""
+        p = stats_precision(self.device, self.precision) if stats else self.precision
+        return autocast(self.device, p)
 
     @torch.inference_mode()
     def _row_logprobs(self, sp: _Split) -> Tensor:
@@ -770,7 +778,7 @@ class CausalLMEvaluator:
 
     def _row_loss(self, sp: _Split, r: int) -> Tensor:
         ids = torch.tensor([sp.rows[r]], dtype=torch.long, device=self.device)
-        with self._autocast():
+        with self._autocast(stats=True):
             logits = self._model(input_ids=ids).logits
         s = sp.starts[r]
         lp = logits[0, s - 1 : -1].float().log_softmax(-1)
@@ -795,7 +803,7 @@ class CausalLMEvaluator:
             for b in batches:
 
                 def run(b: _Batch = b) -> object:
-                    with self._autocast():
+                    with self._autocast(stats=True):
                         return self._model(input_ids=b.ids, attention_mask=b.mask)
 
                 yield run, b.mask

@@ -28,9 +28,9 @@ KINDS: dict[str, str] = {
 
 SPLITS = ("calibration", "test")
 
-#: ``precision`` of an evaluator's forward passes: ``auto`` (bf16 autocast on CUDA,
-#: fp32 on CPUs: :func:`npstune.evaluate.hf.autocast_dtype`), ``fp32`` or ``bf16``
-#: (forced).
+#: ``precision`` of an evaluator's forward passes: ``auto`` (bf16 autocast on CUDA
+#: and on CPUs with native bf16, fp32 elsewhere:
+#: :func:`npstune.evaluate.hf.autocast_dtype`), ``fp32`` or ``bf16`` (forced).
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 

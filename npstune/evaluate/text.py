@@ -38,8 +38,8 @@ class TextClassificationEvaluator:
         batch_size: examples per forward pass.
         max_examples: score only the first N examples of each split (None: all).
         max_len: token limit (default: the zoo recipe's).
-        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPUs), ``fp32`` or
-            ``bf16`` (:func:`npstune.evaluate.hf.autocast_dtype`).
+        precision: ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16),
+            ``fp32`` or ``bf16`` (:func:`npstune.evaluate.hf.autocast_dtype`).
     """
 
     def __init__(
