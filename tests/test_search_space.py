@@ -276,3 +276,41 @@ def test_an_empty_baseline_list_means_none(tmp_path):
         == []
     )
     assert "ties" in load_config(write(tmp_path, ZOO, "d.yaml")).baselines
+
+
+def test_evaluator_precision_from_the_search_or_its_evaluator_file(
+    tmp_path, monkeypatch
+):
+    """A search's evaluator precision: the inline section's, else its evaluator file's,
+    else auto; it reaches the evaluator's build, and a bad value is a one-line error."""
+    from npstune.evaluate import spec as spec_mod
+    from npstune.search.objective import make_evaluator
+
+    (tmp_path / "eval.yaml").write_text(
+        yaml.safe_dump({"kind": "callable", "function": "m:f", "precision": "fp32"})
+    )
+    from_file = load_config(write(tmp_path, {**ZOO, "evaluator": "eval.yaml"}))
+    assert from_file.evaluator.precision == "fp32"
+    inline = {"kind": "callable", "function": "m:f", "precision": "bf16"}
+    cfg = load_config(write(tmp_path, {**ZOO, "evaluator": inline}, "b.yaml"))
+    assert (
+        cfg.evaluator.precision == "bf16" and "precision" not in cfg.evaluator.options
+    )
+    plain = {"kind": "callable", "function": "m:f"}
+    assert (
+        load_config(
+            write(tmp_path, {**ZOO, "evaluator": plain}, "c.yaml")
+        ).evaluator.precision
+        == "auto"
+    )
+    with pytest.raises(ConfigError, match="precision"):
+        load_config(
+            write(tmp_path, {**ZOO, "evaluator": {**plain, "precision": "x"}}, "d.yaml")
+        )
+    seen = []
+    monkeypatch.setattr(
+        spec_mod.EvaluatorFile, "build", lambda self, **kw: seen.append(kw["precision"])
+    )
+    for c in (from_file, cfg):
+        make_evaluator(c, None, [], "calibration")
+    assert seen == ["fp32", "bf16"]
