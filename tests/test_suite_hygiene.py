@@ -24,6 +24,8 @@ ZOO_FIXTURES = {"small_zoo", "zoo_sources"}
 # Downloads happen only in conftest's zoo_sources fixture (fetch_sources elsewhere is
 # handed a corrupt archive or a failing pip, and never downloads).
 HEAVY_CALLS = {"run_search", "build_zoo"}
+#: calls that start Ray, looked for in module-level script strings (``python -c``)
+RAY_STARTERS = ("ray.init(", "connect_ray(")
 CLOCKS = {"perf_counter", "time", "monotonic", "perf_counter_ns", "monotonic_ns"}
 
 
@@ -88,6 +90,9 @@ def _heavy_body(
         if last in {"run", "Popen", "check_call", "check_output", "call"} and node.args:
             first = node.args[0]
             if isinstance(first, (ast.List, ast.Tuple)):
+                for e in first.elts:  # python -c SCRIPT, SCRIPT a Ray-starting constant
+                    if isinstance(e, ast.Name) and helpers and e.id in helpers:
+                        return f"a subprocess running {e.id} ({helpers[e.id]})"
                 words = [e.value for e in first.elts if isinstance(e, ast.Constant)]
                 if "search" in words or (
                     "start" in words
@@ -118,7 +123,16 @@ def _slow_reasons(tree: ast.Module) -> dict[str, str | None]:
     # module helpers (neither fixtures nor tests) that are heavy, transitively
     plain = {f.name: f for f in fns if f.name not in fixtures}
     plain = {n: f for n, f in plain.items() if not n.startswith("test_")}
-    helpers: dict[str, str] = {}
+    helpers: dict[str, str] = {
+        target.id: "a script that starts Ray"
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+        and any(call in node.value.value for call in RAY_STARTERS)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
     changed = True
     while changed:
         changed = False
@@ -221,3 +235,31 @@ def test_no_test_asserts_a_wall_clock_bound(path):
                 bad.append(f"line {node.lineno}: {ast.unparse(node.test)}")
                 break
     assert not bad, f"{path.name}: wall-clock bounds belong in benchmarks/: {bad}"
+
+
+def test_a_subprocess_script_that_starts_ray_is_heavy():
+    """``python -c SCRIPT`` with a module-level SCRIPT that starts Ray makes a test
+    slow; the same call with a script that does not, or a test that does neither, is
+    not."""
+    src = '''
+RAY = """
+from npstune.search.runner import connect_ray
+connect_ray()
+"""
+PLAIN = "print(1)"
+
+def test_ray(tmp_path):
+    subprocess.run([sys.executable, "-c", RAY])
+
+def test_plain():
+    subprocess.run([sys.executable, "-c", PLAIN])
+
+def test_nothing():
+    assert True
+'''
+    reasons = _slow_reasons(ast.parse(src))
+    assert reasons == {
+        "test_ray": "a subprocess running RAY (a script that starts Ray)",
+        "test_plain": None,
+        "test_nothing": None,
+    }
