@@ -665,3 +665,33 @@ def test_zero_shot_head_function_is_shared():
     torch.testing.assert_close(
         zero_shot_logits(f, w), 100 * nn.functional.normalize(f, dim=-1) @ w
     )
+
+
+def test_bf16_runs_the_image_tower_in_bf16_and_the_logits_in_fp32(data, clip_dir):
+    from npstune.evaluate.hf import read_state
+
+    dtypes: set[torch.dtype] = set()
+
+    def hook(module, args, out):
+        if isinstance(module, nn.Linear) and isinstance(out, torch.Tensor):
+            dtypes.add(out.dtype)
+
+    state = read_state(clip_dir)
+    acc = {}
+    for precision in ("fp32", "bf16"):
+        ev = make(
+            data,
+            {"tasks": {"t": {"data": {"test": "test"}}}},
+            clip_dir,
+            precision=precision,
+        )
+        assert ev.precision == precision
+        ev.zero_shot_head("t")  # heads come first, from the fp32 text tower
+        dtypes.clear()
+        handle = nn.modules.module.register_module_forward_hook(hook)
+        try:
+            acc[precision] = ev.evaluate(state, "t", "test")
+        finally:
+            handle.remove()
+        assert dtypes == {torch.float32 if precision == "fp32" else torch.bfloat16}
+    assert acc["bf16"] == pytest.approx(acc["fp32"], abs=0.2)  # 2 of 10 images

@@ -51,6 +51,7 @@ from npstune.errors import ConfigError, first_line
 from npstune.evaluate.base import State
 from npstune.evaluate.hf import (
     autocast,
+    fp32_region,
     load_into_module,
     module_targets,
     stats_precision,
@@ -617,7 +618,7 @@ class CausalLMEvaluator:
                 if b.target.numel() == 0:
                     continue
                 logits = self._model(input_ids=b.ids, attention_mask=b.mask).logits
-                with torch.autocast(self.device.type, enabled=False):  # fp32 on
+                with fp32_region(self.device):
                     picked = logits[:, :-1][b.target].float().log_softmax(-1)
                 nxt = b.ids[:, 1:][b.target]
                 lp = picked.gather(-1, nxt[:, None])[:, 0].double()

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from npstune.errors import CheckpointError, ConfigError, missing
 from npstune.evaluate.base import State
-from npstune.evaluate.hf import autocast
+from npstune.evaluate.hf import autocast, fp32_region
+from npstune.evaluate.kinds import check_precision
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
 #: OpenAI CLIP's pixel mean and std (RGB, on [0, 1] pixels).
@@ -171,8 +172,6 @@ class ClipZeroShotEvaluator:
     ``bf16``) is the image tower's autocast (:func:`npstune.evaluate.hf.autocast`).
     """
 
-    precision: str = "auto"
-
     def __init__(
         self,
         model: nn.Module,
@@ -182,10 +181,12 @@ class ClipZeroShotEvaluator:
         batch_size: int = 64,
         prefix: str = "visual.",
         pixel_norm: tuple[Sequence[float], Sequence[float]] | None = None,
+        precision: str = "auto",
     ):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
+        self.precision = check_precision(precision)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.tasks_ = dict(tasks)
@@ -300,7 +301,7 @@ class ClipZeroShotEvaluator:
             for s in range(0, len(labels), self.batch_size):
                 x = self._pixels(images[s : s + self.batch_size])
                 f = self.encode_images(x)
-                with torch.autocast(self.device.type, enabled=False):
+                with fp32_region(self.device):
                     preds.append(zero_shot_logits(f.float(), w).argmax(-1).cpu())
         empty = torch.zeros(0, dtype=torch.long)
         return (torch.cat(preds) if preds else empty), labels

@@ -438,6 +438,7 @@ class HFClipEvaluator(ClipZeroShotEvaluator):
         batch_size: int = 64,
         pixel_norm: tuple[Sequence[float], Sequence[float]] | None = None,
         max_length: int | None = None,
+        precision: str = "auto",
     ):
         super().__init__(
             model,
@@ -447,6 +448,7 @@ class HFClipEvaluator(ClipZeroShotEvaluator):
             batch_size=batch_size,
             prefix="",
             pixel_norm=pixel_norm,
+            precision=precision,
         )
         cfg = model.config.text_config
         # transformers types the sub-configs dict | config | None (the __init__
@@ -577,6 +579,7 @@ def _build_hf(
         batch_size=ctx.batch_size,
         pixel_norm=_norm_from(ctx.model),
         max_length=max_len,
+        precision=ctx.precision,
     )
 
 
@@ -616,6 +619,7 @@ def _build_open_clip(
         device=ctx.device,
         batch_size=ctx.batch_size,
         pixel_norm=norm,
+        precision=ctx.precision,
     )
 
 
@@ -656,7 +660,6 @@ def build(options: ClipOptions, ctx: BuildContext) -> ClipZeroShotEvaluator:
         data[t] = (classnames, list(topts.templates or options.templates), sources)
     make = _build_hf if backend == "hf" else _build_open_clip
     ev = make(options, ctx, data)
-    ev.precision = ctx.precision
     for t in names:
         ev.zero_shot_head(t)  # once, from the pretrained text tower
         splits = ev.tasks_[t].splits

@@ -144,6 +144,12 @@ def autocast(device: torch.device, precision: str = "auto") -> Any:
     return torch.autocast(device.type, dtype=dt)
 
 
+def fp32_region(device: torch.device) -> Any:
+    """A context where autocast is off: what follows a bf16 forward pass in fp32
+    (heads, zero-shot logits, log-softmax)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def stats_precision(device: torch.device, precision: str) -> str:
     """The precision of a statistics pass (Fisher, Gram matrices of the data-driven
     merges): ``auto`` keeps fp32 on CPUs (bf16's tolerance was measured for scoring,

@@ -119,7 +119,7 @@ class TextClassificationEvaluator:
 
     @torch.inference_mode()
     def _score(self, task: str, split: str) -> float:
-        from npstune.evaluate.hf import autocast
+        from npstune.evaluate.hf import autocast, fp32_region
 
         b = self.batches(task, split)
         w, bias = self.head(task)
@@ -129,7 +129,7 @@ class TextClassificationEvaluator:
         with autocast(self.device, self.precision):  # one weight cast per split
             for ids, mask in b.batches:
                 out = self._body(input_ids=ids, attention_mask=mask).last_hidden_state
-                with torch.autocast(self.device.type, enabled=False):  # fp32 head
+                with fp32_region(self.device):  # the head in fp32
                     pooled = zm.mean_pool(out.float(), mask)
                     logits = torch.nn.functional.linear(pooled, w, bias)
                 n = ids.shape[0]

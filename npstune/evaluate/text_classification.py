@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from npstune.errors import CheckpointError, ConfigError
 from npstune.evaluate.base import State
-from npstune.evaluate.hf import load_into_module, read_state
+from npstune.evaluate.hf import autocast, fp32_region, load_into_module, read_state
 from npstune.evaluate.kinds import SPLITS, BuildContext, EvaluatorKind, KindOptions
 from npstune.evaluate.records import read_records, require
 from npstune.evaluate.stats import DEFAULT_EXAMPLES, diagonal_fisher, linear_grams
@@ -250,7 +250,7 @@ class TextClassifier:
         else:
             pooled = zm.mean_pool(out.last_hidden_state, mask)
         assert h.weight is not None
-        with torch.autocast(self.device.type, enabled=False):  # the head in fp32
+        with fp32_region(self.device):  # the head in fp32
             return nn.functional.linear(pooled.float(), h.weight, h.bias)
 
     def on_device(self, device: str) -> TextClassifier:
@@ -260,8 +260,6 @@ class TextClassifier:
     # -- scoring -----------------------------------------------------------------------
     @torch.inference_mode()
     def _score(self, module: nn.Module, task: str, split: str) -> float:
-        from npstune.evaluate.hf import autocast
-
         b = self.batches(task, split)
         correct, start = 0, 0
         with autocast(self.device, self.ctx.precision):  # one weight cast per split
