@@ -39,6 +39,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "torch_threads": torch.get_num_threads(),
+        "cpu_bf16": _cpu_bf16(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -55,6 +56,13 @@ def machine() -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - facts are best effort
         pass
     return info
+
+
+def _cpu_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (what evaluator precision auto uses)."""
+    from npstune.evaluate.hf import cpu_has_bf16
+
+    return cpu_has_bf16()
 
 
 def _cpu_name() -> str:

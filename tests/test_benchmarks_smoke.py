@@ -23,6 +23,9 @@ def _load(out: Path, name: str) -> dict:
     data = json.loads((out / f"{name}.json").read_text())
     assert (out / f"{name}.md").is_file()
     assert data["name"] == name and data["machine"]["cores"] >= 1 and data["wall_s"] > 0
+    from npstune.evaluate.hf import cpu_has_bf16
+
+    assert data["machine"]["cpu_bf16"] is cpu_has_bf16()  # what precision auto uses
     return data
 
 
