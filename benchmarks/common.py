@@ -28,6 +28,8 @@ def machine() -> dict[str, Any]:
     import numpy
     import torch
 
+    from npstune.evaluate.hf import cpu_has_bf16
+
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -39,7 +41,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "torch_threads": torch.get_num_threads(),
-        "cpu_bf16": _cpu_bf16(),
+        "cpu_bf16": cpu_has_bf16(),  # what evaluator precision auto decides on
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -56,13 +58,6 @@ def machine() -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - facts are best effort
         pass
     return info
-
-
-def _cpu_bf16() -> bool:
-    """Whether the CPU multiplies bf16 natively (what evaluator precision auto uses)."""
-    from npstune.evaluate.hf import cpu_has_bf16
-
-    return cpu_has_bf16()
 
 
 def _cpu_name() -> str:

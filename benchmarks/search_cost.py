@@ -155,7 +155,10 @@ def _search(
     }
 
 
-def _evaluators(cfg: Any, bench: ZooBench, tasks: list[str], precisions: list[str]):
+def _evaluators(
+    cfg: Any, bench: ZooBench, tasks: list[str], precisions: list[str]
+) -> dict[str, Any]:
+    """One calibration evaluator of ``cfg`` per precision."""
     from npstune.search.objective import CALIBRATION, make_evaluator
 
     return {
@@ -225,8 +228,10 @@ def run(
             scores[p].append(obj.score(cand, evaluator=ev)[METRIC])
     ref = scores[precisions[0]]
     tolerance = []
+    best_ref = int(np.argmax(ref)) if ref else None
     for p in precisions[1:]:
         diff = [abs(a - b) for a, b in zip(ref, scores[p])]
+        best = int(np.argmax(scores[p])) if ref else None
         tolerance.append(
             {
                 "precision": p,
@@ -234,12 +239,11 @@ def run(
                 "candidates": len(diff),
                 "max_abs_diff": max(diff) if diff else None,
                 "mean_abs_diff": mean(diff) if diff else None,
-                "best_index_ref": int(np.argmax(ref)) if ref else None,
-                "best_index": int(np.argmax(scores[p])) if ref else None,
-                "same_best": bool(ref)
-                and int(np.argmax(ref)) == int(np.argmax(scores[p])),
+                "best_index_ref": best_ref,
+                "best_index": best,
+                "same_best": best is not None and best == best_ref,
                 # what taking this precision's pick costs, in the reference's scores
-                "regret": max(ref) - ref[int(np.argmax(scores[p]))] if ref else None,
+                "regret": max(ref) - ref[best] if best is not None else None,
                 "rank_corr": spearman(ref, scores[p]),
             }
         )

@@ -708,13 +708,12 @@ def engine(
             shape = "×".join(map(str, next(iter(shapes.values()))))
             label = f"{layout} ({len(shapes)} × {shape})"
             n = sum(int(torch.tensor(v).prod()) for v in shapes.values())
-            cols = ENGINE_COLUMNS
             rows += [
                 {
                     "layout": label,
                     "dtype": dt,
                     "entries": n,
-                    **{c: r.get(c) for c in cols},
+                    **{c: r.get(c) for c in ENGINE_COLUMNS},
                 }
                 for r in got
             ]
