@@ -58,7 +58,12 @@ from npstune.evaluate.hf import (
 )
 from npstune.evaluate.kinds import SPLITS, BuildContext, EvaluatorKind, KindOptions
 from npstune.evaluate.records import read_records, require
-from npstune.evaluate.stats import DEFAULT_EXAMPLES, diagonal_fisher, linear_grams
+from npstune.evaluate.stats import (
+    DEFAULT_EXAMPLES,
+    diagonal_fisher,
+    linear_grams,
+    mean_gradient,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -617,16 +622,24 @@ class CausalLMEvaluator:
             for b in sp.batches:
                 if b.target.numel() == 0:
                     continue
-                logits = self._model(input_ids=b.ids, attention_mask=b.mask).logits
+                # logits only where some row is scored: the vocabulary projection
+                # of every prompt position is most of a small model's forward
+                cols = b.target.any(0).nonzero()[:, 0]
+                logits = self._model(
+                    input_ids=b.ids, attention_mask=b.mask, logits_to_keep=cols
+                ).logits
+                if logits.shape[1] == cols.numel():
+                    target, nxt = b.target[:, cols], b.ids[:, 1:][:, cols]
+                else:  # a model that ignores logits_to_keep gives every position
+                    target, nxt, logits = b.target, b.ids[:, 1:], logits[:, :-1]
                 with fp32_region(self.device):
-                    picked = logits[:, :-1][b.target].float().log_softmax(-1)
-                nxt = b.ids[:, 1:][b.target]
-                lp = picked.gather(-1, nxt[:, None])[:, 0].double()
+                    picked = logits[target].float().log_softmax(-1)
+                lp = picked.gather(-1, nxt[target][:, None])[:, 0].double()
                 owner = torch.arange(b.ids.shape[0], device=self.device)[:, None]
                 per = torch.zeros(
                     b.ids.shape[0], dtype=torch.float64, device=self.device
                 )
-                per.index_add_(0, owner.expand_as(b.target)[b.target], lp)
+                per.index_add_(0, owner.expand_as(target)[target], lp)
                 sums[b.index] = per
         return sums
 
@@ -767,15 +780,30 @@ class CausalLMEvaluator:
         The loss is the mean NLL of the example's scored tokens: the correct choice
         (choice), the answer after the prompt (generate), the text (perplexity).
         """
+        losses = self._losses(state, task, examples)
+        return diagonal_fisher(self._model, self._param_names(keys), losses)
+
+    def gradients(
+        self,
+        state: State,
+        task: str,
+        keys: Sequence[str],
+        examples: int = DEFAULT_EXAMPLES,
+    ) -> dict[str, Tensor]:
+        """Mean loss gradient at ``state`` over calibration examples, one per backward
+        pass, with :meth:`fisher`'s per-example loss."""
+        losses = self._losses(state, task, examples)
+        return mean_gradient(self._model, self._param_names(keys), losses)
+
+    def _losses(
+        self, state: State, task: str, examples: int
+    ) -> Iterator[Callable[[], Tensor]]:
+        """Load ``state``; then one loss per calibration example (the statistics'
+        per-example losses, :meth:`_row_loss`)."""
         self._task(task)
         self.load_state(state)
         sp, gold = self._gold(task, examples)
-
-        def losses() -> Iterator[Callable[[], Tensor]]:
-            for r in gold:
-                yield functools.partial(self._row_loss, sp, r)
-
-        return diagonal_fisher(self._model, self._param_names(keys), losses())
+        return (functools.partial(self._row_loss, sp, r) for r in gold)
 
     def _row_loss(self, sp: _Split, r: int) -> Tensor:
         ids = torch.tensor([sp.rows[r]], dtype=torch.long, device=self.device)

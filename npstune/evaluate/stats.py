@@ -1,14 +1,22 @@
-"""Calibration statistics for data-driven merges (Fisher, RegMean), behind one protocol.
+"""Calibration statistics for data-driven merges (Fisher, RegMean, Tailor, Grafting),
+behind two protocols.
 
 An evaluator that can give gradients or linear-layer inputs implements
-:class:`CalibrationStats`; ``npstune.merge.fisher`` / ``regmean`` only ever call these
-two methods, so they work with every such kind (the zoo, ``text-classification``,
-``causal-lm``):
+:class:`CalibrationStats`; ``npstune.merge.fisher`` / ``regmean`` / ``tailor`` only ever
+call these two methods, so they work with every such kind (the zoo,
+``text-classification``, ``causal-lm``):
 
 - ``fisher``: the diagonal empirical Fisher, the mean over examples of
   (∂ loss(x, y) / ∂θ)², one example per backward pass, with the task's own head/loss;
 - ``grams``: Σ xᵀx (float64) of the inputs of every ``nn.Linear`` whose weight key is
   asked for, over the non-padding tokens.
+
+Methods that optimise over θ (``npstune.merge.grafting``) also need the loss gradient
+at a state of their choosing, :class:`GradientStats` (the same kinds):
+
+- ``gradients``: the mean over examples of ∂ loss(x, y) / ∂θ at ``state``, with the
+  same per-example losses as ``fisher`` (so ``fisher`` is the mean of the squares of
+  what ``gradients`` averages).
 
 ``state`` is the model's own checkpoint (keys as in the evaluator's states); ``keys``
 the tensor keys wanted; ``examples`` how many calibration examples to use at most.
@@ -52,6 +60,22 @@ class CalibrationStats(Protocol):
         ...
 
 
+@runtime_checkable
+class GradientStats(Protocol):
+    """The mean loss gradient at a given state (see module docstring)."""
+
+    def gradients(
+        self,
+        state: State,
+        task: str,
+        keys: Sequence[str],
+        examples: int = DEFAULT_EXAMPLES,
+    ) -> dict[str, Tensor]:
+        """Mean over ``task``'s calibration examples of ∂loss/∂θ at ``state``
+        (float32, one tensor per key of ``keys`` the model has)."""
+        ...
+
+
 def diagonal_fisher(
     module: nn.Module, names: Mapping[str, str], losses: Iterable[Callable[[], Tensor]]
 ) -> dict[str, Tensor]:
@@ -60,6 +84,26 @@ def diagonal_fisher(
     ``names`` maps a state key to the module's parameter name; each element of
     ``losses`` runs one example's forward pass and returns its scalar loss.
     """
+    return _gradient_mean(module, names, losses, square=True)
+
+
+def mean_gradient(
+    module: nn.Module, names: Mapping[str, str], losses: Iterable[Callable[[], Tensor]]
+) -> dict[str, Tensor]:
+    """Mean of the gradients over per-example losses (float32, on the CPU); the
+    arguments as for :func:`diagonal_fisher`."""
+    return _gradient_mean(module, names, losses, square=False)
+
+
+def _gradient_mean(
+    module: nn.Module,
+    names: Mapping[str, str],
+    losses: Iterable[Callable[[], Tensor]],
+    square: bool,
+) -> dict[str, Tensor]:
+    """Mean over ``losses`` of g² (``square``) or g, g = ∂loss/∂θ, one backward pass
+    per loss, accumulated in float32; the parameters' ``requires_grad`` flags are put
+    back afterwards."""
     params = dict(module.named_parameters())
     wanted = {k: params[n] for k, n in names.items() if n in params}
     flags = {n: p.requires_grad for n, p in params.items()}
@@ -77,7 +121,8 @@ def diagonal_fisher(
                 )
                 for k, g in zip(wanted, grads):
                     if g is not None:
-                        acc[k] += g.detach().float() ** 2
+                        g = g.detach().float()
+                        acc[k] += g**2 if square else g
                 count += 1
     finally:
         for n, p in params.items():

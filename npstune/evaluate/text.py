@@ -8,17 +8,23 @@ no-grad inference.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 from torch import Tensor, nn
 
 from npstune.errors import ConfigError
 from npstune.evaluate.base import State
-from npstune.evaluate.stats import DEFAULT_EXAMPLES, diagonal_fisher, linear_grams
+from npstune.evaluate.stats import (
+    DEFAULT_EXAMPLES,
+    diagonal_fisher,
+    linear_grams,
+    mean_gradient,
+)
 from npstune.zoo import model as zm
 from npstune.zoo.core import Zoo
 from npstune.zoo.datasets import SPLITS
@@ -163,27 +169,41 @@ class TextClassificationEvaluator:
     ) -> dict[str, Tensor]:
         """Diagonal empirical Fisher of the task's cross-entropy, one batch a pass
         (build the evaluator with ``batch_size=1`` for one example a pass)."""
+        losses = self._losses(state, task, examples, "sum")
+        return diagonal_fisher(self._body, {k: k for k in keys}, losses)
+
+    def gradients(
+        self,
+        state: State,
+        task: str,
+        keys: Sequence[str],
+        examples: int = DEFAULT_EXAMPLES,
+    ) -> dict[str, Tensor]:
+        """Mean gradient of the task's cross-entropy at ``state``, one batch a pass
+        (each batch's mean loss, so the mean over examples for equal batches; one
+        example a pass with ``batch_size=1``, as for :meth:`fisher`)."""
+        losses = self._losses(state, task, examples, "mean")
+        return mean_gradient(self._body, {k: k for k in keys}, losses)
+
+    def _losses(
+        self, state: State, task: str, examples: int, reduction: str
+    ) -> Iterable[Callable[[], Tensor]]:
+        """Load ``state``; then one cross-entropy (``reduction`` over the batch) per
+        calibration batch, through the body, mean pooling and the task's head."""
         self.zoo.task(task)
         self.load_state(state)
         w, b = self.head(task)
         body = self._body
 
-        def losses() -> Iterable[Any]:
-            for ids, mask, y in self.batches(task, "calibration").first(examples):
-                yield lambda ids=ids, mask=mask, y=y: nn.functional.cross_entropy(
-                    nn.functional.linear(
-                        zm.mean_pool(
-                            body(input_ids=ids, attention_mask=mask).last_hidden_state,
-                            mask,
-                        ),
-                        w,
-                        b,
-                    ),
-                    y,
-                    reduction="sum",
-                )
+        def loss(ids: Tensor, mask: Tensor, y: Tensor) -> Tensor:
+            hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = nn.functional.linear(zm.mean_pool(hidden, mask), w, b)
+            return nn.functional.cross_entropy(logits, y, reduction=reduction)
 
-        return diagonal_fisher(body, {k: k for k in keys}, losses())
+        return (
+            functools.partial(loss, ids, mask, y)
+            for ids, mask, y in self.batches(task, "calibration").first(examples)
+        )
 
     def grams(
         self,

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -46,7 +47,12 @@ from npstune.evaluate.base import State
 from npstune.evaluate.hf import autocast, fp32_region, load_into_module, read_state
 from npstune.evaluate.kinds import SPLITS, BuildContext, EvaluatorKind, KindOptions
 from npstune.evaluate.records import read_records, require
-from npstune.evaluate.stats import DEFAULT_EXAMPLES, diagonal_fisher, linear_grams
+from npstune.evaluate.stats import (
+    DEFAULT_EXAMPLES,
+    diagonal_fisher,
+    linear_grams,
+    mean_gradient,
+)
 from npstune.zoo import model as zm
 
 if TYPE_CHECKING:
@@ -310,14 +316,34 @@ class TextClassifier:
         """Diagonal empirical Fisher of the task's cross-entropy
         (one example a pass)."""
         module = self._model(task, state)
+        losses = self._losses(module, task, examples)
+        return diagonal_fisher(module, self._param_names(module, keys), losses)
 
-        def losses() -> Iterable[Any]:
-            for ids, mask, y in self._examples(task, examples):
-                yield lambda ids=ids, mask=mask, y=y: nn.functional.cross_entropy(
-                    self._logits(module, task, ids, mask), y, reduction="sum"
-                )
+    def gradients(
+        self,
+        state: State,
+        task: str,
+        keys: Sequence[str],
+        examples: int = DEFAULT_EXAMPLES,
+    ) -> dict[str, Tensor]:
+        """Mean gradient of the task's cross-entropy at ``state`` (one example a pass,
+        :meth:`fisher`'s losses)."""
+        module = self._model(task, state)
+        losses = self._losses(module, task, examples)
+        return mean_gradient(module, self._param_names(module, keys), losses)
 
-        return diagonal_fisher(module, self._param_names(module, keys), losses())
+    def _losses(
+        self, module: nn.Module, task: str, examples: int
+    ) -> Iterable[Callable[[], Tensor]]:
+        """One cross-entropy per calibration example, on ``module`` with the task's
+        head (the statistics' per-example losses)."""
+
+        def loss(ids: Tensor, mask: Tensor, y: Tensor) -> Tensor:
+            logits = self._logits(module, task, ids, mask)
+            return nn.functional.cross_entropy(logits, y, reduction="sum")
+
+        for ids, mask, y in self._examples(task, examples):
+            yield functools.partial(loss, ids, mask, y)
 
     def grams(
         self,

@@ -1,16 +1,20 @@
-"""Calibration statistics for the data-driven merges (Fisher, RegMean), from an
-evaluator.
+"""Calibration statistics for the data-driven merges (Fisher, RegMean, Tailor,
+Grafting), from an evaluator.
 
 The statistics themselves live in the evaluate layer, behind
-:class:`~npstune.evaluate.stats.CalibrationStats` (zoo, ``text-classification``,
+:class:`~npstune.evaluate.stats.CalibrationStats` and
+:class:`~npstune.evaluate.stats.GradientStats` (zoo, ``text-classification``,
 ``causal-lm``). :class:`EvaluatorData` maps each model of a merge to its task and asks
 the evaluator for that model's statistics on at most ``examples`` calibration examples.
 Merges can also be given precomputed statistics (``{"fisher": [...]}`` /
-``{"gram": [...]}``), which is how the tests pin the formulas down.
+``{"gram": [...]}``, and for the gradient at a state one callable per model,
+``{"gradient": [fn(state) -> {key: ∂L/∂θ}, ...]}``), which is how the tests pin the
+formulas down.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -20,7 +24,11 @@ from torch import Tensor
 
 from npstune.checkpoints import LazyCheckpoint
 from npstune.errors import ConfigError
-from npstune.evaluate.stats import DEFAULT_EXAMPLES, CalibrationStats
+from npstune.evaluate.base import State
+from npstune.evaluate.stats import DEFAULT_EXAMPLES, CalibrationStats, GradientStats
+
+#: a model's loss gradient at a state: state -> {key: mean ∂L/∂θ}
+GradientFn = Callable[[State], Mapping[str, Tensor]]
 
 
 class _StatsEvaluator(CalibrationStats, Protocol):
@@ -47,9 +55,9 @@ class EvaluatorData:
     ) -> None:
         if not isinstance(evaluator, CalibrationStats):
             raise ConfigError(
-                f"{type(evaluator).__name__} gives no calibration statistics; fisher "
-                "and regmean need an evaluator of kind zoo, text-classification or "
-                "causal-lm"
+                f"{type(evaluator).__name__} gives no calibration statistics; the "
+                "data-driven merges (fisher, regmean, tailor, grafting) need an "
+                "evaluator of kind zoo, text-classification or causal-lm"
             )
         # the check above is the statistics' part; every evaluator kind has tasks
         self.evaluator = cast(_StatsEvaluator, evaluator)
@@ -89,6 +97,25 @@ class EvaluatorData:
         return self.evaluator.grams(
             self._state(model), self.task_of(model, index), keys, self.examples
         )
+
+    def gradients(
+        self,
+        model: LazyCheckpoint,
+        state: State,
+        keys: list[str],
+        index: int = 0,
+        examples: int | None = None,
+    ) -> dict[str, Tensor]:
+        """Mean loss gradient at ``state`` on ``model``'s task's calibration examples
+        (``examples``: at most that many; default this data's)."""
+        ev = self.evaluator
+        if not isinstance(ev, GradientStats):
+            raise ConfigError(
+                f"{type(ev).__name__} gives no loss gradients; grafting needs an "
+                "evaluator of kind zoo, text-classification or causal-lm"
+            )
+        n = self.examples if examples is None else examples
+        return ev.gradients(state, self.task_of(model, index), keys, n)
 
 
 def zoo_data(
@@ -134,6 +161,42 @@ def stats_for(data: Any, kind: str, plan: Any) -> list[Mapping[str, Tensor]]:
         data.models = len(plan.models)
     fn = data.fisher if kind == "fisher" else data.grams
     return [fn(m, plan.delta_keys, i) for i, m in enumerate(plan.models)]
+
+
+def gradient_fns(data: Any, plan: Any, examples: int | None = None) -> list[GradientFn]:
+    """Per model, its loss gradient at a state: precomputed callables
+    (``{"gradient": [...]}``) or from ``data``'s evaluator over ``plan.delta_keys``."""
+    if isinstance(data, Mapping):
+        if "gradient" not in data:
+            raise ConfigError("data has no 'gradient' statistics")
+        fns = list(data["gradient"])
+        if len(fns) != len(plan.models):
+            raise ConfigError(
+                f"gradient: expected {len(plan.models)} entries, got {len(fns)}"
+            )
+        if not all(callable(f) for f in fns):
+            raise ConfigError("gradient: expected one callable(state) per model")
+        return fns
+    if data is None:
+        raise ConfigError("this method needs calibration data: an evaluator or a zoo")
+    if getattr(data, "models", 0) is None:
+        data.models = len(plan.models)
+    keys = list(plan.delta_keys)
+    return [
+        functools.partial(_gradient_at, data, m, keys, i, examples)
+        for i, m in enumerate(plan.models)
+    ]
+
+
+def _gradient_at(
+    data: EvaluatorData,
+    model: LazyCheckpoint,
+    keys: list[str],
+    index: int,
+    examples: int | None,
+    state: State,
+) -> Mapping[str, Tensor]:
+    return data.gradients(model, state, keys, index, examples)
 
 
 def data_for(

@@ -29,6 +29,8 @@ METHODS: dict[str, str] = {
     "wudi": "npstune.merge.wudi:SPEC",
     "emr": "npstune.merge.emr:SPEC",
     "pcb": "npstune.merge.pcb:SPEC",
+    "grafting": "npstune.merge.grafting:SPEC",
+    "tailor": "npstune.merge.tailor:SPEC",
 }
 
 
