@@ -17,6 +17,8 @@ BENCHMARKS: dict[str, str] = {
     "search_overhead": "Ray Tune overhead per trial, trials per hour",
     "speed": "NPS candidates and big-checkpoint merges against the copy floor",
     "compression_storage": "bytes on disk vs paper bits, streaming peak memory",
+    "llm_fusion": "merging the LLM zoo's three SmolLM2 experts (the paper's LLM table)",
+    "llm_transfer": "a new skill on the LLM zoo's base at k 0.1: grafting, tailor, NPS",
     "search_scale": (
         "a streamed NPS search over 3 experts of Llama-7B shapes: memory, build time"
     ),

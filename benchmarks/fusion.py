@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,12 @@ def run(
     search: bool = True,
     reuse: dict[str, dict[str, Any]] | None = None,
     wudi_steps: int | None = None,
+    only: Collection[str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """All rows of the fusion table, plus notes. Rows in ``reuse`` (method -> row, from
     an earlier run of the same setup) are taken as they are instead of recomputed.
-    ``wudi_steps``: WUDI's Adam steps (None: its default, 400)."""
+    ``wudi_steps``: WUDI's Adam steps (None: its default, 400). ``only``: the rows to
+    make (method labels; ``"nps"`` for the searched row), None for all."""
     from npstune.merge import merge
     from npstune.merge.calibrate import (
         choose_darex_q,
@@ -70,6 +72,11 @@ def run(
         )
         print(f"{name:18s} {choice:28s} mean {rows[-1]['mean']:.4f}", flush=True)
 
+    def skip(name: str) -> bool:  # not asked for, or taken from the earlier run
+        if only is not None and name.split(" (")[0] not in only:
+            return True
+        return reused(name)
+
     def reused(name: str) -> bool:
         if name in reuse:
             rows.append(reuse[name])
@@ -81,13 +88,13 @@ def run(
             )
         return name in reuse
 
-    if not reused("pretrained+heads"):
+    if not skip("pretrained+heads"):
         t0 = time.perf_counter()
         add("pretrained+heads", "-", bench.test(bench.base_state()), t0)
-    if not reused("fine-tuned"):
+    if not skip("fine-tuned"):
         t0 = time.perf_counter()
         add("fine-tuned", "individual", bench.finetuned_test(), t0)
-    if not reused("averaging"):
+    if not skip("averaging"):
         t0 = time.perf_counter()
         add(
             "averaging",
@@ -105,7 +112,7 @@ def run(
         ("magnitude", "magnitude", {"k": 0.05}, "magnitude"),
     ]
     for label, method, params, grid in lam_methods:
-        if reused(label):
+        if skip(label):
             continue
         t0 = time.perf_counter()
         ch = choose_lambda(plan, method, bench.cal_score, params, grids[grid])
@@ -116,10 +123,10 @@ def run(
             bench.test(ch.state),
             t0,
         )
-    lam_dare = next(
-        float(r["choice"].split()[0][2:]) for r in rows if r["method"] == "dare"
-    )
-    if not reused("darex-q"):
+    if not skip("darex-q"):
+        lam_dare = next(
+            float(r["choice"].split()[0][2:]) for r in rows if r["method"] == "dare"
+        )
         t0 = time.perf_counter()
         ch = choose_darex_q(
             plan,
@@ -132,7 +139,7 @@ def run(
         add("darex-q", f"q={ch.value:.3g} k=0.1 λ={lam_dare}", bench.test(ch.state), t0)
 
     for method in ("fisher", "regmean"):
-        if reused(method):
+        if skip(method):
             continue
         t0 = time.perf_counter()
         try:
@@ -143,7 +150,7 @@ def run(
         except Exception as exc:  # noqa: BLE001 - a table row must say why it is missing
             notes.append(f"{method} failed: {exc}")
 
-    if not reused("tall-masks"):
+    if not skip("tall-masks"):
         t0 = time.perf_counter()
         tall = tall_models(plan, bench.cal_task_score, grid=grids["tall"])
         per = {t: bench.test_task(tall[i].state, t) for i, t in enumerate(tasks)}
@@ -156,7 +163,7 @@ def run(
         ("iso-c", {}),
         ("iso-cts", {"common_fraction": 0.8}),
     ):
-        if reused(method):
+        if skip(method):
             continue
         t0 = time.perf_counter()
         ch = choose_lambda(
@@ -169,7 +176,7 @@ def run(
             t0,
         )
 
-    if not reused("pcb"):  # λ is linear in τ_m: one merge per ratio ρ
+    if not skip("pcb"):  # λ is linear in τ_m: one merge per ratio ρ
         t0 = time.perf_counter()
         pcb = max(
             (
@@ -204,10 +211,10 @@ def run(
             wudi["s"] = time.perf_counter() - t
         return wudi["state"]
 
-    if not reused("wudi"):
+    if not skip("wudi"):
         t0 = time.perf_counter()
         add("wudi", wudi_desc, bench.test(wudi_state()), t0)
-    if not reused(wudi_lam):
+    if not skip(wudi_lam):
         merged_before = bool(wudi)
         t0 = time.perf_counter()
         d = delta_of(plan, wudi_state())
@@ -222,7 +229,7 @@ def run(
         )
     wudi.clear()
 
-    if not reused("emr"):  # one model per task, each on its own task
+    if not skip("emr"):  # one model per task, each on its own task
         t0 = time.perf_counter()
         res = emr_merge(plan)
         states = res.meta["states"]  # keyed by plan.task_names (unique)
@@ -241,9 +248,9 @@ def run(
     for (
         name
     ) in reuse:  # every earlier NPS row, this one too, in the order they were made
-        if name.startswith("nps ("):
+        if name.startswith("nps (") and (only is None or "nps" in only):
             reused(name)
-    if search and label not in reuse:
+    if search and label not in reuse and (only is None or "nps" in only):
         t0 = time.perf_counter()
         res = bench.nps_search()
         if res is None:

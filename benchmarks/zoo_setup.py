@@ -1,7 +1,9 @@
 """The zoo side every application benchmark shares: models, evaluators, scores, rows.
 
 Calibration scores (what choices are made on) and test scores (what tables report) use
-two evaluators over the two disjoint splits. ``--quick`` shrinks grids and calibration
+two evaluators over the two disjoint splits. ``family="llm"`` takes the LLM zoo
+(:mod:`npstune.zoo.llm`): its experts, and its own ``causal-lm`` evaluator file, as a
+user's LLM would be scored. ``--quick`` shrinks grids and calibration
 sets so the smoke tests in the suite stay short; the committed tables are full runs.
 """
 
@@ -49,6 +51,14 @@ FULL_GRIDS: dict[str, Any] = {
     "pcb_ratio": (0.05, 0.1, 0.2),
     "pcb_lam": tuple(round(0.8 + 0.2 * i, 1) for i in range(12)),
 }
+#: the LLM zoo's grids: one calibration evaluation of a 135M LLM on three tasks costs
+#: ~20 s on 2 cores (the text zoo's ~1 s), so fewer, wider-spaced points
+LLM_GRIDS: dict[str, Any] = {
+    **FULL_GRIDS,
+    "ta": (0.2, 0.4, 0.6, 0.8, 1.0, 1.3),
+    "ties": (0.8, 1.0, 1.3, 1.6, 2.0),
+    "magnitude": (0.4, 0.7, 1.0, 1.5, 2.0, 3.0),
+}
 QUICK_GRIDS: dict[str, Any] = {
     "ta": (0.3, 1.0),
     "ties": (1.0, 1.6),
@@ -78,12 +88,14 @@ class ZooBench:
         generations: int | None = None,
         population: int | None = None,
         precision: str = "fp32",
+        family: str = "text",
     ):
         from npstune.evaluate.kinds import BuildContext, check_precision, get_kind
         from npstune.taskvector import plan_merge
-        from npstune.zoo import build_zoo
+        from npstune.zoo import ZOO_FAMILIES
 
         self.size = size
+        self.family = family
         self.quick = quick
         self.seed = seed
         #: every evaluator's precision, the searches' included: fp32 (the committed
@@ -95,29 +107,43 @@ class ZooBench:
         self.earlier: dict[str, Any] | None = None
         self.kept: list[str] = []
         t0 = time.perf_counter()
-        self.zoo = build_zoo(size)
+        self.zoo = ZOO_FAMILIES[family].build(size)
+        self.size = self.zoo.size  # a size's name (also when given a recipe)
         self.zoo_ready_s = (
             time.perf_counter() - t0
         )  # a cached zoo: reuse time, reported
         self.tasks = list(self.zoo.tasks)
-        self.grids = QUICK_GRIDS if quick else FULL_GRIDS
+        self.grids = (
+            QUICK_GRIDS if quick else LLM_GRIDS if family == "llm" else FULL_GRIDS
+        )
         cal_n = calibration or (48 if quick else None)
         test_n = test or (96 if quick else None)
-        zoo_kind = get_kind("zoo")  # the benchmarks' evaluators come from the registry
-        self.cal, self.tst = (
-            zoo_kind.build(
-                zoo_kind.options(),
-                BuildContext(
+        if family == "llm":  # the zoo's causal-lm evaluator file, as a user's
+            self.cal, self.tst = (
+                self.zoo.evaluator(
                     device=device,
-                    batch_size=64,
                     precision=self.precision,
-                    zoo=self.zoo,
                     prepare=(split,),
                     max_examples={split: n},
-                ),
+                )
+                for split, n in (("calibration", cal_n), ("test", test_n))
             )
-            for split, n in (("calibration", cal_n), ("test", test_n))
-        )
+        else:
+            zoo_kind = get_kind("zoo")  # the benchmarks' evaluators: the registry's
+            self.cal, self.tst = (
+                zoo_kind.build(
+                    zoo_kind.options(),
+                    BuildContext(
+                        device=device,
+                        batch_size=64,
+                        precision=self.precision,
+                        zoo=self.zoo,
+                        prepare=(split,),
+                        max_examples={split: n},
+                    ),
+                )
+                for split, n in (("calibration", cal_n), ("test", test_n))
+            )
         self.cal_n, self.test_n = cal_n, test_n
         self.plan = plan_merge(
             self.zoo.base_path, [self.zoo.task(t).model_path for t in self.tasks]
@@ -131,10 +157,24 @@ class ZooBench:
 
     # ------------------------------------------------------------------ args
     @staticmethod
-    def add_arguments(ap: argparse.ArgumentParser) -> None:
-        from npstune.zoo.recipe import ZOO_SIZES
+    def add_arguments(
+        ap: argparse.ArgumentParser, families: tuple[str, ...] = ("text",)
+    ) -> None:
+        """The shared options; ``families``: the zoo families this benchmark takes
+        (the first is the default of ``--family``)."""
+        from npstune.zoo import ZOO_FAMILIES
 
-        ap.add_argument("--zoo", default="small", choices=sorted(ZOO_SIZES))
+        ap.add_argument(
+            "--zoo",
+            default="small",
+            choices=sorted({s for f in ZOO_FAMILIES.values() for s in f.sizes}),
+        )
+        ap.add_argument(
+            "--family",
+            default=families[0],
+            choices=families,
+            help="zoo family (text: the sentence-encoder zoo; llm: SmolLM2 experts)",
+        )
         ap.add_argument(
             "--quick", action="store_true", help="coarse grids, few examples (smoke)"
         )
@@ -196,6 +236,7 @@ class ZooBench:
             args.generations,
             args.population,
             args.precision,
+            getattr(args, "family", "text"),
         )
 
     # ------------------------------------------------------------------ states
@@ -207,8 +248,10 @@ class ZooBench:
         return {k: m[k] for k in m.keys()}
 
     def zoo_data(self) -> Any:
-        from npstune.merge.data import zoo_data
+        from npstune.merge.data import EvaluatorData, zoo_data
 
+        if self._data is None and self.family == "llm":  # each expert's dir: its task
+            self._data = EvaluatorData(self.cal, self.cal_n or 256)
         if self._data is None:
             self._data = zoo_data(
                 self.zoo, device=self.device, examples=self.cal_n or 256
@@ -256,11 +299,10 @@ class ZooBench:
         if self.search_config:
             return Path(self.search_config)
         root = Path(__file__).resolve().parent.parent / "searchspaces"
-        small = root / f"nps-{use}-small.yaml"
+        stem = f"nps-llm-{use}" if self.family == "llm" else f"nps-{use}"
+        small = root / f"{stem}-small.yaml"
         return (
-            small
-            if self.size == "small" and small.exists()
-            else root / f"nps-{use}.yaml"
+            small if self.size == "small" and small.exists() else root / f"{stem}.yaml"
         )
 
     def search_budget(
@@ -312,6 +354,13 @@ class ZooBench:
             "report.baselines": [],
             "output_dir": str(Path(tempfile.mkdtemp(prefix="npstune-bench-search-"))),
         }
+        if self.family == "llm":  # the LLM zoo's models and its own evaluator file
+            o = {
+                "base": str(self.zoo.base_path),
+                "models": [str(self.zoo.task(t).model_path) for t in self.tasks],
+                **{f"evaluator.{k}": v for k, v in self.search_evaluator().items()},
+                **{k: v for k, v in o.items() if k != "zoo"},
+            }
         o.update(self.search_budget())
         o.update(overrides)
         cfg = load_config(self.search_config_path(use), **o)
@@ -389,8 +438,20 @@ class ZooBench:
         return {r["method"]: r for r in rows if "method" in r}
 
     # ------------------------------------------------------------------ report bits
+    def search_evaluator(self, tasks: list[str] | None = None) -> dict[str, Any]:
+        """The search config's ``evaluator:`` section for the LLM zoo: its file's keys
+        (paths relative to the zoo), limited to ``tasks`` (default: the experts')."""
+        import yaml
+
+        path = self.zoo.evaluator_path
+        data = yaml.safe_load(path.read_text())
+        data["tasks"] = {t: data["tasks"][t] for t in tasks or self.tasks}
+        data.pop("model", None)  # the search's base is the model
+        return {**data, "file": str(path), "root": str(path.parent)}
+
     def meta(self) -> dict[str, Any]:
         return {
+            "family": self.family,
             "zoo": self.size,
             "zoo_recipe": self.zoo.manifest.get("recipe_hash"),
             "tasks": self.tasks,
