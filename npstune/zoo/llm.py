@@ -153,8 +153,9 @@ LLM_ZOO_SIZES: dict[str, LlmRecipe] = {
         n_test=64,
         steps=40,
     ),
-    # full: 120 steps of 8 per expert, 200 test examples per task (~35 min, 2 cores);
-    # 200 test examples keep one benchmark table inside a working session on 2 cores
+    # full: 120 steps of 8 per expert, 200 test examples per task (about 32 min alone on
+    # 2 cores, estimated; 71 min measured while sharing them). 200 test examples keep
+    # one benchmark table inside a working session on 2 cores.
     "full": LlmRecipe(
         size="full",
         tasks=EXPERTS,
